@@ -1,0 +1,1 @@
+"""Data: synthetic phantom, DICOM reading, preprocessing, records, grain pipelines, tokenizer."""

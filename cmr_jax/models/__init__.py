@@ -1,0 +1,1 @@
+"""Models: MViT video encoder, BERT-style text encoder, attention-MIL head, dual encoder."""
