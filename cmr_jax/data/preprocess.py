@@ -1,0 +1,441 @@
+"""Preprocessing: raw cines in scanner geometry -> fixed-geometry uint8 study records.
+
+Every cine is brought to one stored form, whatever the scanner: `cfg.num_frames` frames over one
+cardiac cycle (linear interpolation in cyclic time, using trigger times when present; frame 0 stays
+the first acquired phase, i.e. end-diastole at the R wave), `cfg.spacing_mm` per pixel, a
+`cfg.size` x `cfg.size` field of view about the heart, and uint8 intensities from robust
+percentiles of the whole cine.
+
+Spatial resampling is separable: one [size, H] row matrix and one [size, W] column matrix whose
+weights are a linear (triangle) kernel, widened by the downsampling factor when downsampling so
+that it also low-pass filters (the same weights as `jax.image.scale_and_translate(...,
+method="linear", antialias=True)`). Resampling, anti-aliasing, cropping and zero padding are then
+two small matrix products: measured on a 2-core shared CPU for a 16x208x256 cine to 16x112x112,
+~3.5 ms, against ~20 ms for `scipy.ndimage.gaussian_filter` + `affine_transform` and ~20 ms for
+eager `jax.image.scale_and_translate` (5.6 ms jitted, but recompiled for every input shape).
+
+The heart is found as the centre of the temporal-variation map (where things move): the
+per-pixel standard deviation over the cycle, smoothed, taking the weighted centroid of the
+moving blob around its peak. A flat map (nothing moves more than elsewhere) falls back to the
+image centre. The slices of a short-axis stack share one centre (the median of the per-slice
+centres, in patient coordinates when the geometry is known) so that they stay registered.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import hashlib
+import math
+from typing import Any
+
+from absl import logging
+import numpy as np
+import scipy.ndimage
+
+from cmr_jax.data import types
+
+CENTER_MODES = ("motion", "image")
+# Percentile estimates use at most this many pixels of a cine (a regular stride through it).
+_MAX_PERCENTILE_SAMPLES = 1 << 20
+# Sample positions further than this (in input pixels) outside the image get no weight.
+_EDGE = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """How raw cines become stored records.
+
+  Attributes:
+    size: stored square side in pixels.
+    spacing_mm: stored pixel spacing in mm; size * spacing_mm is the field of view.
+    num_frames: stored frames over one cardiac cycle.
+    low_percentile: intensity percentile (whole cine) mapped to 0.
+    high_percentile: intensity percentile (whole cine) mapped to 255.
+    center: "motion" (centre of the temporal-variation map, image centre if nothing moves) or
+      "image" (image centre).
+    min_frames: a cine with fewer acquired frames is rejected.
+    min_matrix: a cine with fewer rows or columns is rejected.
+    motion_sigma_mm: Gaussian smoothing of the motion map, in mm.
+    min_motion_contrast: the smoothed motion map's peak must exceed its median by this factor
+      for the motion centre to be trusted.
+  """
+
+  size: int = 112
+  spacing_mm: float = 2.0
+  num_frames: int = 16
+  low_percentile: float = 1.0
+  high_percentile: float = 99.5
+  center: str = "motion"
+  min_frames: int = 8
+  min_matrix: int = 16
+  motion_sigma_mm: float = 8.0
+  min_motion_contrast: float = 1.5
+
+  def __post_init__(self):
+    if self.center not in CENTER_MODES:
+      raise ValueError(f"PreprocessConfig.center must be one of {CENTER_MODES}, got {self.center!r}")
+    if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+      raise ValueError(
+          "PreprocessConfig needs 0 <= low_percentile < high_percentile <= 100, got "
+          f"{self.low_percentile}, {self.high_percentile}")
+    if self.size < 1 or self.num_frames < 1 or not self.spacing_mm > 0:
+      raise ValueError(f"PreprocessConfig needs positive size, num_frames, spacing_mm: {self}")
+
+  @classmethod
+  def from_dict(cls, values: collections.abc.Mapping[str, Any]) -> PreprocessConfig:
+    """Builds a config from a mapping (e.g. `ml_collections.ConfigDict` or a JSON dict).
+
+    Args:
+      values: field name -> value; missing fields keep their defaults.
+
+    Returns:
+      The config.
+
+    Raises:
+      ValueError: on an unknown field name.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values.keys()) - names)
+    if unknown:
+      raise ValueError(f"unknown PreprocessConfig fields {unknown}; known: {sorted(names)}")
+    return cls(**{k: values[k] for k in values.keys()})
+
+  def to_dict(self) -> dict[str, Any]:
+    """Returns the fields as a JSON-friendly dict (inverse of `from_dict`)."""
+    return dataclasses.asdict(self)
+
+
+def cine_name(cine: types.Cine) -> str:
+  """A short name of a cine for messages: its series description, else view and slice."""
+  if cine.series_description:
+    return cine.series_description
+  if cine.view == types.SAX:
+    return f"{types.SAX} slice {cine.slice_index}"
+  return cine.view
+
+
+def resample_matrix(n_in: int, n_out: int, scale: float, start: float) -> np.ndarray:
+  """Antialiased linear resampling weights along one axis.
+
+  Output pixel i samples input index `start + i / scale` (pixel centres at integer indices)
+  with a triangle kernel of half-width max(1, 1 / scale) input pixels, normalised over the
+  pixels inside the image; samples more than half a pixel outside the image get zero weight
+  (zero padding).
+
+  Args:
+    n_in: input length.
+    n_out: output length.
+    scale: output pixels per input pixel (< 1 downsamples).
+    start: input index sampled by output pixel 0.
+
+  Returns:
+    weights: float32 [n_out, n_in]; `weights @ x` resamples x along its first axis.
+  """
+  sample = start + np.arange(n_out, dtype=np.float64) / scale  # [n_out]
+  width = max(1.0, 1.0 / scale)
+  dist = np.abs(sample[:, None] - np.arange(n_in, dtype=np.float64)[None, :]) / width
+  weights = np.maximum(0.0, 1.0 - dist)  # [n_out, n_in]
+  total = weights.sum(axis=1, keepdims=True)
+  weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+  inside = (sample >= -_EDGE) & (sample <= n_in - 1 + _EDGE)
+  return (weights * inside[:, None]).astype(np.float32)
+
+
+def normalize_intensity(frames: np.ndarray, cfg: PreprocessConfig, name: str) -> np.ndarray:
+  """Maps the cine's [low, high] percentile range to [0, 1], clipped.
+
+  Args:
+    frames: [T, H, W] raw intensities of any real dtype and range.
+    cfg: the percentiles.
+    name: cine name for error messages.
+
+  Returns:
+    float32 [T, H, W] in [0, 1].
+
+  Raises:
+    ValueError: when the percentile range is empty (a constant image).
+  """
+  flat = frames.reshape(-1)
+  sample = flat[::max(1, flat.size // _MAX_PERCENTILE_SAMPLES)]
+  low, high = np.percentile(sample.astype(np.float64), [cfg.low_percentile, cfg.high_percentile])
+  if not high > low:
+    raise ValueError(f"series {name}: constant intensity (percentiles {low:g} and {high:g})")
+  out = (frames.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low))
+  return np.clip(out, 0.0, 1.0, out=out)
+
+
+def cycle_matrix(num_in: int, num_out: int, trigger_times_ms: np.ndarray | None) -> np.ndarray:
+  """Linear interpolation weights in cyclic time from the acquired to `num_out` phases.
+
+  The cycle starts at the first acquired frame (the R wave) and lasts the span of the trigger
+  times plus one median frame interval (retrospective gating covers the whole RR interval);
+  without usable trigger times (absent, wrong length, not strictly increasing) frames are taken
+  as evenly spaced. Output phase j is at start + j * cycle / num_out; the interval after the last
+  frame interpolates back towards the first.
+
+  Args:
+    num_in: acquired frames T.
+    num_out: output frames.
+    trigger_times_ms: [T] acquisition times after the R wave, or None.
+
+  Returns:
+    weights: float32 [num_out, num_in]; `weights @ frames.reshape(T, -1)` resamples in time.
+  """
+  times = np.arange(num_in, dtype=np.float64)
+  if trigger_times_ms is not None:
+    given = np.asarray(trigger_times_ms, dtype=np.float64).reshape(-1)
+    if given.shape == (num_in,) and np.all(np.isfinite(given)) and np.all(np.diff(given) > 0):
+      times = given
+  step = float(np.median(np.diff(times))) if num_in > 1 else 1.0
+  cycle = times[-1] - times[0] + step
+  knots = np.append(times, times[0] + cycle)  # [T + 1], the first frame again one cycle later
+  out_times = times[0] + cycle * np.arange(num_out) / num_out
+  position = np.interp(out_times, knots, np.arange(num_in + 1, dtype=np.float64))
+  lower = np.floor(position).astype(np.int64)
+  frac = position - lower
+  weights = np.zeros((num_out, num_in), np.float64)
+  np.add.at(weights, (np.arange(num_out), lower % num_in), 1.0 - frac)
+  np.add.at(weights, (np.arange(num_out), (lower + 1) % num_in), frac)
+  return weights.astype(np.float32)
+
+
+def _validate(cine: types.Cine, cfg: PreprocessConfig) -> str:
+  """Checks a cine can be preprocessed; returns its name. Raises ValueError naming the reason."""
+  name = cine_name(cine)
+  num_frames, rows, cols = cine.frames.shape
+  if num_frames < cfg.min_frames:
+    raise ValueError(f"series {name}: {num_frames} frames, fewer than the minimum {cfg.min_frames}")
+  if min(rows, cols) < cfg.min_matrix:
+    raise ValueError(
+        f"series {name}: matrix {rows}x{cols} smaller than the minimum {cfg.min_matrix}")
+  if not (np.issubdtype(cine.frames.dtype, np.number) and not np.iscomplexobj(cine.frames)):
+    raise ValueError(f"series {name}: pixel dtype {cine.frames.dtype} is not real numeric")
+  spacing = np.asarray(cine.pixel_spacing, dtype=np.float64)
+  if spacing.shape != (2,) or not np.all(np.isfinite(spacing)) or not np.all(spacing > 0):
+    raise ValueError(f"series {name}: bad pixel spacing {cine.pixel_spacing!r}")
+  if np.issubdtype(cine.frames.dtype, np.floating) and not np.all(np.isfinite(cine.frames)):
+    raise ValueError(f"series {name}: non-finite pixel values")
+  return name
+
+
+def _normalized_phases(cine: types.Cine, cfg: PreprocessConfig) -> np.ndarray:
+  """Validates, normalises intensities and resamples in time: float32 [num_frames, H, W]."""
+  name = _validate(cine, cfg)
+  num_in, rows, cols = cine.frames.shape
+  frames = normalize_intensity(cine.frames, cfg, name)
+  weights = cycle_matrix(num_in, cfg.num_frames, cine.trigger_times_ms)
+  return (weights @ frames.reshape(num_in, -1)).reshape(cfg.num_frames, rows, cols)
+
+
+def motion_center(phases: np.ndarray, pixel_spacing: tuple[float, float],
+                  cfg: PreprocessConfig) -> tuple[float, float] | None:
+  """Centre (row, col) of the moving region of a cine, or None when nothing stands out.
+
+  Args:
+    phases: [T, H, W] intensities over the cycle.
+    pixel_spacing: (row, column) spacing in mm.
+    cfg: smoothing width and contrast threshold.
+
+  Returns:
+    The weighted centroid of the smoothed temporal standard deviation map's connected blob
+    around its peak (values above half-way between median and peak), in pixel indices; None when
+    the peak does not exceed the median by `cfg.min_motion_contrast`.
+  """
+  motion = phases.std(axis=0)  # [H, W]
+  sigma = [cfg.motion_sigma_mm / float(s) for s in pixel_spacing]
+  smooth = scipy.ndimage.gaussian_filter(motion, sigma, mode="constant")
+  median, peak = float(np.median(smooth)), float(smooth.max())
+  if not (np.isfinite(peak) and peak > 0 and peak > cfg.min_motion_contrast * median):
+    return None
+  labels, _ = scipy.ndimage.label(smooth >= 0.5 * (median + peak))
+  blob = labels == labels.flat[int(np.argmax(smooth))]
+  rows, cols = np.nonzero(blob)
+  weight = smooth[rows, cols] - median
+  return (float(np.average(rows, weights=weight)), float(np.average(cols, weights=weight)))
+
+
+def _image_center(cine: types.Cine) -> tuple[float, float]:
+  _, rows, cols = cine.frames.shape
+  return ((rows - 1) / 2.0, (cols - 1) / 2.0)
+
+
+def _crop(phases: np.ndarray, pixel_spacing: tuple[float, float], center: tuple[float, float],
+          cfg: PreprocessConfig) -> np.ndarray:
+  """Resamples [T, H, W] to cfg.spacing_mm and crops/pads a cfg.size square about `center`."""
+  half = (cfg.size - 1) / 2.0
+  mats = []
+  for axis, (spacing, mid) in enumerate(zip(pixel_spacing, center)):
+    scale = float(spacing) / cfg.spacing_mm
+    mats.append(resample_matrix(phases.shape[axis + 1], cfg.size, scale, mid - half / scale))
+  row_mat, col_mat = mats  # [S, H], [S, W]
+  return row_mat @ phases @ col_mat.T  # [T, S, S]
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def preprocess_cine(cine: types.Cine, cfg: PreprocessConfig,
+                    center: tuple[float, float] | None = None) -> np.ndarray:
+  """Brings one cine to the stored geometry.
+
+  Args:
+    cine: a raw cine.
+    cfg: the stored geometry.
+    center: crop centre (row, col) in the cine's pixel indices; None chooses it by `cfg.center`.
+
+  Returns:
+    uint8 [cfg.num_frames, cfg.size, cfg.size].
+
+  Raises:
+    ValueError: naming the series and the reason when the cine is unusable.
+  """
+  phases = _normalized_phases(cine, cfg)
+  if center is None:
+    center = _choose_center(phases, cine, cfg)
+  return _to_uint8(_crop(phases, cine.pixel_spacing, center, cfg))
+
+
+def _choose_center(phases: np.ndarray, cine: types.Cine,
+                   cfg: PreprocessConfig) -> tuple[float, float]:
+  if cfg.center == "motion":
+    found = motion_center(phases, cine.pixel_spacing, cfg)
+    if found is not None:
+      return found
+  return _image_center(cine)
+
+
+def _has_geometry(cine: types.Cine) -> bool:
+  return (cine.image_position is not None and cine.image_orientation is not None
+          and np.all(np.isfinite(cine.image_position))
+          and np.all(np.isfinite(cine.image_orientation)))
+
+
+def _axes(cine: types.Cine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Patient-space origin and per-index steps (mm) along rows and columns of a cine."""
+  orientation = np.asarray(cine.image_orientation, dtype=np.float64)
+  row_spacing, col_spacing = (float(s) for s in cine.pixel_spacing)
+  # DICOM: the first triplet is the direction of increasing column index, the second of rows.
+  step_col = orientation[:3] * col_spacing
+  step_row = orientation[3:] * row_spacing
+  return np.asarray(cine.image_position, dtype=np.float64), step_row, step_col
+
+
+def _to_patient(cine: types.Cine, center: tuple[float, float]) -> np.ndarray:
+  origin, step_row, step_col = _axes(cine)
+  return origin + center[0] * step_row + center[1] * step_col
+
+
+def _from_patient(cine: types.Cine, point: np.ndarray) -> tuple[float, float]:
+  origin, step_row, step_col = _axes(cine)
+  offset = point - origin
+  return (float(offset @ step_row / (step_row @ step_row)),
+          float(offset @ step_col / (step_col @ step_col)))
+
+
+def shared_stack_centers(cines: list[types.Cine], phases: list[np.ndarray],
+                         cfg: PreprocessConfig) -> list[tuple[float, float]]:
+  """One crop centre for all slices of a stack, expressed in each slice's pixel indices.
+
+  The per-slice motion centres are combined by their median: in patient coordinates when every
+  slice carries its position and orientation (then projected back onto each slice plane), else
+  as offsets in mm from each image centre. Slices whose motion map is flat do not vote; when no
+  slice votes (or cfg.center == "image") every slice uses its image centre.
+
+  Args:
+    cines: the stack's cines.
+    phases: their [T, H, W] intensities after normalisation and temporal resampling.
+    cfg: centre mode and motion-map settings.
+
+  Returns:
+    (row, col) crop centres, one per cine.
+  """
+  image_centers = [_image_center(c) for c in cines]
+  if cfg.center != "motion":
+    return image_centers
+  found = [motion_center(p, c.pixel_spacing, cfg) for c, p in zip(cines, phases)]
+  voters = [(c, f) for c, f in zip(cines, found) if f is not None]
+  if not voters:
+    return image_centers
+  if all(_has_geometry(c) for c in cines):
+    point = np.median(np.stack([_to_patient(c, f) for c, f in voters]), axis=0)
+    return [_from_patient(c, point) for c in cines]
+  offsets_mm = np.median(np.array([
+      [(f[k] - _image_center(c)[k]) * float(c.pixel_spacing[k]) for k in range(2)]
+      for c, f in voters]), axis=0)
+  return [tuple(m + o / float(s) for m, o, s in zip(mid, offsets_mm, c.pixel_spacing))
+          for c, mid in zip(cines, image_centers)]
+
+
+def _view_order(cine: types.Cine) -> tuple[int, int]:
+  return (types.VIEW_CODES[cine.view], cine.slice_index)
+
+
+def preprocess_study(study: types.Study, cfg: PreprocessConfig,
+                     skipped: list[str] | None = None) -> types.StudyRecord:
+  """Preprocesses every usable cine of a study into one record.
+
+  Cines are stored SAX first (base to apex by slice_index), then 2CH, 3CH, 4CH. SAX slices share
+  one crop centre; each long-axis cine has its own. An unusable cine is left out with a warning
+  (and its message appended to `skipped` when given).
+
+  Args:
+    study: the raw study.
+    cfg: the stored geometry.
+    skipped: optional list collecting "study <id>, series <name>: <reason>" for left-out cines.
+
+  Returns:
+    The record; `checksum` is the sha256 of its uint8 pixel bytes.
+
+  Raises:
+    ValueError: naming the study when no cine is usable.
+  """
+  usable, phases, reasons = [], [], []
+  for cine in sorted(study.cines, key=_view_order):
+    try:
+      phases.append(_normalized_phases(cine, cfg))
+      usable.append(cine)
+    except ValueError as e:
+      message = f"study {study.study_id}, {e}"
+      reasons.append(message)
+      logging.warning("left out a cine: %s", message)
+  if skipped is not None:
+    skipped.extend(reasons)
+  if not usable:
+    detail = "; ".join(reasons) if reasons else "it has no cines"
+    raise ValueError(f"study {study.study_id}: no usable cine ({detail})")
+
+  centers: list[tuple[float, float] | None] = [None] * len(usable)
+  sax = [i for i, c in enumerate(usable) if c.view == types.SAX]
+  if sax:
+    shared = shared_stack_centers([usable[i] for i in sax], [phases[i] for i in sax], cfg)
+    for i, center in zip(sax, shared):
+      centers[i] = center
+  frames = np.stack([
+      _to_uint8(_crop(p, c.pixel_spacing,
+                      center if center is not None else _choose_center(p, c, cfg), cfg))
+      for c, p, center in zip(usable, phases, centers)])  # [N, T, S, S]
+  return types.StudyRecord(
+      study_id=study.study_id,
+      subject_id=study.subject_id,
+      site=study.site,
+      frames=frames,
+      views=[c.view for c in usable],
+      slice_index=np.array([c.slice_index for c in usable], np.int32),
+      slice_position_mm=np.array(
+          [c.slice_position_mm if c.view == types.SAX else math.nan for c in usable], np.float32),
+      source_spacing_mm=np.array([c.pixel_spacing for c in usable], np.float32).reshape(-1, 2),
+      spacing_mm=float(cfg.spacing_mm),
+      lvef=float(study.lvef),
+      edv=float(study.edv),
+      esv=float(study.esv),
+      report=study.report,
+      visit=int(study.visit),
+      checksum=pixel_checksum(frames),
+  )
+
+
+def pixel_checksum(frames: np.ndarray) -> str:
+  """sha256 hex digest of uint8 pixel data (C order)."""
+  return hashlib.sha256(np.ascontiguousarray(frames, dtype=np.uint8).tobytes()).hexdigest()
