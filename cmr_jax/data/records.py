@@ -1,0 +1,417 @@
+"""Study records on disk: serialisation, sharded ArrayRecord datasets, parallel building.
+
+Layout of a dataset directory:
+  {split}.array_record-{i:05d}-of-{n:05d}   ArrayRecord shards (group_size:1: random access)
+  {split}.index.json                        light per-record metadata in read order (ids, site,
+                                            visit, labels, views): lets the input pipelines
+                                            filter and subset without decoding pixels
+  dataset_info.json                         preprocess config, counts per split and site, label
+                                            statistics, skipped items with reasons, duplicates
+
+Each record is a msgpack map (`flax.serialization`) of numpy arrays, strings and floats: exact
+round trip, no pickle. Measured on a 2-core shared CPU for a 13-cine 16x112x112 study (2.6 MB):
+msgpack encode 1.3 ms / decode 0.3 ms (zero-copy), against numpy .npz in memory 2.3 / 3.1 ms.
+Files are written directly with array_record and read through `grain.sources.ArrayRecordDataSource`:
+random-access reads of such records were ~550 records/s uncompressed, ~165/s with zstd, against
+~16/s through a tensorflow-datasets builder read with `tfds.data_source` (which, without
+TensorFlow, also wrote only ~2 records/s). Riegeli's per-chunk hashes catch corrupted bytes on
+read; such errors are re-raised naming the split, record index, shard file and position.
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from absl import logging
+from array_record.python import array_record_module
+from flax import serialization
+import grain
+import numpy as np
+
+from cmr_jax.data import preprocess
+from cmr_jax.data import types
+
+BUILDER_VERSION = "1.0.0"
+RECORD_FORMAT = 1
+DATASET_INFO = "dataset_info.json"
+INDEX_SUFFIX = ".index.json"
+SHARD_PATTERN = "{split}.array_record-{index:05d}-of-{count:05d}"
+# One record per chunk: random access without decoding neighbours. Uncompressed reads ~3x faster
+# than zstd here; pass e.g. "group_size:1,zstd:1" to trade read speed for disk.
+DEFAULT_WRITER_OPTIONS = "group_size:1,uncompressed"
+# Work queued per worker process: bounds memory while keeping the workers busy.
+_IN_FLIGHT_PER_WORKER = 4
+
+_ARRAY_FIELDS = ("frames", "slice_index", "slice_position_mm", "source_spacing_mm")
+_ARRAY_DTYPES = {"frames": np.uint8, "slice_index": np.int32, "slice_position_mm": np.float32,
+                 "source_spacing_mm": np.float32}
+
+
+class CorruptRecordError(ValueError):
+  """A stored record could not be read or decoded."""
+
+
+def serialize_record(record: types.StudyRecord) -> bytes:
+  """Encodes a record as msgpack bytes (exact round trip with `deserialize_record`)."""
+  fields = dataclasses.asdict(record)
+  for name in _ARRAY_FIELDS:
+    fields[name] = np.ascontiguousarray(fields[name], dtype=_ARRAY_DTYPES[name])
+  fields["views"] = list(record.views)
+  fields["record_format"] = RECORD_FORMAT
+  return serialization.msgpack_serialize(fields)
+
+
+def deserialize_record(data: bytes) -> types.StudyRecord:
+  """Decodes `serialize_record` bytes; arrays are read-only views of `data`.
+
+  Raises:
+    CorruptRecordError: when the bytes are not a record of this format.
+  """
+  try:
+    fields = serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several unrelated types on garbage
+    raise CorruptRecordError(f"not a msgpack study record ({type(e).__name__}: {e})") from e
+  if not isinstance(fields, dict) or fields.pop("record_format", None) != RECORD_FORMAT:
+    raise CorruptRecordError(f"not a study record of format {RECORD_FORMAT}")
+  fields["views"] = list(fields["views"])
+  try:
+    return types.StudyRecord(**fields)
+  except TypeError as e:
+    raise CorruptRecordError(f"study record fields do not match: {e}") from e
+
+
+def record_metadata(record: types.StudyRecord) -> dict[str, Any]:
+  """The light per-record metadata kept in `{split}.index.json` (pseudonyms only)."""
+  return {
+      "study_id": record.study_id,
+      "subject_id": record.subject_id,
+      "site": record.site,
+      "visit": record.visit,
+      "lvef": None if math.isnan(record.lvef) else record.lvef,
+      "edv": None if math.isnan(record.edv) else record.edv,
+      "esv": None if math.isnan(record.esv) else record.esv,
+      "has_report": bool(record.report.strip()),
+      "views": list(record.views),
+      "slice_index": [int(i) for i in record.slice_index],
+      "checksum": record.checksum,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildItem:
+  """One study to build: a name for messages (a pseudonym) and a picklable loader."""
+
+  name: str
+  load: Callable[[], types.Study]
+
+
+@dataclasses.dataclass
+class BuildSummary:
+  """What a build did: counts per split, skipped items and duplicates with reasons."""
+
+  out_dir: str
+  num_items: int
+  counts: dict[str, int]
+  skipped: list[dict[str, str]]
+  duplicates: list[dict[str, str]]
+  skipped_cines: list[str]
+  elapsed_s: float
+
+  @property
+  def num_written(self) -> int:
+    return sum(self.counts.values())
+
+  @property
+  def items_per_s(self) -> float:
+    return self.num_items / max(self.elapsed_s, 1e-9)
+
+
+def as_build_items(items: collections.abc.Iterable[Any]) -> list[BuildItem]:
+  """Normalises items: `BuildItem`s, (name, loader) pairs, or bare loaders (named item-<i>)."""
+  out = []
+  for i, item in enumerate(items):
+    if isinstance(item, BuildItem):
+      out.append(item)
+    elif isinstance(item, tuple) and len(item) == 2 and callable(item[1]):
+      out.append(BuildItem(str(item[0]), item[1]))
+    elif callable(item):
+      out.append(BuildItem(f"item-{i}", item))
+    else:
+      raise TypeError(f"build item {i} is neither a BuildItem, a (name, loader) pair nor callable")
+  return out
+
+
+@dataclasses.dataclass
+class _Built:
+  """A worker's answer for one item: a record or the reason it failed."""
+
+  name: str
+  record: types.StudyRecord | None = None
+  error: str = ""
+  skipped_cines: list[str] = dataclasses.field(default_factory=list)
+
+
+def _build_one(item: BuildItem, cfg: preprocess.PreprocessConfig) -> _Built:
+  """Loads and preprocesses one item; any exception becomes the item's skip reason."""
+  skipped_cines: list[str] = []
+  try:
+    record = preprocess.preprocess_study(item.load(), cfg, skipped_cines)
+  except Exception as e:  # a bad item must not stop the build
+    return _Built(item.name, error=f"{type(e).__name__}: {e}", skipped_cines=skipped_cines)
+  return _Built(item.name, record=record, skipped_cines=skipped_cines)
+
+
+def _built_in_order(items: list[BuildItem], cfg: preprocess.PreprocessConfig,
+                    num_workers: int) -> collections.abc.Iterator[_Built]:
+  """Yields `_build_one` for every item, in item order, over `num_workers` processes."""
+  if num_workers <= 0:
+    for item in items:
+      yield _build_one(item, cfg)
+    return
+  context = multiprocessing.get_context("spawn")  # no fork of a process that may run jax threads
+  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+    pending: collections.deque[concurrent.futures.Future[_Built]] = collections.deque()
+    queue = iter(items)
+    for item in queue:
+      pending.append(pool.submit(_build_one, item, cfg))
+      if len(pending) >= num_workers * _IN_FLIGHT_PER_WORKER:
+        break
+    while pending:
+      yield pending.popleft().result()
+      item = next(queue, None)
+      if item is not None:
+        pending.append(pool.submit(_build_one, item, cfg))
+
+
+class _SplitWriter:
+  """Round-robin writer of one split's shards and their metadata, in a staging directory."""
+
+  def __init__(self, directory: str, split: str, num_shards: int, options: str):
+    self.split = split
+    self.paths = [os.path.join(directory, SHARD_PATTERN.format(split=split, index=i,
+                                                               count=num_shards))
+                  for i in range(num_shards)]
+    self._options = options
+    self._writers: list[Any] = [None] * num_shards
+    self.metadata: list[list[dict[str, Any]]] = [[] for _ in range(num_shards)]
+
+  def write(self, record: types.StudyRecord) -> None:
+    shard = sum(len(m) for m in self.metadata) % len(self.paths)
+    if self._writers[shard] is None:
+      self._writers[shard] = array_record_module.ArrayRecordWriter(self.paths[shard], self._options)
+    self._writers[shard].write(serialize_record(record))
+    self.metadata[shard].append(record_metadata(record))
+
+  def close(self, out_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Moves the non-empty shards to `out_dir`, writes the index; returns (info, index)."""
+    used = [i for i, w in enumerate(self._writers) if w is not None]  # the first len(used)
+    files = []
+    for rank, shard in enumerate(used):
+      self._writers[shard].close()
+      name = SHARD_PATTERN.format(split=self.split, index=rank, count=len(used))
+      os.replace(self.paths[shard], os.path.join(out_dir, name))
+      files.append(name)
+    index = [m for shard in used for m in self.metadata[shard]]  # read order
+    _write_json(os.path.join(out_dir, self.split + INDEX_SUFFIX), index)
+    return {"files": files, "shard_lengths": [len(self.metadata[s]) for s in used],
+            "num_records": len(index)}, index
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=1, allow_nan=False)
+
+
+def _label_stats(index: list[dict[str, Any]]) -> dict[str, Any]:
+  stats: dict[str, Any] = {}
+  for key in ("lvef", "edv", "esv"):
+    values = np.array([m[key] for m in index if m[key] is not None], np.float64)
+    stats[key] = {"n": int(values.size),
+                  "mean": float(values.mean()) if values.size else None,
+                  "sd": float(values.std(ddof=1)) if values.size > 1 else None}
+  return stats
+
+
+def _remove_old_dataset(out_dir: str) -> None:
+  """Removes a previous build's files from `out_dir` (only names this module writes)."""
+  for name in os.listdir(out_dir):
+    if ".array_record-" in name or name.endswith(INDEX_SUFFIX) or name == DATASET_INFO:
+      os.remove(os.path.join(out_dir, name))
+
+
+def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
+                  cfg: preprocess.PreprocessConfig,
+                  split_fn: Callable[[types.StudyRecord], str],
+                  num_shards: int = 1, num_workers: int = 0,
+                  writer_options: str = DEFAULT_WRITER_OPTIONS,
+                  log_every_s: float = 10.0) -> BuildSummary:
+  """Preprocesses studies in parallel and writes sharded ArrayRecord splits.
+
+  Workers load and preprocess items (in item order, so the output is deterministic); this
+  process assigns splits, drops duplicates and writes. A failing item is skipped with its name
+  and reason and the build carries on. Files are staged and then moved into `out_dir`,
+  replacing a previous build there.
+
+  Args:
+    items: `BuildItem`s, (name, loader) pairs or bare zero-argument loaders returning a `Study`;
+      loaders must be picklable when num_workers > 0. Names appear in logs and in
+      dataset_info.json: they must be pseudonyms.
+    out_dir: dataset directory (created if needed).
+    cfg: preprocessing config (recorded in dataset_info.json).
+    split_fn: record -> split name (e.g. `splits.SubjectSplitter`).
+    num_shards: shards per split (fewer when a split has fewer records).
+    num_workers: worker processes; 0 builds in this process.
+    writer_options: ArrayRecord writer options; keep group_size:1 for random access.
+    log_every_s: seconds between progress log lines.
+
+  Returns:
+    The summary; dataset_info.json holds the same plus per-split details.
+  """
+  if num_shards < 1:
+    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+  build_items = as_build_items(items)
+  os.makedirs(out_dir, exist_ok=True)
+  staging = os.path.join(out_dir, f".incomplete-{os.getpid()}")
+  os.makedirs(staging, exist_ok=True)
+  writers: dict[str, _SplitWriter] = {}
+  first_of_checksum: dict[str, str] = {}
+  skipped: list[dict[str, str]] = []
+  duplicates: list[dict[str, str]] = []
+  skipped_cines: list[str] = []
+  start = last_log = time.monotonic()
+  total = len(build_items)
+  for done, built in enumerate(_built_in_order(build_items, cfg, num_workers), start=1):
+    skipped_cines.extend(built.skipped_cines)
+    record = built.record
+    if record is None:
+      skipped.append({"item": built.name, "reason": built.error})
+      logging.warning("skipped %s: %s", built.name, built.error)
+    elif record.checksum in first_of_checksum:
+      duplicates.append({"item": built.name, "study_id": record.study_id,
+                         "duplicate_of": first_of_checksum[record.checksum]})
+      logging.warning("skipped %s: same pixels as %s", built.name,
+                      first_of_checksum[record.checksum])
+    else:
+      try:
+        split = str(split_fn(record))
+      except Exception as e:  # a split rule failing on one record skips that record only
+        skipped.append({"item": built.name, "reason": f"split: {type(e).__name__}: {e}"})
+        continue
+      first_of_checksum[record.checksum] = record.study_id
+      if split not in writers:
+        writers[split] = _SplitWriter(staging, split, num_shards, writer_options)
+      writers[split].write(record)
+    now = time.monotonic()
+    if now - last_log >= log_every_s or done == total:
+      rate = done / max(now - start, 1e-9)
+      logging.info("built %d/%d items (%.2f/s, ETA %.0f s): %d written, %d skipped, "
+                   "%d duplicates", done, total, rate, (total - done) / rate,
+                   done - len(skipped) - len(duplicates), len(skipped), len(duplicates))
+      last_log = now
+
+  _remove_old_dataset(out_dir)
+  splits_info, label_stats = {}, {}
+  for split in sorted(writers):
+    info, index = writers[split].close(out_dir)
+    info["sites"] = dict(sorted(collections.Counter(m["site"] for m in index).items()))
+    info["subjects"] = len({m["subject_id"] for m in index})
+    info["labelled"] = sum(m["lvef"] is not None for m in index)
+    splits_info[split] = info
+    label_stats[split] = _label_stats(index)
+  shutil.rmtree(staging)
+  elapsed = time.monotonic() - start
+  _write_json(os.path.join(out_dir, DATASET_INFO), {
+      "builder_version": BUILDER_VERSION,
+      "record_format": RECORD_FORMAT,
+      "preprocess": cfg.to_dict(),
+      "writer_options": writer_options,
+      "num_items": total,
+      "splits": splits_info,
+      "label_stats": label_stats,
+      "skipped": skipped,
+      "skipped_cines": skipped_cines,
+      "duplicates": duplicates,
+  })
+  summary = BuildSummary(out_dir=out_dir, num_items=total,
+                         counts={s: i["num_records"] for s, i in splits_info.items()},
+                         skipped=skipped, duplicates=duplicates, skipped_cines=skipped_cines,
+                         elapsed_s=elapsed)
+  logging.info("built %s in %.1f s (%.2f items/s): %s; %d skipped, %d duplicates", out_dir,
+               elapsed, summary.items_per_s, summary.counts, len(skipped), len(duplicates))
+  return summary
+
+
+def read_dataset_info(data_dir: str) -> dict[str, Any]:
+  """Reads `dataset_info.json` of a dataset directory."""
+  path = os.path.join(data_dir, DATASET_INFO)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {data_dir} is not a built dataset")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_index(data_dir: str, split: str) -> list[dict[str, Any]]:
+  """Reads the per-record metadata of a split, in read order."""
+  with open(os.path.join(data_dir, split + INDEX_SUFFIX)) as f:
+    return json.load(f)
+
+
+class StudySource(grain.sources.RandomAccessDataSource):
+  """Random access to the decoded `StudyRecord`s of one split (grain-compatible, picklable).
+
+  Attributes:
+    metadata: per-record light metadata (`record_metadata`), in index order.
+  """
+
+  def __init__(self, data_dir: str, split: str):
+    info = read_dataset_info(data_dir)
+    if split not in info["splits"]:
+      raise KeyError(f"split {split!r} not in {data_dir}; it has {sorted(info['splits'])}")
+    split_info = info["splits"][split]
+    self._split = split
+    self._paths = [os.path.join(data_dir, f) for f in split_info["files"]]
+    self._starts = np.cumsum([0] + split_info["shard_lengths"])  # [num_shards + 1]
+    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    self.metadata = load_index(data_dir, split)
+    if not len(self._source) == len(self.metadata) == self._starts[-1]:
+      raise ValueError(f"split {split} of {data_dir}: shards hold {len(self._source)} records, "
+                       f"the index {len(self.metadata)}, dataset_info {self._starts[-1]}")
+
+  def __len__(self) -> int:
+    return len(self.metadata)
+
+  def _where(self, index: int) -> str:
+    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return (f"record {index} of split {self._split} ({self._paths[shard]}, position "
+            f"{index - self._starts[shard]})")
+
+  def __getitem__(self, index: int) -> types.StudyRecord:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range for split {self._split} of {len(self)}")
+    try:
+      data = self._source[index]
+    except Exception as e:  # array_record raises RuntimeError on hash mismatches and truncation
+      raise CorruptRecordError(f"{self._where(index)}: unreadable: {e}") from e
+    try:
+      return deserialize_record(data)
+    except CorruptRecordError as e:
+      raise CorruptRecordError(f"{self._where(index)}: {e}") from e
+
+  def __repr__(self) -> str:
+    return f"StudySource(split={self._split!r}, records={len(self)}, shards={len(self._paths)})"
+
+
+def open_split(data_dir: str, split: str) -> StudySource:
+  """Opens one split of a built dataset for random access (decoded `StudyRecord`s)."""
+  return StudySource(data_dir, split)

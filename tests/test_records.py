@@ -1,0 +1,178 @@
+"""Records: exact round trip, dataset building (skips, duplicates, workers), corrupt bytes, splits."""
+
+import collections
+import functools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import conftest
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
+from cmr_jax.data import splits
+from cmr_jax.data import types
+
+CFG = preprocess.PreprocessConfig(size=32, spacing_mm=4.0, num_frames=8)
+
+
+def _assert_records_equal(a: types.StudyRecord, b: types.StudyRecord) -> None:
+  for field in ("study_id", "subject_id", "site", "views", "spacing_mm", "report", "visit",
+                "checksum"):
+    assert getattr(a, field) == getattr(b, field), field
+  for field in ("lvef", "edv", "esv"):
+    x, y = getattr(a, field), getattr(b, field)
+    assert (math.isnan(x) and math.isnan(y)) or x == y, field
+  for field in ("frames", "slice_index", "slice_position_mm", "source_spacing_mm"):
+    x, y = getattr(a, field), getattr(b, field)
+    assert x.dtype == y.dtype and x.shape == y.shape, field
+    np.testing.assert_array_equal(x, y, err_msg=field)
+
+
+def test_round_trip_is_exact(make_study):
+  record = preprocess.preprocess_study(make_study(1, labelled=False), CFG)
+  back = records.deserialize_record(records.serialize_record(record))
+  _assert_records_equal(record, back)
+  assert math.isnan(back.lvef) and np.isnan(back.slice_position_mm[-1])
+  assert preprocess.pixel_checksum(back.frames) == record.checksum
+
+
+def test_garbage_bytes_are_not_a_record():
+  with pytest.raises(records.CorruptRecordError, match="not a msgpack study record"):
+    records.deserialize_record(b"\xc1\x00garbage")
+
+
+def _items():
+  study = functools.partial(conftest.fake_study, 0, num_sax=4, matrix=40, num_frames=12)
+  return [
+      ("s0", functools.partial(study, 0)),
+      ("s1", functools.partial(study, 1, site="other")),
+      ("bad-frames", functools.partial(conftest.broken_study, 7)),
+      ("s0-again", functools.partial(study, 0)),  # same pixels as s0
+      ("unreadable", conftest.raise_error),
+      ("s2", functools.partial(study, 2, labelled=False)),
+      ("s1-rescan", functools.partial(study, 1, visit=1, site="other")),
+  ]
+
+
+def _split_by_name(record):
+  return "external" if record.site == "other" else "train"
+
+
+def test_build_skips_bad_items_and_duplicates_and_reads_back(tmp_path):
+  summary = records.build_dataset(_items(), str(tmp_path), cfg=CFG, split_fn=_split_by_name,
+                                  num_shards=2, num_workers=0)
+  assert summary.counts == {"train": 2, "external": 2}
+  assert summary.num_items == 7 and summary.num_written == 4
+  reasons = {s["item"]: s["reason"] for s in summary.skipped}
+  assert set(reasons) == {"bad-frames", "unreadable"}
+  assert "broken-7" in reasons["bad-frames"] and "4 frames" in reasons["bad-frames"]
+  assert reasons["unreadable"] == "OSError: unreadable file"
+  assert summary.duplicates == [
+      {"item": "s0-again", "study_id": "fake-0-0000-v0", "duplicate_of": "fake-0-0000-v0"}]
+
+  info = records.read_dataset_info(str(tmp_path))
+  assert info["preprocess"] == CFG.to_dict()
+  assert info["splits"]["train"]["files"] == [
+      "train.array_record-00000-of-00002", "train.array_record-00001-of-00002"]
+  assert info["splits"]["external"]["sites"] == {"other": 2}
+  assert info["splits"]["train"]["labelled"] == 1
+  expected_lvef = conftest.fake_study(0, 0).lvef
+  assert info["label_stats"]["train"]["lvef"] == {"n": 1, "mean": expected_lvef, "sd": None}
+  assert info["skipped"] == summary.skipped and info["duplicates"] == summary.duplicates
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      [records.DATASET_INFO, "train.index.json", "external.index.json"]
+      + info["splits"]["train"]["files"] + info["splits"]["external"]["files"])
+
+  train = records.open_split(str(tmp_path), "train")
+  assert len(train) == 2
+  for i, (name, load) in enumerate([_items()[0], _items()[5]]):
+    _assert_records_equal(train[i], preprocess.preprocess_study(load(), CFG))
+    assert train.metadata[i]["study_id"] == train[i].study_id
+  assert train.metadata[1]["lvef"] is None
+  with pytest.raises(KeyError, match="split 'val' not in"):
+    records.open_split(str(tmp_path), "val")
+
+
+def test_build_with_workers_writes_the_same_files(tmp_path):
+  serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+  for out, workers in ((serial, 0), (parallel, 2)):
+    records.build_dataset(_items(), str(out), cfg=CFG, split_fn=_split_by_name, num_shards=2,
+                          num_workers=workers)
+  names = sorted(os.listdir(serial))
+  assert names == sorted(os.listdir(parallel))
+  for name in names:
+    assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
+
+
+def test_rebuild_replaces_previous_dataset(tmp_path):
+  items = _items()
+  records.build_dataset(items, str(tmp_path), cfg=CFG, split_fn=_split_by_name, num_shards=2)
+  records.build_dataset(items[:2], str(tmp_path), cfg=CFG, split_fn=lambda r: "test")
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      [records.DATASET_INFO, "test.index.json", "test.array_record-00000-of-00001"])
+
+
+def test_corrupt_bytes_name_the_record_and_file(tmp_path):
+  records.build_dataset(_items()[:2], str(tmp_path), cfg=CFG, split_fn=lambda r: "train")
+  path = tmp_path / "train.array_record-00000-of-00001"
+  data = bytearray(path.read_bytes())
+  data[1000] ^= 0xFF  # inside the first record's pixels (its chunk starts at byte 64)
+  path.write_bytes(bytes(data))
+  source = records.open_split(str(tmp_path), "train")
+  with pytest.raises(records.CorruptRecordError,
+                     match=r"record 0 of split train \(.*train.array_record-00000-of-00001, "
+                           r"position 0\): unreadable"):
+    source[0]
+
+
+def test_non_record_bytes_name_the_record_and_file(tmp_path):
+  records.build_dataset(_items()[:1], str(tmp_path), cfg=CFG, split_fn=lambda r: "train")
+  path = str(tmp_path / "train.array_record-00000-of-00001")
+  writer = records.array_record_module.ArrayRecordWriter(path, records.DEFAULT_WRITER_OPTIONS)
+  writer.write(b"\x93\x01\x02\x03")  # valid msgpack, not a record
+  writer.close()
+  with pytest.raises(records.CorruptRecordError,
+                     match=r"record 0 of split train .*position 0\): not a study record"):
+    records.open_split(str(tmp_path), "train")[0]
+
+
+def _subjects(n):
+  return [types.Study(study_id=f"st{i}-{v}", subject_id=f"sub{i}", site="a", cines=[], visit=v)
+          for i in range(n) for v in range(2)]
+
+
+def test_splits_grouped_deterministic_and_close_to_fractions():
+  splitter = splits.SubjectSplitter(salt="s1")
+  studies = _subjects(2000)
+  assigned = [splitter(s) for s in studies]
+  by_subject = collections.defaultdict(set)
+  for study, split in zip(studies, assigned):
+    by_subject[study.subject_id].add(split)
+  assert all(len(v) == 1 for v in by_subject.values())  # rescans stay with their subject
+  counts = collections.Counter(next(iter(v)) for v in by_subject.values())
+  for name, fraction in splits.DEFAULT_FRACTIONS:
+    assert counts[name] / 2000 == pytest.approx(fraction, abs=0.03)
+  assert assigned == [splits.SubjectSplitter(salt="s1")(s) for s in studies]
+  assert assigned != [splits.SubjectSplitter(salt="s2")(s) for s in studies]
+
+
+def test_external_sites_and_fraction_validation():
+  splitter = splits.SubjectSplitter.from_mapping({"train": 0.8, "test": 0.2}, salt="x",
+                                                 external_sites=["siteC"])
+  study = types.Study(study_id="a", subject_id="b", site="siteC", cines=[])
+  assert splitter(study) == "external"
+  with pytest.raises(ValueError, match="sum to 1"):
+    splits.SubjectSplitter(fractions=(("train", 0.5), ("test", 0.2)))
+  with pytest.raises(ValueError, match="not 'external'"):
+    splits.SubjectSplitter(fractions=(("external", 1.0),))
+
+
+def test_label_fractions_are_nested_and_sized():
+  subjects = [f"sub{i}" for i in range(5000)]
+  subsets = {f: {s for s in subjects if splits.in_label_fraction(s, f)} for f in (0.01, 0.1, 1.0)}
+  assert subsets[0.01] <= subsets[0.1] <= subsets[1.0] == set(subjects)
+  assert len(subsets[0.1]) / 5000 == pytest.approx(0.1, abs=0.02)
+  assert len(subsets[0.01]) / 5000 == pytest.approx(0.01, abs=0.005)
