@@ -1,17 +1,17 @@
 """Shared test set-up. Runs before any test module imports jax."""
 
-import os
-
-# Sharding tests need several devices; on CPU, XLA fakes them. Must be set before jax initialises.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
 import functools
 import math
+import os
 
+from absl import flags
 import numpy as np
 import pytest
 
-from cmr_jax.data import types
+from cmr_jax.data import types  # imports no jax
+
+# Sharding tests need several devices; on CPU, XLA fakes them. Must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 # A fake study: a bright disk (the LV blood pool) that shrinks and grows over one cycle, inside a
 # static mid-grey body, in Gaussian noise. Geometry is real enough for the preprocessing: the disk
@@ -52,8 +52,8 @@ def disk_cine(rng: np.random.Generator, *, view: str, shape: tuple[int, int],
 
 
 def fake_study(seed: int, index: int, *, num_sax: int = 6, site: str = "fake",
-               visit: int = 0, labelled: bool = True, num_frames: int = 20,
-               matrix: int = 72) -> types.Study:
+               visit: int = 0, labelled: bool = True, with_report: bool = True,
+               num_frames: int = 20, matrix: int = 72) -> types.Study:
   """A small fake study, deterministic in (seed, index, visit); subject = index."""
   rng = np.random.default_rng([seed, index, visit])
   spacing = float(rng.uniform(1.3, 2.6))
@@ -75,7 +75,8 @@ def fake_study(seed: int, index: int, *, num_sax: int = 6, site: str = "fake",
   return types.Study(
       study_id=f"fake-{seed}-{index:04d}-v{visit}", subject_id=f"fake-{seed}-{index:04d}",
       site=site, cines=cines, lvef=lvef, visit=visit,
-      report=f"Study {index}. Left ventricle ejection fraction {lvef:.0f} percent. Normal size.")
+      report=(f"Study {index}. Left ventricle ejection fraction {lvef:.0f} percent. Normal size."
+              if with_report else ""))
 
 
 def broken_study(index: int) -> types.Study:
@@ -96,3 +97,11 @@ def raise_error() -> types.Study:
 def make_study():
   """Factory for fake studies: make_study(index, **kwargs) -> Study (seed 0)."""
   return functools.partial(fake_study, 0)
+
+
+@pytest.fixture(scope="session")
+def absl_flags_parsed():
+  """Marks absl flags parsed (with defaults), as `absl.app.run` would: grain worker processes
+  read grain's flags, and pytest does not parse them."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

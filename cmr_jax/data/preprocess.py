@@ -165,19 +165,21 @@ def normalize_intensity(frames: np.ndarray, cfg: PreprocessConfig, name: str) ->
   return np.clip(out, 0.0, 1.0, out=out)
 
 
-def cycle_matrix(num_in: int, num_out: int, trigger_times_ms: np.ndarray | None) -> np.ndarray:
+def cycle_matrix(num_in: int, num_out: int, trigger_times_ms: np.ndarray | None = None,
+                 phase: float = 0.0) -> np.ndarray:
   """Linear interpolation weights in cyclic time from the acquired to `num_out` phases.
 
   The cycle starts at the first acquired frame (the R wave) and lasts the span of the trigger
   times plus one median frame interval (retrospective gating covers the whole RR interval);
   without usable trigger times (absent, wrong length, not strictly increasing) frames are taken
-  as evenly spaced. Output phase j is at start + j * cycle / num_out; the interval after the last
-  frame interpolates back towards the first.
+  as evenly spaced. Output phase j is at start + ((phase + j / num_out) mod 1) * cycle; the
+  interval after the last frame interpolates back towards the first.
 
   Args:
     num_in: acquired frames T.
     num_out: output frames.
     trigger_times_ms: [T] acquisition times after the R wave, or None.
+    phase: shift of the output phases, as a fraction of the cycle.
 
   Returns:
     weights: float32 [num_out, num_in]; `weights @ frames.reshape(T, -1)` resamples in time.
@@ -190,7 +192,7 @@ def cycle_matrix(num_in: int, num_out: int, trigger_times_ms: np.ndarray | None)
   step = float(np.median(np.diff(times))) if num_in > 1 else 1.0
   cycle = times[-1] - times[0] + step
   knots = np.append(times, times[0] + cycle)  # [T + 1], the first frame again one cycle later
-  out_times = times[0] + cycle * np.arange(num_out) / num_out
+  out_times = times[0] + cycle * np.mod(phase + np.arange(num_out) / num_out, 1.0)
   position = np.interp(out_times, knots, np.arange(num_in + 1, dtype=np.float64))
   lower = np.floor(position).astype(np.int64)
   frac = position - lower

@@ -1,0 +1,251 @@
+"""grain pipelines: shapes, bags, filters, augmentation known answers, sharding, resume, workers."""
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import pytest
+
+import conftest
+from cmr_jax.data import pipeline
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
+from cmr_jax.data import splits
+from cmr_jax.data import tokenizer
+from cmr_jax.data import types
+
+CFG = preprocess.PreprocessConfig(size=24, spacing_mm=5.0, num_frames=8)
+NUM_STUDIES = 11
+UNLABELLED = (3, 7)
+NO_REPORT = (5,)
+IMAGE, FRAMES, BATCH, K = 16, 8, 4, 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("pipeline")
+  study = functools.partial(conftest.fake_study, 0, num_sax=5, matrix=40, num_frames=10)
+  items = [(f"s{i}", functools.partial(study, i, labelled=i not in UNLABELLED,
+                                       with_report=i not in NO_REPORT))
+           for i in range(NUM_STUDIES)]
+  records.build_dataset(items, str(out), cfg=CFG, split_fn=lambda r: "train")
+  return str(out)
+
+
+@pytest.fixture(scope="module")
+def source(data_dir):
+  return records.open_split(data_dir, "train")
+
+
+@pytest.fixture(scope="module")
+def tok(source):
+  return tokenizer.train_tokenizer([source[i].report for i in range(3)], vocab_size=60)
+
+
+def _finetune(source, **kwargs):
+  args = dict(image_size=IMAGE, num_frames=FRAMES, batch_size=BATCH, max_instances=K, seed=0)
+  return pipeline.finetune_dataset(source, **{**args, **kwargs})
+
+
+def _pretrain(source, tok, **kwargs):
+  args = dict(image_size=IMAGE, num_frames=FRAMES, batch_size=BATCH, tokenizer=tok,
+              max_text_len=12, seed=0)
+  return pipeline.pretrain_dataset(source, **{**args, **kwargs})
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_bag_composition():
+  # SAX slices out of order, LAX views scattered.
+  views = [types.SAX, types.LAX_2CH, types.SAX, types.SAX, types.LAX_4CH, types.SAX, types.SAX,
+           types.SAX, types.LAX_3CH]
+  slices = np.array([3, -1, 0, 1, -1, 2, 4, 5, -1])
+  # 4CH, 2CH, 3CH, then SAX slices 1 and 3 (every second of 1..4, without 0 and 5).
+  assert pipeline.bag_indices(views, slices, 8) == [4, 1, 8, 3, 0]
+  assert pipeline.bag_indices(views, slices, 4) == [4, 1, 8, 3]
+  assert pipeline.bag_indices([types.SAX, types.SAX], np.array([1, 0]), 8) == [0, 1]
+  assert pipeline.bag_indices([types.SAX] * 3 + [types.LAX_2CH], np.array([0, 1, 2, -1]), 8) == [
+      3, 1]
+
+
+def test_pretrain_batches(source, tok):
+  batch = next(iter(_pretrain(source, tok, two_clips=True)))
+  assert batch["video"].shape == batch["video2"].shape == (BATCH, FRAMES, IMAGE, IMAGE)
+  assert batch["video"].dtype == np.uint8
+  assert batch["text_ids"].shape == batch["text_mask"].shape == (BATCH, 12)
+  assert batch["text_ids"].dtype == batch["text_mask"].dtype == np.int32
+  assert batch["study_index"].dtype == np.int32 and batch["valid"].all()
+  assert (batch["text_ids"][:, 0] == tok.cls_id).all()
+  for row, index in enumerate(batch["study_index"]):
+    ids, mask = tok.encode([source[int(index)].report], 12)
+    np.testing.assert_array_equal(batch["text_ids"][row], ids[0])
+    np.testing.assert_array_equal(batch["text_mask"][row], mask[0])
+
+
+def test_pretrain_eval_skips_studies_without_report_and_covers_the_rest(source, tok):
+  batches = list(_pretrain(source, tok, train=False))
+  valid = np.concatenate([b["study_index"][b["valid"]] for b in batches])
+  assert sorted(valid) == [i for i in range(NUM_STUDIES) if i not in NO_REPORT]
+
+
+def test_finetune_batches_and_bags(source):
+  batch = next(iter(_finetune(source, train=False)))
+  assert batch["video"].shape == (BATCH, K, FRAMES, IMAGE, IMAGE)
+  assert batch["video"].dtype == np.uint8 and batch["mask"].dtype == bool
+  assert batch["view"].dtype == np.int32 and batch["lvef"].dtype == np.float32
+  clips = pipeline.ClipMaker(IMAGE, FRAMES, pipeline.AugmentConfig())
+  for row, index in enumerate(batch["study_index"]):
+    record = source[int(index)]
+    bag = pipeline.bag_indices(record.views, record.slice_index, K)
+    n = len(bag)
+    assert n == 5  # 3 long-axis views + SAX slices 1 and 3 of 0..4
+    np.testing.assert_array_equal(batch["mask"][row], [True] * n + [False] * (K - n))
+    np.testing.assert_array_equal(batch["view"][row, :n],
+                                  [types.VIEW_CODES[record.views[i]] for i in bag])
+    assert (batch["view"][row, n:] == -1).all() and not batch["video"][row, n:].any()
+    for slot, i in enumerate(bag):
+      np.testing.assert_array_equal(batch["video"][row, slot], clips(record.frames[i], None))
+    assert np.isnan(batch["lvef"][row]) == (int(index) in UNLABELLED)
+
+
+def test_eval_covers_every_study_once_and_pads(source):
+  batches = list(_finetune(source, train=False))
+  assert len(batches) == math.ceil(NUM_STUDIES / BATCH)
+  last = batches[-1]
+  pad = NUM_STUDIES % BATCH
+  np.testing.assert_array_equal(last["valid"], [True] * pad + [False] * (BATCH - pad))
+  assert (last["study_index"][pad:] == -1).all() and not last["mask"][pad:].any()
+  assert (last["lvef"][pad:] == 0).all()
+  valid = np.concatenate([b["study_index"][b["valid"]] for b in batches])
+  assert sorted(valid) == list(range(NUM_STUDIES))
+
+
+def test_eval_shards_disjoint_complete_and_equally_long(source):
+  shards = [list(_finetune(source, train=False, shard_index=i, shard_count=3)) for i in range(3)]
+  assert len({len(s) for s in shards}) == 1
+  seen = [set(np.concatenate([b["study_index"][b["valid"]] for b in s])) for s in shards]
+  assert set.union(*seen) == set(range(NUM_STUDIES))
+  assert sum(len(s) for s in seen) == NUM_STUDIES
+
+
+def test_train_shards_are_disjoint(source):
+  seen = []
+  for i in range(2):
+    batches = list(_finetune(source, shard_index=i, shard_count=2, num_epochs=1, batch_size=1))
+    seen.append({int(b["study_index"][0]) for b in batches})
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(NUM_STUDIES)) - set(UNLABELLED)
+
+
+def test_train_filters_unlabelled_and_label_fraction(source):
+  batches = list(_finetune(source, num_epochs=1, batch_size=1))
+  indices = {int(b["study_index"][0]) for b in batches}
+  assert indices == set(range(NUM_STUDIES)) - set(UNLABELLED)
+  assert all(np.isfinite(b["lvef"]).all() and b["valid"].all() for b in batches)
+  half = {int(b["study_index"][0])
+          for b in _finetune(source, num_epochs=1, batch_size=1, label_fraction=0.5)}
+  expected = {i for i in indices if splits.in_label_fraction(
+      source.metadata[i]["subject_id"], 0.5, pipeline._LABEL_FRACTION_SALT)}
+  assert half == expected and 0 < len(half) < len(indices)
+
+
+def test_no_labelled_study_is_an_error(tmp_path):
+  study = functools.partial(conftest.fake_study, 1, num_sax=3, matrix=40, num_frames=10,
+                            labelled=False)
+  records.build_dataset([("u0", functools.partial(study, 0))], str(tmp_path), cfg=CFG,
+                        split_fn=lambda r: "val")
+  with pytest.raises(ValueError, match="fine-tuning train data: no usable study"):
+    _finetune(records.open_split(str(tmp_path), "val"))
+
+
+def test_determinism_and_augmentation_varies(source):
+  a = _take(iter(_finetune(source, seed=3)), 3)
+  _assert_batches_equal(a, _take(iter(_finetune(source, seed=3)), 3))
+  b = _take(iter(_finetune(source, seed=4)), 3)
+  assert any((x["video"] != y["video"]).any() for x, y in zip(a, b))
+
+
+def test_iterator_resume_is_exact(source, tok):
+  for make in (lambda: _finetune(source, seed=1), lambda: _pretrain(source, tok, seed=1)):
+    it = iter(make())
+    _take(it, 2)
+    state = it.get_state()
+    expected = _take(it, 3)
+    resumed = iter(make())
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 3), expected)
+
+
+def test_worker_processes_match_and_resume(source, tok, absl_flags_parsed):
+  in_process = _take(iter(_pretrain(source, tok, seed=2)), 4)
+  it = iter(_pretrain(source, tok, seed=2, worker_count=2))
+  _assert_batches_equal(_take(it, 2), in_process[:2])
+  state = it.get_state()
+  resumed = iter(_pretrain(source, tok, seed=2, worker_count=2))
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 2), in_process[2:])
+
+
+def test_clip_known_answers():
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (8, 20, 20), dtype=np.uint8)
+  plain = pipeline.AugmentConfig(scale_range=(1.0, 1.0), max_shift=0.0, flip_prob=0.0,
+                                 gamma_range=(1.0, 1.0), contrast_range=(1.0, 1.0),
+                                 random_phase=False, eval_crop_fraction=1.0)
+  same = pipeline.ClipMaker(20, 8, plain)
+  np.testing.assert_array_equal(same(frames, None), frames)
+  np.testing.assert_array_equal(same(frames, rng), frames)
+  flipped = pipeline.ClipMaker(20, 8, dataclasses.replace(plain, flip_prob=1.0))
+  np.testing.assert_array_equal(flipped(frames, rng), frames[:, :, ::-1])
+  # A quarter-cycle phase shift of 8 frames is a roll by 2.
+  np.testing.assert_allclose(preprocess.cycle_matrix(8, 8, phase=0.25) @ np.arange(8.0),
+                             np.roll(np.arange(8.0), -2))
+  # Downsampling a ramp by 2 (antialiased): away from the edges each output pixel is the ramp at
+  # its sample position, input index 0.5 + 2 i.
+  rows, cols = np.mgrid[0:20, 0:20]
+  ramp = np.broadcast_to(10 * rows + 3 * cols, (8, 20, 20)).astype(np.uint8)
+  half = pipeline.ClipMaker(10, 8, plain)(ramp, None).astype(float)
+  position = 0.5 + 2 * np.arange(10)
+  expected = 10 * position[:, None] + 3 * position[None, :]
+  np.testing.assert_allclose(half[0, 1:-1, 1:-1], expected[1:-1, 1:-1], atol=0.5)
+
+
+def test_rotation_path_agrees_with_separable_path_near_zero_angle():
+  frames = np.random.default_rng(1).integers(0, 256, (4, 24, 24)).astype(np.float32)
+  rows, cols = pipeline._crop_matrices(24, 24, 20.0, (12.0, 11.0), flip=True)
+  separable = rows @ frames @ cols.T
+  rotated = pipeline._rotated_crop(frames, 24, 20.0, (12.0, 11.0), flip=True, angle=1e-9)
+  np.testing.assert_allclose(rotated[:, 2:-2, 2:-2], separable[:, 2:-2, 2:-2], atol=1e-3)
+  quarter = pipeline._rotated_crop(frames, 24, 24.0, (11.5, 11.5), flip=False, angle=math.pi / 2)
+  np.testing.assert_allclose(quarter, np.rot90(frames, k=-1, axes=(1, 2)), atol=1e-3)
+
+
+def test_intensity_lut():
+  clip = np.arange(256, dtype=np.uint8)
+  np.testing.assert_array_equal(pipeline._intensity_lut(clip, 1.0, 1.0), clip)
+  darker = pipeline._intensity_lut(clip, 2.0, 1.0)
+  assert darker[128] == round(255 * (128 / 255) ** 2) and darker[255] == 255
+
+
+def test_corrupt_record_error_reaches_the_caller(tmp_path, source):
+  study = functools.partial(conftest.fake_study, 2, num_sax=3, matrix=40, num_frames=10)
+  records.build_dataset([(f"c{i}", functools.partial(study, i)) for i in range(2)],
+                        str(tmp_path), cfg=CFG, split_fn=lambda r: "test")
+  path = tmp_path / "test.array_record-00000-of-00001"
+  data = bytearray(path.read_bytes())
+  data[1000] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(records.CorruptRecordError,
+                     match=r"record 0 of split test .*test.array_record-00000-of-00001"):
+    list(_finetune(records.open_split(str(tmp_path), "test"), train=False))
