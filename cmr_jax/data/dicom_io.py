@@ -66,11 +66,13 @@ APEX_DIRECTION_LPS = np.array([1.0, -1.0, -1.0]) / math.sqrt(3.0)  # left, anter
 RV_DIRECTION_LPS = np.array([-1.0, -1.0, 0.0]) / math.sqrt(2.0)  # right, anterior of the LV
 SUPERIOR_LPS = np.array([0.0, 0.0, 1.0])
 APEX_MIN_COS = 0.3
-# Angle (degrees, lines mod 180) of each long-axis plane's trace in the SAX plane, measured from
-# the septal direction (towards the RV) towards the anterior wall: the 4CH plane runs
-# inferoseptal to anterolateral, the 3CH plane anteroseptal to inferolateral, the 2CH plane
-# anterior to inferior (AHA 17-segment model, segments 60 degrees apart).
-LAX_TRACE_ANGLE_DEG = {types.LAX_4CH: -20.0, types.LAX_3CH: 40.0, types.LAX_2CH: 90.0}
+# Typical angle (degrees, lines mod 180) of each long-axis plane's trace in the SAX plane,
+# measured from the septal direction (towards the RV) towards the anterior wall. In the AHA
+# 17-segment model (segments 60 degrees apart) the 4CH plane runs inferoseptal to anterolateral
+# (-30), the 3CH anteroseptal to inferolateral (+30) and the 2CH anterior to inferior (90);
+# 4CH planning through the RV's widest part puts the 4CH nearer 0 and the 3CH (through the
+# aortic root) nearer 60. The values sit between: a guess, refined per study by the named views.
+LAX_TRACE_ANGLE_DEG = {types.LAX_4CH: -10.0, types.LAX_3CH: 45.0, types.LAX_2CH: 90.0}
 ZIP_SUFFIX = ".zip"
 USED = "used"
 SKIPPED = "skipped"
@@ -248,7 +250,6 @@ class ParsedFile:
   accession: str = ""
   sop_uid: str = ""
   heart_rate_bpm: float = math.nan
-  identifiers: tuple[str, ...] = ()  # identifying values, for scrubbing free text only
 
 
 def _first(seq_item: Dataset | None, sequence: str, keyword: str):
@@ -420,8 +421,7 @@ def _parse_dataset(ref: FileRef, ds: Dataset, hint: str) -> ParsedFile:
   """Header facts of a dataset, or the reason it is not a usable MR image."""
   parsed = ParsedFile(
       ref, study_uid=str(ds.get("StudyInstanceUID", "")), patient_id=str(ds.get("PatientID", "")),
-      accession=str(ds.get("AccessionNumber", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
-      identifiers=tuple(str(ds.get(k)) for k in IDENTIFYING_KEYWORDS if ds.get(k)))
+      accession=str(ds.get("AccessionNumber", "")), sop_uid=str(ds.get("SOPInstanceUID", "")))
   rate = _number(ds.get("HeartRate"))
   interval_ms = _number(ds.get("NominalInterval"))
   parsed.heart_rate_bpm = rate if rate > 0 else (60000.0 / interval_ms if interval_ms > 0 else
@@ -629,10 +629,11 @@ class AssembledStudy:
 
   cines: list[types.Cine]
   file_status: dict[FileRef, tuple[str, str, str]]  # file -> (status, reason, series label)
+  file_cine: dict[FileRef, int]  # used file -> index of its cine in `cines`
   study_uid: str
   patient_id: str
   accession: str
-  identifiers: tuple[str, ...]
+  identifiers: tuple[str, ...]  # identifying values, for scrubbing free text only
   heart_rate_bpm: float
 
   @property
@@ -907,10 +908,12 @@ def assemble_study(files: Sequence[ParsedFile], *,
                   f"{c.series.number}", lax[c.view].series)
     lax[c.view] = c
 
-  cines = [_to_cine(c, slice_index=i) for i, c in enumerate(sax)]
-  cines += [_to_cine(lax[view], slice_index=-1) for view in types.LONG_AXIS_VIEWS if view in lax]
-  for c in sax + list(lax.values()):
+  kept = sax + [lax[view] for view in types.LONG_AXIS_VIEWS if view in lax]
+  cines = [_to_cine(c, slice_index=i if c.view == types.SAX else -1) for i, c in enumerate(kept)]
+  file_cine = {}
+  for i, c in enumerate(kept):
     ledger.use(c.frames, c.series)
+    file_cine.update((f.ref, i) for f in c.frames)
 
   status = {}
   for pf in files:
@@ -920,15 +923,22 @@ def assemble_study(files: Sequence[ParsedFile], *,
       status[pf.ref] = (SKIPPED, ledger.reasons.get(pf.ref, "not part of any cine"),
                         ledger.series.get(pf.ref, pf.series.label if pf.series else ""))
   good = [pf for pf in files if not pf.reason]
+  good_per_series = list({pf.series.key: pf for pf in good if pf.ref in datasets}.values())
   common = lambda attr: collections.Counter(getattr(pf, attr) for pf in good).most_common(1)
   rates = [pf.heart_rate_bpm for pf in good if math.isfinite(pf.heart_rate_bpm)]
   return AssembledStudy(
-      cines=cines, file_status=status,
+      cines=cines, file_status=status, file_cine=file_cine,
       study_uid=common("study_uid")[0][0] if good else "",
       patient_id=common("patient_id")[0][0] if good else "",
       accession=common("accession")[0][0] if good else "",
-      identifiers=tuple(sorted({v for pf in files for v in pf.identifiers})),
+      identifiers=_identifiers(datasets[pf.ref] for pf in good_per_series),
       heart_rate_bpm=float(np.median(rates)) if rates else math.nan)
+
+
+def _identifiers(datasets: Iterable[Dataset]) -> tuple[str, ...]:
+  """The identifying values (`IDENTIFYING_KEYWORDS`) found in the datasets."""
+  return tuple(sorted({str(ds.get(k)) for ds in datasets for k in IDENTIFYING_KEYWORDS
+                       if ds.get(k)}))
 
 
 def _to_cine(c: _Candidate, *, slice_index: int) -> types.Cine:

@@ -54,8 +54,9 @@ SERIES_NAMES: dict[str, dict[str, str]] = {
     "unnamed": {types.SAX: "cine_trufi_retro", types.LAX_2CH: "cine_trufi_retro",
                 types.LAX_3CH: "cine_trufi_retro", types.LAX_4CH: "cine_trufi_retro"},
 }
+STUDY_STYLE = "study"  # each cine's own series_description (SIEMENS style where it has none)
 MANUFACTURERS = {"ukbb": "SIEMENS", "siemens": "SIEMENS", "ge": "GE MEDICAL SYSTEMS",
-                 "philips": "Philips Medical Systems", "unnamed": "SIEMENS"}
+                 "philips": "Philips Medical Systems", "unnamed": "SIEMENS", STUDY_STYLE: "SIEMENS"}
 KAGGLE_FOLDERS = {types.SAX: "sax", types.LAX_2CH: "2ch", types.LAX_3CH: "3ch",
                   types.LAX_4CH: "4ch"}
 
@@ -102,7 +103,8 @@ class WriteOptions:
   """How a study is rendered.
 
   Attributes:
-    style: series naming and manufacturer, a key of `SERIES_NAMES`.
+    style: series naming and manufacturer: a key of `SERIES_NAMES`, or "study" for each cine's
+      own series_description.
     rescale: store pixels with RescaleSlope/Intercept (else scaled to the stored range).
     compression: "" (explicit VR little endian), "rle" or "jpeg2000" (lossless).
     multiframe: one Enhanced MR Image Storage file per cine (per-frame functional groups).
@@ -110,7 +112,7 @@ class WriteOptions:
     drop_tags: tags (keywords) to leave out of every file, e.g. ("SliceLocation",).
   """
 
-  style: str = "siemens"
+  style: str = STUDY_STYLE
   rescale: bool = True
   compression: str = ""
   multiframe: bool = False
@@ -263,7 +265,7 @@ def frame_datasets(spec: SeriesSpec, *, common: Dataset, identity: Identity, stu
           pos = Dataset()
           pos.ImagePositionPatient = [_ds(v) for v in geometry[0]]
           item.PlanePositionSequence = DicomSequence([pos])
-        sync.NominalCardiacTriggerDelayTime = _ds(times[t])
+        sync.NominalCardiacTriggerDelayTime = float(times[t])
         content.TemporalPositionIndex = t + 1
         content.InStackPositionNumber = cine_number + 1
         item.CardiacSynchronizationSequence = DicomSequence([sync])
@@ -299,23 +301,26 @@ def frame_datasets(spec: SeriesSpec, *, common: Dataset, identity: Identity, stu
 def series_specs(study: types.Study, options: WriteOptions,
                  views: Sequence[str] = types.VIEWS) -> list[SeriesSpec]:
   """Splits a study's cines into series (SAX base to apex first), numbered from 2."""
-  names = SERIES_NAMES[options.style]
+  style = SERIES_NAMES.get(options.style, SERIES_NAMES["siemens"])
+  own = options.style == STUDY_STYLE
+  name = lambda c, k: (c.series_description if own and c.series_description
+                       else style[c.view].format(k=k))
   sax = sorted((c for c in study.cines if c.view == types.SAX and types.SAX in views),
                key=lambda c: c.slice_index)
   specs = []
   number = 2
   if options.single_sax_series and sax:
-    specs.append(SeriesSpec(sax, number, names[types.SAX].format(k="").rstrip("_b "),
+    specs.append(SeriesSpec(sax, number, style[types.SAX].format(k="").rstrip("_b "),
                             f"{KAGGLE_FOLDERS[types.SAX]}_{number}"))
     number += 1
   else:
     for k, cine in enumerate(sax):
-      specs.append(SeriesSpec([cine], number, names[types.SAX].format(k=k + 1),
+      specs.append(SeriesSpec([cine], number, name(cine, k + 1),
                               f"{KAGGLE_FOLDERS[types.SAX]}_{number}"))
       number += 1
   for view in types.LONG_AXIS_VIEWS:
     for cine in (c for c in study.cines if c.view == view and view in views):
-      specs.append(SeriesSpec([cine], number, names[view], f"{KAGGLE_FOLDERS[view]}_{number}"))
+      specs.append(SeriesSpec([cine], number, name(cine, 0), f"{KAGGLE_FOLDERS[view]}_{number}"))
       number += 1
   return specs
 
@@ -345,8 +350,7 @@ def _fault_datasets(study: types.Study, specs: list[SeriesSpec], faults: Faults,
       position = geometry[0] + 30.0 * np.cross(geometry[1][:3], geometry[1][3:])
     single = dataclasses.replace(cine, frames=cine.frames[:1], image_position=position,
                                  trigger_times_ms=None)
-    extra.append(SeriesSpec([single], number, SERIES_NAMES[options.style][types.SAX].format(
-        k=99), f"sax_{number}"))
+    extra.append(SeriesSpec([single], number, sax_specs[0].description, f"sax_{number}"))
     number += 1
   if faults.scout_series:
     scout = types.Cine(frames=np.asarray(study.cines[0].frames[:3]),

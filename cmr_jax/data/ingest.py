@@ -1,0 +1,457 @@
+"""DICOM archive -> study records: the per-study function, the file manifest, resumable runs.
+
+`load_study(spec, ...)` is the per-study function: read the study's files, assemble its cines,
+pseudonymise, and account for every file. It runs in `records.build_dataset` workers here, and
+is what a distributed runner maps over studies (`beam_ingest`).
+
+An ingest run writes, under `--output`:
+  parts/part-NNNNN/            one `records.build_dataset` output per chunk of studies
+  parts/part-NNNNN.done.json   the chunk's study pseudonyms: the resume done-list
+  parts/part-NNNNN.manifest.csv
+  dataset_info.json, {split}.index.json   the union of the parts, read by `records.open_split`
+                               (shard paths point into parts/)
+  manifest.csv                 every input file: file pseudonym, study pseudonym, series,
+                               status (used/skipped), reason; files in = used + skipped
+A rerun skips the studies of finished parts and converts the rest into new parts, so an
+interrupted run resumes where it stopped (losing at most the part in progress).
+
+Privacy: outputs and logs hold pseudonyms only. Input paths are pseudonymised too (`f-<hmac>`
+of the path relative to the input), since folder and zip names carry Kaggle Ids, UK Biobank eids
+or patient names; the optional `path_key` CSV maps them back for the data owner and is refused
+inside the output folder. Report text and series names are scrubbed of the study's identifying
+values (`pseudonym.scrub_text`).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+
+from absl import logging
+import numpy as np
+
+from cmr_jax.data import dicom_io
+from cmr_jax.data import layouts
+from cmr_jax.data import preprocess
+from cmr_jax.data import pseudonym
+from cmr_jax.data import records
+from cmr_jax.data import splits
+from cmr_jax.data import types
+
+MANIFEST = "manifest.csv"
+MANIFEST_COLUMNS = ("file", "study", "series", "status", "reason")
+PARTS = "parts"
+PART_NAME = "part-{index:05d}"
+DONE_SUFFIX = ".done.json"
+MANIFEST_SUFFIX = ".manifest.csv"
+ROWS_DIR = ".rows"  # per-study file rows written by the workers of the part in progress
+DEFAULT_CHUNK_STUDIES = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRow:
+  """One manifest row: what became of one input file."""
+
+  file: str  # pseudonym of the path relative to the input
+  study: str  # study pseudonym ("" for files outside every study)
+  series: str
+  status: str  # dicom_io.USED or dicom_io.SKIPPED
+  reason: str
+  cine: str = ""  # the cine (preprocess.cine_name) a used file went into; not written out
+
+
+@dataclasses.dataclass
+class LoadedStudy:
+  """The result of the per-study function: the study (None if unusable) and its file rows."""
+
+  study: types.Study | None
+  rows: list[FileRow]
+  reason: str = ""  # why `study` is None
+
+
+def study_pseudonyms(spec: layouts.StudySpec, salt: str) -> tuple[str, str]:
+  """(study_id, subject_id) of a spec: keyed hashes of its layout's identifiers."""
+  return (pseudonym.pseudonym(salt, pseudonym.STUDY, f"{spec.layout}:{spec.key}"),
+          pseudonym.pseudonym(salt, pseudonym.SUBJECT, f"{spec.layout}:{spec.subject_key}"))
+
+
+def file_pseudonym(ref: dicom_io.FileRef, root: str, salt: str) -> str:
+  """Pseudonym of an input file: keyed hash of its path relative to the input."""
+  return pseudonym.pseudonym(salt, pseudonym.FILE, ref.relative(root))
+
+
+def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
+               min_frames: int = dicom_io.MIN_CINE_FRAMES) -> LoadedStudy:
+  """Reads one study's DICOM files into a pseudonymised `Study`; never raises.
+
+  Args:
+    spec: the study's files and layout facts (raw identifiers, memory only).
+    salt: pseudonymisation salt.
+    root: the input root (file pseudonyms are of paths relative to it).
+    min_frames: the fewest frames a cine may have.
+
+  Returns:
+    The study (None when no cine is usable, with the reason) and one row per file.
+  """
+  study_id, subject_id = study_pseudonyms(spec, salt)
+  try:
+    assembled = dicom_io.assemble_study(dicom_io.read_files(spec.files, spec.hints),
+                                        min_frames=min_frames)
+  except Exception as e:  # a bug or unforeseen input must cost one study, not the run  # pylint: disable=broad-except
+    reason = f"study unreadable ({type(e).__name__})"
+    logging.exception("study %s: %s", study_id, reason)
+    return LoadedStudy(None, [FileRow(file_pseudonym(r, root, salt), study_id, "",
+                                      dicom_io.SKIPPED, reason) for r in spec.files], reason)
+  identifiers = (assembled.identifiers + spec.path_parts +
+                 (spec.key, spec.subject_key, assembled.study_uid))
+  scrub = lambda text: pseudonym.scrub_text(text, identifiers)
+  cines = [dataclasses.replace(c, series_description=scrub(c.series_description))
+           for c in assembled.cines]
+  rows = []
+  for ref in spec.files:
+    status, reason, series = assembled.file_status[ref]
+    cine = assembled.file_cine.get(ref)
+    rows.append(FileRow(file_pseudonym(ref, root, salt), study_id, scrub(series), status, reason,
+                        cine=preprocess.cine_name(cines[cine]) if cine is not None else ""))
+  if not cines:
+    counts = assembled.skipped_reasons.most_common(3)
+    reason = "no usable cine (" + "; ".join(f"{n} files: {r}" for r, n in counts) + ")"
+    return LoadedStudy(None, rows, reason)
+  study = types.Study(
+      study_id=study_id, subject_id=subject_id, site=spec.site, cines=cines, lvef=spec.lvef,
+      edv=spec.edv, esv=spec.esv, report=scrub(spec.report), visit=spec.visit,
+      heart_rate_bpm=assembled.heart_rate_bpm)
+  return LoadedStudy(study, rows)
+
+
+def _write_rows(path: str, rows: Sequence[FileRow]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump([dataclasses.asdict(r) for r in rows], f)
+  os.replace(tmp, path)
+
+
+def _read_rows(path: str) -> list[FileRow]:
+  with open(path) as f:
+    return [FileRow(**r) for r in json.load(f)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyLoader:
+  """A picklable zero-argument loader for `records.build_dataset`: `load_study` + its rows.
+
+  The file rows are written to `rows_path` (the worker's way to report them); an unusable
+  study raises ValueError with the reason, which the build records as a skipped item.
+  """
+
+  spec: layouts.StudySpec
+  salt: str
+  root: str
+  rows_path: str
+  min_frames: int = dicom_io.MIN_CINE_FRAMES
+
+  def __call__(self) -> types.Study:
+    loaded = load_study(self.spec, salt=self.salt, root=self.root, min_frames=self.min_frames)
+    _write_rows(self.rows_path, loaded.rows)
+    if loaded.study is None:
+      raise ValueError(loaded.reason)
+    return loaded.study
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestOptions:
+  """What an ingest run reads, how it converts, and where it writes.
+
+  Attributes:
+    layout: one of `layouts.LAYOUTS`.
+    input: the input folder (or zip / DICOM file for the generic layout).
+    output: the dataset folder.
+    salt: pseudonymisation salt (see `pseudonym.resolve_salt`).
+    labels: labels CSV (comma-separated list for Kaggle); "" for the layout's default/none.
+    reports: reports CSV (generic layout).
+    site: site name of the studies ("" for the layout name).
+    external: put every study in the split "external" (an external test site).
+    workers: worker processes (0: in this process).
+    chunk_studies: studies per part (the unit of resumption).
+    num_shards: shards per split within a part.
+    preprocess: the stored geometry of the records.
+    path_key: optional CSV (outside `output`) mapping file pseudonyms to input paths.
+    overwrite: remove the output's previous parts first instead of resuming.
+  """
+
+  layout: str
+  input: str
+  output: str
+  salt: str
+  labels: str = ""
+  reports: str = ""
+  site: str = ""
+  external: bool = False
+  workers: int = 0
+  chunk_studies: int = DEFAULT_CHUNK_STUDIES
+  num_shards: int = 1
+  preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
+  path_key: str = ""
+  overwrite: bool = False
+
+
+@dataclasses.dataclass
+class IngestSummary:
+  """What an ingest run did."""
+
+  output: str
+  num_studies: int  # found in the input
+  converted: int  # studies converted in this run (records written)
+  resumed: int  # studies already done by an earlier run
+  skipped_studies: int  # studies without a record (unusable or duplicate), all runs
+  counts: dict[str, int]  # records per split, all parts
+  files_in: int
+  files_used: int
+  files_skipped: int
+  elapsed_s: float
+  studies_per_s: float  # studies read and converted per second in this run
+
+
+def _part_dir(output: str, index: int) -> str:
+  return os.path.join(output, PARTS, PART_NAME.format(index=index))
+
+
+def _finished_parts(output: str, cfg: preprocess.PreprocessConfig) -> list[tuple[int, list[str]]]:
+  """(index, study pseudonyms) of every finished part; removes unfinished ones."""
+  parts_dir = os.path.join(output, PARTS)
+  if not os.path.isdir(parts_dir):
+    return []
+  finished = []
+  for name in sorted(os.listdir(parts_dir)):
+    if not name.endswith(DONE_SUFFIX):
+      continue
+    with open(os.path.join(parts_dir, name)) as f:
+      done = json.load(f)
+    if done["preprocess"] != cfg.to_dict():
+      raise ValueError(
+          f"{output} holds records made with another preprocessing config ({done['preprocess']}); "
+          "use a new --output, the same config, or --overwrite")
+    finished.append((done["index"], done["studies"]))
+  done_names = {PART_NAME.format(index=i) for i, _ in finished}
+  for name in os.listdir(parts_dir):
+    if os.path.isdir(os.path.join(parts_dir, name)) and name not in done_names:
+      shutil.rmtree(os.path.join(parts_dir, name))  # interrupted part: redone
+  return finished
+
+
+def _apply_build_outcome(rows: list[FileRow], summary: records.BuildSummary) -> list[FileRow]:
+  """Marks the files of studies (or cines) the build did not store as skipped, with why."""
+  failed = {s["item"]: s["reason"] for s in summary.skipped}
+  duplicate = {d["item"]: d["duplicate_of"] for d in summary.duplicates}
+  left_out = {}
+  for message in summary.skipped_cines:  # "study <id>, series <name>: <reason>"
+    head, _, reason = message.partition(": ")
+    study, _, cine = head.partition(", series ")
+    left_out[(study.removeprefix("study "), cine)] = reason
+  out = []
+  for r in rows:
+    reason = ""
+    if r.study in failed:
+      reason = f"study not converted: {failed[r.study]}"
+    elif r.study in duplicate:
+      reason = f"study not converted: same pixels as study {duplicate[r.study]}"
+    elif (r.study, r.cine) in left_out:
+      reason = f"cine left out by preprocessing: {left_out[(r.study, r.cine)]}"
+    if reason and r.status == dicom_io.USED:
+      r = dataclasses.replace(r, status=dicom_io.SKIPPED, reason=reason)
+    out.append(r)
+  return out
+
+
+def _write_manifest(path: str, rows: Sequence[FileRow]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(MANIFEST_COLUMNS)
+    for r in rows:
+      writer.writerow([getattr(r, c) for c in MANIFEST_COLUMNS])
+
+
+def read_manifest(path: str) -> list[dict[str, str]]:
+  """The rows of a manifest CSV."""
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOptions,
+                split_fn) -> tuple[records.BuildSummary, list[FileRow]]:
+  """Converts one chunk of studies into `parts/part-<index>` and marks it done."""
+  part = _part_dir(opts.output, index)
+  rows_dir = os.path.join(part, ROWS_DIR)
+  os.makedirs(rows_dir, exist_ok=True)
+  items, names = [], []
+  for spec in specs:
+    study_id, _ = study_pseudonyms(spec, opts.salt)
+    names.append(study_id)
+    items.append(records.BuildItem(study_id, StudyLoader(
+        spec, opts.salt, opts.input, os.path.join(rows_dir, study_id + ".json"),
+        min_frames=opts.preprocess.min_frames)))
+  summary = records.build_dataset(items, part, cfg=opts.preprocess, split_fn=split_fn,
+                                  num_shards=opts.num_shards, num_workers=opts.workers)
+  rows = []
+  for spec, study_id in zip(specs, names):
+    path = os.path.join(rows_dir, study_id + ".json")
+    if os.path.exists(path):
+      rows += _read_rows(path)
+    else:  # the loader died before reporting (e.g. a worker crash): the files were not used
+      rows += [FileRow(file_pseudonym(r, opts.input, opts.salt), study_id, "",
+                       dicom_io.SKIPPED, "study not converted: loader failed") for r in spec.files]
+  rows = _apply_build_outcome(rows, summary)
+  shutil.rmtree(rows_dir)
+  base = os.path.join(opts.output, PARTS, PART_NAME.format(index=index))
+  _write_manifest(base + MANIFEST_SUFFIX, rows)
+  with open(base + DONE_SUFFIX, "w") as f:
+    json.dump({"index": index, "studies": names, "preprocess": opts.preprocess.to_dict(),
+               "skipped": summary.skipped, "duplicates": summary.duplicates}, f)
+  return summary, rows
+
+
+def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.PreprocessConfig,
+                 extra_info: dict) -> dict[str, int]:
+  """Writes the union of the parts as one dataset (`dataset_info.json`, `{split}.index.json`)."""
+  split_files: dict[str, list[str]] = collections.defaultdict(list)
+  split_lengths: dict[str, list[int]] = collections.defaultdict(list)
+  split_index: dict[str, list[dict]] = collections.defaultdict(list)
+  skipped, duplicates, skipped_cines = [], [], []
+  num_items = 0
+  for index in part_indices:
+    part = _part_dir(output, index)
+    info = records.read_dataset_info(part)
+    num_items += info["num_items"]
+    skipped += info["skipped"]
+    duplicates += info["duplicates"]
+    skipped_cines += info["skipped_cines"]
+    rel = os.path.relpath(part, output)
+    for split, split_info in info["splits"].items():
+      split_files[split] += [os.path.join(rel, f) for f in split_info["files"]]
+      split_lengths[split] += split_info["shard_lengths"]
+      split_index[split] += records.load_index(part, split)
+  for name in os.listdir(output):
+    if name.endswith(records.INDEX_SUFFIX):
+      os.remove(os.path.join(output, name))
+  splits_info, label_stats = {}, {}
+  first_of_checksum: dict[str, str] = {}
+  for split in sorted(split_files):
+    index = split_index[split]
+    with open(os.path.join(output, split + records.INDEX_SUFFIX), "w") as f:
+      json.dump(index, f, indent=1, allow_nan=False)
+    splits_info[split] = {
+        "files": split_files[split], "shard_lengths": split_lengths[split],
+        "num_records": len(index),
+        "sites": dict(sorted(collections.Counter(m["site"] for m in index).items())),
+        "subjects": len({m["subject_id"] for m in index}),
+        "labelled": sum(m["lvef"] is not None for m in index)}
+    label_stats[split] = {}
+    for key in ("lvef", "edv", "esv"):
+      values = np.array([m[key] for m in index if m[key] is not None], np.float64)
+      label_stats[split][key] = {
+          "n": int(values.size), "mean": float(values.mean()) if values.size else None,
+          "sd": float(values.std(ddof=1)) if values.size > 1 else None}
+    for m in index:  # duplicates across parts are kept (each part was deduplicated)
+      if m["checksum"] in first_of_checksum:
+        duplicates.append({"item": m["study_id"], "study_id": m["study_id"],
+                           "duplicate_of": first_of_checksum[m["checksum"]],
+                           "note": "in another part: kept"})
+      first_of_checksum.setdefault(m["checksum"], m["study_id"])
+  with open(os.path.join(output, records.DATASET_INFO), "w") as f:
+    json.dump({"builder_version": records.BUILDER_VERSION,
+               "record_format": records.RECORD_FORMAT, "preprocess": cfg.to_dict(),
+               "num_items": num_items, "splits": splits_info, "label_stats": label_stats,
+               "skipped": skipped, "skipped_cines": skipped_cines, "duplicates": duplicates,
+               "parts": [PART_NAME.format(index=i) for i in part_indices], **extra_info},
+              f, indent=1, allow_nan=False)
+  return {s: i["num_records"] for s, i in splits_info.items()}
+
+
+def _write_path_key(path: str, discovery: layouts.Discovery, opts: IngestOptions) -> None:
+  """The data owner's private map from file pseudonyms back to input paths."""
+  refs = [r for spec in discovery.specs for r in spec.files] + [r for r, _ in discovery.orphans]
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["file", "path"])
+    for ref in refs:
+      writer.writerow([file_pseudonym(ref, opts.input, opts.salt), ref.relative(opts.input)])
+
+
+def run_ingest(opts: IngestOptions) -> IngestSummary:
+  """Converts a DICOM archive into a records dataset with a manifest; resumable.
+
+  Raises:
+    ValueError: for bad options (unknown layout, missing input, a path key inside the output,
+      an output made with another preprocessing config).
+  """
+  start = time.monotonic()
+  output = os.path.abspath(opts.output)
+  if opts.path_key and os.path.abspath(opts.path_key).startswith(output + os.sep):
+    raise ValueError("--path_key holds identifying input paths: write it outside --output")
+  if opts.overwrite and os.path.isdir(os.path.join(output, PARTS)):
+    shutil.rmtree(os.path.join(output, PARTS))
+  os.makedirs(os.path.join(output, PARTS), exist_ok=True)
+  discovery = layouts.discover(opts.layout, opts.input, labels=opts.labels, reports=opts.reports,
+                               site=opts.site, workers=opts.workers)
+  if opts.path_key:
+    _write_path_key(opts.path_key, discovery, opts)
+  finished = _finished_parts(output, opts.preprocess)
+  done = {s for _, studies in finished for s in studies}
+  todo = [s for s in discovery.specs if study_pseudonyms(s, opts.salt)[0] not in done]
+  resumed = len(discovery.specs) - len(todo)
+  if resumed:
+    logging.info("resuming: %d of %d studies already converted in %d parts", resumed,
+                 len(discovery.specs), len(finished))
+  split_fn = splits.SubjectSplitter(
+      external_sites=frozenset([opts.site or opts.layout]) if opts.external else frozenset())
+  next_index = max((i for i, _ in finished), default=-1) + 1
+  chunks = [todo[i:i + opts.chunk_studies] for i in range(0, len(todo), opts.chunk_studies)]
+  convert_start = time.monotonic()
+  converted = processed = 0
+  for k, chunk in enumerate(chunks):
+    summary, _ = _build_part(next_index + k, chunk, dataclasses.replace(opts, output=output),
+                             split_fn)
+    converted += summary.num_written
+    processed += len(chunk)
+    elapsed = time.monotonic() - convert_start
+    rate = processed / max(elapsed, 1e-9)
+    logging.info("part %d/%d done: %d/%d studies this run (%.2f studies/s, ETA %.0f s)", k + 1,
+                 len(chunks), processed, len(todo), rate, (len(todo) - processed) / rate)
+  convert_s = time.monotonic() - convert_start
+  part_indices = sorted([i for i, _ in finished] + [next_index + k for k in range(len(chunks))])
+  rows = [FileRow(file_pseudonym(r, opts.input, opts.salt), "", "", dicom_io.SKIPPED, reason)
+          for r, reason in discovery.orphans]
+  studies_with_records = 0
+  for index in part_indices:
+    base = os.path.join(output, PARTS, PART_NAME.format(index=index))
+    part_rows = read_manifest(base + MANIFEST_SUFFIX)
+    rows += [FileRow(**r) for r in part_rows]
+    studies_with_records += len({r["study"] for r in part_rows if r["status"] == dicom_io.USED})
+  _write_manifest(os.path.join(output, MANIFEST), rows)
+  used = sum(r.status == dicom_io.USED for r in rows)
+  counts = _merge_parts(output, part_indices, opts.preprocess, {"ingest": {
+      "layout": opts.layout, "studies_found": len(discovery.specs), "files_in": len(rows),
+      "files_used": used, "files_skipped": len(rows) - used}})
+  elapsed = time.monotonic() - start
+  result = IngestSummary(
+      output=output, num_studies=len(discovery.specs), converted=converted, resumed=resumed,
+      skipped_studies=len(discovery.specs) - studies_with_records, counts=counts,
+      files_in=len(rows), files_used=used, files_skipped=len(rows) - used, elapsed_s=elapsed,
+      studies_per_s=len(todo) / convert_s if todo and convert_s > 0 else math.nan)
+  if result.files_in != discovery.num_files:
+    logging.warning("the manifest accounts for %d files but the input now has %d: the input "
+                    "changed since an earlier run (use --overwrite to rebuild)", result.files_in,
+                    discovery.num_files)
+  logging.info("ingested %d studies (%d converted now, %d resumed, %d without a record) in "
+               "%.1f s, %.2f studies/s; records per split %s", result.num_studies, converted,
+               resumed, result.skipped_studies, elapsed, result.studies_per_s, counts)
+  logging.info("files: %d in = %d used + %d skipped (reasons in %s)", result.files_in,
+               result.files_used, result.files_skipped, os.path.join(output, MANIFEST))
+  return result

@@ -1,0 +1,77 @@
+r"""Converts a DICOM archive (Kaggle, UK Biobank or any PACS export) into study records.
+
+  python tools/ingest.py --layout=generic --input=/data/export --output=/data/records \
+      --salt="$SECRET" --labels=labels.csv --reports=reports.csv --workers=8
+
+Writes records (ArrayRecord shards read by `cmr_jax.data.records.open_split`), dataset_info.json
+and manifest.csv (every input file: used, or skipped with the reason) under --output; reruns
+resume. Identifiers never reach the outputs or logs: studies, subjects and files are keyed
+HMAC-SHA256 pseudonyms under --salt (or $CMR_JAX_SALT). Predicting on one study: point
+--layout=generic --input at its folder or zip. See `cmr_jax.data.ingest` for the details.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from cmr_jax.data import ingest
+from cmr_jax.data import layouts
+from cmr_jax.data import preprocess
+from cmr_jax.data import pseudonym
+
+_DEFAULTS = preprocess.PreprocessConfig()
+_LAYOUT = flags.DEFINE_enum("layout", None, layouts.LAYOUTS, "Archive layout.", required=True)
+_INPUT = flags.DEFINE_string("input", None, "Input folder (or zip/file: generic).", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Output dataset folder.", required=True)
+_SALT = flags.DEFINE_string(
+    "salt", "", f"Secret pseudonymisation salt (default: ${pseudonym.SALT_ENV_VAR}).")
+_ALLOW_DEFAULT_SALT = flags.DEFINE_bool(
+    "allow_default_salt", False, "Use a public salt: synthetic demo data only.")
+_LABELS = flags.DEFINE_string(
+    "labels", "", "Labels CSV (Kaggle: comma-separated train/validate/solution CSVs, default "
+    "found next to the data; UK Biobank: participant CSV with eid, 22420-2.0...; generic: "
+    "study|study_uid|accession, lvef[, edv, esv]).")
+_REPORTS = flags.DEFINE_string("reports", "", "Generic: reports CSV (accession|study_uid, report).")
+_SITE = flags.DEFINE_string("site", "", "Site name stored in the records (default: the layout).")
+_EXTERNAL = flags.DEFINE_bool("external", False, "Put every study in the split 'external'.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: this process).")
+_CHUNK = flags.DEFINE_integer("chunk_studies", ingest.DEFAULT_CHUNK_STUDIES,
+                              "Studies per part (the unit of resumption).")
+_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards per split within a part.")
+_SIZE = flags.DEFINE_integer("size", _DEFAULTS.size, "Stored square side in pixels.")
+_SPACING = flags.DEFINE_float("spacing_mm", _DEFAULTS.spacing_mm, "Stored mm per pixel.")
+_FRAMES = flags.DEFINE_integer("frames", _DEFAULTS.num_frames, "Stored frames per cycle.")
+_PATH_KEY = flags.DEFINE_string(
+    "path_key", "", "Optional private CSV (outside --output) mapping file pseudonyms to paths.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild instead of resuming.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    salt = pseudonym.resolve_salt(_SALT.value, allow_default=_ALLOW_DEFAULT_SALT.value)
+  except pseudonym.SaltError as e:
+    raise app.UsageError(str(e)) from None
+  if salt == pseudonym.DEMO_SALT:
+    logging.warning("using the public demo salt: pseudonyms are NOT protected (demo data only)")
+  cfg = dataclasses.replace(_DEFAULTS, size=_SIZE.value, spacing_mm=_SPACING.value,
+                            num_frames=_FRAMES.value)
+  summary = ingest.run_ingest(ingest.IngestOptions(
+      layout=_LAYOUT.value, input=_INPUT.value, output=_OUTPUT.value, salt=salt,
+      labels=_LABELS.value, reports=_REPORTS.value, site=_SITE.value, external=_EXTERNAL.value,
+      workers=_WORKERS.value, chunk_studies=_CHUNK.value, num_shards=_SHARDS.value,
+      preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value))
+  print(f"files: {summary.files_in} in = {summary.files_used} used + {summary.files_skipped} "
+        f"skipped; studies: {summary.num_studies} found, {summary.converted} converted now, "
+        f"{summary.resumed} resumed, {summary.skipped_studies} without a record; "
+        f"{summary.studies_per_s:.2f} studies/s")
+  print(json.dumps(dataclasses.asdict(summary), allow_nan=True))
+
+
+if __name__ == "__main__":
+  app.run(main)
