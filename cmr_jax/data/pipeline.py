@@ -173,11 +173,10 @@ class ClipMaker:
       clip = np.asarray(frames)
     else:
       weights = preprocess.cycle_matrix(stored_frames, self.num_frames, phase=phase)
-      x = (weights @ frames.reshape(stored_frames, -1).astype(np.float32)).reshape(
-          self.num_frames, stored, stored)  # [T, S, S]
+      x = preprocess.apply_along_first(weights, frames.astype(np.float32))  # [T, S, S]
       if angle == 0.0:
-        rows, cols = _crop_matrices(stored, self.image_size, side, center, flip)
-        x = rows @ x @ cols.T
+        x = preprocess.resample_frames(
+            x, *_crop_matrices(stored, self.image_size, side, center, flip))
       else:
         x = _rotated_crop(x, self.image_size, side, center, flip, angle)
       clip = np.rint(np.clip(x, 0.0, 255.0)).astype(np.uint8)
