@@ -110,6 +110,8 @@ class WriteOptions:
     multiframe: one Enhanced MR Image Storage file per cine (per-frame functional groups).
     single_sax_series: all SAX slices in one series (as in some UK Biobank zips).
     drop_tags: tags (keywords) to leave out of every file, e.g. ("SliceLocation",).
+    view_folders: name series folders by view as Kaggle does (`sax_5`, `4ch_12`), else
+      `series_<number>` (no naming hint outside the files).
   """
 
   style: str = STUDY_STYLE
@@ -118,6 +120,7 @@ class WriteOptions:
   multiframe: bool = False
   single_sax_series: bool = False
   drop_tags: tuple[str, ...] = ()
+  view_folders: bool = True
 
 
 def _uid(*parts) -> str:
@@ -305,22 +308,23 @@ def series_specs(study: types.Study, options: WriteOptions,
   own = options.style == STUDY_STYLE
   name = lambda c, k: (c.series_description if own and c.series_description
                        else style[c.view].format(k=k))
+  folder = lambda view, number: (f"{KAGGLE_FOLDERS[view]}_{number}" if options.view_folders
+                                 else f"series_{number}")
   sax = sorted((c for c in study.cines if c.view == types.SAX and types.SAX in views),
                key=lambda c: c.slice_index)
   specs = []
   number = 2
   if options.single_sax_series and sax:
     specs.append(SeriesSpec(sax, number, style[types.SAX].format(k="").rstrip("_b "),
-                            f"{KAGGLE_FOLDERS[types.SAX]}_{number}"))
+                            folder(types.SAX, number)))
     number += 1
   else:
     for k, cine in enumerate(sax):
-      specs.append(SeriesSpec([cine], number, name(cine, k + 1),
-                              f"{KAGGLE_FOLDERS[types.SAX]}_{number}"))
+      specs.append(SeriesSpec([cine], number, name(cine, k + 1), folder(types.SAX, number)))
       number += 1
   for view in types.LONG_AXIS_VIEWS:
     for cine in (c for c in study.cines if c.view == view and view in views):
-      specs.append(SeriesSpec([cine], number, name(cine, 0), f"{KAGGLE_FOLDERS[view]}_{number}"))
+      specs.append(SeriesSpec([cine], number, name(cine, 0), folder(view, number)))
       number += 1
   return specs
 

@@ -1,0 +1,52 @@
+"""Shared helpers for the DICOM ingestion tests: small phantom studies and a tiny config."""
+
+import dataclasses
+import functools
+import os
+
+from cmr_jax.data import phantom
+from cmr_jax.data import preprocess
+from cmr_jax.data import types
+
+TINY_CFG = preprocess.PreprocessConfig(size=32, spacing_mm=4.0, num_frames=8)
+FRAMES = 8
+MATRIX = 32
+
+
+@functools.lru_cache(maxsize=None)
+def phantom_study(index: int, site: str = "kaggle_like", visit: int = 0,
+                  num_sax: int | None = None, frames: int = FRAMES) -> types.Study:
+  """A small phantom study (32x32); `num_sax` keeps that many slices, base to apex.
+
+  Cached: callers must not modify it.
+  """
+  study = phantom.synthetic_study(0, index, site=site, visit=visit, fast=True, frames=frames,
+                                  matrix=MATRIX)
+  if num_sax is None:
+    return study
+  sax = [c for c in study.cines if c.view == types.SAX]
+  keep = {round(i * (len(sax) - 1) / max(num_sax - 1, 1)) for i in range(num_sax)}
+  cines = [c for i, c in enumerate(sax) if i in keep]
+  cines = [dataclasses.replace(c, slice_index=i) for i, c in enumerate(cines)]
+  return dataclasses.replace(study, cines=cines + [c for c in study.cines if c.view != types.SAX])
+
+
+def without_views(study: types.Study, views: tuple[str, ...]) -> types.Study:
+  """The study without the cines of `views`."""
+  return dataclasses.replace(study, cines=[c for c in study.cines if c.view not in views])
+
+
+def count_files(root: str) -> int:
+  """Number of files below a folder."""
+  return sum(len(files) for _, _, files in os.walk(root))
+
+
+def all_bytes_below(root: str) -> dict[str, bytes]:
+  """Every file below a folder, by path."""
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        out[path] = f.read()
+  return out
