@@ -12,9 +12,9 @@ that it also low-pass filters (the same weights as `jax.image.scale_and_translat
 method="linear", antialias=True)`). Resampling, anti-aliasing, cropping and zero padding are then
 two banded matrix products, applied as sparse products (see `apply_along_first`).
 
-The heart is found as the centre of the temporal-variation map (where things move): the
-per-pixel standard deviation over the cycle, smoothed, taking the weighted centroid of the
-moving blob around its peak. A flat map (nothing moves more than elsewhere) falls back to the
+The heart is found as the centre of the temporal-variation map (where things move at the cardiac
+frequency): the first temporal harmonic's magnitude, smoothed, taking the weighted centroid of
+the moving blob around its peak. A flat map (nothing moves more than elsewhere) falls back to the
 image centre. The slices of a short-axis stack share one centre (the median of the per-slice
 centres, in patient coordinates when the geometry is known) so that they stay registered.
 """
@@ -55,7 +55,10 @@ class PreprocessConfig:
       "image" (image centre).
     min_frames: a cine with fewer acquired frames is rejected.
     min_matrix: a cine with fewer rows or columns is rejected.
-    motion_sigma_mm: Gaussian smoothing of the motion map, in mm.
+    motion_sigma_mm: Gaussian smoothing of the motion map, in mm (frames are smoothed by half
+      of it before the map is made).
+    motion_blob_level: the moving region is the connected blob around the motion map's peak
+      where the map exceeds median + motion_blob_level * (peak - median).
     min_motion_contrast: the smoothed motion map's peak must exceed its median by this factor
       for the motion centre to be trusted.
   """
@@ -68,8 +71,9 @@ class PreprocessConfig:
   center: str = "motion"
   min_frames: int = 8
   min_matrix: int = 16
-  motion_sigma_mm: float = 8.0
-  min_motion_contrast: float = 1.5
+  motion_sigma_mm: float = 15.0
+  motion_blob_level: float = 0.3
+  min_motion_contrast: float = 2.0
 
   def __post_init__(self):
     if self.center not in CENTER_MODES:
@@ -260,17 +264,22 @@ def motion_center(phases: np.ndarray, pixel_spacing: tuple[float, float],
     cfg: smoothing width and contrast threshold.
 
   Returns:
-    The weighted centroid of the smoothed temporal standard deviation map's connected blob
-    around its peak (values above half-way between median and peak), in pixel indices; None when
-    the peak does not exceed the median by `cfg.min_motion_contrast`.
+    The weighted centroid, in pixel indices, of the moving blob (see
+    `PreprocessConfig.motion_blob_level`) of the motion map: the magnitude of the first temporal
+    harmonic (the cardiac frequency; noise spreads over all frequencies, so this is ~10x more
+    contrasted than the temporal standard deviation) of the lightly smoothed frames, smoothed.
+    None when the map's peak does not exceed its median by `cfg.min_motion_contrast`.
   """
-  motion = phases.std(axis=0)  # [H, W]
-  sigma = [cfg.motion_sigma_mm / float(s) for s in pixel_spacing]
+  if phases.shape[0] < 3:  # no cardiac harmonic to measure
+    return None
+  sigma = np.array([cfg.motion_sigma_mm / float(s) for s in pixel_spacing])
+  frames = scipy.ndimage.gaussian_filter(phases, (0.0, *(sigma / 2)))
+  motion = np.abs(np.fft.rfft(frames, axis=0)[1])  # [H, W]
   smooth = scipy.ndimage.gaussian_filter(motion, sigma, mode="constant")
   median, peak = float(np.median(smooth)), float(smooth.max())
   if not (np.isfinite(peak) and peak > 0 and peak > cfg.min_motion_contrast * median):
     return None
-  labels, _ = scipy.ndimage.label(smooth >= 0.5 * (median + peak))
+  labels, _ = scipy.ndimage.label(smooth >= median + cfg.motion_blob_level * (peak - median))
   blob = labels == labels.flat[int(np.argmax(smooth))]
   rows, cols = np.nonzero(blob)
   weight = smooth[rows, cols] - median
