@@ -1,0 +1,116 @@
+"""The heart's pose in the body and the static torso around it (chest wall, lungs, liver, spine).
+
+Body coordinates share the patient (LPS) axes: x to the patient's left, y posterior, z superior;
+their origin is the LV mid-cavity at end-diastole. A scan places the body in the scanner's
+patient coordinates with a small rotation and a translation (`simulate_study` draws them).
+Torso structures do not move over the cycle; they are `Layer`s whose distance ignores the state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cmr_jax.data import phantom_heart
+
+RV_REFERENCE_DIRECTION = (-0.6, -0.8, 0.0)  # right-anterior: where the RV lies from the LV
+ANTERIOR = (0.0, -1.0, 0.0)
+
+# Torso layout relative to the body ellipse (mm).
+PARASPINAL_SEMI_AXES = (50.0, 28.0)
+VERTEBRA_RADIUS, VERTEBRA_DEPTH = 17.0, 60.0  # depth: distance in front of the inner back wall
+CANAL_RADIUS, CANAL_DEPTH = 7.0, 32.0
+DESCENDING_AORTA_RADIUS, DESCENDING_AORTA_LEFT, DESCENDING_AORTA_DEPTH = 11.0, 22.0, 82.0
+LUNG_HEIGHT_MM = 130.0
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+  return v / np.linalg.norm(v)
+
+
+def heart_axes(heart: phantom_heart.Heart) -> np.ndarray:
+  """Heart-frame axes in body coordinates, [3, 3]: rows are x (septal), y (anterior), z (to base).
+
+  The long axis points from the apex (left, anterior, inferior) to the base; the septal
+  direction is the right-anterior reference made perpendicular to it and rolled about it.
+  """
+  az, el = math.radians(heart.apex_azimuth_deg), math.radians(heart.apex_elevation_deg)
+  apex = np.array([math.cos(el) * math.cos(az), -math.cos(el) * math.sin(az), -math.sin(el)])
+  ez = -apex
+  ref = np.array(RV_REFERENCE_DIRECTION)
+  ex0 = _unit(ref - ref.dot(ez) * ez)
+  ey0 = np.cross(ez, ex0)
+  roll = math.radians(heart.septal_roll_deg)
+  ex = math.cos(roll) * ex0 + math.sin(roll) * ey0
+  ey = np.cross(ez, ex)
+  if ey.dot(ANTERIOR) < 0:
+    ey = -ey
+  return np.stack([ex, ey, ez])
+
+
+def heart_origin(heart: phantom_heart.Heart, model: phantom_heart.HeartModel) -> np.ndarray:
+  """Body position (3,) of the heart-frame origin (the epicardial apex)."""
+  z_mid = 0.5 * float(model.state(np.array([1.0])).zb[0, 0])
+  return -z_mid * heart_axes(heart)[2]
+
+
+def _ellipse_distance(dx: np.ndarray, dy: np.ndarray, ax: float, ay: float) -> np.ndarray:
+  """Approximate signed distance to an axis-aligned ellipse (an infinite elliptic cylinder)."""
+  tx, ty = dx * (1.0 / ax**2), dy * (1.0 / ay**2)
+  q2 = dx * tx + dy * ty
+  return (q2 - 1.0) / (2.0 * np.maximum(np.sqrt(tx * tx + ty * ty), 1e-6))
+
+
+def _static_box(lo, hi) -> tuple[np.ndarray, np.ndarray]:
+  return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+
+
+def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
+                 ) -> list[phantom_heart.Layer]:
+  """The torso's structures in painter's order (body coordinates; painted over air)."""
+  t = heart.torso
+  bx, by = -t.centre_right_mm, t.centre_posterior_mm
+  w, d = t.half_width_mm, t.half_depth_mm
+  inner_w, inner_d = w - t.fat_mm - t.muscle_mm, d - t.fat_mm - t.muscle_mm
+  back = by + inner_d  # inner surface of the back wall
+  axes = heart_axes(heart)
+  ed = model.state(np.array([1.0]))
+  centre = heart_origin(heart, model) + float(ed.zc[0, 0]) * axes[2]
+  cos_z = axes[2, 2]
+  lowest = centre[2] - math.sqrt(float(ed.lo[0, 0])**2 * cos_z**2
+                                 + float(ed.ro[0, 0])**2 * (1.0 - cos_z**2))
+  z_dia = lowest - t.diaphragm_below_apex_mm
+  big = 1e4
+
+  def cylinder(cx, cy, ax, ay):
+    return (lambda st, p: _ellipse_distance(p.x - cx, p.y - cy, ax, ay),
+            *_static_box([cx - ax, cy - ay, -big], [cx + ax, cy + ay, big]))
+
+  def ellipsoid(cx, cy, cz, ax, ay, az):
+    return (lambda st, p: phantom_heart.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax, ay, az),
+            *_static_box([cx - ax, cy - ay, cz - az], [cx + ax, cy + ay, cz + az]))
+
+  lung_h = LUNG_HEIGHT_MM * t.lung_scale
+  Layer = phantom_heart.Layer
+  return [
+      Layer("body", "fat", *cylinder(bx, by, w, d)),
+      Layer("chest_wall", "muscle", *cylinder(bx, by, w - t.fat_mm, d - t.fat_mm)),
+      Layer("mediastinum", "tissue", *cylinder(bx, by, inner_w, inner_d)),
+      Layer("paraspinal", "muscle", *cylinder(bx, back, *PARASPINAL_SEMI_AXES)),
+      Layer("right_lung", "lung", *ellipsoid(bx - 0.45 * inner_w, by + 0.05 * inner_d,
+                                             z_dia + 0.9 * lung_h, 0.42 * inner_w * t.lung_scale,
+                                             0.7 * inner_d * t.lung_scale, lung_h)),
+      Layer("left_lung", "lung", *ellipsoid(bx + 0.5 * inner_w, by + 0.15 * inner_d,
+                                            z_dia + 0.85 * lung_h, 0.36 * inner_w * t.lung_scale,
+                                            0.62 * inner_d * t.lung_scale, lung_h)),
+      Layer("liver", "liver", *ellipsoid(bx - 0.25 * inner_w, by + 0.05 * inner_d, z_dia - 80.0,
+                                         0.6 * inner_w, 0.7 * inner_d, 90.0)),
+      Layer("vertebra", "marrow", *cylinder(bx, back - VERTEBRA_DEPTH, VERTEBRA_RADIUS,
+                                            VERTEBRA_RADIUS)),
+      Layer("spinal_canal", "csf", *cylinder(bx, back - CANAL_DEPTH, CANAL_RADIUS, CANAL_RADIUS)),
+      Layer("descending_aorta", "blood", *cylinder(bx + DESCENDING_AORTA_LEFT,
+                                                   back - DESCENDING_AORTA_DEPTH,
+                                                   DESCENDING_AORTA_RADIUS,
+                                                   DESCENDING_AORTA_RADIUS)),
+  ]
