@@ -3,7 +3,9 @@
 import dataclasses
 import functools
 import os
+import shutil
 
+from cmr_jax.data import dicom_writer
 from cmr_jax.data import phantom
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
@@ -50,3 +52,31 @@ def all_bytes_below(root: str) -> dict[str, bytes]:
       with open(path, "rb") as f:
         out[path] = f.read()
   return out
+
+
+def generic_archive(tmp_path) -> tuple[list[types.Study], list[dicom_writer.Identity], str, str,
+                                        str]:
+  """A PACS-style export: patient 40 twice (the later date is visit 1), patient 41 once (zipped).
+
+  Folders are named after the patients; each report names its patient, accession and date; a
+  stray non-DICOM file lies beside the studies.
+
+  Returns:
+    (studies, identities, images folder, labels CSV, reports CSV).
+  """
+  studies = [phantom_study(40, num_sax=2), phantom_study(40, visit=1, num_sax=2),
+             phantom_study(41, num_sax=2)]
+  first = dicom_writer.fake_identity(40)
+  identities = [first, dataclasses.replace(first, study_date="20170102", accession="ACC-X2"),
+                dicom_writer.fake_identity(41)]
+  folders = ["DOE_JANE_2015", "DOE_JANE_2017", "ROE_RICHARD"]
+  reports = [f"Report {i}: {who.patient_name.replace('^', ' ')} ({who.accession}), scanned "
+             f"{who.study_date}: normal function." for i, who in enumerate(identities)]
+  labels, reports_csv = dicom_writer.write_generic(
+      studies, str(tmp_path), folders=folders, identities=identities, reports=reports)
+  images = os.path.join(str(tmp_path), "images")
+  shutil.make_archive(os.path.join(images, "ROE_RICHARD"), "zip", images, "ROE_RICHARD")
+  shutil.rmtree(os.path.join(images, "ROE_RICHARD"))
+  with open(os.path.join(images, "Thumbs.db"), "w") as f:
+    f.write("not DICOM")
+  return studies, identities, images, labels, reports_csv

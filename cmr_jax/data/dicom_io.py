@@ -43,6 +43,7 @@ import itertools
 import math
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
@@ -340,7 +341,9 @@ def read_dataset(source: bytes | BinaryIO, *, stop_before_pixels: bool = False) 
     # Old files (ACR-NEMA style, some PACS exports) lack the preamble; only accept the forced
     # read if it looks like an image or at least carries a SOP class.
     fp.seek(0)
-    ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+    with warnings.catch_warnings():  # forced reads of non-DICOM files warn about VRs
+      warnings.simplefilter("ignore")
+      ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
     if "SOPClassUID" not in ds and "Rows" not in ds:
       raise InvalidDicomError("no DICOM preamble and no DICOM elements found") from None
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -613,7 +616,9 @@ class _Candidate:
   frames: list[Frame]
   view: str = ""
   normal: np.ndarray | None = None
-  position_mm: float = math.nan  # along the SAX stack normal
+  # Along the SAX stack's image normal (row x column direction, as the scanner defines it; the
+  # base->apex order may run either way along it), else SliceLocation.
+  position_mm: float = math.nan
   pixels: np.ndarray | None = None  # [T, H, W] float32
 
   @property
@@ -792,12 +797,10 @@ def _sax_stack(sax: list[_Candidate], ledger: _Ledger) -> tuple[np.ndarray | Non
     sign = 1.0 if first.position_mm <= np.median([c.position_mm for c in slices]) else -1.0
   if normal is not None:
     normal = normal * sign
-  for c in slices:
-    c.position_mm *= sign
-  slices.sort(key=lambda c: c.position_mm)
+  slices.sort(key=lambda c: sign * c.position_mm)
   kept: list[_Candidate] = []
   for c in slices:
-    if kept and c.position_mm - kept[-1].position_mm < DUPLICATE_POSITION_MM:
+    if kept and abs(c.position_mm - kept[-1].position_mm) < DUPLICATE_POSITION_MM:
       older, newer = sorted([kept[-1], c], key=lambda x: x.recency)
       ledger.drop(older.frames, f"duplicate SAX position: superseded by series "
                   f"{newer.series.number}", older.series)
