@@ -105,3 +105,8 @@ def absl_flags_parsed():
   read grain's flags, and pytest does not parse them."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+def kill_worker() -> types.Study:
+  """An item that kills the process loading it (as a crashing decoder would)."""
+  os._exit(3)

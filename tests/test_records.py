@@ -96,15 +96,21 @@ def test_build_skips_bad_items_and_duplicates_and_reads_back(tmp_path):
     records.open_split(str(tmp_path), "val")
 
 
-def test_build_with_workers_writes_the_same_files(tmp_path):
+def test_build_with_workers_writes_the_same_files_and_survives_a_dying_worker(tmp_path):
   serial, parallel = tmp_path / "serial", tmp_path / "parallel"
-  for out, workers in ((serial, 0), (parallel, 2)):
-    records.build_dataset(_items(), str(out), cfg=CFG, split_fn=_split_by_name, num_shards=2,
-                          num_workers=workers)
+  records.build_dataset(_items(), str(serial), cfg=CFG, split_fn=_split_by_name, num_shards=2)
+  items = _items()
+  items.insert(2, ("killer", conftest.kill_worker))
+  summary = records.build_dataset(items, str(parallel), cfg=CFG, split_fn=_split_by_name,
+                                  num_shards=2, num_workers=2)
+  reasons = {s["item"]: s["reason"] for s in summary.skipped}
+  assert set(reasons) == {"killer", "bad-frames", "unreadable"}  # only the killer is blamed
+  assert reasons["killer"].startswith("its worker process died")
   names = sorted(os.listdir(serial))
   assert names == sorted(os.listdir(parallel))
   for name in names:
-    assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
+    if name != records.DATASET_INFO:
+      assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
 
 
 def test_rebuild_replaces_previous_dataset(tmp_path):

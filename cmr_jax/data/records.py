@@ -173,24 +173,44 @@ def _build_one(item: BuildItem, cfg: preprocess.PreprocessConfig) -> _Built:
 
 def _built_in_order(items: list[BuildItem], cfg: preprocess.PreprocessConfig,
                     num_workers: int) -> collections.abc.Iterator[_Built]:
-  """Yields `_build_one` for every item, in item order, over `num_workers` processes."""
+  """Yields `_build_one` for every item, in item order, over `num_workers` processes.
+
+  An item whose work cannot come back (its loader does not pickle, or its worker process dies,
+  e.g. a decoder crashing on a corrupt file) is yielded as failed. When a worker dies, the items
+  that were in flight are re-run one at a time in a fresh pool, so that only the item that
+  kills a worker is blamed.
+  """
   if num_workers <= 0:
     for item in items:
       yield _build_one(item, cfg)
     return
   context = multiprocessing.get_context("spawn")  # no fork of a process that may run jax threads
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-    pending: collections.deque[concurrent.futures.Future[_Built]] = collections.deque()
-    queue = iter(items)
-    for item in queue:
-      pending.append(pool.submit(_build_one, item, cfg))
-      if len(pending) >= num_workers * _IN_FLIGHT_PER_WORKER:
-        break
-    while pending:
-      yield pending.popleft().result()
-      item = next(queue, None)
-      if item is not None:
-        pending.append(pool.submit(_build_one, item, cfg))
+  new_pool = lambda: concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
+  pool = new_pool()
+  pending: collections.deque[tuple[int, concurrent.futures.Future[_Built]]] = collections.deque()
+  position = 0  # next item to submit
+  one_at_a_time_until = 0  # items before this index run alone (after a worker died)
+  try:
+    while pending or position < len(items):
+      window = 1 if position < one_at_a_time_until else num_workers * _IN_FLIGHT_PER_WORKER
+      while position < len(items) and len(pending) < window:
+        pending.append((position, pool.submit(_build_one, items[position], cfg)))
+        position += 1
+      index, future = pending.popleft()
+      try:
+        yield future.result()
+      except concurrent.futures.process.BrokenProcessPool as e:
+        pool.shutdown(cancel_futures=True)
+        pool = new_pool()
+        if pending:  # several items were in flight: find the culprit by re-running them alone
+          one_at_a_time_until, position = position, index
+          pending.clear()
+        else:
+          yield _Built(items[index].name, error=f"its worker process died ({e})")
+      except Exception as e:  # e.g. the loader could not be pickled
+        yield _Built(items[index].name, error=f"{type(e).__name__}: {e}")
+  finally:
+    pool.shutdown(cancel_futures=True)
 
 
 class _SplitWriter:
