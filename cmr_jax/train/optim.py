@@ -90,3 +90,8 @@ def count_params(params: Any) -> int:
 def unfreeze(params: Any) -> Any:
   """Plain nested dicts for FrozenDict inputs (no-op otherwise)."""
   return flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """L2 norm over all leaves of a pytree (e.g. gradients)."""
+  return optax.global_norm(tree)

@@ -1,0 +1,151 @@
+"""Pieces shared by the trainers: train state, sharded creation, global batches, run guards.
+
+A run is one process per host; `jax.distributed` (see `cmr_jax.train.distributed`) joins them.
+Parameters and optimizer state live as global arrays on a (data, fsdp, model) mesh; every step
+is one `jax.jit` with explicit in/out shardings; the random key of step `s` is
+`fold_in(base_key, s)`, so a resumed run draws exactly what an unbroken one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from absl import logging
+import flax
+from flax import struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cmr_jax import sharding
+
+
+class TrainState(struct.PyTreeNode):
+  """Step counter, parameters and optimizer state (all global arrays)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh, rng: jax.Array,
+                       params: Any | None = None) -> tuple[TrainState, Any]:
+  """Creates the state directly in its shardings; returns (state, state shardings).
+
+  Args:
+    init_params: rng -> boxed parameter tree (logical partitioning annotations kept).
+    tx: the optimizer.
+    mesh: device mesh.
+    rng: init key.
+    params: optional parameters to start from instead of `init_params` (same structure); they
+      are placed onto the shardings derived from the annotations.
+  """
+  fresh, param_shardings = sharding.init_sharded(init_params, rng, mesh)
+  if params is not None:
+    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, param_shardings)
+  else:
+    params = fresh
+  with sharding.mesh_rules(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32),
+                                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+                     params=params, opt_state=opt_state)
+  return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def step_key(base: jax.Array, step: jax.Array) -> jax.Array:
+  """The random key of a step: the same whether the run was resumed or not."""
+  return jax.random.fold_in(base, step)
+
+
+class Preemption:
+  """Turns SIGTERM (and SIGINT) into a flag the loop polls, to save and exit cleanly."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self._event.set()
+
+  def requested(self) -> bool:
+    """Whether any process was asked to stop (agreed across processes)."""
+    flag = self._event.is_set()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+    return flag
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def check_finite(step: int, loss: float, checkpoint_dir: str, last_good: int | None) -> None:
+  """Raises NonFiniteLossError with a clear message if `loss` is not finite."""
+  if not math.isfinite(loss):
+    kept = (f"the last good checkpoint (step {last_good}) is kept in {checkpoint_dir}"
+            if last_good is not None else "no checkpoint had been written yet")
+    raise NonFiniteLossError(
+        f"non-finite loss {loss} at step {step}: stopping; {kept}. Lower the learning rate, "
+        f"check the inputs, or enable gradient clipping (config.optim.grad_clip_norm).")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the run's config as JSON (process 0 only) so evaluators can rebuild the model."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved with `save_config`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a cmr-jax run directory")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def global_batches(iterator: Iterator[Mapping[str, np.ndarray]],
+                   mesh: jax.sharding.Mesh) -> Iterator[dict[str, jax.Array]]:
+  """Process-local batches -> global arrays sharded over the batch axes."""
+  for batch in iterator:
+    yield sharding.shard_batch(batch, mesh)
+
+
+def per_process_batch(global_batch_size: int) -> int:
+  """This process's share of the global batch."""
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                     f"{jax.process_count()} processes")
+  return global_batch_size // jax.process_count()
+
+
+def tree_to_numpy(tree: Any) -> Any:
+  """Fetches a pytree of (replicated or sharded) arrays to host numpy."""
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def unbox(tree: Any) -> Any:
+  """Removes flax partitioning metadata boxes."""
+  return flax.linen.meta.unbox(tree)

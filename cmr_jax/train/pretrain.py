@@ -1,0 +1,225 @@
+"""Contrastive pre-training: a video encoder against report text (or a second clip), InfoNCE.
+
+`train_and_evaluate(config, workdir)` runs (or resumes) a pre-training run: a jitted, sharded train
+step (AdamW, warm-up + cosine, clipping, optional bf16), metrics to absl logging / JSONL /
+TensorBoard, a periodic zero-shot retrieval evaluation (video -> report recall@k on held-out
+studies), orbax checkpoints with the grain iterator state (exact resume), a clean stop on SIGTERM,
+and a stop with a clear message on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cmr_jax import losses
+from cmr_jax import sharding
+from cmr_jax.data import pipeline
+from cmr_jax.data import records
+from cmr_jax.data import tokenizer as tokenizer_lib
+from cmr_jax.models import configs as model_configs
+from cmr_jax.train import checkpoint as checkpoint_lib
+from cmr_jax.train import common
+from cmr_jax.train import metrics as metrics_lib
+from cmr_jax.train import optim
+
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+_MAX_TOKENIZER_TEXTS = 50_000
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int | None):
+  """The dual encoder of `config.model` (text vocabulary sized to the tokenizer)."""
+  m = config.model
+  text_overrides = {"vocab_size": vocab_size} if vocab_size else None
+  return model_configs.dual_encoder(
+      m.video, None if m.two_clips else m.text, embed_dim=m.embed_dim, dtype=m.dtype,
+      remat=m.remat, video_overrides=dict(m.get("video_overrides", {})),
+      text_overrides=text_overrides)
+
+
+def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                  train_source: records.StudySource) -> tokenizer_lib.TextTokenizer:
+  """The run's tokenizer: a given vocab.txt, the one saved in workdir, or trained on train reports."""
+  saved = os.path.join(workdir, TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
+  if config.text.vocab:
+    return tokenizer_lib.load_tokenizer(config.text.vocab)
+  if os.path.exists(saved):
+    return tokenizer_lib.load_tokenizer(saved)
+  n = min(len(train_source), _MAX_TOKENIZER_TEXTS)
+  texts = [r for r in (train_source[i].report for i in range(n)) if r.strip()]
+  if not texts:
+    raise ValueError(f"no report text in the train split of {config.data.dir}: video-text "
+                     "pre-training needs reports (or set config.model.two_clips=True)")
+  tok = tokenizer_lib.train_tokenizer(texts, config.text.vocab_size)
+  if jax.process_index() == 0:
+    tok.save(os.path.dirname(saved))
+  logging.info("trained a %d-token WordPiece vocabulary on %d reports", tok.vocab_size, len(texts))
+  return tok
+
+
+def _model_inputs(batch: dict[str, jax.Array], two_clips: bool) -> dict[str, jax.Array]:
+  if two_clips:
+    return {"video": batch["video"], "video2": batch["video2"]}
+  return {"video": batch["video"], "text_ids": batch["text_ids"], "text_mask": batch["text_mask"]}
+
+
+def make_train_step(model, tx, two_clips: bool):
+  """(state, batch, base_key) -> (state, metrics): one InfoNCE step over the global batch."""
+
+  def train_step(state: common.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
+    rng = common.step_key(base_key, state.step)
+
+    def loss_fn(params):
+      emb_a, emb_b, log_scale = model.apply({"params": params}, **_model_inputs(batch, two_clips),
+                                            train=True, rngs={"dropout": rng})
+      return losses.clip_loss(emb_a, emb_b, log_scale)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    out = {"loss": loss, "grad_norm": optim.global_norm(grads), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+
+  return train_step
+
+
+def make_embed_fn(model, two_clips: bool):
+  """(params, batch) -> (video embeddings, paired embeddings) at eval."""
+
+  def embed(params, batch):
+    emb_a, emb_b, _ = model.apply({"params": params}, **_model_inputs(batch, two_clips),
+                                  train=False)
+    return emb_a, emb_b
+
+  return embed
+
+
+def recall_at_k(emb_video: np.ndarray, emb_text: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+  """Video -> report retrieval: fraction of videos whose own report ranks within the top k."""
+  sims = emb_video @ emb_text.T
+  own = np.diag(sims)
+  rank = (sims > own[:, None]).sum(axis=1)  # 0 = best
+  return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
+
+
+def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, float]:
+  """Recall@k of video -> report retrieval over one pass of `source` (eval clips)."""
+  d = config.data
+  ds = pipeline.pretrain_dataset(
+      source, image_size=d.image_size, num_frames=d.num_frames,
+      batch_size=common.per_process_batch(config.eval_batch_size), tokenizer=tok,
+      max_text_len=config.text.max_len, seed=0, train=False,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      two_clips=config.model.two_clips, max_sentences=config.text.max_sentences)
+  video, paired = [], []
+  for batch in common.global_batches(iter(ds), mesh):
+    a, b = embed_fn(params, batch)
+    valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
+    video.append(np.asarray(multihost_utils.process_allgather(a, tiled=True))[valid])
+    paired.append(np.asarray(multihost_utils.process_allgather(b, tiled=True))[valid])
+  return recall_at_k(np.concatenate(video), np.concatenate(paired))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs or resumes pre-training in `workdir`; returns the final metrics."""
+  common.save_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  train_source = records.open_split(config.data.dir, config.data.train_split)
+  two_clips = config.model.two_clips
+  tok = None if two_clips else get_tokenizer(config, workdir, train_source)
+  model = build_model(config, None if tok is None else tok.vocab_size)
+
+  d = config.data
+  batch = common.per_process_batch(config.batch_size)
+  train_ds = pipeline.pretrain_dataset(
+      train_source, image_size=d.image_size, num_frames=d.num_frames, batch_size=batch,
+      tokenizer=tok, max_text_len=config.text.max_len, seed=config.seed, train=True,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      worker_count=d.worker_count, two_clips=two_clips, max_sentences=config.text.max_sentences)
+  data_iter = iter(train_ds)
+
+  example = {"video": jnp.zeros((1, d.num_frames, d.image_size, d.image_size), jnp.uint8)}
+  if two_clips:
+    example["video2"] = example["video"]
+  else:
+    example["text_ids"] = jnp.zeros((1, config.text.max_len), jnp.int32)
+    example["text_mask"] = jnp.ones((1, config.text.max_len), jnp.int32)
+  init_params = lambda rng: model.init(rng, **example)["params"]  # noqa: E731
+  abstract_params = common.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+  o = config.optim
+  tx, schedule = optim.make_optimizer(
+      abstract_params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
+      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
+  state, state_shardings = common.create_train_state(init_params, tx, mesh,
+                                                     jax.random.key(config.seed))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                     max_to_keep=config.checkpoint.keep_last,
+                                     keep_period=config.checkpoint.keep_period,
+                                     async_save=config.checkpoint.async_save)
+  if ckpt.latest_step() is not None:
+    step, state = ckpt.restore(checkpoint_lib.abstract_like(state), data_iter)
+    logging.info("resumed from step %d of %s", step, ckpt.directory)
+  logging.info("pre-training %s (%d parameters) on %s: %d steps of %d clips, mesh %s",
+               config.model.video, optim.count_params(state.params), d.dir, config.total_steps,
+               config.batch_size, dict(mesh.shape))
+
+  base_key = jax.random.key(config.seed + 1)
+  batch_sh = sharding.batch_sharding(mesh)
+  with sharding.mesh_rules(mesh):
+    train_step = jax.jit(make_train_step(model, tx, two_clips),
+                         in_shardings=(state_shardings, batch_sh, None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    embed_fn = jax.jit(make_embed_fn(model, two_clips))
+  writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps,
+                                    enabled=jax.process_index() == 0, name="pretrain")
+  preemption = common.Preemption()
+  eval_source = (records.open_split(config.data.dir, config.data.eval_split)
+                 if config.eval_every else None)
+  step = int(state.step)
+  last_good = ckpt.latest_step()
+  final: dict[str, Any] = {}
+  t_clips, t0 = 0, time.time()
+  try:
+    while step < config.total_steps:
+      with sharding.mesh_rules(mesh):
+        state, out = train_step(state, sharding.shard_batch(next(data_iter), mesh), base_key)
+      step += 1
+      t_clips += config.batch_size
+      loss = float(out["loss"])
+      common.check_finite(step, loss, ckpt.directory, last_good)
+      if step % config.log_every == 0 or step == config.total_steps:
+        elapsed = time.time() - t0
+        scalars = {k: float(v) for k, v in out.items()}
+        scalars.update(lr=float(schedule(step - 1)), clips_per_s=t_clips / max(elapsed, 1e-9))
+        writer.write(step, scalars)
+        final.update(scalars)
+        t_clips, t0 = 0, time.time()
+      if eval_source is not None and (step % config.eval_every == 0 or step == config.total_steps):
+        with sharding.mesh_rules(mesh):
+          recall = zero_shot_eval(embed_fn, state.params, eval_source, config, tok, mesh)
+        writer.write(step, {f"zero_shot_{k}": v for k, v in recall.items()})
+        final.update({f"zero_shot_{k}": v for k, v in recall.items()})
+      stop = preemption.requested()
+      if step % config.checkpoint.every == 0 or step == config.total_steps or stop:
+        ckpt.save(step, state, data_iter, force=True)
+        last_good = step
+      if stop:
+        logging.warning("stopped at step %d on request; checkpoint saved in %s", step,
+                        ckpt.directory)
+        break
+  finally:
+    ckpt.close()
+    writer.close()
+    preemption.restore()
+  final["step"] = step
+  return final

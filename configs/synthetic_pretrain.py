@@ -1,0 +1,41 @@
+r"""Contrastive video-report pre-training of the tiny MViT on the synthetic phantom dataset.
+
+  python tools/make_synthetic.py --out=runs/synthetic
+  python -m cmr_jax.main --mode=pretrain --config=configs/synthetic_pretrain.py \
+      --workdir=runs/pretrain --config.data.dir=runs/synthetic
+
+`:smoke` gives a seconds-long variant for tests. Override anything with --config.a.b=value.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Pre-training config; `arg` in {None, "smoke"}."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(dir="runs/synthetic", train_split="train", eval_split="val", image_size=64,
+                num_frames=16, worker_count=0)
+  c.model = dict(video="mvit_tiny", text="bert_tiny", embed_dim=128, dtype="float32",
+                 remat=False, two_clips=False, video_overrides={})
+  c.text = dict(vocab="", vocab_size=1000, max_len=64, max_sentences=None)
+  c.mesh = dict(data=-1, fsdp=1, model=1)
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.total_steps = 300
+  c.optim = dict(lr=1e-3, warmup_steps=30, weight_decay=0.05, grad_clip_norm=1.0)
+  c.log_every = 10
+  c.eval_every = 100
+  c.checkpoint = dict(every=50, keep_last=2, keep_period=100, async_save=True)
+  if arg == "smoke":
+    c.batch_size = 4
+    c.eval_batch_size = 4
+    c.total_steps = 6
+    c.log_every = 1
+    c.eval_every = 3
+    c.optim.warmup_steps = 2
+    c.checkpoint.every = 2
+    c.checkpoint.keep_period = None
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown synthetic_pretrain config argument {arg!r}")
+  return c
