@@ -173,13 +173,21 @@ def test_sites_share_subjects_but_not_protocols():
   assert a.cines[0].slice_thickness_mm != b.cines[0].slice_thickness_mm
 
 
-def test_fast_protocol_keeps_resolution():
+def test_fast_protocol_scales_the_field_of_view():
+  spacings = set()
   for name, site in phantom.SITES.items():
     fast = phantom.fast_protocol(site)
     assert fast.name == name and fast.matrix == (112, 112) and fast.frames_per_cycle == 16
-    assert fast.pixel_spacing_mm == site.pixel_spacing_mm
-  assert len(phantom.SITES) >= 3
+    fov = 112 * fast.pixel_spacing_mm
+    assert fov == pytest.approx(0.6 * max(site.matrix) * site.pixel_spacing_mm)
+    assert 170.0 < fov < 240.0
+    spacings.add(round(fast.pixel_spacing_mm, 2))
+    whole = phantom.fast_protocol(site, 8, 64, fov_fraction=1.0)
+    assert 64 * whole.pixel_spacing_mm == pytest.approx(max(site.matrix) * site.pixel_spacing_mm)
+  assert len(spacings) == len(phantom.SITES) >= 3
   assert phantom.SITES["ukbb_like"].frames_per_cycle == 50
+  with pytest.raises(ValueError, match="fov_fraction"):
+    phantom.fast_protocol(phantom.SITES[SITE], fov_fraction=0.0)
 
 
 def test_cines_well_formed(study):

@@ -23,6 +23,9 @@ VERTEBRA_RADIUS, VERTEBRA_DEPTH = 17.0, 60.0  # depth: distance in front of the 
 CANAL_RADIUS, CANAL_DEPTH = 7.0, 32.0
 DESCENDING_AORTA_RADIUS, DESCENDING_AORTA_LEFT, DESCENDING_AORTA_DEPTH = 11.0, 22.0, 82.0
 LUNG_HEIGHT_MM = 130.0
+TEXTURE_WAVES = 8
+TEXTURE_WAVELENGTH_MM = (12.0, 60.0)
+TEXTURE_SD = 0.06  # relative sd of the tissue texture
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -98,8 +101,8 @@ def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
       Layer("chest_wall", "muscle", *cylinder(bx, by, w - t.fat_mm, d - t.fat_mm)),
       Layer("mediastinum", "tissue", *cylinder(bx, by, inner_w, inner_d)),
       Layer("paraspinal", "muscle", *cylinder(bx, back, *PARASPINAL_SEMI_AXES)),
-      Layer("right_lung", "lung", *ellipsoid(bx - 0.45 * inner_w, by + 0.05 * inner_d,
-                                             z_dia + 0.9 * lung_h, 0.42 * inner_w * t.lung_scale,
+      Layer("right_lung", "lung", *ellipsoid(bx - 0.52 * inner_w, by + 0.05 * inner_d,
+                                             z_dia + 0.9 * lung_h, 0.38 * inner_w * t.lung_scale,
                                              0.7 * inner_d * t.lung_scale, lung_h)),
       Layer("left_lung", "lung", *ellipsoid(bx + 0.5 * inner_w, by + 0.15 * inner_d,
                                             z_dia + 0.85 * lung_h, 0.36 * inner_w * t.lung_scale,
@@ -114,3 +117,23 @@ def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
                                                    DESCENDING_AORTA_RADIUS,
                                                    DESCENDING_AORTA_RADIUS)),
   ]
+
+
+class Texture:
+  """A subject's smooth random tissue texture: a multiplicative field of random plane waves."""
+
+  def __init__(self, seed: int):
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(TEXTURE_WAVES, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    wavelengths = rng.uniform(*TEXTURE_WAVELENGTH_MM, TEXTURE_WAVES)
+    self.wave_vectors = (2.0 * math.pi * directions / wavelengths[:, None]).astype(np.float32)
+    self.phases = rng.uniform(0.0, 2.0 * math.pi, TEXTURE_WAVES).astype(np.float32)
+    self.amplitude = np.float32(TEXTURE_SD * math.sqrt(2.0 / TEXTURE_WAVES))
+
+  def __call__(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The field (mean 1) at body-coordinate points [P]."""
+    field = np.ones_like(x)
+    for (kx, ky, kz), phase in zip(self.wave_vectors, self.phases):
+      field += self.amplitude * np.cos(kx * x + ky * y + kz * z + phase)
+    return field

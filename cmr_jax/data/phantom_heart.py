@@ -49,6 +49,9 @@ RV_TOP_ABOVE_BASE_MM = 15.0
 RV_APEX_HEIGHT = 0.15  # RV apex height above the LV apex, fraction of the ED base height
 RV_WALL_MM = 3.0
 ATRIAL_WALL_MM = 2.0
+ATRIAL_ELONGATION = 1.3  # atrial semi-axis along the long axis, in atrial radii
+ATRIUM_CENTRE_HEIGHT = 0.5  # atrial centre above the base plane, in atrial long semi-axes
+ATRIUM_TOP_IN_RADII = (1.0 + ATRIUM_CENTRE_HEIGHT) * ATRIAL_ELONGATION
 LA_SYSTOLIC_GROWTH = 0.35  # LA volume gain over ventricular systole
 RA_SYSTOLIC_GROWTH = 0.25
 AORTA_WALL_MM = 2.0
@@ -92,6 +95,7 @@ class Torso:
   centre_posterior_mm: float  # ... and this far posterior
   diaphragm_below_apex_mm: float  # diaphragm dome below the lowest point of the LV apex
   lung_scale: float
+  texture_seed: int  # seeds the subject's tissue texture (phantom_body.texture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,8 +413,9 @@ class HeartModel:
 
     def distance(st: State, p: Points) -> np.ndarray:
       r = radius * scale_of(st)
-      az = 1.15 * r
-      d = ellipsoid_distance(p.x - cx, p.y - cy, p.z - (st.zb + 0.5 * az), r, 0.9 * r, az)
+      az = ATRIAL_ELONGATION * r
+      d = ellipsoid_distance(p.x - cx, p.y - cy, p.z - (st.zb + ATRIUM_CENTRE_HEIGHT * az), r,
+                             0.9 * r, az)
       return np.maximum(d, st.zb - p.z)
 
     return distance
@@ -471,7 +476,7 @@ class HeartModel:
     def atrium_box(xy, radius, growth):
       r = radius * (1.0 + growth) ** (1 / 3) + ATRIAL_WALL_MM
       return (np.array([xy[0] - r, xy[1] - r, zb_min]),
-              np.array([xy[0] + r, xy[1] + r, zb_max + 1.8 * r]))
+              np.array([xy[0] + r, xy[1] + r, zb_max + ATRIUM_TOP_IN_RADII * r]))
 
     rv_ay = h.rv_width * self.ro_ed + RV_WALL_MM
     rv_box = (np.array([RV_SEPTAL_EDGE * self.r_ed, -rv_ay, float(ed.rv_cz[0, 0] - ed.rv_az[0, 0])]),
@@ -637,8 +642,8 @@ def sample_heart(rng: np.random.Generator) -> Heart:
       rv_extent_mm=rng.uniform(18.0, 28.0) * (1.3 if rv_dysfunction else 1.0),
       rv_width=rng.uniform(1.35, 1.6),
       rv_contraction=rng.uniform(0.08, 0.22) if rv_dysfunction else rng.uniform(0.3, 0.45),
-      la_radius_mm=rng.uniform(16.0, 20.0) * (1.2 if (reduced or hypertrophy) else 1.0),
-      ra_radius_mm=rng.uniform(15.0, 19.0) * (1.2 if rv_dysfunction else 1.0),
+      la_radius_mm=rng.uniform(17.0, 21.0) * (1.25 if (reduced or hypertrophy) else 1.0),
+      ra_radius_mm=rng.uniform(16.0, 20.0) * (1.2 if rv_dysfunction else 1.0),
       aortic_angle_deg=rng.uniform(40.0, 70.0), aortic_tilt_deg=rng.uniform(25.0, 45.0),
       aortic_radius_mm=rng.uniform(11.0, 15.0),
       apex_azimuth_deg=rng.uniform(30.0, 55.0), apex_elevation_deg=rng.uniform(20.0, 45.0),
@@ -651,7 +656,8 @@ def sample_heart(rng: np.random.Generator) -> Heart:
           half_width_mm=rng.uniform(140.0, 185.0), half_depth_mm=rng.uniform(95.0, 130.0),
           fat_mm=rng.uniform(5.0, 30.0), muscle_mm=rng.uniform(8.0, 16.0),
           centre_right_mm=rng.uniform(15.0, 40.0), centre_posterior_mm=rng.uniform(15.0, 35.0),
-          diaphragm_below_apex_mm=rng.uniform(0.0, 15.0), lung_scale=rng.uniform(0.9, 1.1)))
+          diaphragm_below_apex_mm=rng.uniform(0.0, 15.0), lung_scale=rng.uniform(0.9, 1.1),
+          texture_seed=int(rng.integers(1 << 31))))
   return _solve_es_state(heart, lvef)
 
 

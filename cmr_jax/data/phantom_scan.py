@@ -31,6 +31,7 @@ STUDY_HEART_RATE_SD = 0.04  # rate change between scans of the same subject (log
 POSE_ROTATION_SD_DEG = (2.0, 2.0, 4.0)  # patient rotation on the table about x, y, z
 POSE_SHIFT_SD_MM = (15.0, 15.0, 25.0)
 PLANE_SHIFT_SD_MM = 2.0  # planning error of plane positions
+FAST_FOV_FRACTION = 0.6
 MAX_FOV_OFFSET = 0.12  # heart offset from the image centre, at most this fraction of the FOV
 BOX_MARGIN_MM = 1.0
 NOISE_LEVELS = 1 << 16
@@ -158,7 +159,7 @@ SITES: dict[str, Protocol] = {
             sax_description="FIESTA CINE SAX {index}",
             lax_descriptions=("FIESTA CINE 2CH", "FIESTA CINE LVOT", "FIESTA CINE 4CH")),
         Protocol(
-            name="siteD", frames_per_cycle=35, matrix=(240, 240), pixel_spacing_mm=1.25,
+            name="siteD", frames_per_cycle=35, matrix=(256, 256), pixel_spacing_mm=1.3,
             slice_thickness_mm=8.0, slice_gap_mm=0.0, num_sax_slices=(10, 16), noise=0.05,
             contrast=Contrast(myocardium=0.32, fat=0.7, liver=0.3, lung=0.08, tissue=0.36),
             shading=0.2, gain_log_mean=math.log(120.0), trigger_delay_ms=10.0,
@@ -168,13 +169,20 @@ SITES: dict[str, Protocol] = {
 }
 
 
-def fast_protocol(p: Protocol, frames: int = 16, matrix: int = 112) -> Protocol:
+def fast_protocol(p: Protocol, frames: int = 16, matrix: int = 112,
+                  fov_fraction: float = FAST_FOV_FRACTION) -> Protocol:
   """Demo-speed variant of a protocol: `frames` per cycle on a square `matrix`.
 
-  The pixel spacing is kept and the field of view shrinks to `matrix` pixels (about 200 mm at
-  1.8 mm), which still holds the whole heart: the demo keeps the protocol's resolution.
+  The field of view is `fov_fraction` of the protocol's (its larger side), scaled onto the new
+  matrix: about 180-225 mm at 1.6-2.0 mm pixels for the built-in sites, which holds the heart
+  and its surroundings at a resolution close to the protocol's, and keeps the sites' spacings
+  distinct. `fov_fraction=1` keeps the whole field of view (coarser pixels).
   """
-  return dataclasses.replace(p, frames_per_cycle=frames, matrix=(matrix, matrix))
+  if not 0.0 < fov_fraction <= 1.0:
+    raise ValueError(f"fov_fraction must be in (0, 1], got {fov_fraction}")
+  fov = max(p.matrix) * p.pixel_spacing_mm * fov_fraction
+  return dataclasses.replace(p, frames_per_cycle=frames, matrix=(matrix, matrix),
+                             pixel_spacing_mm=fov / matrix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +290,9 @@ def plan_planes(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
   angle = math.radians(heart.aortic_angle_deg)
   across = {types.LAX_2CH: ey, types.LAX_3CH: math.cos(angle) * ex + math.sin(angle) * ey,
             types.LAX_4CH: ex}
-  mid = origin + 0.5 * base_height * ez
+  # Long-axis images are centred between the apex and the top of the left atrium.
+  atrium_top = base_height + phantom_heart.ATRIUM_TOP_IN_RADII * heart.la_radius_mm
+  mid = origin + 0.5 * atrium_top * ez
   for view, description in zip(types.LONG_AXIS_VIEWS, protocol.lax_descriptions):
     jitter = _jitter(rng, protocol.planning_jitter_deg)
     row, col = jitter @ -across[view], jitter @ ez
@@ -299,6 +309,7 @@ class Anatomy:
 
   model: phantom_heart.HeartModel
   torso: list[phantom_heart.Layer]
+  texture: phantom_body.Texture
   axes: np.ndarray  # [3, 3] heart-frame axes (rows) in body coordinates
   origin: np.ndarray  # (3,) heart-frame origin in body coordinates
   box_lo: np.ndarray  # (3,) heart-frame box around every heart layer
@@ -309,7 +320,8 @@ class Anatomy:
 def anatomy_of(heart: phantom_heart.Heart) -> Anatomy:
   """The (cached) Anatomy of a heart."""
   model = phantom_heart.model_of(heart)
-  return Anatomy(model, phantom_body.torso_layers(heart, model), phantom_body.heart_axes(heart),
+  return Anatomy(model, phantom_body.torso_layers(heart, model),
+                 phantom_body.Texture(heart.torso.texture_seed), phantom_body.heart_axes(heart),
                  phantom_body.heart_origin(heart, model),
                  np.min([layer.box_lo for layer in model.layers], axis=0),
                  np.max([layer.box_hi for layer in model.layers], axis=0))
@@ -428,11 +440,11 @@ def render_cine(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
       out.append((flat[None] + (depth * d_depth[a]).astype(np.float32)[:, None, None]).ravel())
     return out
 
-  # Torso (body coordinates), central sub-plane only.
+  # Torso (body coordinates, textured), central sub-plane only.
   body = phantom_heart.Points(*grid(rot.T, rot.T @ (ipp - shift - acq.pose_shift)), None, None)
   static = np.zeros((1, pixels), np.float32)
   paint(anatomy.torso, body, static, acq.signals, spacing)
-  static = static[0]
+  static = static[0] * anatomy.texture(body.x, body.y, body.z)
   # Heart (heart frame), every frame, on sub-planes across the slice thickness.
   to_heart = anatomy.axes @ rot.T  # patient -> heart-frame rotation
   origin = acq.pose_shift + rot @ anatomy.origin

@@ -23,7 +23,7 @@ LV_SIZE_GRADES = (("severely dilated", 300.0), ("moderately dilated", 250.0),
 WALL_GRADES = (("severely increased", 20.0), ("moderately increased", 15.0),
                ("mildly increased", 12.0), ("normal", -math.inf))  # by ED wall thickness, mm
 AKINESIS_SEVERITY = 0.75  # RWMA severity from which the territory is called akinetic
-LA_DILATED_RADIUS_MM = 20.5
+LA_DILATED_RADIUS_MM = 22.0
 
 FUNCTION_WORDS: dict[str, tuple[str, ...]] = {
     "hyperdynamic": ("hyperdynamic", "vigorous"),
