@@ -156,7 +156,7 @@ def test_train_filters_unlabelled_and_label_fraction(source):
   half = {int(b["study_index"][0])
           for b in _finetune(source, num_epochs=1, batch_size=1, label_fraction=0.5)}
   expected = {i for i in indices if splits.in_label_fraction(
-      source.metadata[i]["subject_id"], 0.5, pipeline._LABEL_FRACTION_SALT)}
+      source.metadata[i]["subject_id"], 0.5, pipeline.LABEL_FRACTION_SALT)}
   assert half == expected and 0 < len(half) < len(indices)
 
 

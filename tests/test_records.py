@@ -1,4 +1,4 @@
-"""Records: exact round trip, dataset building (skips, duplicates, workers), corrupt bytes, splits."""
+"""Records: exact round trip, building (skips, duplicates, workers), corrupt bytes, splits."""
 
 import collections
 import functools

@@ -47,7 +47,7 @@ from cmr_jax.data import types
 PAD_INDEX = -1
 # The long-axis views of a fine-tuning bag, in bag order, before the SAX subset.
 BAG_LONG_AXIS_ORDER = (types.LAX_4CH, types.LAX_2CH, types.LAX_3CH)
-_LABEL_FRACTION_SALT = "cmr-jax-label-fraction"
+LABEL_FRACTION_SALT = "cmr-jax-label-fraction"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,9 +220,11 @@ class PretrainExample:
       ids = mask = np.zeros(self.max_text_len, np.int32)
     else:
       count = 2 if self.two_clips else 1
-      # Eval: the first cine (and the next one for the second clip), so results are fixed.
-      picks = (rng.choice(record.num_cines, count, replace=record.num_cines < count)
-               if rng is not None else np.arange(count) % record.num_cines)
+      if rng is not None:
+        picks = rng.choice(record.num_cines, count, replace=record.num_cines < count)
+      else:  # fixed: the first cines in bag order (4CH first when present)
+        order = bag_indices(record.views, record.slice_index, record.num_cines)
+        picks = [order[k % len(order)] for k in range(count)]
       videos = [self.clips(record.frames[i], rng) for i in picks]
       text_ids, text_mask = self.tokenizer.encode([record.report], self.max_text_len,
                                                   self.max_sentences)
@@ -282,7 +284,7 @@ def _select(meta: list[dict[str, Any]], *, need_labels: bool, need_report: bool,
     before = len(keep)
     keep = [i for i in keep
             if splits.in_label_fraction(meta[i]["subject_id"], label_fraction,
-                                        _LABEL_FRACTION_SALT)]
+                                        LABEL_FRACTION_SALT)]
     logging.info("%s: label fraction %g keeps %d of %d studies (by subject)", what,
                  label_fraction, len(keep), before)
   if not keep:
@@ -341,7 +343,8 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
     max_text_len: L.
     seed: shuffling and augmentation seed.
     train: random order, cine choice and augmentation, endless by default; else one
-      deterministic pass (first cine of each study, centred crop) padded to whole batches.
+      deterministic pass (the first cine of each study's bag order, centred crop) padded to
+      whole batches.
     shard_index: this process's index among shard_count (disjoint, complete shares).
     shard_count: number of processes reading.
     num_epochs: passes over the data; None: endless at train, one at eval.

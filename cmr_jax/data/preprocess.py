@@ -77,7 +77,8 @@ class PreprocessConfig:
 
   def __post_init__(self):
     if self.center not in CENTER_MODES:
-      raise ValueError(f"PreprocessConfig.center must be one of {CENTER_MODES}, got {self.center!r}")
+      raise ValueError(
+          f"PreprocessConfig.center must be one of {CENTER_MODES}, got {self.center!r}")
     if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
       raise ValueError(
           "PreprocessConfig needs 0 <= low_percentile < high_percentile <= 100, got "
