@@ -97,6 +97,23 @@ def test_pretrain_eval_skips_studies_without_report_and_covers_the_rest(source, 
   batches = list(_pretrain(source, tok, train=False))
   valid = np.concatenate([b["study_index"][b["valid"]] for b in batches])
   assert sorted(valid) == [i for i in range(NUM_STUDIES) if i not in NO_REPORT]
+  last = batches[-1]
+  assert not last["text_mask"][~last["valid"]].any()
+  assert (last["text_ids"][~last["valid"]] == tok.pad_id).all()
+
+
+def test_video_video_variant_needs_no_tokenizer(source):
+  batches = list(_pretrain(source, None, train=False, two_clips=True))
+  assert set(batches[0]) == {"video", "video2", "study_index", "valid"}
+  valid = np.concatenate([b["study_index"][b["valid"]] for b in batches])
+  assert sorted(valid) == list(range(NUM_STUDIES))  # reports are not needed
+  record = source[int(batches[0]["study_index"][0])]
+  bag = pipeline.bag_indices(record.views, record.slice_index, record.num_cines)
+  clips = pipeline.ClipMaker(IMAGE, FRAMES, pipeline.AugmentConfig())
+  np.testing.assert_array_equal(batches[0]["video"][0], clips(record.frames[bag[0]], None))
+  np.testing.assert_array_equal(batches[0]["video2"][0], clips(record.frames[bag[1]], None))
+  with pytest.raises(ValueError, match="needs a tokenizer"):
+    _pretrain(source, None)
 
 
 def test_finetune_batches_and_bags(source):

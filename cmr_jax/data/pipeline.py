@@ -9,12 +9,12 @@ threaded reads and, with worker_count > 0, `mp_prefetch` worker processes. Itera
 Batches are dicts of numpy arrays. Videos stay uint8 grey without a channel axis (the model
 converts to float and copies grey to 3 channels):
   pre-training: video uint8 [B, T, H, W] (+ video2 with two_clips), text_ids / text_mask int32
-    [B, L], study_index int32 [B], valid bool [B]
+    [B, L] (absent without a tokenizer), study_index int32 [B], valid bool [B]
   fine-tuning: video uint8 [B, K, T, H, W], mask bool [B, K], view int32 [B, K] (VIEW_CODES,
     -1 at padding), lvef float32 [B], study_index int32 [B], valid bool [B]
 At eval every study of the shard appears exactly once: the index list is padded to whole
 batches (and to the same number of batches on every process) with padding rows that have
-valid=False, study_index=-1, lvef=0 and zero pixels. At eval, studies without labels are kept
+valid=False, study_index=-1, zero pixels, lvef=0, text mask 0 (ids [PAD]). At eval, studies without labels are kept
 with lvef=NaN (prediction on unlabelled data); at train they are filtered out. `study_index` is
 the study's index in `source`.
 
@@ -203,10 +203,13 @@ class _IndexedSource:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainExample:
-  """(index, record) -> pre-training example: one random cine (two with two_clips) + report."""
+  """(index, record) -> pre-training example: one random cine (two with two_clips) + report.
+
+  Without a tokenizer (the video-video variant) the example has no text fields.
+  """
 
   clips: ClipMaker
-  tokenizer: tokenizer_lib.TextTokenizer
+  tokenizer: tokenizer_lib.TextTokenizer | None
   max_text_len: int
   max_sentences: int | None
   two_clips: bool
@@ -214,25 +217,28 @@ class PretrainExample:
   def __call__(self, element: tuple[int, types.StudyRecord | None],
                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     index, record = element
+    count = 2 if self.two_clips else 1
     shape = (self.clips.num_frames, self.clips.image_size, self.clips.image_size)
+    example = {"study_index": np.int32(index), "valid": np.bool_(record is not None)}
     if record is None:
-      videos = [np.zeros(shape, np.uint8)] * (2 if self.two_clips else 1)
-      ids = mask = np.zeros(self.max_text_len, np.int32)
+      videos = [np.zeros(shape, np.uint8)] * count
     else:
-      count = 2 if self.two_clips else 1
       if rng is not None:
         picks = rng.choice(record.num_cines, count, replace=record.num_cines < count)
       else:  # fixed: the first cines in bag order (4CH first when present)
         order = bag_indices(record.views, record.slice_index, record.num_cines)
         picks = [order[k % len(order)] for k in range(count)]
       videos = [self.clips(record.frames[i], rng) for i in picks]
-      text_ids, text_mask = self.tokenizer.encode([record.report], self.max_text_len,
-                                                  self.max_sentences)
-      ids, mask = text_ids[0], text_mask[0]
-    example = {"video": videos[0], "text_ids": ids, "text_mask": mask,
-               "study_index": np.int32(index), "valid": np.bool_(record is not None)}
+    example["video"] = videos[0]
     if self.two_clips:
       example["video2"] = videos[1]
+    if self.tokenizer is not None:
+      if record is None:
+        ids = np.full((1, self.max_text_len), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((1, self.max_text_len), np.int32)
+      else:
+        ids, mask = self.tokenizer.encode([record.report], self.max_text_len, self.max_sentences)
+      example["text_ids"], example["text_mask"] = ids[0], mask[0]
     return example
 
 
@@ -326,7 +332,8 @@ def _dataset(source: Source, indices: tuple[int, ...], example_fn: Any, *, batch
 
 
 def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_size: int,
-                     tokenizer: tokenizer_lib.TextTokenizer, max_text_len: int, seed: int,
+                     tokenizer: tokenizer_lib.TextTokenizer | None, max_text_len: int,
+                     seed: int,
                      train: bool = True, shard_index: int = 0, shard_count: int = 1,
                      num_epochs: int | None = None, worker_count: int = 0,
                      two_clips: bool = False, max_sentences: int | None = None,
@@ -339,7 +346,8 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
     image_size: output H = W.
     num_frames: output T (resampled over the cycle when it differs from the stored count).
     batch_size: per-process batch size B.
-    tokenizer: report tokenizer.
+    tokenizer: report tokenizer; None for the video-video variant (two_clips=True), whose
+      batches have no text fields and which keeps studies without a report.
     max_text_len: L.
     seed: shuffling and augmentation seed.
     train: random order, cine choice and augmentation, endless by default; else one
@@ -358,9 +366,11 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
   Returns:
     An IterDataset of batches (see the module docstring).
   """
+  if tokenizer is None and not two_clips:
+    raise ValueError("pre-training needs a tokenizer (video-text) or two_clips=True (video-video)")
   what = f"pre-training {'train' if train else 'eval'} data"
-  keep = _select(study_metadata(source), need_labels=False, need_report=True, label_fraction=1.0,
-                 what=what)
+  keep = _select(study_metadata(source), need_labels=False, need_report=tokenizer is not None,
+                 label_fraction=1.0, what=what)
   indices = _shard_indices(keep, train=train, batch_size=batch_size, shard_index=shard_index,
                            shard_count=shard_count)
   example = PretrainExample(ClipMaker(image_size, num_frames, augment), tokenizer, max_text_len,
