@@ -111,7 +111,7 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
                                       dicom_io.SKIPPED, reason) for r in spec.files], reason)
   identifiers = (assembled.identifiers + spec.path_parts +
                  (spec.key, spec.subject_key, assembled.study_uid))
-  scrub = lambda text: pseudonym.scrub_text(text, identifiers)
+  scrub = pseudonym.make_scrubber(identifiers)
   cines = [dataclasses.replace(c, series_description=scrub(c.series_description))
            for c in assembled.cines]
   rows = []
@@ -246,12 +246,21 @@ def _finished_parts(output: str, cfg: preprocess.PreprocessConfig) -> list[tuple
   return finished
 
 
-def _apply_build_outcome(rows: list[FileRow], summary: records.BuildSummary) -> list[FileRow]:
-  """Marks the files of studies (or cines) the build did not store as skipped, with why."""
-  failed = {s["item"]: s["reason"] for s in summary.skipped}
-  duplicate = {d["item"]: d["duplicate_of"] for d in summary.duplicates}
+def mark_unconverted(rows: list[FileRow], *, failed: dict[str, str] | None = None,
+                     duplicates: dict[str, str] | None = None,
+                     skipped_cines: Sequence[str] = ()) -> list[FileRow]:
+  """Marks the used files of studies (or cines) that got no record as skipped, with why.
+
+  Args:
+    rows: file rows of `load_study`.
+    failed: reason by study pseudonym, for studies whose preprocessing failed.
+    duplicates: the earlier study by study pseudonym, for studies with the same pixels.
+    skipped_cines: preprocessing's messages for cines it left out
+      ("study <id>, series <name>: <reason>").
+  """
+  failed, duplicates = failed or {}, duplicates or {}
   left_out = {}
-  for message in summary.skipped_cines:  # "study <id>, series <name>: <reason>"
+  for message in skipped_cines:
     head, _, reason = message.partition(": ")
     study, _, cine = head.partition(", series ")
     left_out[(study.removeprefix("study "), cine)] = reason
@@ -260,8 +269,8 @@ def _apply_build_outcome(rows: list[FileRow], summary: records.BuildSummary) -> 
     reason = ""
     if r.study in failed:
       reason = f"study not converted: {failed[r.study]}"
-    elif r.study in duplicate:
-      reason = f"study not converted: same pixels as study {duplicate[r.study]}"
+    elif r.study in duplicates:
+      reason = f"study not converted: same pixels as study {duplicates[r.study]}"
     elif (r.study, r.cine) in left_out:
       reason = f"cine left out by preprocessing: {left_out[(r.study, r.cine)]}"
     if reason and r.status == dicom_io.USED:
@@ -307,7 +316,9 @@ def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOpti
     else:  # the loader died before reporting (e.g. a worker crash): the files were not used
       rows += [FileRow(file_pseudonym(r, opts.input, opts.salt), study_id, "",
                        dicom_io.SKIPPED, "study not converted: loader failed") for r in spec.files]
-  rows = _apply_build_outcome(rows, summary)
+  rows = mark_unconverted(rows, failed={s["item"]: s["reason"] for s in summary.skipped},
+                          duplicates={d["item"]: d["duplicate_of"] for d in summary.duplicates},
+                          skipped_cines=summary.skipped_cines)
   shutil.rmtree(rows_dir)
   base = os.path.join(opts.output, PARTS, PART_NAME.format(index=index))
   _write_manifest(base + MANIFEST_SUFFIX, rows)
@@ -317,37 +328,43 @@ def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOpti
   return summary, rows
 
 
-def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.PreprocessConfig,
-                 extra_info: dict) -> dict[str, int]:
-  """Writes the union of the parts as one dataset (`dataset_info.json`, `{split}.index.json`)."""
-  split_files: dict[str, list[str]] = collections.defaultdict(list)
-  split_lengths: dict[str, list[int]] = collections.defaultdict(list)
-  split_index: dict[str, list[dict]] = collections.defaultdict(list)
-  skipped, duplicates, skipped_cines = [], [], []
-  num_items = 0
-  for index in part_indices:
-    part = _part_dir(output, index)
-    info = records.read_dataset_info(part)
-    num_items += info["num_items"]
-    skipped += info["skipped"]
-    duplicates += info["duplicates"]
-    skipped_cines += info["skipped_cines"]
-    rel = os.path.relpath(part, output)
-    for split, split_info in info["splits"].items():
-      split_files[split] += [os.path.join(rel, f) for f in split_info["files"]]
-      split_lengths[split] += split_info["shard_lengths"]
-      split_index[split] += records.load_index(part, split)
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """One written ArrayRecord shard of a dataset: its split, path and per-record metadata."""
+
+  split: str
+  path: str  # relative to the dataset folder
+  index: list[dict]  # `records.record_metadata` of its records, in file order
+
+
+def write_catalogue(output: str, shards: Sequence[Shard], cfg: preprocess.PreprocessConfig, *,
+                    num_items: int, skipped: list, skipped_cines: list, duplicates: list,
+                    extra: dict) -> dict[str, int]:
+  """Writes `dataset_info.json` and `{split}.index.json` describing the given shards as one
+  dataset readable by `records.open_split` (shard paths may point into sub-folders).
+
+  Records with the same pixels in two shards are listed under duplicates (both kept: each
+  shard's build deduplicated only its own records).
+
+  Returns:
+    Records per split.
+  """
+  by_split: dict[str, list[Shard]] = collections.defaultdict(list)
+  for shard in shards:
+    by_split[shard.split].append(shard)
   for name in os.listdir(output):
     if name.endswith(records.INDEX_SUFFIX):
       os.remove(os.path.join(output, name))
   splits_info, label_stats = {}, {}
   first_of_checksum: dict[str, str] = {}
-  for split in sorted(split_files):
-    index = split_index[split]
+  duplicates = list(duplicates)
+  for split in sorted(by_split):
+    index = [m for shard in by_split[split] for m in shard.index]
     with open(os.path.join(output, split + records.INDEX_SUFFIX), "w") as f:
       json.dump(index, f, indent=1, allow_nan=False)
     splits_info[split] = {
-        "files": split_files[split], "shard_lengths": split_lengths[split],
+        "files": [s.path for s in by_split[split]],
+        "shard_lengths": [len(s.index) for s in by_split[split]],
         "num_records": len(index),
         "sites": dict(sorted(collections.Counter(m["site"] for m in index).items())),
         "subjects": len({m["subject_id"] for m in index}),
@@ -358,20 +375,43 @@ def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.Prepr
       label_stats[split][key] = {
           "n": int(values.size), "mean": float(values.mean()) if values.size else None,
           "sd": float(values.std(ddof=1)) if values.size > 1 else None}
-    for m in index:  # duplicates across parts are kept (each part was deduplicated)
+    for m in index:
       if m["checksum"] in first_of_checksum:
         duplicates.append({"item": m["study_id"], "study_id": m["study_id"],
                            "duplicate_of": first_of_checksum[m["checksum"]],
-                           "note": "in another part: kept"})
+                           "note": "in another shard: kept"})
       first_of_checksum.setdefault(m["checksum"], m["study_id"])
   with open(os.path.join(output, records.DATASET_INFO), "w") as f:
     json.dump({"builder_version": records.BUILDER_VERSION,
                "record_format": records.RECORD_FORMAT, "preprocess": cfg.to_dict(),
                "num_items": num_items, "splits": splits_info, "label_stats": label_stats,
                "skipped": skipped, "skipped_cines": skipped_cines, "duplicates": duplicates,
-               "parts": [PART_NAME.format(index=i) for i in part_indices], **extra_info},
-              f, indent=1, allow_nan=False)
+               **extra}, f, indent=1, allow_nan=False)
   return {s: i["num_records"] for s, i in splits_info.items()}
+
+
+def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.PreprocessConfig,
+                 extra: dict) -> dict[str, int]:
+  """Describes the union of the parts as one dataset (`write_catalogue`)."""
+  shards, skipped, duplicates, skipped_cines = [], [], [], []
+  num_items = 0
+  for index in part_indices:
+    part = _part_dir(output, index)
+    info = records.read_dataset_info(part)
+    num_items += info["num_items"]
+    skipped += info["skipped"]
+    duplicates += info["duplicates"]
+    skipped_cines += info["skipped_cines"]
+    rel = os.path.relpath(part, output)
+    for split, split_info in info["splits"].items():
+      metadata = records.load_index(part, split)
+      starts = np.cumsum([0] + split_info["shard_lengths"])
+      shards += [Shard(split, os.path.join(rel, name), metadata[starts[i]:starts[i + 1]])
+                 for i, name in enumerate(split_info["files"])]
+  return write_catalogue(
+      output, shards, cfg, num_items=num_items, skipped=skipped, skipped_cines=skipped_cines,
+      duplicates=duplicates, extra={"parts": [PART_NAME.format(index=i) for i in part_indices],
+                                    **extra})
 
 
 def _write_path_key(path: str, discovery: layouts.Discovery, opts: IngestOptions) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 SALT_ENV_VAR = "CMR_JAX_SALT"
 # Public, hence not secret: only for demos on synthetic data (`allow_default_salt`).
@@ -75,24 +75,30 @@ def _date_variants(value: str) -> list[str]:
 def identifier_strings(values: Iterable[str]) -> list[str]:
   """Expands identifying values into the strings to search for in free text.
 
-  Person names (DICOM PN `FAMILY^GIVEN^MIDDLE`) are split into their parts, dates into common
-  spellings; empty values and parts shorter than three characters are dropped.
+  Person names (DICOM PN `FAMILY^GIVEN^MIDDLE`) are split into their components, dates
+  (`YYYYMMDD`) expanded into common spellings; empty values and parts shorter than three
+  characters are dropped. Other values (institution names, IDs) are searched as a whole.
   """
   found = set()
   for value in values:
     value = str(value or "").strip()
-    parts = [value] + re.split(r"[\^=\s,]+", value) if "^" in value or " " in value else [value]
-    for part in parts:
+    for part in [value] + re.split(r"[\^=]+", value):
       for variant in _date_variants(part.strip()):
         if len(variant) >= _MIN_SCRUB_CHARS:
           found.add(variant)
   return sorted(found, key=len, reverse=True)
 
 
+def make_scrubber(identifiers: Iterable[str]) -> Callable[[str], str]:
+  """A function replacing every occurrence (case-insensitive) of the identifying strings
+  (expanded by `identifier_strings`) by `REDACTED`; build once per study, apply to many texts."""
+  strings = identifier_strings(identifiers)
+  if not strings:
+    return lambda text: text
+  pattern = re.compile("|".join(re.escape(s) for s in strings), re.IGNORECASE)
+  return lambda text: pattern.sub(REDACTED, text) if text else text
+
+
 def scrub_text(text: str, identifiers: Iterable[str]) -> str:
   """Replaces every occurrence (case-insensitive) of the identifying strings by `REDACTED`."""
-  strings = identifier_strings(identifiers)
-  if not strings or not text:
-    return text
-  pattern = re.compile("|".join(re.escape(s) for s in strings), re.IGNORECASE)
-  return pattern.sub(REDACTED, text)
+  return make_scrubber(identifiers)(text)
