@@ -65,7 +65,9 @@ def test_convert_study_is_the_local_per_study_function(local_run):
 def test_beam_direct_runner_writes_the_same_dataset(local_run, tmp_path):
   pytest.importorskip("apache_beam", reason="optional extra: pip install -e '.[beam]'")
   opts = dataclasses.replace(local_run, output=str(tmp_path / "beam"), num_shards=2)
-  beam_ingest.run_beam_ingest(opts)
+  summary = beam_ingest.run_beam_ingest(opts)
+  assert (summary.num_studies, summary.converted, summary.skipped_studies) == (3, 2, 1)
+  assert summary.files_in == summary.files_used + summary.files_skipped
   beam, local = _records(opts.output), _records(local_run.output)
   assert sorted(beam) == sorted(local)
   assert all(beam[k].checksum == local[k].checksum for k in local)

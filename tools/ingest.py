@@ -48,6 +48,13 @@ _FRAMES = flags.DEFINE_integer("frames", _DEFAULTS.num_frames, "Stored frames pe
 _PATH_KEY = flags.DEFINE_string(
     "path_key", "", "Optional private CSV (outside --output) mapping file pseudonyms to paths.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild instead of resuming.")
+_ENGINE = flags.DEFINE_enum(
+    "engine", "local", ["local", "beam"],
+    "local: worker processes on this machine (resumable); beam: an Apache Beam pipeline "
+    "(pip install -e '.[beam]'), runner and its options from --beam_args.")
+_BEAM_ARGS = flags.DEFINE_string(
+    "beam_args", "", "Beam pipeline options, space-separated (e.g. '--runner=DataflowRunner "
+    "--project=... --region=... --temp_location=gs://...'); default: the direct runner.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -61,11 +68,16 @@ def main(argv: Sequence[str]) -> None:
     logging.warning("using the public demo salt: pseudonyms are NOT protected (demo data only)")
   cfg = dataclasses.replace(_DEFAULTS, size=_SIZE.value, spacing_mm=_SPACING.value,
                             num_frames=_FRAMES.value)
-  summary = ingest.run_ingest(ingest.IngestOptions(
+  options = ingest.IngestOptions(
       layout=_LAYOUT.value, input=_INPUT.value, output=_OUTPUT.value, salt=salt,
       labels=_LABELS.value, reports=_REPORTS.value, site=_SITE.value, external=_EXTERNAL.value,
       workers=_WORKERS.value, chunk_studies=_CHUNK.value, num_shards=_SHARDS.value,
-      preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value))
+      preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value)
+  if _ENGINE.value == "beam":
+    from cmr_jax.data import beam_ingest  # pylint: disable=import-outside-toplevel
+    summary = beam_ingest.run_beam_ingest(options, _BEAM_ARGS.value.split())
+  else:
+    summary = ingest.run_ingest(options)
   print(f"files: {summary.files_in} in = {summary.files_used} used + {summary.files_skipped} "
         f"skipped; studies: {summary.num_studies} found, {summary.converted} converted now, "
         f"{summary.resumed} resumed, {summary.skipped_studies} without a record; "

@@ -23,8 +23,10 @@ import dataclasses
 import hashlib
 import io
 import os
+import time
 from collections.abc import Sequence
 
+from absl import logging
 from array_record.python import array_record_module
 
 from cmr_jax.data import dicom_io
@@ -146,14 +148,30 @@ def build_pipeline(pipeline, discovery: layouts.Discovery, opts: ingest.IngestOp
            header=",".join(ingest.MANIFEST_COLUMNS)))
 
 
-def run_beam_ingest(opts: ingest.IngestOptions, pipeline_args: Sequence[str] = ()) -> None:
+def run_beam_ingest(opts: ingest.IngestOptions,
+                    pipeline_args: Sequence[str] = ()) -> ingest.IngestSummary:
   """Discovers the studies and runs the Beam ingest (direct runner unless `pipeline_args` say
-  otherwise, e.g. `--runner=DataflowRunner ...`)."""
+  otherwise, e.g. `--runner=DataflowRunner ...`). Not resumable: Beam retries failed work."""
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
 
+  start = time.monotonic()
   os.makedirs(opts.output, exist_ok=True)
   discovery = layouts.discover(opts.layout, opts.input, labels=opts.labels, reports=opts.reports,
                                site=opts.site, workers=opts.workers)
   with beam.Pipeline(options=pipeline_options.PipelineOptions(list(pipeline_args))) as p:
     build_pipeline(p, discovery, opts)
+  elapsed = time.monotonic() - start
+  rows = ingest.read_manifest(os.path.join(opts.output, ingest.MANIFEST))
+  used = sum(r["status"] == dicom_io.USED for r in rows)
+  info = records.read_dataset_info(opts.output)
+  counts = {s: i["num_records"] for s, i in info["splits"].items()}
+  summary = ingest.IngestSummary(
+      output=os.path.abspath(opts.output), num_studies=len(discovery.specs),
+      converted=sum(counts.values()), resumed=0, skipped_studies=len(info["skipped"]),
+      counts=counts, files_in=len(rows), files_used=used, files_skipped=len(rows) - used,
+      elapsed_s=elapsed, studies_per_s=len(discovery.specs) / elapsed)
+  logging.info("beam ingest: %d studies in %.1f s (%.2f studies/s); files: %d in = %d used + "
+               "%d skipped", summary.num_studies, elapsed, summary.studies_per_s,
+               summary.files_in, used, summary.files_skipped)
+  return summary
