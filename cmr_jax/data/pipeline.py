@@ -117,10 +117,7 @@ def bag_indices(views: list[str], slice_index: np.ndarray, max_instances: int) -
 def _crop_matrices(stored: int, out: int, side: float, center: tuple[float, float],
                    flip: bool) -> tuple[np.ndarray, np.ndarray]:
   """Row [out, stored] and column [out, stored] matrices taking a side x side crop to out x out."""
-  scale = out / side
-  half = (out - 1) / 2.0
-  rows = preprocess.resample_matrix(stored, out, scale, center[0] - half / scale)
-  cols = preprocess.resample_matrix(stored, out, scale, center[1] - half / scale)
+  rows, cols = (preprocess.centered_resample_matrix(stored, out, out / side, c) for c in center)
   return rows, (cols[::-1] if flip else cols)
 
 

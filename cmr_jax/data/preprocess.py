@@ -146,6 +146,11 @@ def resample_matrix(n_in: int, n_out: int, scale: float, start: float) -> np.nda
   return (weights * inside[:, None]).astype(np.float32)
 
 
+def centered_resample_matrix(n_in: int, n_out: int, scale: float, center: float) -> np.ndarray:
+  """`resample_matrix` whose n_out outputs are centred on input index `center`."""
+  return resample_matrix(n_in, n_out, scale, center - (n_out - 1) / 2.0 / scale)
+
+
 def apply_along_first(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
   """weights [M, N] applied along the first axis of x [N, ...] -> [M, ...].
 
@@ -295,11 +300,9 @@ def _image_center(cine: types.Cine) -> tuple[float, float]:
 def _crop(phases: np.ndarray, pixel_spacing: tuple[float, float], center: tuple[float, float],
           cfg: PreprocessConfig) -> np.ndarray:
   """Resamples [T, H, W] to cfg.spacing_mm and crops/pads a cfg.size square about `center`."""
-  half = (cfg.size - 1) / 2.0
-  mats = []
-  for axis, (spacing, mid) in enumerate(zip(pixel_spacing, center)):
-    scale = float(spacing) / cfg.spacing_mm
-    mats.append(resample_matrix(phases.shape[axis + 1], cfg.size, scale, mid - half / scale))
+  mats = [centered_resample_matrix(phases.shape[axis + 1], cfg.size,
+                                   float(spacing) / cfg.spacing_mm, mid)
+          for axis, (spacing, mid) in enumerate(zip(pixel_spacing, center))]
   return resample_frames(phases, *mats)  # [T, S, S]
 
 
