@@ -113,6 +113,14 @@ def test_build_with_workers_writes_the_same_files_and_survives_a_dying_worker(tm
       assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
 
 
+def test_a_failing_split_rule_skips_that_record_only(tmp_path):
+  lookup = {"fake-0-0000": "train"}
+  summary = records.build_dataset(_items()[:2], str(tmp_path), cfg=CFG,
+                                  split_fn=lambda r: lookup[r.subject_id])
+  assert summary.counts == {"train": 1}
+  assert summary.skipped == [{"item": "s1", "reason": "split: KeyError: 'fake-0-0001'"}]
+
+
 def test_rebuild_replaces_previous_dataset(tmp_path):
   items = _items()
   records.build_dataset(items, str(tmp_path), cfg=CFG, split_fn=_split_by_name, num_shards=2)

@@ -330,11 +330,12 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
         split = str(split_fn(record))
       except Exception as e:  # a split rule failing on one record skips that record only
         skipped.append({"item": built.name, "reason": f"split: {type(e).__name__}: {e}"})
-        continue
-      first_of_checksum[record.checksum] = record.study_id
-      if split not in writers:
-        writers[split] = _SplitWriter(staging, split, num_shards, writer_options)
-      writers[split].write(record)
+        logging.warning("skipped %s: %s", built.name, skipped[-1]["reason"])
+      else:
+        first_of_checksum[record.checksum] = record.study_id
+        if split not in writers:
+          writers[split] = _SplitWriter(staging, split, num_shards, writer_options)
+        writers[split].write(record)
     now = time.monotonic()
     if now - last_log >= log_every_s or done == total:
       rate = done / max(now - start, 1e-9)
