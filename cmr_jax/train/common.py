@@ -38,7 +38,7 @@ class TrainState(struct.PyTreeNode):
 
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh, rng: jax.Array,
-                       params: Any | None = None) -> tuple[TrainState, Any]:
+                       overrides: Mapping[str, Any] | None = None) -> tuple[TrainState, Any]:
   """Creates the state directly in its shardings; returns (state, state shardings).
 
   Args:
@@ -46,14 +46,15 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
     tx: the optimizer.
     mesh: device mesh.
     rng: init key.
-    params: optional parameters to start from instead of `init_params` (same structure); they
-      are placed onto the shardings derived from the annotations.
+    overrides: top-level parameter subtrees (e.g. a pre-trained encoder) that replace the fresh
+      initialisation; each is placed onto the shardings derived from the annotations.
   """
-  fresh, param_shardings = sharding.init_sharded(init_params, rng, mesh)
-  if params is not None:
-    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, param_shardings)
-  else:
-    params = fresh
+  params, param_shardings = sharding.init_sharded(init_params, rng, mesh)
+  if overrides:
+    params = dict(params)
+    for name, subtree in overrides.items():
+      params[name] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), subtree,
+                                  param_shardings[name])
   with sharding.mesh_rules(mesh):
     opt_state = jax.jit(tx.init)(params)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32),

@@ -1,0 +1,44 @@
+r"""The cmr-jax entry point: pre-train, fine-tune or evaluate, driven by an ml_collections config.
+
+  python -m cmr_jax.main --mode=pretrain --config=configs/synthetic_pretrain.py --workdir=runs/pt
+  python -m cmr_jax.main --mode=finetune --config=configs/synthetic_finetune.py --workdir=runs/ft \
+      --config.init=pretrain:runs/pt
+
+Multi-host: `--distributed=auto` joins the processes of a TPU pod or a SLURM job through
+`jax.distributed.initialize()` (cluster detection); `--coordinator_address`, `--num_processes` and
+`--process_id` set it by hand. Every process runs the same command on shared storage.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from cmr_jax import logs
+from cmr_jax.train import distributed
+from cmr_jax.train import finetune
+from cmr_jax.train import pretrain
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, logs)")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune"], "what to run")
+flags.mark_flags_as_required(["config", "workdir"])
+
+TRAINERS = {"pretrain": pretrain.train_and_evaluate, "finetune": finetune.train_and_evaluate}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.setup()
+  distributed.initialize_from_flags()
+  logging.info("process %d of %d, %d devices (%d local): %s", jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.local_device_count(),
+               jax.devices()[0].device_kind)
+  result = TRAINERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
+  logging.info("done: %s", result)
+
+
+if __name__ == "__main__":
+  app.run(main)

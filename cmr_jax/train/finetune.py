@@ -1,0 +1,309 @@
+"""LVEF fine-tuning: a (pre-trained) video encoder under a gated-attention MIL head, Huber loss.
+
+Modes (which parameters train; the rest are frozen and carry no optimizer state):
+  linear     the MIL head and regressor only
+  finetune   the head, regressor and `video_proj` (768 -> 512): the paper's setting
+  transfer   everything, the encoder included
+The encoder comes from a pre-training run (`config.init="pretrain:WORKDIR"`) or a random
+initialisation (`"random"`, the from-scratch baseline). Labels may be subsampled by subject
+(`config.data.label_fraction`). Validation MAE is computed every `eval_every` steps; the best
+checkpoint is kept in `{workdir}/best` and training stops early after `patience` evaluations
+without improvement.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cmr_jax import losses
+from cmr_jax import sharding
+from cmr_jax.data import pipeline
+from cmr_jax.data import records
+from cmr_jax.data import splits
+from cmr_jax.models import configs as model_configs
+from cmr_jax.train import checkpoint as checkpoint_lib
+from cmr_jax.train import common
+from cmr_jax.train import metrics as metrics_lib
+from cmr_jax.train import optim
+from cmr_jax.train import pretrain
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+ENCODER_PARAMS = ("video_encoder", "video_proj")
+TRAINABLE_BY_MODE = {
+    "linear": (r"^mil/", r"^regressor/"),
+    "finetune": (r"^mil/", r"^regressor/", r"^video_proj/"),
+    "transfer": (r".*",),
+}
+
+
+def label_mean(data_dir: str, split: str, fraction: float) -> float:
+  """Mean LVEF of the labelled training studies kept at `fraction` (the regressor's bias init)."""
+  values = [m["lvef"] for m in records.load_index(data_dir, split)
+            if m["lvef"] is not None and splits.in_label_fraction(
+                m["subject_id"], fraction, pipeline.LABEL_FRACTION_SALT)]
+  if not values:
+    raise ValueError(f"no labelled study in split {split!r} of {data_dir} at label fraction "
+                     f"{fraction}: fine-tuning needs LVEF labels")
+  return float(np.mean(values))
+
+
+def build_model(config: ml_collections.ConfigDict, mean: float):
+  """The LVEF regressor of `config.model` with its bias at `mean`."""
+  m = config.model
+  if config.mode not in TRAINABLE_BY_MODE:
+    raise ValueError(f"unknown fine-tuning mode {config.mode!r}; expected one of "
+                     f"{sorted(TRAINABLE_BY_MODE)}")
+  return model_configs.lvef_regressor(
+      m.video, label_mean=mean, train_encoder=config.mode == "transfer", proj_dim=m.embed_dim,
+      dtype=m.dtype, remat=m.remat, **dict(m.get("video_overrides", {})))
+
+
+def load_pretrained_encoder(init: str, abstract_params: Any) -> dict[str, Any] | None:
+  """Encoder and projection parameters from `init` ("random" or "pretrain:WORKDIR[:STEP]").
+
+  Raises:
+    ValueError: on an unknown init, or parameters whose names or shapes do not match the model.
+  """
+  if init == "random":
+    return None
+  kind, _, rest = init.partition(":")
+  if kind != "pretrain" or not rest:
+    raise ValueError(f"unknown init {init!r}; expected 'random' or 'pretrain:WORKDIR[:STEP]'")
+  workdir, _, step = rest.partition(":")
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, pretrain.CHECKPOINT_DIR),
+                                     async_save=False)
+  step_ = int(step) if step else ckpt.latest_step()
+  ckpt.close()
+  if step_ is None:
+    raise FileNotFoundError(f"no pre-training checkpoint in {workdir}/{pretrain.CHECKPOINT_DIR}")
+  path = os.path.join(workdir, pretrain.CHECKPOINT_DIR, str(step_), checkpoint_lib.STATE)
+  restored = ocp.StandardCheckpointer().restore(path)
+  params = restored["params"]
+  out = {}
+  for name in ENCODER_PARAMS:
+    if name not in params:
+      raise ValueError(f"{path} has no {name!r} parameters (has {sorted(params)})")
+    want = jax.tree.map(lambda x: x.shape, abstract_params[name])
+    got = jax.tree.map(lambda x: np.shape(x), params[name])
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise ValueError(f"the {name} parameters in {path} do not match config.model "
+                       f"({config_mismatch(want, got)})")
+    out[name] = params[name]
+  logging.info("encoder initialised from %s (step %d)", workdir, step_)
+  return out
+
+
+def config_mismatch(want: Any, got: Any) -> str:
+  """A short description of the first differences between two shape trees."""
+  flat_w = {optim.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(want)}
+  flat_g = {optim.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(got)}
+  diffs = [f"{k}: model {flat_w.get(k)} vs checkpoint {flat_g.get(k)}"
+           for k in sorted(set(flat_w) | set(flat_g)) if flat_w.get(k) != flat_g.get(k)]
+  return "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
+
+
+def make_train_step(model, tx, huber_delta: float):
+  """(state, batch, key) -> (state, metrics): one Huber step on LVEF (percent)."""
+
+  def train_step(state: common.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
+    rng = common.step_key(base_key, state.step)
+
+    def loss_fn(params):
+      pred, _ = model.apply({"params": params}, batch["video"], batch["mask"], train=True,
+                            rngs={"dropout": rng})
+      return losses.huber_loss(pred, batch["lvef"], delta=huber_delta), pred
+
+    (loss, pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    out = {"loss": loss, "mae": jnp.mean(jnp.abs(pred - batch["lvef"])),
+           "grad_norm": optim.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+
+  return train_step
+
+
+def make_predict_fn(model):
+  """(params, batch) -> (lvef [B], attention weights [B, K])."""
+
+  def predict(params, batch):
+    return model.apply({"params": params}, batch["video"], batch["mask"], train=False)
+
+  return predict
+
+
+def predict_split(predict_fn, params, source, config, mesh) -> dict[str, np.ndarray]:
+  """One deterministic pass over `source`: per-study predictions, labels and attention."""
+  d = config.data
+  ds = pipeline.finetune_dataset(
+      source, image_size=d.image_size, num_frames=d.num_frames,
+      batch_size=common.per_process_batch(config.eval_batch_size),
+      max_instances=d.max_instances, seed=0, train=False, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+  cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                       ("study_index", "lvef", "pred", "attention", "view")}
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
+  for batch in common.global_batches(iter(ds), mesh):
+    pred, attention = predict_fn(params, batch)
+    valid = gather(batch["valid"])
+    for key, value in (("study_index", batch["study_index"]), ("lvef", batch["lvef"]),
+                       ("pred", pred), ("attention", attention), ("view", batch["view"])):
+      cols[key].append(gather(value)[valid])
+  out = {k: np.concatenate(v) for k, v in cols.items()}
+  order = np.argsort(out["study_index"], kind="stable")
+  return {k: v[order] for k, v in out.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs or resumes fine-tuning in `workdir`; returns final and best validation metrics."""
+  common.save_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  d = config.data
+  train_source = records.open_split(d.dir, d.train_split)
+  mean = label_mean(d.dir, d.train_split, d.label_fraction)
+  model = build_model(config, mean)
+  train_ds = pipeline.finetune_dataset(
+      train_source, image_size=d.image_size, num_frames=d.num_frames,
+      batch_size=common.per_process_batch(config.batch_size), max_instances=d.max_instances,
+      seed=config.seed, train=True, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), worker_count=d.worker_count,
+      label_fraction=d.label_fraction)
+  data_iter = iter(train_ds)
+
+  example = (jnp.zeros((1, d.max_instances, d.num_frames, d.image_size, d.image_size), jnp.uint8),
+             jnp.ones((1, d.max_instances), bool))
+  init_params = lambda rng: model.init(rng, *example)["params"]  # noqa: E731
+  abstract_params = common.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+  o = config.optim
+  tx, schedule = optim.make_optimizer(
+      abstract_params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
+      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
+      trainable_patterns=TRAINABLE_BY_MODE[config.mode])
+  state, state_shardings = common.create_train_state(
+      init_params, tx, mesh, jax.random.key(config.seed),
+      overrides=load_pretrained_encoder(config.init, abstract_params))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                     max_to_keep=config.checkpoint.keep_last,
+                                     async_save=config.checkpoint.async_save)
+  best = checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), max_to_keep=1,
+                                     async_save=False, best_metric="val_mae", best_mode="min")
+  if ckpt.latest_step() is not None:
+    step, state = ckpt.restore(checkpoint_lib.abstract_like(state), data_iter)
+    logging.info("resumed from step %d of %s", step, ckpt.directory)
+  n_train = optim.count_params(jax.tree.map(
+      lambda p, l: p if l == optim.TRAINABLE else np.zeros(0),
+      state.params, optim.trainable_labels(state.params, TRAINABLE_BY_MODE[config.mode])))
+  logging.info("fine-tuning (%s, init %s): %d of %d parameters trainable; label mean %.2f",
+               config.mode, config.init, n_train, optim.count_params(state.params), mean)
+
+  base_key = jax.random.key(config.seed + 1)
+  with sharding.mesh_rules(mesh):
+    train_step = jax.jit(make_train_step(model, tx, config.huber_delta),
+                         in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    predict_fn = jax.jit(make_predict_fn(model))
+  writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps,
+                                    enabled=jax.process_index() == 0, name="finetune")
+  val_source = records.open_split(d.dir, d.eval_split)
+  preemption = common.Preemption()
+  step = int(state.step)
+  last_good = ckpt.latest_step()
+  best_mae, evals_since_best = np.inf, 0
+  if best.best_step() is not None:
+    best_mae = float(_read_best_mae(workdir))
+  final: dict[str, Any] = {}
+  t0 = time.time()
+  try:
+    while step < config.total_steps:
+      with sharding.mesh_rules(mesh):
+        state, out = train_step(state, sharding.shard_batch(next(data_iter), mesh), base_key)
+      step += 1
+      common.check_finite(step, float(out["loss"]), ckpt.directory, last_good)
+      if step % config.log_every == 0 or step == config.total_steps:
+        scalars = {k: float(v) for k, v in out.items()}
+        scalars.update(lr=float(schedule(step - 1)),
+                       bags_per_s=config.log_every * config.batch_size / max(time.time() - t0, 1e-9))
+        writer.write(step, scalars)
+        final.update(scalars)
+        t0 = time.time()
+      stop = preemption.requested()
+      if step % config.eval_every == 0 or step == config.total_steps:
+        with sharding.mesh_rules(mesh):
+          p = predict_split(predict_fn, state.params, val_source, config, mesh)
+        labelled = ~np.isnan(p["lvef"])
+        val_mae = float(np.mean(np.abs(p["pred"][labelled] - p["lvef"][labelled])))
+        writer.write(step, {"val_mae": val_mae})
+        final["val_mae"] = val_mae
+        if val_mae < best_mae:
+          best_mae, evals_since_best = val_mae, 0
+          best.save(step, state, metrics={"val_mae": val_mae}, force=True)
+          _write_best_mae(workdir, step, val_mae)
+        else:
+          evals_since_best += 1
+        if config.patience and evals_since_best >= config.patience:
+          logging.info("early stop at step %d: no val MAE improvement in %d evaluations "
+                       "(best %.3f)", step, config.patience, best_mae)
+          stop = True
+      if step % config.checkpoint.every == 0 or step == config.total_steps or stop:
+        ckpt.save(step, state, data_iter, force=True)
+        last_good = step
+      if stop:
+        break
+  finally:
+    ckpt.close()
+    best.close()
+    writer.close()
+    preemption.restore()
+  final.update(step=step, best_val_mae=best_mae)
+  return final
+
+
+def _write_best_mae(workdir: str, step: int, mae: float) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "best.json"), "w") as f:
+      f.write(f'{{"step": {step}, "val_mae": {mae!r}}}\n')
+
+
+def _read_best_mae(workdir: str) -> float:
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "best.json")) as f:
+    return json.load(f)["val_mae"]
+
+
+def restore_params(workdir: str, *, which: str = BEST_DIR) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, parameters) of a fine-tuning run: the best checkpoint by default, or "checkpoints"."""
+  config = common.load_config(workdir)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, which), async_save=False)
+  step = ckpt.latest_step()
+  ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, which)}")
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, which, str(step), checkpoint_lib.STATE))
+  return config, restored["params"]
+
+
+def predict_run(workdir: str, data_dir: str, split: str, *,
+                which: str = BEST_DIR) -> dict[str, np.ndarray]:
+  """Predictions of a fine-tuning run's checkpoint on one split of a dataset.
+
+  Returns per-study arrays sorted by study index: study_index, lvef (NaN if unlabelled), pred,
+  attention [N, K], view [N, K].
+  """
+  config, params = restore_params(workdir, which=which)
+  model = build_model(config, mean=0.0)  # the bias is a parameter: restored, not re-initialised
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  source = records.open_split(data_dir, split)
+  with sharding.mesh_rules(mesh):
+    return predict_split(jax.jit(make_predict_fn(model)), params, source, config, mesh)
