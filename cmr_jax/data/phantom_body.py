@@ -58,13 +58,6 @@ def heart_origin(heart: phantom_heart.Heart, model: phantom_heart.HeartModel) ->
   return -z_mid * heart_axes(heart)[2]
 
 
-def _ellipse_distance(dx: np.ndarray, dy: np.ndarray, ax: float, ay: float) -> np.ndarray:
-  """Approximate signed distance to an axis-aligned ellipse (an infinite elliptic cylinder)."""
-  tx, ty = dx * (1.0 / ax**2), dy * (1.0 / ay**2)
-  q2 = dx * tx + dy * ty
-  return (q2 - 1.0) / (2.0 * np.maximum(np.sqrt(tx * tx + ty * ty), 1e-6))
-
-
 def _static_box(lo, hi) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
 
@@ -86,9 +79,9 @@ def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
   z_dia = lowest - t.diaphragm_below_apex_mm
   big = 1e4
 
-  def cylinder(cx, cy, ax, ay):
-    return (lambda st, p: _ellipse_distance(p.x - cx, p.y - cy, ax, ay),
-            *_static_box([cx - ax, cy - ay, -big], [cx + ax, cy + ay, big]))
+  def cylinder(cx, cy, ax, ay, grow=0.0):  # box grown by `grow` for walls
+    return (lambda st, p: phantom_heart.ellipsoid_distance(p.x - cx, p.y - cy, 0.0, ax, ay, math.inf),
+            *_static_box([cx - ax - grow, cy - ay - grow, -big], [cx + ax + grow, cy + ay + grow, big]))
 
   def ellipsoid(cx, cy, cz, ax, ay, az):
     return (lambda st, p: phantom_heart.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax, ay, az),
@@ -97,9 +90,8 @@ def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
   lung_h = LUNG_HEIGHT_MM * t.lung_scale
   Layer = phantom_heart.Layer
   return [
-      Layer("body", "fat", *cylinder(bx, by, w, d)),
-      Layer("chest_wall", "muscle", *cylinder(bx, by, w - t.fat_mm, d - t.fat_mm)),
-      Layer("mediastinum", "tissue", *cylinder(bx, by, inner_w, inner_d)),
+      Layer("body", "tissue", *cylinder(bx, by, inner_w, inner_d, t.fat_mm + t.muscle_mm),
+            walls=((t.fat_mm + t.muscle_mm, "fat"), (t.muscle_mm, "muscle"))),
       Layer("paraspinal", "muscle", *cylinder(bx, back, *PARASPINAL_SEMI_AXES)),
       Layer("right_lung", "lung", *ellipsoid(bx - 0.52 * inner_w, by + 0.05 * inner_d,
                                              z_dia + 0.9 * lung_h, 0.38 * inner_w * t.lung_scale,

@@ -164,23 +164,31 @@ def _bump_moments(sharpness: int) -> tuple[float, float, float]:
 
 def _spheroid_distance(rho2: np.ndarray, dz: np.ndarray, a: np.ndarray, c: np.ndarray
                        ) -> np.ndarray:
-  """Approximate signed distance to rho^2/a^2 + dz^2/c^2 = 1: (q^2 - 1) / |grad q^2|."""
+  """Approximate signed distance to rho^2/a^2 + dz^2/c^2 = 1: (q - 1) / |grad q|.
+
+  Exact for spheres, first-order accurate at the surface, and growing linearly far from it.
+  """
   ia2 = 1.0 / (a * a)
   ic2 = 1.0 / (c * c)
   dz2 = dz * dz
-  q2 = rho2 * ia2 + dz2 * ic2
-  grad = np.sqrt(rho2 * (ia2 * ia2) + dz2 * (ic2 * ic2))
-  return (q2 - 1.0) / (2.0 * np.maximum(grad, _EPS))
+  r_term = rho2 * ia2
+  z_term = dz2 * ic2
+  q = np.sqrt(r_term + z_term)
+  grad = np.sqrt(np.maximum(r_term * ia2 + z_term * ic2, _EPS * _EPS))  # |grad q| * q
+  return (q - 1.0) * q / grad
 
 
 def ellipsoid_distance(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray, ax: np.ndarray,
-                        ay: np.ndarray, az: np.ndarray) -> np.ndarray:
-  """Approximate signed distance to an axis-aligned ellipsoid centred at 0 (same formula)."""
+                       ay: np.ndarray, az: np.ndarray) -> np.ndarray:
+  """Approximate signed distance to an axis-aligned ellipsoid centred at 0: (q - 1) / |grad q|.
+
+  An infinite semi-axis gives an elliptic cylinder.
+  """
   ix, iy, iz = 1.0 / (ax * ax), 1.0 / (ay * ay), 1.0 / (az * az)
   tx, ty, tz = dx * ix, dy * iy, dz * iz
-  q2 = dx * tx + dy * ty + dz * tz
-  grad = np.sqrt(tx * tx + ty * ty + tz * tz)
-  return (q2 - 1.0) / (2.0 * np.maximum(grad, _EPS))
+  q = np.sqrt(dx * tx + dy * ty + dz * tz)
+  grad = np.sqrt(np.maximum(tx * tx + ty * ty + tz * tz, _EPS * _EPS))  # |grad q| * q
+  return (q - 1.0) * q / grad
 
 
 def soft_fraction(distance: np.ndarray, width_mm: float) -> np.ndarray:
@@ -235,9 +243,9 @@ class Layer:
     box_lo: (3,) heart-frame bounding box of the structure over the whole cycle, mm.
     box_hi: (3,)
     within: name of a layer whose occupancy limits this one (papillary muscles in the cavity).
-    wall_mm: thickness of a wall around the structure (the surface offset outwards), painted
-      with `wall_tissue` under it; the box includes the wall.
-    wall_tissue: tissue of the wall.
+    walls: layers around the structure, painted before it from the outside in, each as
+      (offset_mm, tissue): the structure's surface offset outwards by offset_mm (decreasing
+      offsets); the box includes them.
   """
 
   name: str
@@ -246,8 +254,7 @@ class Layer:
   box_lo: np.ndarray
   box_hi: np.ndarray
   within: str | None = None
-  wall_mm: float = 0.0
-  wall_tissue: str = "myocardium"
+  walls: tuple[tuple[float, str], ...] = ()
 
 
 class HeartModel:
@@ -488,10 +495,10 @@ class HeartModel:
     ra_scale = lambda st: st.ra_scale
     layers = [
         Layer("ra", "blood", self._atrium(ra_xy, h.ra_radius_mm, ra_scale), *ra_box,
-              wall_mm=ATRIAL_WALL_MM),
+              walls=((ATRIAL_WALL_MM, "myocardium"),)),
         Layer("la", "blood", self._atrium(la_xy, h.la_radius_mm, la_scale), *la_box,
-              wall_mm=ATRIAL_WALL_MM),
-        Layer("rv", "blood", self._rv_distance, *rv_box, wall_mm=RV_WALL_MM),
+              walls=((ATRIAL_WALL_MM, "myocardium"),)),
+        Layer("rv", "blood", self._rv_distance, *rv_box, walls=((RV_WALL_MM, "myocardium"),)),
         Layer("lv_epicardium", "myocardium", self.lv_epicardium_distance, *lv_box),
         Layer("lv_cavity", "blood", self.lv_cavity_distance, *lv_box),
     ]

@@ -394,7 +394,8 @@ def paint(layers: list[phantom_heart.Layer], points: phantom_heart.Points, image
     if extremes is not None and index.size:
       bounds = distance(layer, extremes, p)
       solid = bounds.max(axis=0) < -band
-      moving = (bounds.min(axis=0) - layer.wall_mm < band) & ~solid
+      outer = layer.walls[0][0] if layer.walls else 0.0
+      moving = (bounds.min(axis=0) - outer < band) & ~solid
       image[:, index[solid]] = signal
       index = index[moving]
       p = p.take(moving)
@@ -402,9 +403,9 @@ def paint(layers: list[phantom_heart.Layer], points: phantom_heart.Points, image
       continue
     d = distance(layer, states, p)
     current = image[:, index]
-    if layer.wall_mm:
-      fraction = phantom_heart.soft_fraction(d - layer.wall_mm, width_mm)
-      current += fraction * (signals[layer.wall_tissue] - current)
+    for offset, tissue in layer.walls:
+      fraction = phantom_heart.soft_fraction(d - offset, width_mm)
+      current += fraction * (signals[tissue] - current)
     fraction = phantom_heart.soft_fraction(d, width_mm)
     image[:, index] = current + fraction * (signal - current)
 
@@ -465,7 +466,7 @@ def render_cine(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
     sel = slice(*np.searchsorted(union, [s * pixels, (s + 1) * pixels]))
     signal[:, pixel[sel]] += image[:, sel]
   # Scanner: coil shading (a smooth 3D field about the heart), gain, Rician noise.
-  rel = np.stack(grid(np.eye(3), (ipp - origin))) / np.float32(SHADING_SCALE_MM)
+  rel = np.stack([body.x, body.y, body.z]) / np.float32(SHADING_SCALE_MM)
   shading = np.exp(acq.shading_gradient.astype(np.float32) @ rel
                    + np.float32(acq.shading_curvature) * (np.sum(rel * rel, axis=0) - 0.5))
   signal *= shading
