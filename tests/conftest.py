@@ -101,8 +101,10 @@ def make_study():
 
 @pytest.fixture(scope="session")
 def absl_flags_parsed():
-  """Marks absl flags parsed (with defaults), as `absl.app.run` would: grain worker processes
-  read grain's flags, and pytest does not parse them."""
+  """Marks absl flags parsed with their defaults, as `absl.app.run` would.
+
+  grain's worker processes read grain's absl flags, and pytest does not parse flags.
+  """
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
