@@ -330,8 +330,7 @@ def _dataset(source: Source, indices: tuple[int, ...], example_fn: Any, *, batch
 
 def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_size: int,
                      tokenizer: tokenizer_lib.TextTokenizer | None, max_text_len: int,
-                     seed: int,
-                     train: bool = True, shard_index: int = 0, shard_count: int = 1,
+                     seed: int, train: bool = True, shard_index: int = 0, shard_count: int = 1,
                      num_epochs: int | None = None, worker_count: int = 0,
                      two_clips: bool = False, max_sentences: int | None = None,
                      augment: AugmentConfig = AugmentConfig(), read_threads: int = 2,
