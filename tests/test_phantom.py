@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from cmr_jax.data import phantom
 from cmr_jax.data import phantom_heart
+from cmr_jax.data import phantom_scan
 from cmr_jax.data import preview
 from cmr_jax.data import types
 
@@ -89,6 +90,21 @@ def test_rwma_territory_moves_less():
 
   motion = lambda theta: radius(ed, theta) - radius(es, theta)
   assert motion(angle) < 0.7 * motion(angle + math.pi)
+
+
+def test_band_shortcut_paints_like_full_evaluation():
+  heart = _heart(rwma=True)
+  model = phantom_heart.model_of(heart)
+  lo = np.min([layer.box_lo for layer in model.layers], axis=0) - 5.0
+  hi = np.max([layer.box_hi for layer in model.layers], axis=0) + 5.0
+  points = model.points(*np.random.default_rng(0).uniform(lo, hi, (30000, 3)).T)
+  states = model.state(model.volume_state(np.arange(16) / 16))
+  signals = dataclasses.asdict(phantom.Contrast())
+  full, banded = np.zeros((2, 16, 30000), np.float32)
+  phantom_scan.paint(model.layers, points, full, signals, 2.0, states)
+  phantom_scan.paint(model.layers, points, banded, signals, 2.0, states, model.extremes)
+  assert np.ptp(full) > 0.5
+  np.testing.assert_allclose(banded, full, atol=1e-5)
 
 
 def test_myocardial_volume_conserved():

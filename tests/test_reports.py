@@ -44,7 +44,8 @@ def test_grade_thresholds():
 def test_lv_function_wording_follows_lvef():
   rng = np.random.default_rng(0)
   stated_count = 0
-  for lvef in np.concatenate([rng.uniform(5.0, 85.0, 300), [29.99, 30.0, 39.99, 40.0, 49.99, 50.0]]):
+  boundaries = [29.99, 30.0, 39.99, 40.0, 49.99, 50.0, 69.99, 70.0]
+  for lvef in np.concatenate([rng.uniform(5.0, 85.0, 300), boundaries]):
     edv = 150.0
     text = reports.write_report(NORMAL, lvef, edv, edv * (1 - lvef / 100), rng)
     found = {grade for grade, pattern in LV_PHRASES.items() if pattern.search(text)}

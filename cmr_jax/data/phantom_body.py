@@ -79,13 +79,15 @@ def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
   z_dia = lowest - t.diaphragm_below_apex_mm
   big = 1e4
 
-  def cylinder(cx, cy, ax, ay, grow=0.0):  # box grown by `grow` for walls
-    return (lambda st, p: phantom_heart.ellipsoid_distance(p.x - cx, p.y - cy, 0.0, ax, ay, math.inf),
-            *_static_box([cx - ax - grow, cy - ay - grow, -big], [cx + ax + grow, cy + ay + grow, big]))
+  def ellipsoid(cx, cy, cz, ax, ay, az, grow=0.0):  # (distance, box grown by `grow` for walls)
+    distance = lambda st, p: phantom_heart.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax,
+                                                               ay, az)
+    lo = [cx - ax - grow, cy - ay - grow, max(cz - az - grow, -big)]
+    hi = [cx + ax + grow, cy + ay + grow, min(cz + az + grow, big)]
+    return distance, *_static_box(lo, hi)
 
-  def ellipsoid(cx, cy, cz, ax, ay, az):
-    return (lambda st, p: phantom_heart.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax, ay, az),
-            *_static_box([cx - ax, cy - ay, cz - az], [cx + ax, cy + ay, cz + az]))
+  def cylinder(cx, cy, ax, ay, grow=0.0):  # vertical: infinite along z
+    return ellipsoid(cx, cy, 0.0, ax, ay, math.inf, grow)
 
   lung_h = LUNG_HEIGHT_MM * t.lung_scale
   Layer = phantom_heart.Layer

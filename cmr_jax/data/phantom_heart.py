@@ -4,8 +4,9 @@ The left ventricle (LV) is a truncated prolate spheroid: its cavity is
 `rho^2 / a^2 + zeta^2 < 1` with `zeta = (z - z_c) / L`, cut by the mitral (base) plane at
 `zeta = f`. Over the cycle the spheroid's volume follows a volume curve; a share of the volume
 change is longitudinal (the base descends towards the fixed apex) and the rest radial. The
-epicardium is a confocal-centred spheroid whose short semi-axis is solved at every phase so that
-the myocardial volume is exactly conserved, so the wall thickens as the cavity empties. A
+epicardium is a spheroid about the same centre, reaching the fixed apex, whose short semi-axis
+is solved at every phase to conserve the myocardial volume exactly, so the wall thickens as the
+cavity empties. A
 regional wall-motion abnormality (RWMA) makes a coronary territory of both surfaces move less:
 there the radius is `R + s * k * (R_ed - R)` with `k = g(theta) * h(xi)`, `g` an angular bump
 `cos^(2n)((theta - theta0) / 2)` and `h` linear from base to apex, `s` the severity. Every volume
@@ -95,7 +96,7 @@ class Torso:
   centre_posterior_mm: float  # ... and this far posterior
   diaphragm_below_apex_mm: float  # diaphragm dome below the lowest point of the LV apex
   lung_scale: float
-  texture_seed: int  # seeds the subject's tissue texture (phantom_body.texture)
+  texture_seed: int  # seeds the subject's tissue texture (phantom_body.Texture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +199,10 @@ def soft_fraction(distance: np.ndarray, width_mm: float) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Points:
-  """Sample points in the heart frame, flattened to [P], with the per-point RWMA weight."""
+  """Sample points (heart or body frame) as arrays that broadcast together, usually [P].
+
+  Voxel grids use [1, P] in-plane arrays against a [Nz, 1] z for one state at a time.
+  """
 
   x: np.ndarray
   y: np.ndarray
@@ -278,16 +282,18 @@ class HeartModel:
       self.h_apex = self.h_base = 0.0
       self.bump = _bump_moments(1)
     lo_ed = h.apex_thickness_mm + self.l_ed
-    self.myocardial_volume_mm3 = float(
-        self._modulated_volume(self.ro_ed, self.ro_ed, lo_ed, np.array([self.f * self.l_ed / lo_ed]))[0]
-        - self.cavity_volume_mm3(np.array([1.0]))[0])
+    epicardial_volume = self._modulated_volume(self.ro_ed, self.ro_ed, lo_ed,
+                                               np.array([self.f * self.l_ed / lo_ed]))[0]
+    self.myocardial_volume_mm3 = float(epicardial_volume
+                                       - self.cavity_volume_mm3(np.array([1.0]))[0])
     self.extremes = self.state(np.array([1.0, h.es_state]))  # ED and ES: bound every frame
     self._base_range = (float(self.extremes.zb[0, 0]), float(self.extremes.zb[1, 0]))
     self.layers = self._make_layers()
 
   # --- closed forms -----------------------------------------------------------------------------
 
-  def _modulated_coefficients(self, r_ed, l, f):
+  def _modulated_coefficients(self, r_ed: float, l: np.ndarray, f: np.ndarray
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coefficients (A, B, C) with V = A r^2 + B r + C for a surface with ED radius r_ed."""
     m0, m1, m2 = _cavity_polynomial_moments(f, self.h_apex, self.h_base)
     g0, g1, g2 = self.bump
@@ -298,14 +304,15 @@ class HeartModel:
     c = half_l * (s * s * r_ed * r_ed * g2 * m2)
     return a, b, c
 
-  def _modulated_volume(self, r, r_ed, l, f) -> np.ndarray:
+  def _modulated_volume(self, r: np.ndarray, r_ed: float, l: np.ndarray, f: np.ndarray
+                        ) -> np.ndarray:
     """Volume (mm^3) of a truncated spheroid with RWMA: int int (1/2) R_eff^2 dtheta dz."""
     a, b, c = self._modulated_coefficients(r_ed, l, f)
     r = np.asarray(r, np.float64)
     return a * r * r + b * r + c
 
-  def _shape(self, v: np.ndarray):
-    """LV cavity semi-axes, apex thickness and heights for volume states v [S] (float64)."""
+  def _shape(self, v: np.ndarray) -> tuple[np.ndarray, ...]:
+    """LV cavity (short, long) semi-axes and (centre, base) heights at volume states v [S]."""
     h = self.heart
     v = np.asarray(v, np.float64)
     r = self.r_ed * v ** ((1.0 - h.longitudinal_share) / 2.0)
@@ -339,13 +346,13 @@ class HeartModel:
     ro = self._epicardial_radius(v)
     x_sept = RV_SEPTAL_EDGE * self.r_ed
     rv_ax = 0.5 * (self.ro_ed + h.rv_extent_mm - x_sept) * (1.0 - h.rv_contraction * systole)
-    rv_apex = RV_APEX_HEIGHT * (self.heart.apex_thickness_mm + (1.0 + self.f) * self.l_ed)
+    rv_apex = RV_APEX_HEIGHT * (h.apex_thickness_mm + (1.0 + self.f) * self.l_ed)
     rv_top = zb + RV_TOP_ABOVE_BASE_MM
     col = lambda a: np.asarray(a, np.float32).reshape(-1, 1)
     return State(
         v=col(v), systole=col(systole), r=col(r), l=col(l), zc=col(zc), zb=col(zb), ro=col(ro),
-        lo=col(zc), rv_cx=col(x_sept + rv_ax), rv_ax=col(rv_ax), rv_cz=col(0.5 * (rv_top + rv_apex)),
-        rv_az=col(0.5 * (rv_top - rv_apex)),
+        lo=col(zc), rv_cx=col(x_sept + rv_ax), rv_ax=col(rv_ax),
+        rv_cz=col(0.5 * (rv_top + rv_apex)), rv_az=col(0.5 * (rv_top - rv_apex)),
         la_scale=col((1.0 + LA_SYSTOLIC_GROWTH * systole) ** (1.0 / 3.0)),
         ra_scale=col((1.0 + RA_SYSTOLIC_GROWTH * systole) ** (1.0 / 3.0)))
 
@@ -390,7 +397,8 @@ class HeartModel:
     x, y, z = (np.asarray(a, np.float32).ravel() for a in (x, y, z))
     return Points(x, y, z, x * x + y * y, self.rwma_weight(x, y))
 
-  def _radius(self, r, r_ed, zeta, f, p: Points):
+  def _radius(self, r: np.ndarray, r_ed: float, zeta: np.ndarray, f: np.ndarray, p: Points
+              ) -> np.ndarray:
     """Local short semi-axis with the RWMA: r + s * g * h * (r_ed - r), [S, P] or [S, 1]."""
     if p.g is None:
       return r
@@ -399,23 +407,27 @@ class HeartModel:
     return r + (self.severity * (r_ed - r)) * (p.g * h)
 
   def lv_cavity_distance(self, st: State, p: Points) -> np.ndarray:
+    """Signed distance [S, P] to the LV cavity (the truncated spheroid with its RWMA)."""
     dz = p.z - st.zc
     radius = self._radius(st.r, self.r_ed, dz / st.l, self.f, p)
     return np.maximum(_spheroid_distance(p.rho2, dz, radius, st.l), p.z - st.zb)
 
   def lv_epicardium_distance(self, st: State, p: Points) -> np.ndarray:
+    """Signed distance [S, P] to the LV epicardial surface (cavity and myocardium inside)."""
     dz = p.z - st.zc
     fo = (st.zb - st.zc) / st.lo
     radius = self._radius(st.ro, np.float32(self.ro_ed), dz / st.lo, fo, p)
     return np.maximum(_spheroid_distance(p.rho2, dz, radius, st.lo), p.z - st.zb)
 
   def _rv_distance(self, st: State, p: Points) -> np.ndarray:
+    """Signed distance to the RV: an ellipsoid whose septal side sits inside the LV."""
     ay = np.float32(self.heart.rv_width * self.ro_ed)
     d = ellipsoid_distance(p.x - st.rv_cx, p.y, p.z - st.rv_cz, st.rv_ax, ay, st.rv_az)
     return np.maximum(d, p.z - st.zb)
 
-  def _atrium(self, centre_xy, radius: float, scale_of: Callable[[State], np.ndarray]):
-    """Distance function of an atrium: an ellipsoid sitting on the base plane, growing in systole."""
+  def _atrium(self, centre_xy: tuple[float, float], radius: float,
+              scale_of: Callable[[State], np.ndarray]) -> Callable[[State, Points], np.ndarray]:
+    """Distance function of an atrium: an ellipsoid on the base plane, growing in systole."""
     cx, cy = centre_xy
 
     def distance(st: State, p: Points) -> np.ndarray:
@@ -486,7 +498,8 @@ class HeartModel:
               np.array([xy[0] + r, xy[1] + r, zb_max + ATRIUM_TOP_IN_RADII * r]))
 
     rv_ay = h.rv_width * self.ro_ed + RV_WALL_MM
-    rv_box = (np.array([RV_SEPTAL_EDGE * self.r_ed, -rv_ay, float(ed.rv_cz[0, 0] - ed.rv_az[0, 0])]),
+    rv_bottom = float(ed.rv_cz[0, 0] - ed.rv_az[0, 0])
+    rv_box = (np.array([RV_SEPTAL_EDGE * self.r_ed, -rv_ay, rv_bottom]),
               np.array([self.ro_ed + h.rv_extent_mm + RV_WALL_MM, rv_ay, zb_max]))
     lv_box = (np.array([-r_max, -r_max, 0.0]), np.array([r_max, r_max, zb_max]))
     la_box = atrium_box(la_xy, h.la_radius_mm, LA_SYSTOLIC_GROWTH)
@@ -516,7 +529,8 @@ class HeartModel:
     x, y, rho2 and g are [1, Nx * Ny] and z is [Nz, 1], so shapes evaluate to [Nz, Nx * Ny]
     for one state without materialising the 3D grid of coordinates.
     """
-    x, y, z = (np.arange(a + 0.5 * voxel_mm, b, voxel_mm, dtype=np.float32) for a, b in zip(lo, hi))
+    x, y, z = (np.arange(a + 0.5 * voxel_mm, b, voxel_mm, dtype=np.float32)
+               for a, b in zip(lo, hi))
     plane = self.points(*np.meshgrid(x, y, np.zeros(1, np.float32), indexing="ij"))
     row = lambda a: None if a is None else a[None]
     return Points(row(plane.x), row(plane.y), z[:, None], row(plane.rho2), row(plane.g))
@@ -544,11 +558,14 @@ class HeartModel:
     by_name = {layer.name: layer for layer in self.layers}
     cavity, epi, rv = by_name["lv_cavity"], by_name["lv_epicardium"], by_name["rv"]
     margin = 2.0 * voxel_mm
-    # The cavity never reaches beyond its ED radius (the RWMA only slows the inward motion).
-    cavity_hi = np.array([self.r_ed, self.r_ed, cavity.box_hi[2]])
-    box = (epi.box_lo, epi.box_hi) if "lv_myocardium" in structures else (-cavity_hi, cavity_hi)
+    if "lv_myocardium" in structures:
+      box = (epi.box_lo, epi.box_hi)
+    else:  # the cavity never reaches beyond its ED radius (an RWMA only slows it down)
+      box = (np.array([-self.r_ed, -self.r_ed, 0.0]),
+             np.array([self.r_ed, self.r_ed, epi.box_hi[2]]))
     grid = self._grid(box[0] - margin, box[1] + margin, voxel_mm)
-    rv_grid = self._grid(rv.box_lo - margin, rv.box_hi + margin, voxel_mm)
+    if "rv_cavity" in structures:
+      rv_grid = self._grid(rv.box_lo - margin, rv.box_hi + margin, voxel_mm)
     cell = voxel_mm**3
     out = {name: np.zeros(np.size(v)) for name in structures}
     for i, vi in enumerate(np.atleast_1d(v)):
@@ -657,7 +674,8 @@ def sample_heart(rng: np.random.Generator) -> Heart:
       septal_roll_deg=rng.normal(0.0, 10.0),
       heart_rate_bpm=_truncated_normal(rng, 68.0, 10.0, 45.0, 110.0),
       systole_scale=rng.uniform(0.95, 1.1),
-      early_filling_fraction=rng.uniform(0.3, 0.5) if diastolic_dysfunction else rng.uniform(0.55, 0.8),
+      early_filling_fraction=(rng.uniform(0.3, 0.5) if diastolic_dysfunction
+                              else rng.uniform(0.55, 0.8)),
       diastasis_fraction=rng.uniform(0.03, 0.1),
       torso=Torso(
           half_width_mm=rng.uniform(140.0, 185.0), half_depth_mm=rng.uniform(95.0, 130.0),

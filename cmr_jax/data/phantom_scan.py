@@ -246,6 +246,30 @@ def sample_acquisition(heart: phantom_heart.Heart, protocol: Protocol,
       fov_offset_mm=offset)
 
 
+@dataclasses.dataclass(frozen=True)
+class Anatomy:
+  """What rendering needs of a heart, computed once: model, torso, heart pose in the body."""
+
+  model: phantom_heart.HeartModel
+  torso: list[phantom_heart.Layer]
+  texture: phantom_body.Texture
+  axes: np.ndarray  # [3, 3] heart-frame axes (rows) in body coordinates
+  origin: np.ndarray  # (3,) heart-frame origin in body coordinates
+  box_lo: np.ndarray  # (3,) heart-frame box around every heart layer
+  box_hi: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def anatomy_of(heart: phantom_heart.Heart) -> Anatomy:
+  """The (cached) Anatomy of a heart."""
+  model = phantom_heart.model_of(heart)
+  return Anatomy(model, phantom_body.torso_layers(heart, model),
+                 phantom_body.Texture(heart.torso.texture_seed), phantom_body.heart_axes(heart),
+                 phantom_body.heart_origin(heart, model),
+                 np.min([layer.box_lo for layer in model.layers], axis=0),
+                 np.max([layer.box_hi for layer in model.layers], axis=0))
+
+
 def _jitter(rng: np.random.Generator, sd_deg: float) -> np.ndarray:
   """A small random rotation [3, 3]: random axis, normal angle."""
   return transform.Rotation.from_rotvec(np.radians(rng.normal(0.0, sd_deg, 3)) / math.sqrt(3.0)
@@ -262,13 +286,11 @@ def plan_planes(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
   direction; 3CH: through the long axis and the LV outflow tract/aortic root. Long-axis images
   show the apex at the top.
   """
-  model = phantom_heart.model_of(heart)
+  anatomy = anatomy_of(heart)
   rot = acq.pose_rotation
-  axes = phantom_body.heart_axes(heart) @ rot.T  # heart axes in patient coordinates
-  origin = acq.pose_shift + rot @ phantom_body.heart_origin(heart, model)
-  ed = model.state(np.array([1.0]))
-  base_height = float(ed.zb[0, 0])
-  ex, ey, ez = axes
+  ex, ey, ez = anatomy.axes @ rot.T  # heart axes in patient coordinates
+  origin = acq.pose_shift + rot @ anatomy.origin
+  base_height = float(anatomy.model.extremes.zb[0, 0])  # at end-diastole
   offset = acq.fov_offset_mm
   planes = []
   # Short-axis stack.
@@ -301,30 +323,6 @@ def plan_planes(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
     if not missing:
       planes.append(Plane(view, centre, row, col, -1, description))
   return planes
-
-
-@dataclasses.dataclass(frozen=True)
-class Anatomy:
-  """What rendering needs of a heart, computed once: model, torso, heart pose in the body."""
-
-  model: phantom_heart.HeartModel
-  torso: list[phantom_heart.Layer]
-  texture: phantom_body.Texture
-  axes: np.ndarray  # [3, 3] heart-frame axes (rows) in body coordinates
-  origin: np.ndarray  # (3,) heart-frame origin in body coordinates
-  box_lo: np.ndarray  # (3,) heart-frame box around every heart layer
-  box_hi: np.ndarray
-
-
-@functools.lru_cache(maxsize=64)
-def anatomy_of(heart: phantom_heart.Heart) -> Anatomy:
-  """The (cached) Anatomy of a heart."""
-  model = phantom_heart.model_of(heart)
-  return Anatomy(model, phantom_body.torso_layers(heart, model),
-                 phantom_body.Texture(heart.torso.texture_seed), phantom_body.heart_axes(heart),
-                 phantom_body.heart_origin(heart, model),
-                 np.min([layer.box_lo for layer in model.layers], axis=0),
-                 np.max([layer.box_hi for layer in model.layers], axis=0))
 
 
 @functools.lru_cache(maxsize=1)
@@ -451,7 +449,8 @@ def render_cine(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
   origin = acq.pose_shift + rot @ anatomy.origin
   k = protocol.profile_samples
   depth = acq.slice_thickness_mm * ((np.arange(k) + 0.5) / k - 0.5)
-  every = phantom_heart.Points(*grid(to_heart, to_heart @ (ipp - shift - origin), depth), None, None)
+  every = phantom_heart.Points(*grid(to_heart, to_heart @ (ipp - shift - origin), depth), None,
+                               None)
   margin = spacing + BOX_MARGIN_MM
   union = np.flatnonzero(_inside(every, anatomy.box_lo - margin, anatomy.box_hi + margin))
   pixel = union % pixels

@@ -1,4 +1,4 @@
-"""Preview PNG of a study: end-diastolic and end-systolic frames of a mid SAX slice and the LAX views.
+"""Preview PNG of a study: end-diastolic and end-systolic frames of mid SAX and the LAX views.
 
 End-diastole (ED) and end-systole (ES) are read from the images, so any study works (phantom or
 DICOM): within the moving region of each SAX cine (pixels whose temporal variation is high) the

@@ -166,12 +166,13 @@ def write_report(findings: Findings, lvef: float, edv: float, esv: float,
   ef_text = f"{math.floor(lvef)}%"
 
   fn_word = pick(FUNCTION_WORDS[function])
+  subject = pick(_LV_FUNCTION)
   if rng.random() < 0.6:
-    fn_sentence = pick((f"{pick(_LV_FUNCTION)} is {fn_word} (LVEF {ef_text}).",
-                        f"{pick(_LV_FUNCTION)} is {fn_word}, with an ejection fraction of {ef_text}.",
+    fn_sentence = pick((f"{subject} is {fn_word} (LVEF {ef_text}).",
+                        f"{subject} is {fn_word}, with an ejection fraction of {ef_text}.",
                         f"The left ventricular ejection fraction is {fn_word} at {ef_text}."))
   else:
-    fn_sentence = f"{pick(_LV_FUNCTION)} is {fn_word}."
+    fn_sentence = f"{subject} is {fn_word}."
   body = [f"{pick(_LV)} is {pick(SIZE_WORDS[size])}."]
   wall_text = pick(WALL_WORDS[wall])
   if rng.random() < 0.3:
@@ -188,7 +189,8 @@ def write_report(findings: Findings, lvef: float, edv: float, esv: float,
     noun, adjective = MOTION_WORDS[motion]
     walls, territory = TERRITORY_WALLS[findings.rwma_territory], findings.rwma_territory
     body.append(pick((f"There is regional {noun} of the {walls} ({territory} territory).",
-                      f"The {walls} are {adjective}, in keeping with {territory} territory disease.",
+                      f"The {walls} are {adjective}, in keeping with {territory} territory "
+                      "disease.",
                       f"Regional wall motion abnormality: {noun} of the {walls}.")))
   elif function in ("normal", "hyperdynamic"):
     body.append(pick(("No regional wall motion abnormality.",
