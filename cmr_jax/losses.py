@@ -1,0 +1,63 @@
+"""Losses: symmetric InfoNCE (CLIP) for pre-training and Huber for LVEF regression.
+
+`clip_loss` takes the global batch: under `jax.jit` with batch-sharded inputs the arrays are the
+global batch, so every pair's negatives are all other pairs across devices (XLA inserts the
+gathers); no per-device loss is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+MAX_LOG_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: logit scale (inverse temperature) <= 100
+
+
+def clip_loss(emb_a: jax.Array, emb_b: jax.Array,
+              log_logit_scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Symmetric InfoNCE over a batch of positive pairs (row i of `emb_a` with row i of `emb_b`).
+
+  Args:
+    emb_a: [N, E] unit-norm embeddings (e.g. videos).
+    emb_b: [N, E] unit-norm embeddings of the paired items (reports or second clips).
+    log_logit_scale: [] learnable log inverse temperature, clamped at ln(100) here.
+
+  Returns:
+    (loss [], metrics) where loss is the mean of the a->b and b->a cross-entropies and metrics
+    holds `accuracy_a2b`, `accuracy_b2a` (top-1 retrieval within the batch) and `logit_scale`.
+  """
+  if emb_a.ndim != 2 or emb_a.shape != emb_b.shape:
+    raise ValueError(f"embeddings must both be [N, E], got {emb_a.shape} and {emb_b.shape}")
+  scale = jnp.exp(jnp.minimum(log_logit_scale.astype(jnp.float32), MAX_LOG_LOGIT_SCALE))
+  logits = scale * jnp.einsum("ne,me->nm", emb_a.astype(jnp.float32), emb_b.astype(jnp.float32))
+  labels = jnp.arange(logits.shape[0])
+  loss_a2b = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss_b2a = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  metrics = {
+      "accuracy_a2b": jnp.mean(jnp.argmax(logits, axis=1) == labels),
+      "accuracy_b2a": jnp.mean(jnp.argmax(logits, axis=0) == labels),
+      "logit_scale": scale,
+  }
+  return 0.5 * (loss_a2b + loss_b2a), metrics
+
+
+def huber_loss(predictions: jax.Array, targets: jax.Array, *, delta: float = 1.0,
+               weights: jax.Array | None = None) -> jax.Array:
+  """Mean Huber loss (optax.huber_loss) of `predictions` vs `targets`, both [B].
+
+  Args:
+    predictions: [B] predictions (LVEF in percent).
+    targets: [B] labels in the same unit.
+    delta: where the loss turns from quadratic to linear (in label units).
+    weights: optional [B] non-negative per-example weights (e.g. 0 for padded examples); the
+      mean is weighted, and 0 when all weights are 0.
+  """
+  per_example = optax.huber_loss(predictions.astype(jnp.float32), targets.astype(jnp.float32),
+                                 delta=delta)
+  if weights is None:
+    return per_example.mean()
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
