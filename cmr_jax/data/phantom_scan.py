@@ -381,9 +381,9 @@ def paint(layers: list[phantom_heart.Layer], points: phantom_heart.Points, image
 
   for layer in layers:
     lo, hi = layer.box_lo - margin, layer.box_hi + margin
-    if np.all(lo <= extent_lo) and np.all(hi >= extent_hi):
+    if (lo <= extent_lo).all() and (hi >= extent_hi).all():
       index, p = every, points
-    elif np.any(lo > extent_hi) or np.any(hi < extent_lo):
+    elif (lo > extent_hi).any() or (hi < extent_lo).any():
       continue
     else:
       index = np.flatnonzero(_inside(points, lo, hi))
