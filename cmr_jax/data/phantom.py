@@ -3,9 +3,9 @@
 A subject is a `Heart` (3D anatomy and motion, plus the body around it) drawn by `sample_heart`;
 a study is one scan of it under a `Protocol` (a "site"): a short-axis stack from base to apex
 and 2CH, 3CH and 4CH long-axis cines in real patient geometry, with LVEF, EDV and ESV from voxel
-integration of the rendered 3D cavity and a radiology-style report. LVEF can only be read from
-the motion: the mean brightness of the images is dominated by a random gain, contrast, coil
-shading, body habitus and field of view.
+integration of the rendered 3D cavity and a radiology-style report. LVEF is read from the motion:
+the mean brightness of the images is dominated by a random gain, contrast, coil shading, body
+habitus and field of view (as in patients, though, dilated hearts tend to have a lower LVEF).
 
 Modules: `phantom_heart` (anatomy, motion, volumes), `phantom_body` (pose and torso),
 `phantom_scan` (protocols, planning, rendering); this module puts a study together.
@@ -31,7 +31,7 @@ __all__ = [
     "sample_heart", "simulate_study", "subject_heart", "synthetic_study",
 ]
 
-LABEL_VOXEL_MM = 1.25  # LV volumes: within ~0.3% of the closed form
+LABEL_VOXEL_MM = 1.25  # LV volumes: within ~0.2% of the closed form
 RV_VOXEL_MM = 2.0  # RV volumes only grade RV function in the report
 _HEART_STREAM, _SCAN_STREAM = 0, 1
 

@@ -39,6 +39,14 @@ def _moving_region_signal(frames: np.ndarray) -> np.ndarray:
   return frames[:, mask].sum(axis=1) / scale
 
 
+def _timing_cines(study: types.Study) -> list[types.Cine]:
+  """The cines that time the cycle: SAX (else all), with the first one's frame count."""
+  if not study.cines:
+    raise ValueError(f"study {study.study_id}: no cines to preview")
+  cines = [c for c in study.cines if c.view == types.SAX] or study.cines
+  return [c for c in cines if c.num_frames == cines[0].num_frames]
+
+
 def blood_volume_proxy(study: types.Study) -> np.ndarray:
   """A per-frame [T] proxy of the ventricular blood volume, from the SAX stack (else all cines).
 
@@ -47,11 +55,8 @@ def blood_volume_proxy(study: types.Study) -> np.ndarray:
   Raises:
     ValueError: if the study has no cines.
   """
-  if not study.cines:
-    raise ValueError(f"study {study.study_id}: no cines to preview")
-  cines = [c for c in study.cines if c.view == types.SAX] or study.cines
-  frames = cines[0].num_frames
-  return np.sum([_moving_region_signal(c.frames) for c in cines if c.num_frames == frames], axis=0)
+  cines = _timing_cines(study)
+  return np.sum([_moving_region_signal(c.frames) for c in cines], axis=0)
 
 
 def ed_es_frames(study: types.Study) -> tuple[int, int]:
@@ -72,7 +77,7 @@ def _preview_cines(study: types.Study) -> list[tuple[str, types.Cine | None]]:
 def save_preview_png(study: types.Study, path: str) -> None:
   """Saves a grid of ED (top) and ES (bottom) frames of mid SAX, 2CH, 3CH and 4CH to `path`."""
   ed, es = ed_es_frames(study)
-  reference_frames = ([c for c in study.cines if c.view == types.SAX] or study.cines)[0].num_frames
+  reference_frames = _timing_cines(study)[0].num_frames
   panels = _preview_cines(study)
   fig = figure.Figure(figsize=(PANEL_INCHES * len(panels), PANEL_INCHES * 2 + 0.6))
   axes = fig.subplots(2, len(panels), squeeze=False)

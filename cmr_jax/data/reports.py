@@ -209,7 +209,7 @@ def write_report(findings: Findings, lvef: float, edv: float, esv: float,
   if findings.la_radius_mm >= LA_DILATED_RADIUS_MM:
     body.append(pick(("The left atrium is dilated.", "There is left atrial dilatation.")))
   elif rng.random() < 0.3:
-    body.append("The atria are normal in size.")
+    body.append("The left atrium is normal in size.")
   if rng.random() < 0.5:
     body.insert(int(rng.integers(len(body) + 1)), pick(_FILLERS))
   if rng.random() < 0.4:
