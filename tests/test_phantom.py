@@ -31,10 +31,10 @@ def _heart(rwma: bool) -> phantom.Heart:
   raise AssertionError("no such heart in 500 subjects")
 
 
-def _clean_protocol(**changes) -> phantom.Protocol:
-  """The fast ukbb_like protocol without noise, breath-hold offsets or missing views."""
+def _clean_protocol() -> phantom.Protocol:
+  """The fast ukbb_like protocol without noise or breath-hold offsets."""
   return dataclasses.replace(phantom.fast_protocol(phantom.SITES[SITE]), noise=0.0,
-                             misregistration_mm=0.0, **changes)
+                             misregistration_mm=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +262,23 @@ def test_long_axis_crosses_mid_sax_in_the_lv_cavity(clean_study):
   ed = mid.frames[0]
   blood = ed[int(round(row)) - 1:int(round(row)) + 2, int(round(col)) - 1:int(round(col)) + 2]
   assert blood.mean() > 2.0 * np.median(ed)
+
+
+def test_sax_stack_runs_from_base_to_apex(clean_study):
+  four = next(c for c in clean_study.cines if c.view == types.LAX_4CH)
+  two = next(c for c in clean_study.cines if c.view == types.LAX_2CH)
+  sax = [c for c in clean_study.cines if c.view == types.SAX]
+  point, direction = _plane_intersection(two, four)  # the LV long axis
+
+  def on_axis(cine):  # where the long axis crosses a SAX plane
+    normal = np.cross(cine.image_orientation[:3], cine.image_orientation[3:])
+    return point + direction * ((cine.image_position - point) @ normal) / (direction @ normal)
+
+  rows = [_pixel(four, on_axis(c))[0] for c in sax]
+  assert np.all(np.diff(rows) < 0)  # the 4CH shows the apex at the top: rows fall to the apex
+  base_blood = sax[1].frames[0] > 0.5 * sax[1].frames[0].max()
+  apex_blood = sax[-1].frames[0] > 0.5 * sax[1].frames[0].max()
+  assert base_blood.sum() > 2 * apex_blood.sum()
 
 
 @pytest.mark.parametrize("view", [types.LAX_2CH, types.LAX_3CH, types.LAX_4CH])
