@@ -4,6 +4,8 @@ import collections
 import dataclasses
 import io
 import math
+import os
+import shutil
 
 import numpy as np
 import pydicom
@@ -57,6 +59,8 @@ def test_compressed_pydicom_files_decode_like_the_uncompressed_one():
     np.testing.assert_array_equal(parsed.dataset.pixel_array, reference, err_msg=name)
   jpeg = pydicom.dcmread(get_testdata_file("JPGExtended.dcm"))  # JPEG (12-bit) via pylibjpeg
   assert jpeg.pixel_array.shape == (jpeg.Rows, jpeg.Columns)
+  baseline = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))  # JPEG baseline
+  assert baseline.pixel_array.shape == (baseline.Rows, baseline.Columns, 3)
 
 
 def test_unusable_files_are_skipped_with_reasons():
@@ -189,7 +193,9 @@ def test_faults_are_skipped_with_reasons_and_the_rest_converted(tmp_path):
   faults = dicom_writer.Faults(
       truncated_file=True, non_dicom_file=True, no_pixel_data=True, duplicate_slice=True,
       single_frame_series=True, mixed_matrix=True, scout_series=True)
-  dicom_writer.write_study(study, str(tmp_path), faults=faults)
+  paths = dicom_writer.write_study(study, str(tmp_path), faults=faults)
+  os.makedirs(tmp_path / "copy")
+  shutil.copy(paths[0], tmp_path / "copy")  # the same instance twice
   files, _ = dicom_io.list_input_files(str(tmp_path))
   assembled = dicom_io.assemble_study(dicom_io.read_files(files))
   assert len(assembled.file_status) == dicom_testlib.count_files(str(tmp_path)) == len(files)
@@ -202,6 +208,7 @@ def test_faults_are_skipped_with_reasons_and_the_rest_converted(tmp_path):
       "duplicate SAX position: superseded by series 100": frames,
       "inconsistent geometry: mixed matrix sizes 28x28, 32x32": frames,
       "pixel data not decodable (Explicit VR Little Endian: ValueError)": 1,
+      "duplicate file (same SOPInstanceUID as another file)": 1,
   }
   assert [c.view for c in assembled.cines] == [c.view for c in study.cines]
   truncated_view = next(c for c in assembled.cines if c.num_frames == frames - 1)

@@ -108,10 +108,6 @@ class FileRef:
     """Name of the folder holding the file (inside the zip for members)."""
     return os.path.basename(os.path.dirname(self.member or self.path))
 
-  @property
-  def name(self) -> str:
-    return os.path.basename(self.member or self.path)
-
 
 def is_zip(path: str) -> bool:
   """True for a path named like a zip archive."""

@@ -369,12 +369,7 @@ def write_catalogue(output: str, shards: Sequence[Shard], cfg: preprocess.Prepro
         "sites": dict(sorted(collections.Counter(m["site"] for m in index).items())),
         "subjects": len({m["subject_id"] for m in index}),
         "labelled": sum(m["lvef"] is not None for m in index)}
-    label_stats[split] = {}
-    for key in ("lvef", "edv", "esv"):
-      values = np.array([m[key] for m in index if m[key] is not None], np.float64)
-      label_stats[split][key] = {
-          "n": int(values.size), "mean": float(values.mean()) if values.size else None,
-          "sd": float(values.std(ddof=1)) if values.size > 1 else None}
+    label_stats[split] = records.label_stats(index)
     for m in index:
       if m["checksum"] in first_of_checksum:
         duplicates.append({"item": m["study_id"], "study_id": m["study_id"],
@@ -440,6 +435,9 @@ def run_ingest(opts: IngestOptions) -> IngestSummary:
   os.makedirs(os.path.join(output, PARTS), exist_ok=True)
   discovery = layouts.discover(opts.layout, opts.input, labels=opts.labels, reports=opts.reports,
                                site=opts.site, workers=opts.workers)
+  if not discovery.specs:
+    logging.warning("no studies found below the input with --layout=%s (%d other files): check "
+                    "the layout and the input folder", opts.layout, len(discovery.orphans))
   if opts.path_key:
     _write_path_key(opts.path_key, discovery, opts)
   finished = _finished_parts(output, opts.preprocess)
