@@ -34,7 +34,6 @@ from cmr_jax.data import ingest
 from cmr_jax.data import layouts
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
-from cmr_jax.data import splits
 
 MANIFEST_SHARD_TEMPLATE = ""  # one manifest file, no shard suffix
 
@@ -110,8 +109,7 @@ def build_pipeline(pipeline, discovery: layouts.Discovery, opts: ingest.IngestOp
   """Adds the ingest of `discovery` to a Beam pipeline (run it to write the dataset)."""
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
 
-  split_fn = splits.SubjectSplitter(
-      external_sites=frozenset([opts.site or opts.layout]) if opts.external else frozenset())
+  split_fn = ingest.split_function(opts)
   output = os.path.abspath(opts.output)
   converted = (
       pipeline

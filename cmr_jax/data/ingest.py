@@ -219,6 +219,12 @@ class IngestSummary:
   studies_per_s: float  # studies read and converted per second in this run
 
 
+def split_function(opts: IngestOptions) -> splits.SubjectSplitter:
+  """The record -> split rule: subject-grouped, or all "external" with `opts.external`."""
+  return splits.SubjectSplitter(
+      external_sites=frozenset([opts.site or opts.layout]) if opts.external else frozenset())
+
+
 def _part_dir(output: str, index: int) -> str:
   return os.path.join(output, PARTS, PART_NAME.format(index=index))
 
@@ -294,7 +300,7 @@ def read_manifest(path: str) -> list[dict[str, str]]:
 
 
 def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOptions,
-                split_fn) -> tuple[records.BuildSummary, list[FileRow]]:
+                split_fn) -> records.BuildSummary:
   """Converts one chunk of studies into `parts/part-<index>` and marks it done."""
   part = _part_dir(opts.output, index)
   rows_dir = os.path.join(part, ROWS_DIR)
@@ -320,12 +326,11 @@ def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOpti
                           duplicates={d["item"]: d["duplicate_of"] for d in summary.duplicates},
                           skipped_cines=summary.skipped_cines)
   shutil.rmtree(rows_dir)
-  base = os.path.join(opts.output, PARTS, PART_NAME.format(index=index))
-  _write_manifest(base + MANIFEST_SUFFIX, rows)
-  with open(base + DONE_SUFFIX, "w") as f:
+  _write_manifest(part + MANIFEST_SUFFIX, rows)
+  with open(part + DONE_SUFFIX, "w") as f:
     json.dump({"index": index, "studies": names, "preprocess": opts.preprocess.to_dict(),
                "skipped": summary.skipped, "duplicates": summary.duplicates}, f)
-  return summary, rows
+  return summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,15 +452,14 @@ def run_ingest(opts: IngestOptions) -> IngestSummary:
   if resumed:
     logging.info("resuming: %d of %d studies already converted in %d parts", resumed,
                  len(discovery.specs), len(finished))
-  split_fn = splits.SubjectSplitter(
-      external_sites=frozenset([opts.site or opts.layout]) if opts.external else frozenset())
+  split_fn = split_function(opts)
+  opts = dataclasses.replace(opts, output=output)
   next_index = max((i for i, _ in finished), default=-1) + 1
   chunks = [todo[i:i + opts.chunk_studies] for i in range(0, len(todo), opts.chunk_studies)]
   convert_start = time.monotonic()
   converted = processed = 0
   for k, chunk in enumerate(chunks):
-    summary, _ = _build_part(next_index + k, chunk, dataclasses.replace(opts, output=output),
-                             split_fn)
+    summary = _build_part(next_index + k, chunk, opts, split_fn)
     converted += summary.num_written
     processed += len(chunk)
     elapsed = time.monotonic() - convert_start
@@ -468,8 +472,7 @@ def run_ingest(opts: IngestOptions) -> IngestSummary:
           for r, reason in discovery.orphans]
   studies_with_records = 0
   for index in part_indices:
-    base = os.path.join(output, PARTS, PART_NAME.format(index=index))
-    part_rows = read_manifest(base + MANIFEST_SUFFIX)
+    part_rows = read_manifest(_part_dir(output, index) + MANIFEST_SUFFIX)
     rows += [FileRow(**r) for r in part_rows]
     studies_with_records += len({r["study"] for r in part_rows if r["status"] == dicom_io.USED})
   _write_manifest(os.path.join(output, MANIFEST), rows)
