@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 import zipfile
 
 import pytest
@@ -45,6 +46,11 @@ def test_discover_kaggle_tree_with_labels_found_above_the_input(tmp_path):
   assert [(r.path, reason) for r, reason in discovery.orphans] == [
       (stray, "not inside a <Id>/study folder")]
   assert discovery.num_files == dicom_testlib.count_files(base)
+  # As downloaded: the split folder inside a zip.
+  archive = shutil.make_archive(str(tmp_path / "download" / "validate"), "zip", base, ".")
+  zipped = layouts.discover(layouts.KAGGLE, os.path.dirname(archive))
+  assert [s.key for s in zipped.specs] == ["501", "502"]
+  assert [len(s.files) for s in zipped.specs] == [len(s.files) for s in discovery.specs]
 
 
 def test_ukbb_manifest_dates_with_commas():

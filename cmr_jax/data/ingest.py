@@ -109,8 +109,7 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
     logging.exception("study %s: %s", study_id, reason)
     return LoadedStudy(None, [FileRow(file_pseudonym(r, root, salt), study_id, "",
                                       dicom_io.SKIPPED, reason) for r in spec.files], reason)
-  identifiers = (assembled.identifiers + spec.path_parts +
-                 (spec.key, spec.subject_key, assembled.study_uid))
+  identifiers = assembled.identifiers + (spec.key, spec.subject_key, assembled.study_uid)
   scrub = pseudonym.make_scrubber(identifiers)
   cines = [dataclasses.replace(c, series_description=scrub(c.series_description))
            for c in assembled.cines]

@@ -78,7 +78,6 @@ class StudySpec:
     report: report text (not yet scrubbed of identifiers).
     study_uid: when set, only files of this StudyInstanceUID belong to the study.
     hints: series names from outside the files (zip manifests), by file.
-    path_parts: folder names of the study's files below the input's parent (scrubbed from text).
   """
 
   layout: str
@@ -93,7 +92,6 @@ class StudySpec:
   report: str = ""
   study_uid: str = ""
   hints: dict[dicom_io.FileRef, str] = dataclasses.field(default_factory=dict)
-  path_parts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -126,18 +124,6 @@ def _read_csv(path: str) -> list[dict[str, str]]:
 
 def _ef(edv: float, esv: float) -> float:
   return 100.0 * (edv - esv) / edv if edv > 0 and math.isfinite(esv) else NAN
-
-
-def _path_parts(root: str, refs: Sequence[dicom_io.FileRef]) -> tuple[str, ...]:
-  """Folder names (and zip names) between the input's parent and the files."""
-  base = os.path.dirname(os.path.abspath(root))
-  parts = set()
-  for ref in refs:
-    rel = os.path.relpath(os.path.abspath(ref.path), base)
-    parts.update(p for p in rel.split(os.sep)[:-1] if p not in ("", "."))
-    parts.add(os.path.splitext(os.path.basename(ref.path))[0])
-    parts.update(p for p in ref.member.split("/")[:-1] if p)
-  return tuple(sorted(parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +176,7 @@ def discover_kaggle(root: str, *, label_files: Sequence[str] | None = None,
   root_abs = os.path.abspath(root)
   for ref in files:
     parts = os.path.relpath(ref.path, os.path.dirname(root_abs)).split(os.sep)
+    parts += ref.member.split("/") if ref.member else []  # e.g. inside Kaggle's train.zip
     where = [i for i in range(1, len(parts) - 1)
              if parts[i] == KAGGLE_STUDY_FOLDER and parts[i - 1].isdigit()]
     if where:
@@ -200,8 +187,7 @@ def discover_kaggle(root: str, *, label_files: Sequence[str] | None = None,
   for study_id in sorted(by_id, key=int):
     lvef, edv, esv = labels.get(study_id, (NAN, NAN, NAN))
     specs.append(StudySpec(layout=KAGGLE, key=study_id, subject_key=study_id,
-                           files=by_id[study_id], site=site, lvef=lvef, edv=edv, esv=esv,
-                           path_parts=_path_parts(root, by_id[study_id])))
+                           files=by_id[study_id], site=site, lvef=lvef, edv=edv, esv=esv))
   logging.info("Kaggle layout: %d studies (%d labelled from %d label files), %d other files",
                len(specs), sum(math.isfinite(s.lvef) for s in specs), len(label_files),
                len(orphans))
@@ -272,7 +258,7 @@ def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB) -> Disc
     specs.append(StudySpec(
         layout=UKBB, key=f"{eid}_{instance}", subject_key=eid, files=refs, site=site,
         visit=instance - UKBB_FIRST_INSTANCE, lvef=lvef, edv=edv, esv=esv,
-        hints={r: hints[r] for r in refs if r in hints}, path_parts=_path_parts(root, refs)))
+        hints={r: hints[r] for r in refs if r in hints}))
   logging.info("UK Biobank layout: %d studies of %d subjects (%d labelled), %d other files",
                len(specs), len({s.subject_key for s in specs}),
                sum(math.isfinite(s.lvef) for s in specs), len(orphans))
@@ -398,7 +384,6 @@ def discover_generic(root: str, *, labels_path: str = "", reports_path: str = ""
   specs = []
   for uid, headers in sorted(studies.items()):
     refs = [h.ref for h in headers]
-    parts = _path_parts(root, refs)
     accession = headers[0].accession
     label_keys = [uid, accession] + _folder_names(root, refs)
     lvef, edv, esv = next((labels[k] for k in label_keys if k and k in labels), (NAN, NAN, NAN))
@@ -406,7 +391,7 @@ def discover_generic(root: str, *, labels_path: str = "", reports_path: str = ""
         layout=GENERIC, key=uid, subject_key=headers[0].patient_id or uid, files=refs,
         site=site, visit=visit[uid], lvef=lvef, edv=edv, esv=esv,
         report=(reports.get(accession) if accession else None) or reports.get(uid, ""),
-        study_uid="" if uid.startswith("no-study-uid:") else uid, path_parts=parts))
+        study_uid="" if uid.startswith("no-study-uid:") else uid))
   logging.info("generic layout: %d studies of %d subjects (%d labelled, %d with reports), "
                "%d other files", len(specs), len({s.subject_key for s in specs}),
                sum(math.isfinite(s.lvef) for s in specs), sum(bool(s.report) for s in specs),
