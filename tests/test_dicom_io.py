@@ -6,6 +6,7 @@ import io
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pydicom
@@ -254,3 +255,17 @@ def test_unnamed_cines_without_a_sax_stack_are_skipped(tmp_path):
   reasons = {r for _, r, _ in assembled.file_status.values()}
   assert reasons == {"view unknown: no recognised series name, and no SAX stack geometry to "
                      "classify the plane against"}
+
+
+def test_reading_emits_no_pydicom_warnings_or_logs(caplog):
+  ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+  with pydicom.config.disable_value_validation():  # invalid values, as some archives hold
+    ds.PatientID = "PID" * 30
+    ds.AccessionNumber = "ACC-" * 10
+  buffer = io.BytesIO()
+  ds.save_as(buffer)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    parsed = dicom_io.parse_file(dicom_io.FileRef("a.dcm"), buffer.getvalue())
+    dicom_io.assemble_study([parsed])
+  assert not caught and not [r for r in caplog.records if r.name.startswith("pydicom")]

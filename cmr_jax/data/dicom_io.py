@@ -37,6 +37,7 @@ every file (used, or skipped with a reason). The rules, in order:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -197,6 +198,10 @@ def _seconds_of_day(tm) -> float:
   return 3600 * int(m.group(1)) + 60 * int(m.group(2) or 0) + float(m.group(3) or 0)
 
 
+class UnsupportedFileError(ValueError):
+  """A DICOM image this reader cannot use; the message holds no tag values."""
+
+
 @dataclasses.dataclass
 class Frame:
   """Header facts of one image frame: a single-frame file, or one frame of a multi-frame file."""
@@ -287,7 +292,8 @@ def _frames_of(ref: FileRef, ds: Dataset, series_key: str) -> list[Frame]:
                   trigger_time_ms=_number(ds.get("TriggerTime")), **base)]
   per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
   if per_frame and len(per_frame) != num_frames:
-    raise ValueError(f"{len(per_frame)} per-frame functional groups for {num_frames} frames")
+    raise UnsupportedFileError(
+        f"{len(per_frame)} per-frame functional groups for {num_frames} frames")
   if not per_frame and "SharedFunctionalGroupsSequence" not in ds:
     # Legacy multi-frame: one plane over time; frame times from FrameTimeVector or FrameTime.
     vector = ds.get("FrameTimeVector")
@@ -321,6 +327,15 @@ def _frames_of(ref: FileRef, ds: Dataset, series_key: str) -> list[Frame]:
         slice_location=base["slice_location"],
         rescale=(_number(slope, base["rescale"][0]), _number(intercept, base["rescale"][1]))))
   return frames
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+  """No value validation while reading: pydicom's validation messages quote tag values
+  (names, dates) into warnings and logs."""
+  with pydicom.config.disable_value_validation(), warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    yield
 
 
 def read_dataset(source: bytes | BinaryIO, *, stop_before_pixels: bool = False) -> Dataset:
@@ -381,18 +396,19 @@ def scan_header(ref: FileRef) -> HeaderSummary:
       source = open(ref.path, "rb")  # pylint: disable=consider-using-with
   except (OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
     return HeaderSummary(ref, reason=_read_problem(e))
-  try:
-    ds = read_dataset(source, stop_before_pixels=True)
-  except Exception as e:  # pydicom raises many types on corrupt input  # pylint: disable=broad-except
-    return HeaderSummary(ref, reason=_parse_problem(e))
-  finally:
-    if not isinstance(source, bytes):
-      source.close()
-  return HeaderSummary(
-      ref, study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-      patient_id=str(ds.get("PatientID", "") or ""),
-      accession=str(ds.get("AccessionNumber", "") or ""),
-      study_datetime=f"{ds.get('StudyDate', '') or ''}{ds.get('StudyTime', '') or ''}")
+  with _quiet_pydicom():
+    try:
+      ds = read_dataset(source, stop_before_pixels=True)
+    except Exception as e:  # pydicom raises many types on corrupt input  # pylint: disable=broad-except
+      return HeaderSummary(ref, reason=_parse_problem(e))
+    finally:
+      if not isinstance(source, bytes):
+        source.close()
+    return HeaderSummary(
+        ref, study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        accession=str(ds.get("AccessionNumber", "") or ""),
+        study_datetime=f"{ds.get('StudyDate', '') or ''}{ds.get('StudyTime', '') or ''}")
 
 
 def parse_file(ref: FileRef, data: bytes | Exception, *, hint: str = "") -> ParsedFile:
@@ -406,14 +422,23 @@ def parse_file(ref: FileRef, data: bytes | Exception, *, hint: str = "") -> Pars
   """
   if isinstance(data, Exception):
     return ParsedFile(ref, reason=_read_problem(data))
+  with _quiet_pydicom():
+    return _parse_bytes(ref, data, hint)
+
+
+def _parse_bytes(ref: FileRef, data: bytes, hint: str) -> ParsedFile:
+  """`parse_file` of bytes, without the pydicom settings."""
   try:
     ds = read_dataset(data)
   except Exception as e:  # pydicom raises many types on corrupt input  # pylint: disable=broad-except
     return ParsedFile(ref, reason=_parse_problem(e))
   try:
     return _parse_dataset(ref, ds, hint or ref.folder)
+  except UnsupportedFileError as e:
+    return ParsedFile(ref, reason=f"unsupported multi-frame file ({e})")
   except Exception as e:  # malformed values anywhere in the header  # pylint: disable=broad-except
-    return ParsedFile(ref, reason=f"malformed DICOM header ({type(e).__name__}: {e})")
+    # Only the type: pydicom's messages may quote tag values (names, dates).
+    return ParsedFile(ref, reason=f"malformed DICOM header ({type(e).__name__})")
 
 
 def _parse_dataset(ref: FileRef, ds: Dataset, hint: str) -> ParsedFile:
@@ -821,6 +846,12 @@ def assemble_study(files: Sequence[ParsedFile], *,
   Returns:
     The cines (SAX base to apex first, then 2CH, 3CH, 4CH) and every file's status.
   """
+  with _quiet_pydicom():
+    return _assemble(files, min_frames)
+
+
+def _assemble(files: Sequence[ParsedFile], min_frames: int) -> AssembledStudy:
+  """`assemble_study` without the pydicom settings."""
   ledger = _Ledger()
   for pf in files:
     if pf.reason:

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import time
+import traceback
 from collections.abc import Sequence
 
 from absl import logging
@@ -106,7 +107,9 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
                                         min_frames=min_frames)
   except Exception as e:  # a bug or unforeseen input must cost one study, not the run  # pylint: disable=broad-except
     reason = f"study unreadable ({type(e).__name__})"
-    logging.exception("study %s: %s", study_id, reason)
+    # The traceback's code lines, not the message: messages may quote identifying values.
+    logging.error("study %s: %s at\n%s", study_id, reason,
+                  "".join(traceback.format_tb(e.__traceback__)))
     return LoadedStudy(None, [FileRow(file_pseudonym(r, root, salt), study_id, "",
                                       dicom_io.SKIPPED, reason) for r in spec.files], reason)
   identifiers = assembled.identifiers + (spec.key, spec.subject_key, assembled.study_uid)
