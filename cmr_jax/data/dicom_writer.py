@@ -89,7 +89,7 @@ def fake_identity(index: int) -> Identity:
 class Faults:
   """Bad input to inject into a written study (each adds or spoils files, see `write_study`)."""
 
-  truncated_file: bool = False  # the middle frame of the first long-axis cine cut short
+  truncated_file: bool = False  # the middle file of the long-axis cines cut short
   non_dicom_file: bool = False  # a stray text file next to the series folders
   no_pixel_data: bool = False  # a DICOM file with a header but no pixel data
   duplicate_slice: bool = False  # a later series repeating the first SAX slice's position
@@ -308,31 +308,34 @@ def series_specs(study: types.Study, options: WriteOptions,
   own = options.style == STUDY_STYLE
   name = lambda c, k: (c.series_description if own and c.series_description
                        else style[c.view].format(k=k))
-  folder = lambda view, number: (f"{KAGGLE_FOLDERS[view]}_{number}" if options.view_folders
-                                 else f"series_{number}")
   sax = sorted((c for c in study.cines if c.view == types.SAX and types.SAX in views),
                key=lambda c: c.slice_index)
   specs = []
   number = 2
   if options.single_sax_series and sax:
     specs.append(SeriesSpec(sax, number, style[types.SAX].format(k="").rstrip("_b "),
-                            folder(types.SAX, number)))
+                            _folder(types.SAX, number, options)))
     number += 1
   else:
     for k, cine in enumerate(sax):
-      specs.append(SeriesSpec([cine], number, name(cine, k + 1), folder(types.SAX, number)))
+      specs.append(SeriesSpec([cine], number, name(cine, k + 1), _folder(types.SAX, number, options)))
       number += 1
   for view in types.LONG_AXIS_VIEWS:
     for cine in (c for c in study.cines if c.view == view and view in views):
-      specs.append(SeriesSpec([cine], number, name(cine, 0), folder(view, number)))
+      specs.append(SeriesSpec([cine], number, name(cine, 0), _folder(view, number, options)))
       number += 1
   return specs
 
 
-def _save(ds: Dataset, path: str) -> str:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  ds.save_as(path, enforce_file_format=True)
-  return path
+def _folder(view: str, number: int, options: WriteOptions) -> str:
+  """A series folder: `sax_5`, `4ch_12` (Kaggle) or `series_12` (no view hint)."""
+  return f"{KAGGLE_FOLDERS[view]}_{number}" if options.view_folders else f"series_{number}"
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+  buffer = pydicom.filebase.DicomBytesIO()
+  ds.save_as(buffer, enforce_file_format=True)
+  return buffer.getvalue()
 
 
 def _fault_datasets(study: types.Study, specs: list[SeriesSpec], faults: Faults, *,
@@ -344,7 +347,8 @@ def _fault_datasets(study: types.Study, specs: list[SeriesSpec], faults: Faults,
   sax_specs = [s for s in specs if s.cines[0].view == types.SAX]
   if faults.duplicate_slice and sax_specs:
     first = sax_specs[0]
-    extra.append(SeriesSpec([first.cines[0]], number, first.description, f"sax_{number}"))
+    extra.append(SeriesSpec([first.cines[0]], number, first.description,
+                            _folder(types.SAX, number, options)))
     number += 1
   if faults.single_frame_series and sax_specs:
     cine = sax_specs[-1].cines[0]
@@ -354,17 +358,19 @@ def _fault_datasets(study: types.Study, specs: list[SeriesSpec], faults: Faults,
       position = geometry[0] + 30.0 * np.cross(geometry[1][:3], geometry[1][3:])
     single = dataclasses.replace(cine, frames=cine.frames[:1], image_position=position,
                                  trigger_times_ms=None)
-    extra.append(SeriesSpec([single], number, sax_specs[0].description, f"sax_{number}"))
+    extra.append(SeriesSpec([single], number, sax_specs[0].description,
+                            _folder(types.SAX, number, options)))
     number += 1
   if faults.scout_series:
     scout = types.Cine(frames=np.asarray(study.cines[0].frames[:3]),
                        pixel_spacing=study.cines[0].pixel_spacing, view=types.SAX)
-    extra.append(SeriesSpec([scout], 1, "localizer", "localizer_1"))
+    extra.append(SeriesSpec([scout], 1, "localizer", "series_1"))
   out = [(s, frame_datasets(s, common=common, identity=identity, study_key=study_key,
                             heart_rate_bpm=heart_rate, options=options)) for s in extra]
   lax_2ch = [s for s in specs if s.cines[0].view == types.LAX_2CH]
   if faults.mixed_matrix and lax_2ch:
-    spec = SeriesSpec(lax_2ch[0].cines, number, lax_2ch[0].description, f"2ch_{number}")
+    spec = SeriesSpec(lax_2ch[0].cines, number, lax_2ch[0].description,
+                      _folder(types.LAX_2CH, number, options))
     datasets = frame_datasets(spec, common=common, identity=identity, study_key=study_key,
                               heart_rate_bpm=heart_rate, options=dataclasses.replace(
                                   options, compression="", multiframe=False))
@@ -392,17 +398,21 @@ def render_study(study: types.Study, *, identity: Identity = Identity(),
   specs = series_specs(study, options, views)
   series = [(s, frame_datasets(s, common=common, identity=identity, study_key=study_key,
                                heart_rate_bpm=heart_rate, options=options)) for s in specs]
-  series += _fault_datasets(study, specs, faults, common=common, identity=identity,
-                            study_key=study_key, heart_rate=heart_rate, options=options)
+  series_files = lambda spec, datasets: [
+      (spec.folder, f"IM-{spec.number:04d}-{i + 1:04d}.dcm", _to_bytes(ds))
+      for i, ds in enumerate(datasets)]
+  lax_files = []  # indices in `files` of the long-axis cines' files
   files = []
   for spec, datasets in series:
-    for i, ds in enumerate(datasets):
-      buffer = pydicom.filebase.DicomBytesIO()
-      ds.save_as(buffer, enforce_file_format=True)
-      files.append((spec.folder, f"IM-{spec.number:04d}-{i + 1:04d}.dcm", buffer.getvalue()))
+    if spec.cines[0].view in types.LONG_AXIS_VIEWS:
+      lax_files += range(len(files), len(files) + len(datasets))
+    files += series_files(spec, datasets)
+  for spec, datasets in _fault_datasets(study, specs, faults, common=common, identity=identity,
+                                        study_key=study_key, heart_rate=heart_rate,
+                                        options=options):
+    files += series_files(spec, datasets)
   if faults.truncated_file:
-    lax = [i for i, (folder, _, _) in enumerate(files) if not folder.startswith("sax")]
-    index = lax[len(lax) // 2] if lax else len(files) // 2
+    index = lax_files[len(lax_files) // 2] if lax_files else len(files) // 2
     folder, name, data = files[index]
     files[index] = (folder, name, data[:len(data) * 2 // 3])
   if faults.no_pixel_data:
@@ -411,9 +421,7 @@ def render_study(study: types.Study, *, identity: Identity = Identity(),
                             options, compression="", multiframe=False))[0]
     del ds.PixelData
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(study_key, "no-pixels")
-    buffer = pydicom.filebase.DicomBytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    files.append((specs[0].folder, "IM-no-pixels.dcm", buffer.getvalue()))
+    files.append((specs[0].folder, "IM-no-pixels.dcm", _to_bytes(ds)))
   if faults.non_dicom_file:
     files.append(("", "README.txt", b"Exported by a PACS viewer. Not a DICOM file.\n"))
   return files
