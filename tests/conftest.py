@@ -3,6 +3,7 @@
 import functools
 import math
 import os
+import tempfile
 
 from absl import flags
 import numpy as np
@@ -12,6 +13,10 @@ from cmr_jax.data import types  # imports no jax
 
 # Sharding tests need several devices; on CPU, XLA fakes them. Must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests build the same small models many times (fresh jit closures per run): a persistent
+# compilation cache for the session turns every repeat compile into a cache read.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cmr_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # A fake study: a bright disk (the LV blood pool) that shrinks and grows over one cycle, inside a
 # static mid-grey body, in Gaussian noise. Geometry is real enough for the preprocessing: the disk

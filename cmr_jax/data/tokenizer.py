@@ -93,7 +93,11 @@ class TextTokenizer:
 
 def train_tokenizer(texts: collections.abc.Iterable[str], vocab_size: int,
                     out_dir: str | None = None) -> TextTokenizer:
-  """Trains a lower-case WordPiece vocabulary on texts; saves vocab.txt to out_dir if given."""
+  """Trains a lower-case WordPiece vocabulary on texts; saves vocab.txt to out_dir if given.
+
+  The trainer breaks frequency ties in hash-map order, so two trainings on one corpus may give
+  different vocabularies: a run must save its vocabulary and reload it (pre-training does).
+  """
   tok = _bert_pipeline(models.WordPiece(unk_token=UNK))
   trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
   tok.train_from_iterator(texts, trainer)

@@ -94,4 +94,4 @@ def unfreeze(params: Any) -> Any:
 
 def global_norm(tree: Any) -> jax.Array:
   """L2 norm over all leaves of a pytree (e.g. gradients)."""
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)

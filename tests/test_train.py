@@ -1,0 +1,198 @@
+"""Training loops: exact resume after a stop or a crash, SIGTERM, freezing, non-finite loss."""
+
+import functools
+import importlib.util
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
+from cmr_jax.data import splits
+from cmr_jax.data import tokenizer as tokenizer_lib
+from cmr_jax.train import common
+from cmr_jax.train import finetune
+from cmr_jax.train import optim
+from cmr_jax.train import pretrain
+
+import conftest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A 2-block MViT at 8 x 32 x 32: compiles and runs in seconds.
+_VIDEO = {"num_frames": 8, "image_size": 32, "depth": 2, "stage_starts": (1,),
+          "kv_pool_stride": (1, 2, 2)}
+
+
+def _config(name: str, arg: str = "smoke"):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """12 fake labelled studies with reports: train and val splits."""
+  out = str(tmp_path_factory.mktemp("data"))
+  items = [(f"fake-{i}", functools.partial(conftest.fake_study, 0, i, num_sax=4, matrix=48))
+           for i in range(12)]
+  splitter = splits.SubjectSplitter(fractions=(("train", 0.6), ("val", 0.4)))
+  records.build_dataset(items, out, cfg=preprocess.PreprocessConfig(size=32, spacing_mm=3.0,
+                                                                      num_frames=8),
+                        split_fn=splitter)
+  assert {"train", "val"} <= set(records.read_dataset_info(out)["splits"])
+  return out
+
+
+@pytest.fixture(scope="module")
+def vocab(data_dir, tmp_path_factory):
+  """One vocabulary for every run (WordPiece training may break ties differently each time)."""
+  source = records.open_split(data_dir, "train")
+  tok = tokenizer_lib.train_tokenizer([source[i].report for i in range(len(source))], 200)
+  return tok.save(str(tmp_path_factory.mktemp("vocab")))
+
+
+def pretrain_config(data_dir: str, vocab: str):
+  c = _config("synthetic_pretrain")
+  c.data.dir = data_dir
+  c.text.vocab = vocab
+  c.data.image_size, c.data.num_frames = 32, 8
+  c.model.video_overrides = _VIDEO
+  c.model.embed_dim = 32
+  c.text.max_len = 24
+  c.batch_size = c.eval_batch_size = 8  # one example per fake CPU device
+  c.checkpoint.async_save = False
+  return c
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  """Loss per step from metrics.jsonl (a re-run step keeps its last value)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if "loss" in row:
+        out[row["step"]] = row["loss"]
+  return out
+
+
+class _Crash(Exception):
+  pass
+
+
+@pytest.fixture(scope="module")
+def unbroken_pretrain(data_dir, vocab, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pretrain_a"))
+  result = pretrain.train_and_evaluate(pretrain_config(data_dir, vocab), workdir)
+  assert result["step"] == 6
+  return workdir
+
+
+def test_pretrain_resume_after_sigterm_and_crash_is_exact(data_dir, vocab, unbroken_pretrain,
+                                                          tmp_path, monkeypatch):
+  config = pretrain_config(data_dir, vocab)
+  workdir = str(tmp_path)
+  real_check = common.check_finite
+
+  # 1. SIGTERM arrives during step 3: the run saves step 3 and returns cleanly.
+  def sigterm_at_3(step, *args):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_check(step, *args)
+
+  monkeypatch.setattr(common, "check_finite", sigterm_at_3)
+  assert pretrain.train_and_evaluate(config, workdir)["step"] == 3
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+
+  # 2. Resumed, it crashes hard during step 5 (before the step-6 save): step 4 is on disk.
+  def crash_at_5(step, *args):
+    if step == 5:
+      raise _Crash()
+    return real_check(step, *args)
+
+  monkeypatch.setattr(common, "check_finite", crash_at_5)
+  with pytest.raises(_Crash):
+    pretrain.train_and_evaluate(config, workdir)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+
+  # 3. Resumed again, it finishes; every step's loss equals the unbroken run's, bit for bit.
+  monkeypatch.setattr(common, "check_finite", real_check)
+  assert pretrain.train_and_evaluate(config, workdir)["step"] == 6
+  expected, got = _losses(unbroken_pretrain), _losses(workdir)
+  assert sorted(got) == sorted(expected) == list(range(1, 7))
+  assert got == expected
+
+
+def finetune_config(data_dir: str, init: str):
+  c = _config("synthetic_finetune")
+  c.data.dir = data_dir
+  c.data.image_size, c.data.num_frames = 32, 8
+  c.model.video_overrides = _VIDEO
+  c.model.embed_dim = 32
+  c.init = init
+  c.batch_size = c.eval_batch_size = 8
+  c.checkpoint.async_save = False
+  return c
+
+
+def _restored_params(workdir: str, subdir: str, step: int):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, subdir, str(step), "state"))
+
+
+def test_finetune_keeps_frozen_encoder_and_gives_it_no_optimizer_state(data_dir,
+                                                                       unbroken_pretrain,
+                                                                       tmp_path):
+  config = finetune_config(data_dir, f"pretrain:{unbroken_pretrain}")
+  result = finetune.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == config.total_steps and np.isfinite(result["best_val_mae"])
+  pre = _restored_params(unbroken_pretrain, "checkpoints", 6)["params"]
+  state = _restored_params(str(tmp_path), "checkpoints", config.total_steps)
+  tuned = state["params"]
+  # The frozen encoder equals the pre-trained one exactly; the projection (trainable) moved.
+  jax.tree.map(np.testing.assert_array_equal, tuned["video_encoder"], pre["video_encoder"])
+  assert not np.allclose(tuned["video_proj"]["kernel"], pre["video_proj"]["kernel"])
+  # Optimizer state holds AdamW moments for trainable leaves only.
+  labels = optim.trainable_labels(tuned, finetune.TRAINABLE_BY_MODE["finetune"])
+  n_trainable = sum(int(np.size(p)) for p, l in zip(jax.tree.leaves(tuned), jax.tree.leaves(labels))
+                    if l == optim.TRAINABLE)
+  n_state = sum(int(np.size(x)) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0)
+  assert n_state == 2 * n_trainable
+  assert n_trainable < optim.count_params(tuned["video_encoder"])
+
+
+def test_finetune_stops_on_non_finite_loss_keeping_last_good_checkpoint(data_dir, tmp_path,
+                                                                         monkeypatch):
+  config = finetune_config(data_dir, "random")
+  config.total_steps = 4
+  config.eval_every = 100  # no evaluation batch passes through shard_batch before step 3
+  real_shard = finetune.sharding.shard_batch
+  calls = {"n": 0}
+
+  def poisoned(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == 3 and "lvef" in batch:  # the third training batch carries a NaN label
+      batch = dict(batch, lvef=np.full_like(batch["lvef"], np.nan))
+    return real_shard(batch, mesh)
+
+  monkeypatch.setattr(finetune.sharding, "shard_batch", poisoned)
+  with pytest.raises(common.NonFiniteLossError, match=r"at step 3.*last good checkpoint \(step 2\)"):
+    finetune.train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert steps == [2]
+
+
+def test_unknown_init_and_mismatched_encoder_give_clear_errors(data_dir, unbroken_pretrain,
+                                                               tmp_path):
+  config = finetune_config(data_dir, "imagenet:/nowhere")
+  with pytest.raises(ValueError, match="unknown init"):
+    finetune.train_and_evaluate(config, str(tmp_path / "a"))
+  config = finetune_config(data_dir, f"pretrain:{unbroken_pretrain}")
+  config.model.video_overrides = dict(_VIDEO, embed_dim=24)
+  with pytest.raises(ValueError, match="do not match config.model"):
+    finetune.train_and_evaluate(config, str(tmp_path / "b"))
