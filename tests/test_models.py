@@ -1,0 +1,345 @@
+"""Tests of the video/text encoders, the MIL head, the dual encoder and the losses."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmr_jax import losses
+from cmr_jax.models import configs, heads, layers, mvit
+
+# torchvision documents mvit_v1_b (the same network as pytorchvideo's mvit_base_16x4) at
+# 36,610,672 parameters, 307,600 of which are its 400-class Kinetics head (768 * 400 + 400).
+MVIT_B_WITH_HEAD_PARAMS = 36_610_672
+KINETICS_HEAD_PARAMS = 768 * 400 + 400
+# A small MViT that still has every block kind: a width change (block 0) and query pooling (1).
+SMALL_VIDEO = dict(num_frames=4, image_size=32, depth=2, stage_starts=(1,), kv_pool_stride=(1, 2, 2))
+SMALL_TEXT = dict(num_layers=1, vocab_size=50, max_len=16)
+# One block with 1x1x1 pooling kernels: the cheapest encoder to compile, for the MIL head tests.
+TINY_VIDEO = dict(num_frames=4, image_size=16, depth=1, stage_starts=(), kv_pool_stride=(1, 2, 2),
+                  pool_kernel=(1, 1, 1))
+
+
+def _key(seed: int = 0) -> jax.Array:
+  # The "rbg" generator compiles several times faster than threefry on CPU; any key works here.
+  return jax.random.key(seed, impl="rbg")
+
+
+@functools.cache
+def _small_dual():
+  """A small video-text dual encoder and its parameters, shared by the tests below."""
+  model = configs.dual_encoder("mvit_tiny", "bert_tiny", embed_dim=16,
+                               video_overrides=SMALL_VIDEO, text_overrides=SMALL_TEXT)
+  video = np.zeros((1, 4, 32, 32), np.uint8)
+  ids = np.zeros((1, 6), np.int32)
+  return model, nn.meta.unbox(jax.jit(model.init)(_key(), video, ids, ids))["params"]
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _abstract_params(model, *args):
+  return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args))["params"]
+
+
+def _uint8(rng: np.random.Generator, shape) -> np.ndarray:
+  return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@functools.cache
+def _abstract_video_variables(name: str):
+  model = configs.video_encoder(name)
+  c = model.config
+  video = jax.ShapeDtypeStruct((2, c.num_frames, c.image_size, c.image_size), jnp.uint8)
+  return model, video, jax.eval_shape(model.init, jax.random.key(0), video)
+
+
+def test_mvit_b_parameter_count_and_layouts_match_pytorchvideo():
+  params = nn.meta.unbox(_abstract_video_variables("mvit_b_16x4")[2])["params"]
+  assert _count(params) == MVIT_B_WITH_HEAD_PARAMS - KINETICS_HEAD_PARAMS
+  # torch [out, in, t, h, w] and [out, in] layouts, transposed.
+  assert params["patch_embed"]["patch_model"]["kernel"].shape == (3, 7, 7, 3, 96)
+  pos = params["cls_positional_encoding"]
+  assert pos["pos_embed_spatial"].shape == (1, 56 * 56, 96)
+  assert pos["pos_embed_temporal"].shape == (1, 8, 96)
+  assert params["blocks_0"]["mlp"]["fc2"]["kernel"].shape == (384, 192)
+  assert params["blocks_0"]["proj"]["kernel"].shape == (96, 192)
+  assert params["blocks_14"]["attn"]["pool_q"]["kernel"].shape == (3, 3, 3, 1, 96)
+  assert "pool_q" not in params["blocks_15"]["attn"]
+  assert params["norm_embed"]["scale"].shape == (768,)
+
+
+def test_mvit_b_geometry_follows_pytorchvideo_builder():
+  plan = configs.video_config("mvit_b_16x4").blocks()
+  assert [b.dim for b in plan] == [96] + [192] * 2 + [384] * 11 + [768] * 2
+  assert [b.num_heads for b in plan] == [1] + [2] * 2 + [4] * 11 + [8] * 2
+  assert [i for i, b in enumerate(plan) if b.dim != b.dim_out] == [0, 2, 13]
+  assert [i for i, b in enumerate(plan) if b.q_stride] == [1, 3, 14]
+  # Adaptive key/value stride: (1, 8, 8) halved spatially at every query-pooling block.
+  assert [b.kv_stride for b in plan] == ([(1, 8, 8)] + [(1, 4, 4)] * 2 + [(1, 2, 2)] * 11
+                                         + [(1, 1, 1)] * 2)
+  assert plan[0].thw_in == (8, 56, 56) and plan[-1].thw_out == (8, 7, 7)
+
+
+@pytest.mark.parametrize("name", sorted(configs.VIDEO_CONFIGS))
+def test_video_config_output_shapes(name):
+  model, video, variables = _abstract_video_variables(name)
+  out = jax.eval_shape(model.apply, variables, video)
+  assert out.shape == (2, model.config.width) and out.dtype == jnp.float32
+
+
+def test_remat_and_dtype_options_keep_the_parameter_tree():
+  _, video, variables = _abstract_video_variables("mvit_tiny")
+  fast = configs.video_encoder("mvit_tiny", dtype="bfloat16", remat=True)
+  other = jax.eval_shape(fast.init, jax.random.key(0), video)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), nn.meta.unbox(other)) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), nn.meta.unbox(variables))  # float32 parameters either way
+
+
+@pytest.mark.parametrize("name", sorted(configs.TEXT_CONFIGS))
+def test_text_config_output_shapes(name):
+  model = configs.text_encoder(name)
+  ids = jax.ShapeDtypeStruct((2, 24), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), ids, ids)
+  assert jax.eval_shape(model.apply, variables, ids, ids).shape == (2, model.config.hidden_size)
+
+
+def test_bert_base_parameter_count_matches_bert_base():
+  # BERT-base-uncased (HF BertModel, with pooler) has 109,482,240 parameters.
+  params = _abstract_params(configs.text_encoder("bert_base"),
+                            *[jax.ShapeDtypeStruct((1, 8), jnp.int32)] * 2)
+  assert _count(params) == 109_482_240
+
+
+def test_unknown_config_and_bad_input_raise():
+  with pytest.raises(ValueError, match="unknown video config 'mvit_huge'"):
+    configs.video_config("mvit_huge")
+  with pytest.raises(ValueError, match="stage_starts"):
+    configs.video_config("mvit_tiny", depth=2)
+  model = configs.video_encoder("mvit_tiny")
+  with pytest.raises(ValueError, match=r"\(T, H, W\) = \(16, 64, 64\)"):
+    jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 32, 32), jnp.uint8))
+  text = configs.text_encoder("bert_tiny")
+  too_long = jax.ShapeDtypeStruct((1, 200), jnp.int32)
+  with pytest.raises(ValueError, match="exceeds the encoder's max_len 128"):
+    jax.eval_shape(text.init, jax.random.key(0), too_long, too_long)
+
+
+def test_depthwise_conv_and_max_pool_match_lax_reference():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 4, 7, 6, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+  conv = jax.jit(mvit.depthwise_conv3d, static_argnums=2)
+  for stride in [(1, 1, 1), (2, 4, 4)]:
+    want = jax.lax.conv_general_dilated(x, kernel[..., None, :], stride, [(1, 1)] * 3,
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                        feature_group_count=5)
+    np.testing.assert_allclose(conv(x, kernel, stride), want, rtol=1e-5, atol=1e-5)
+  want = nn.max_pool(x, (1, 3, 3), (1, 2, 2), padding=[(0, 0), (1, 1), (1, 1)])
+  pool = jax.jit(mvit.max_pool3d, static_argnums=(1, 2))
+  np.testing.assert_array_equal(pool(x, (1, 3, 3), (1, 2, 2)), want)
+
+
+def test_preprocess_video_normalises_and_copies_grey():
+  video = jnp.array([[[[0, 255]]]], jnp.uint8)  # [1, T=1, H=1, W=2]
+  out = mvit.preprocess_video(video)
+  assert out.shape == (1, 1, 1, 2, 3)
+  np.testing.assert_allclose(out[0, 0, 0, :, 0], [-0.45 / 0.225, 0.55 / 0.225], rtol=1e-6)
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_mvit_variants_agree_and_dropout_acts_only_in_training():
+  rng = np.random.default_rng(1)
+  video = _uint8(rng, (2, 4, 32, 32))
+  variables = {"params": _small_dual()[1]["video_encoder"]}
+  model = configs.video_encoder("mvit_tiny", dropout_rate=0.3, droppath_rate=0.5, **SMALL_VIDEO)
+  apply = jax.jit(model.apply, static_argnames="train")
+  ref = apply(variables, video)
+  assert ref.shape == (2, model.config.width) and np.all(np.isfinite(ref))
+  assert not np.allclose(ref[0], ref[1], atol=1e-3)  # different clips, different features
+  a = apply(variables, video, train=True, rngs={"dropout": _key(1)})
+  b = apply(variables, video, train=True, rngs={"dropout": _key(2)})
+  assert not np.allclose(a, b) and not np.allclose(a, ref)
+  fast = configs.video_encoder("mvit_tiny", dtype="bfloat16", attention_impl="dot_product",
+                               **SMALL_VIDEO)
+  out = jax.jit(fast.apply)(variables, video)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.1)
+
+
+def test_attention_implementations_agree():
+  rng = np.random.default_rng(9)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for n in (5, 7, 7))
+  mask = jnp.asarray(rng.random((2, 1, 1, 7)) < 0.7).at[..., 0].set(True)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  probs = np.where(mask, np.exp(logits - logits.max(-1, keepdims=True)), 0)
+  want = np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+  for impl in layers.ATTENTION_IMPLS:
+    got = jax.jit(functools.partial(layers.attend, impl=impl))(q, k, v, mask=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    layers.attend(q, k, v, impl="flash")
+
+
+def test_bert_ignores_padding_and_pools_as_configured():
+  rng = np.random.default_rng(3)
+  ids = rng.integers(0, 50, (2, 10)).astype(np.int32)
+  mask = np.zeros((2, 10), np.int32)
+  mask[0, :4] = 1
+  mask[1, :7] = 1
+  other_padding = np.where(mask == 1, ids, rng.integers(0, 50, ids.shape)).astype(np.int32)
+  assert not np.array_equal(ids, other_padding)
+  changed = ids.copy()
+  changed[0, 1] = (changed[0, 1] + 1) % 50
+  variables = {"params": _small_dual()[1]["text_encoder"]}
+  outputs = {}
+  for pooling in ("pooler", "mean"):
+    model = configs.text_encoder("bert_tiny", pooling=pooling, **SMALL_TEXT)
+    apply = jax.jit(model.apply)
+    out = outputs[pooling] = apply(variables, np.concatenate([ids, other_padding, changed]),
+                                   np.concatenate([mask] * 3))
+    assert out.shape == (6, 64)
+    np.testing.assert_allclose(out[2:4], out[:2], rtol=1e-5, atol=1e-6)  # padding is ignored
+    assert not np.allclose(out[4], out[0], atol=1e-4)  # a real token is not
+  assert np.all(np.abs(outputs["pooler"]) <= 1.0)  # tanh
+  assert not np.allclose(outputs["pooler"], outputs["mean"], atol=1e-3)
+
+
+def _gated_attention_numpy(params, h, mask):
+  p = jax.tree.map(np.asarray, params)
+  v = np.tanh(h @ p["attention_V"]["kernel"] + p["attention_V"]["bias"])
+  u = 1.0 / (1.0 + np.exp(-(h @ p["attention_U"]["kernel"] + p["attention_U"]["bias"])))
+  logits = ((v * u) @ p["attention_w"]["kernel"] + p["attention_w"]["bias"])[..., 0]
+  weights = np.where(mask, np.exp(logits - logits.max(-1, keepdims=True)), 0.0)
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bk,bkd->bd", weights, h), weights
+
+
+def test_gated_attention_matches_numpy_reference():
+  rng = np.random.default_rng(4)
+  h = rng.normal(size=(3, 5, 8)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1, 1], [1, 0, 1, 0, 0], [0, 0, 0, 1, 0]], bool)
+  head = heads.GatedAttentionMIL(attention_dim=6)
+  variables = nn.meta.unbox(head.init(_key(), h, mask))
+  pooled, weights = head.apply(variables, h, mask)
+  want_pooled, want_weights = _gated_attention_numpy(variables["params"], h, mask)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pooled, want_pooled, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(weights[~mask], 0.0)
+  np.testing.assert_allclose(weights[2, 3], 1.0)  # a single valid instance takes all the weight
+
+
+@functools.cache
+def _small_lvef():
+  model = configs.lvef_regressor("mvit_tiny", label_mean=55.0, proj_dim=16, attention_dim=8,
+                                 **TINY_VIDEO)
+  video = np.zeros((1, 2, 4, 16, 16), np.uint8)
+  return model, nn.meta.unbox(jax.jit(model.init)(_key(), video, np.ones((1, 2), bool)))
+
+
+def test_lvef_model_ignores_padded_instances_and_freezes_the_encoder():
+  rng = np.random.default_rng(5)
+  model, variables = _small_lvef()
+  assert float(variables["params"]["regressor"]["bias"][0]) == 55.0
+  assert set(variables["params"]) == {"video_encoder", "video_proj", "mil", "regressor"}
+
+  @jax.jit
+  def predict_and_grad(params, video, mask):
+    (_, (lvef, weights)), grads = jax.value_and_grad(
+        lambda p: (lambda out: (out[0].sum(), out))(model.apply({"params": p}, video, mask)),
+        has_aux=True)(params)
+    return lvef, weights, grads
+
+  video = _uint8(rng, (4, 3, 4, 16, 16))  # [B, K, T, H, W]
+  mask = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]], bool)  # bag 2 is empty padding
+  video[3, 0] = video[0, 0]  # bag 3 is bag 0 with another valid clip 1
+  lvef, weights, grads = predict_and_grad(variables["params"], video, mask)
+  assert lvef.shape == (4,) and weights.shape == (4, 3)
+  repadded = np.where(mask[..., None, None, None], video, _uint8(rng, video.shape))
+  lvef2, weights2, _ = predict_and_grad(variables["params"], repadded, mask)
+  np.testing.assert_array_equal(lvef2, lvef)
+  np.testing.assert_array_equal(weights2, weights)
+  np.testing.assert_array_equal(weights[~mask], 0.0)
+  np.testing.assert_allclose(weights.sum(1), [1.0, 1.0, 0.0, 1.0], rtol=1e-6)
+  assert float(lvef[2]) == 55.0  # an empty bag pools to zero: the prediction is the bias
+  assert float(lvef[3]) != float(lvef[0])  # a valid clip's content matters
+  # The paper's frozen encoder: no gradient reaches it, the projection and head do learn.
+  assert all(np.all(g == 0) for g in jax.tree.leaves(grads["video_encoder"]))
+  assert np.any(grads["video_proj"]["kernel"] != 0)
+  assert np.any(grads["mil"]["attention_V"]["kernel"] != 0)
+
+
+def test_dual_encoder_video_text_and_video_video():
+  rng = np.random.default_rng(7)
+  video = _uint8(rng, (2, 4, 32, 32))
+  ids = rng.integers(0, 50, (2, 6)).astype(np.int32)
+  mask = np.ones((2, 6), np.int32)
+  model, params = _small_dual()
+  assert set(params) == {"video_encoder", "video_proj", "text_encoder", "text_proj", "logit_scale"}
+  a, b, log_scale = jax.jit(model.apply)({"params": params}, video, ids, mask)
+  assert a.shape == b.shape == (2, 16)
+  np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(log_scale, math.log(1 / 0.07), rtol=1e-6)
+  with pytest.raises(ValueError, match="either text_ids"):
+    model.apply({"params": params}, video)
+  video_video = configs.dual_encoder("mvit_tiny", None, embed_dim=16, video_overrides=SMALL_VIDEO)
+  vv_params = {k: params[k] for k in ("video_encoder", "video_proj", "logit_scale")}
+  a2, b2, _ = jax.jit(video_video.apply)({"params": vv_params}, video, video2=video[::-1])
+  np.testing.assert_allclose(a2, a, rtol=1e-5, atol=1e-6)  # the same video tower
+  np.testing.assert_allclose(b2, a[::-1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="no text tower"):
+    video_video.apply({"params": vv_params}, video, ids, mask)
+
+
+def _clip_loss_numpy(a, b, scale):
+  logits = scale * a @ b.T
+
+  def cross_entropy(z):
+    z = z - z.max(1, keepdims=True)
+    return np.mean(np.log(np.exp(z).sum(1)) - np.diag(z))
+
+  return 0.5 * (cross_entropy(logits) + cross_entropy(logits.T))
+
+
+def test_clip_loss_matches_hand_computed_value():
+  a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+  b = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)
+  # logits = 10 * [[0.6, 0.0], [0.8, 1.0]]; rows: CE0 = log(e^6 + 1) - 6, CE1 = log(e^8 + e^10) - 10;
+  # columns: CE0 = log(e^6 + e^8) - 6, CE1 = log(1 + e^10) - 10.
+  by_hand = 0.5 * (0.5 * (np.log(np.exp(6) + 1) - 6 + np.log(np.exp(8) + np.exp(10)) - 10)
+                   + 0.5 * (np.log(np.exp(6) + np.exp(8)) - 6 + np.log(1 + np.exp(10)) - 10))
+  loss, metrics = losses.clip_loss(jnp.asarray(a), jnp.asarray(b), jnp.log(10.0))
+  np.testing.assert_allclose(loss, by_hand, rtol=1e-6)
+  np.testing.assert_allclose(metrics["accuracy_a2b"], 1.0)  # row 0 prefers column 0, row 1 column 1
+  np.testing.assert_allclose(metrics["accuracy_b2a"], 0.5)  # column 0 prefers row 1
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(6, 4)).astype(np.float32)
+  y = rng.normal(size=(6, 4)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  y /= np.linalg.norm(y, axis=1, keepdims=True)
+  np.testing.assert_allclose(losses.clip_loss(x, y, jnp.log(3.0))[0], _clip_loss_numpy(x, y, 3.0),
+                             rtol=1e-5)
+  # The logit scale is clamped at 100.
+  clamped, metrics = losses.clip_loss(x, y, jnp.asarray(10.0))
+  np.testing.assert_allclose(clamped, _clip_loss_numpy(x, y, 100.0), rtol=1e-5)
+  np.testing.assert_allclose(metrics["logit_scale"], 100.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="both be"):
+    losses.clip_loss(x, y[:3], jnp.asarray(0.0))
+
+
+def test_huber_loss_matches_definition():
+  pred = jnp.array([50.0, 60.0, 30.0])
+  target = jnp.array([50.5, 55.0, 30.0])
+  # delta 1: 0.5 * 0.5^2 = 0.125; |5| > 1: 1 * (5 - 0.5) = 4.5; 0.
+  np.testing.assert_allclose(losses.huber_loss(pred, target), (0.125 + 4.5) / 3, rtol=1e-6)
+  np.testing.assert_allclose(losses.huber_loss(pred, target, delta=10.0), (0.125 + 12.5) / 3,
+                             rtol=1e-6)
+  weights = jnp.array([1.0, 0.0, 1.0])
+  np.testing.assert_allclose(losses.huber_loss(pred, target, weights=weights), 0.125 / 2, rtol=1e-6)
+  assert float(losses.huber_loss(pred, target, weights=jnp.zeros(3))) == 0.0

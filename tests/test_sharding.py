@@ -1,0 +1,155 @@
+"""Tests of the mesh, the logical-axis shardings and sharded training-step equivalence.
+
+tests/conftest.py gives every test process 8 (fake) CPU devices.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from cmr_jax import losses, sharding
+from cmr_jax.models import configs
+
+# A dual encoder with every parameter kind (pooling convs, norms, embeddings) that compiles fast:
+# 1x1x1 pooling kernels keep the backward of the strided-tap pooling small to compile.
+TINY_VIDEO = dict(num_frames=4, image_size=16, depth=1, stage_starts=(), kv_pool_stride=(1, 2, 2),
+                  pool_kernel=(1, 1, 1))
+TINY_TEXT = dict(num_layers=1, vocab_size=50, max_len=16)
+GLOBAL_BATCH = 8
+
+
+def _key(seed: int = 0) -> jax.Array:
+  # The "rbg" generator compiles several times faster than threefry on CPU.
+  return jax.random.key(seed, impl="rbg")
+
+
+def test_make_mesh_fills_the_free_axis_and_rejects_bad_shapes():
+  assert len(jax.devices()) == 8
+  mesh = sharding.make_mesh()
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "model": 1}
+  mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert dict(sharding.make_mesh({"data": 1}, jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1,
+                                                                            "model": 1}
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    sharding.make_mesh({"batch": -1})
+  with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+    sharding.make_mesh({"data": -1, "fsdp": -1})
+  with pytest.raises(ValueError, match="does not divide 8 devices"):
+    sharding.make_mesh({"data": -1, "fsdp": 3})
+  with pytest.raises(ValueError, match="needs 4 devices, have 8"):
+    sharding.make_mesh({"data": 2, "fsdp": 2})
+
+
+class _Toy(nn.Module):
+  """Two partitioned layers: one width divisible by the fsdp ways, one not."""
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(1.0)
+    w1 = self.param("w1", nn.with_logical_partitioning(init, ("embed", "mlp")), (8, 6))
+    w2 = self.param("w2", nn.with_logical_partitioning(init, ("embed", "mlp")), (3, 4))
+    scale = self.param("scale", init, (6,))  # not annotated: replicated
+    return (x @ w1) * scale + jnp.sum(w2)
+
+
+def test_logical_shardings_follow_rules_and_fall_back_to_replication():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  x = jnp.ones((2, 8))
+  toy = _Toy()
+  variables, shardings = sharding.init_sharded(lambda r: toy.init(r, x), _key(), mesh)
+  specs = jax.tree.map(lambda s: s.spec, shardings["params"])
+  assert specs["w1"] == P("fsdp", "model")  # embed -> fsdp (4 ways), mlp -> model (1 way)
+  assert specs["w2"] == P(None, "model")  # 3 rows do not split 4 ways: replicated
+  assert specs["scale"] == P(None)
+  assert variables["params"]["w1"].sharding.spec == P("fsdp", "model")
+  assert variables["params"]["w1"].addressable_shards[0].data.shape == (2, 6)
+  # The sharded initialisation holds the same values as a plain one.
+  plain = nn.meta.unbox(toy.init(_key(), x))
+  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+
+
+def test_shard_batch_splits_rows_and_rejects_indivisible_batches():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  batch = {"video": np.arange(8 * 3, dtype=np.uint8).reshape(8, 3), "lvef": np.arange(8.0)}
+  out = sharding.shard_batch(batch, mesh)
+  assert out["video"].sharding.spec == P(("data", "fsdp"))
+  assert [s.data.shape for s in out["video"].addressable_shards] == [(1, 3)] * 8
+  np.testing.assert_array_equal(np.asarray(out["lvef"]), batch["lvef"])
+  with pytest.raises(ValueError, match=r"batch\['lvef'\] has 6 rows, not divisible by the 8"):
+    sharding.shard_batch({"lvef": np.arange(6.0)}, mesh)
+
+
+def test_clip_loss_on_eight_devices_equals_one_device():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(GLOBAL_BATCH, 16)).astype(np.float32)
+  b = rng.normal(size=(GLOBAL_BATCH, 16)).astype(np.float32)
+  a /= np.linalg.norm(a, axis=1, keepdims=True)
+  b /= np.linalg.norm(b, axis=1, keepdims=True)
+  scale = jnp.asarray(np.log(20.0), jnp.float32)
+  one = jax.jit(losses.clip_loss)(jax.device_put(a, jax.devices()[0]),
+                                  jax.device_put(b, jax.devices()[0]), scale)[0]
+  mesh = sharding.make_mesh({"data": 8})
+  sharded = sharding.shard_batch({"a": a, "b": b}, mesh)
+  assert len(sharded["a"].addressable_shards) == 8
+  eight = jax.jit(losses.clip_loss)(sharded["a"], sharded["b"], scale)[0]
+  np.testing.assert_allclose(float(eight), float(one), rtol=1e-6)
+  # Negatives come from the global batch: the loss differs from the mean of per-shard losses.
+  per_shard = np.mean([float(losses.clip_loss(a[i:i + 1], b[i:i + 1], scale)[0])
+                       for i in range(GLOBAL_BATCH)])
+  assert abs(per_shard - float(one)) > 0.1
+
+
+def _loss_and_grads(model):
+  def loss_and_grads(params, batch):
+    def loss_fn(p):
+      emb_a, emb_b, log_scale = model.apply({"params": p}, batch["video"], batch["text_ids"],
+                                            batch["text_mask"])
+      return losses.clip_loss(emb_a, emb_b, log_scale)[0]
+
+    return jax.value_and_grad(loss_fn)(params)
+
+  return loss_and_grads
+
+
+def test_dual_encoder_loss_and_grads_match_one_device_under_data_and_fsdp_sharding():
+  # remat=True: the rematerialised backward must give the same gradients too.
+  model = configs.dual_encoder("mvit_tiny", "bert_tiny", embed_dim=16, remat=True,
+                               video_overrides=TINY_VIDEO, text_overrides=TINY_TEXT)
+  rng = np.random.default_rng(1)
+  batch = {"video": rng.integers(0, 256, (GLOBAL_BATCH, 4, 16, 16), dtype=np.uint8),
+           "text_ids": rng.integers(0, 50, (GLOBAL_BATCH, 6)).astype(np.int32),
+           "text_mask": (np.arange(6) < rng.integers(2, 7, (GLOBAL_BATCH, 1))).astype(np.int32)}
+  step = _loss_and_grads(model)
+  init = lambda r: model.init(r, batch["video"][:1], batch["text_ids"][:1], batch["text_mask"][:1])
+  single = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  params, _ = sharding.init_sharded(init, _key(), single)
+  ref_loss, ref_grads = jax.jit(step)(params["params"], batch)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  # One compile covers both kinds: the batch splits 8 ways over data (2) x fsdp (4), and the
+  # parameters and their gradients split 4 ways over fsdp. (Each layout costs a compile.)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  shardings = sharding.logical_shardings(jax.eval_shape(init, _key()), mesh)["params"]
+  sharded_params = jax.device_put(jax.tree.map(np.asarray, params["params"]), shardings)
+  sharded_batch = sharding.shard_batch(batch, mesh)
+  assert [s.data.shape[0] for s in sharded_batch["video"].addressable_shards] == [1] * GLOBAL_BATCH
+  with sharding.mesh_rules(mesh):
+    loss, grads = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                          out_shardings=(None, shardings))(sharded_params, sharded_batch)
+  fc1 = grads["video_encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+  assert fc1.sharding.spec == P("fsdp", "model")
+  assert fc1.addressable_shards[0].data.shape == (16 // 4, 64)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  for path, got in jax.tree_util.tree_leaves_with_path(grads):
+    want = ref_grads
+    for key in path:
+      want = want[key.key]
+    # float32 sums in another order; some gradients (e.g. of key biases) are exactly 0 + noise.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
