@@ -13,6 +13,7 @@ without improvement.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -39,6 +40,8 @@ from cmr_jax.train import pretrain
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
+BEST_JSON = "best.json"
+PREPROCESS_JSON = "preprocess.json"
 ENCODER_PARAMS = ("video_encoder", "video_proj")
 TRAINABLE_BY_MODE = {
     "linear": (r"^mil/", r"^regressor/"),
@@ -170,6 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   common.save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   d = config.data
+  _save_preprocess(d.dir, workdir)
   train_source = records.open_split(d.dir, d.train_split)
   mean = label_mean(d.dir, d.train_split, d.label_fraction)
   model = build_model(config, mean)
@@ -221,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_good = ckpt.latest_step()
   best_mae, evals_since_best = np.inf, 0
   if best.best_step() is not None:
-    best_mae = float(_read_best_mae(workdir))
+    best_mae = float(read_best(workdir)["val_mae"])
   final: dict[str, Any] = {}
   t0 = time.time()
   try:
@@ -242,13 +246,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with sharding.mesh_rules(mesh):
           p = predict_split(predict_fn, state.params, val_source, config, mesh)
         labelled = ~np.isnan(p["lvef"])
-        val_mae = float(np.mean(np.abs(p["pred"][labelled] - p["lvef"][labelled])))
+        residual = p["pred"][labelled] - p["lvef"][labelled]
+        val_mae = float(np.mean(np.abs(residual)))
         writer.write(step, {"val_mae": val_mae})
         final["val_mae"] = val_mae
         if val_mae < best_mae:
           best_mae, evals_since_best = val_mae, 0
           best.save(step, state, metrics={"val_mae": val_mae}, force=True)
-          _write_best_mae(workdir, step, val_mae)
+          _write_best(workdir, step, val_mae, residual)
         else:
           evals_since_best += 1
         if config.patience and evals_since_best >= config.patience:
@@ -269,16 +274,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return final
 
 
-def _write_best_mae(workdir: str, step: int, mae: float) -> None:
+def _write_best(workdir: str, step: int, mae: float, residual: np.ndarray) -> None:
+  """Records the best step with its validation errors (predict.py derives intervals from them)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "best.json"), "w") as f:
-      f.write(f'{{"step": {step}, "val_mae": {mae!r}}}\n')
+    with open(os.path.join(workdir, BEST_JSON), "w") as f:
+      json.dump({"step": step, "val_mae": mae, "val_n": int(residual.size),
+                 "val_bias": float(np.mean(residual)),
+                 "val_rmse": float(np.sqrt(np.mean(residual ** 2))),
+                 "val_residual_sd": float(np.std(residual, ddof=1)) if residual.size > 1 else None},
+                f, indent=1)
 
 
-def _read_best_mae(workdir: str) -> float:
-  import json  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "best.json")) as f:
-    return json.load(f)["val_mae"]
+def _save_preprocess(data_dir: str, workdir: str) -> None:
+  """Keeps the training data's preprocessing with the run, so prediction needs no dataset."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, PREPROCESS_JSON), "w") as f:
+      json.dump(records.read_dataset_info(data_dir)["preprocess"], f, indent=1)
+
+
+def read_preprocess(workdir: str) -> dict[str, Any]:
+  """The preprocessing config (a `PreprocessConfig.from_dict` mapping) a run was trained with."""
+  with open(os.path.join(workdir, PREPROCESS_JSON)) as f:
+    return json.load(f)
+
+
+def read_best(workdir: str) -> dict[str, Any]:
+  """The best-checkpoint summary of a fine-tuning run (step and validation errors)."""
+  with open(os.path.join(workdir, BEST_JSON)) as f:
+    return json.load(f)
 
 
 def restore_params(workdir: str, *, which: str = BEST_DIR) -> tuple[ml_collections.ConfigDict, Any]:
@@ -294,16 +317,31 @@ def restore_params(workdir: str, *, which: str = BEST_DIR) -> tuple[ml_collectio
   return config, restored["params"]
 
 
+class Predictor:
+  """A fine-tuning run's checkpoint as a function: study records -> LVEF and attention.
+
+  Attributes:
+    config: the run's config.
+    preprocess: the preprocessing its training data had (apply it to new studies).
+    best: the best checkpoint's validation errors (`best.json`), or None.
+  """
+
+  def __init__(self, workdir: str, *, which: str = BEST_DIR):
+    self.config, self._params = restore_params(workdir, which=which)
+    self.preprocess = read_preprocess(workdir)
+    self.best = read_best(workdir) if os.path.exists(os.path.join(workdir, BEST_JSON)) else None
+    model = build_model(self.config, mean=0.0)  # the bias is restored, not re-initialised
+    self._mesh = sharding.make_mesh(self.config.mesh.to_dict())
+    self._fn = jax.jit(make_predict_fn(model))
+
+  def __call__(self, source: pipeline.Source) -> dict[str, np.ndarray]:
+    """Per-study arrays sorted by index in `source` (a split, or a list of StudyRecords):
+    study_index, lvef (NaN if unlabelled), pred, attention [N, K], view [N, K]."""
+    with sharding.mesh_rules(self._mesh):
+      return predict_split(self._fn, self._params, source, self.config, self._mesh)
+
+
 def predict_run(workdir: str, data_dir: str, split: str, *,
                 which: str = BEST_DIR) -> dict[str, np.ndarray]:
-  """Predictions of a fine-tuning run's checkpoint on one split of a dataset.
-
-  Returns per-study arrays sorted by study index: study_index, lvef (NaN if unlabelled), pred,
-  attention [N, K], view [N, K].
-  """
-  config, params = restore_params(workdir, which=which)
-  model = build_model(config, mean=0.0)  # the bias is a parameter: restored, not re-initialised
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  source = records.open_split(data_dir, split)
-  with sharding.mesh_rules(mesh):
-    return predict_split(jax.jit(make_predict_fn(model)), params, source, config, mesh)
+  """Predictions of a fine-tuning run's checkpoint on one split of a dataset (see Predictor)."""
+  return Predictor(workdir, which=which)(records.open_split(data_dir, split))
