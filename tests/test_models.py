@@ -134,12 +134,22 @@ def test_depthwise_conv_and_max_pool_match_lax_reference():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 4, 7, 6, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
-  conv = jax.jit(mvit.depthwise_conv3d, static_argnums=2)
-  for stride in [(1, 1, 1), (2, 4, 4)]:
-    want = jax.lax.conv_general_dilated(x, kernel[..., None, :], stride, [(1, 1)] * 3,
+
+  def reference(x, kernel, stride):
+    return jax.lax.conv_general_dilated(x, kernel[..., None, :], stride, [(1, 1)] * 3,
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
                                         feature_group_count=5)
-    np.testing.assert_allclose(conv(x, kernel, stride), want, rtol=1e-5, atol=1e-5)
+
+  stride = (1, 2, 2)  # strided, so the backward's dilation is exercised
+  weights = jnp.asarray(rng.normal(size=reference(x, kernel, stride).shape), jnp.float32)
+
+  def value_and_grads(conv):  # a loss that weighs every output differently
+    loss = lambda x, k: jnp.sum(conv(x, k, stride) * weights)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
+
+  got, want = value_and_grads(mvit.depthwise_conv3d), value_and_grads(reference)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # loss, dx, dkernel
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
   want = nn.max_pool(x, (1, 3, 3), (1, 2, 2), padding=[(0, 0), (1, 1), (1, 1)])
   pool = jax.jit(mvit.max_pool3d, static_argnums=(1, 2))
   np.testing.assert_array_equal(pool(x, (1, 3, 3), (1, 2, 2)), want)
