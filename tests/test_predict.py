@@ -1,0 +1,210 @@
+"""Prediction for new studies: DICOM inputs in two layouts plus broken ones, a dataset split,
+the leave-one-cine-out bags, the CLI, and no identifier in outputs or logs."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cmr_jax import predict
+from cmr_jax.data import dicom_io
+from cmr_jax.data import dicom_writer
+from cmr_jax.data import pipeline
+from cmr_jax.data import preprocess
+from cmr_jax.data import pseudonym
+from cmr_jax.data import records
+from cmr_jax.data import types
+from cmr_jax.train import finetune
+
+import dicom_testlib
+from test_train import data_dir  # noqa: F401  (the fixture: fake studies at 32 px, 3 mm, 8 frames)
+from test_train import finetune_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SALT = "predict-test-salt-0123"
+KAGGLE_ID = 734512
+NUM_SAX = 6  # Kaggle study: bag = 4CH, 2CH, SAX 1, SAX 3 (K = 4)
+ZIP_NUM_SAX = 5  # zipped study, short axis only: bag = SAX 1, SAX 3
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):  # noqa: F811
+  """A 4-step fine-tuning run of the 2-block MViT on the fake studies (best.json included)."""
+  workdir = str(tmp_path_factory.mktemp("finetune"))
+  start = time.monotonic()
+  finetune.train_and_evaluate(finetune_config(data_dir, "random"), workdir)
+  print(f"\nfine-tuning run: {time.monotonic() - start:.1f} s")
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir):
+  return finetune.Predictor(run_dir)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """(input paths, identities): a Kaggle study folder, a zipped short-axis-only study, an empty
+  folder and a text file."""
+  root = tmp_path_factory.mktemp("inputs")
+  kaggle = dicom_testlib.phantom_study(0, num_sax=NUM_SAX)
+  base = dicom_writer.write_kaggle([kaggle], str(root / "kaggle"), ids=[KAGGLE_ID], faults=[
+      dicom_writer.Faults(non_dicom_file=True, scout_series=True)])
+  identities = [dicom_writer.fake_identity(0), dicom_writer.fake_identity(1)]
+  sax_only = dicom_testlib.without_views(dicom_testlib.phantom_study(1, num_sax=ZIP_NUM_SAX),
+                                         types.LONG_AXIS_VIEWS)
+  dicom_writer.write_study(sax_only, str(root / "export" / "study_b"), identity=identities[1],
+                           options=dicom_writer.WriteOptions(style="ge", view_folders=False))
+  zipped = shutil.make_archive(str(root / "study_b"), "zip", str(root / "export"), "study_b")
+  os.makedirs(root / "empty")
+  (root / "notes.txt").write_text("LVEF please\n")
+  paths = [os.path.join(base, str(KAGGLE_ID)), zipped, str(root / "empty"),
+           str(root / "notes.txt")]
+  return paths, identities
+
+
+@pytest.fixture(scope="module")
+def result(predictor, inputs, run_dir):
+  paths, _ = inputs
+  start = time.monotonic()
+  out = predict.predict(predictor, inputs=paths, salt=SALT, workdir=run_dir)
+  print(f"predict on {len(paths)} inputs: {time.monotonic() - start:.1f} s")
+  return out
+
+
+def _bag(row) -> list[tuple[str, int | None]]:
+  return [(v["view"], v["slice"]) for v in row["views"]]
+
+
+def test_each_input_gets_a_row_and_good_studies_a_prediction(result, inputs, predictor):
+  paths, _ = inputs
+  rows = result["studies"]
+  assert [r["input"] for r in rows] == paths
+  assert result["summary"] == {"rows": 4, "predicted": 2, "failed": 2, "with_warnings": 2}
+  val_rmse = predictor.best["val_rmse"]
+  for row in rows[:2]:
+    assert row["error"] == "" and row["study"].startswith("stu-")
+    assert math.isfinite(row["lvef"]) and 0.0 < row["lvef"] < 100.0
+    assert row["lvef_below_40"] == (row["lvef"] < 40.0)
+    low, high = row["interval"]
+    half = 1.96 * math.sqrt(val_rmse ** 2 + row["loo_se"] ** 2)
+    assert (low, high) == pytest.approx((row["lvef"] - half, row["lvef"] + half))
+    assert row["loo_se"] > 0.0 and "val_rmse" in row["interval_method"]
+    assert sum(v["attention"] for v in row["views"]) == pytest.approx(1.0, abs=1e-5)
+    assert all(v["attention"] > 0 for v in row["views"])
+  assert _bag(rows[0]) == [("4CH", None), ("2CH", None), ("SAX", 1), ("SAX", 3)]
+  assert _bag(rows[1]) == [("SAX", 1), ("SAX", 3)]
+
+
+def test_quality_warnings_name_what_is_wrong(result):
+  kaggle, zipped = ({w["code"]: w["message"] for w in r["warnings"]}
+                    for r in result["studies"][:2])
+  assert "8-8 frames per cycle" in kaggle["few_frames"]
+  assert "non-cine series (scout/localiser)" in kaggle["files_skipped"]
+  assert "1 file: not a DICOM file" in kaggle["files_outside_studies"]
+  assert "no_long_axis" not in kaggle and "few_sax_slices" not in kaggle
+  assert "no_long_axis" in zipped and f"only {ZIP_NUM_SAX} short-axis" in zipped["few_sax_slices"]
+  assert "files_skipped" not in zipped and "coarse_pixels" in zipped  # 7.2 mm vs 3 mm
+  assert {w["code"] for w in result["warnings"]} == {"small_validation"}
+
+
+def test_unreadable_inputs_get_a_reason(result):
+  empty, text = result["studies"][2:]
+  assert empty["lvef"] is None and empty["error"] == "no DICOM study found (no files)"
+  assert text["lvef"] is None and text["error"] == "no DICOM study found (1 file: not a DICOM file)"
+  missing = predict.prepare_input("/nonexistent/study", preprocess.PreprocessConfig(), salt=SALT)
+  assert len(missing) == 1 and "does not exist" in missing[0].error
+
+
+def test_outputs_and_cli_logs_hold_no_identifier(result, inputs, run_dir, tmp_path):
+  paths, identities = inputs
+  predict.write(result, str(tmp_path / "rows.json"))
+  predict.write(result, str(tmp_path / "rows.csv"))
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop(pseudonym.SALT_ENV_VAR, None)
+  cli = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "predict.py"), f"--model={run_dir}",
+       f"--output={tmp_path / 'cli.csv'}", "--alsologtostderr", *paths],
+      capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  assert "2 of 4 studies predicted, 2 failed" in cli.stdout
+  with open(tmp_path / "cli.csv") as f:
+    cli_rows = list(csv.DictReader(f))
+  assert [r["input"] for r in cli_rows] == paths
+  # A random per-run salt: other pseudonyms, the same predictions.
+  assert cli_rows[0]["study"] != result["studies"][0]["study"]
+  assert float(cli_rows[0]["lvef"]) == pytest.approx(result["studies"][0]["lvef"], abs=0.01)
+
+  secrets = set(pseudonym.identifier_strings([
+      v for who in identities for v in (who.patient_name, who.patient_id, who.birth_date,
+                                        who.study_date, who.accession, who.institution,
+                                        who.referring_physician)]))
+  for path in paths[:2]:
+    files, _ = dicom_io.list_input_files(path)
+    for parsed in dicom_io.read_files(files):
+      if parsed.dataset is not None:
+        secrets.update({parsed.study_uid, parsed.sop_uid, parsed.series.key})
+  texts = {name: (tmp_path / name).read_text() for name in ("rows.json", "rows.csv", "cli.csv")}
+  texts.update(stdout=cli.stdout, stderr=cli.stderr)
+  for where, text in texts.items():
+    for secret in secrets:
+      assert secret.lower() not in text.lower(), (secret, where)
+
+
+def test_cli_fails_only_when_nothing_is_predicted(inputs, run_dir, tmp_path):
+  paths, _ = inputs
+  cli = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "predict.py"), f"--model={run_dir}",
+       f"--output={tmp_path / 'none.json'}", *paths[2:]],
+      capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+  assert cli.returncode == 1, cli.stderr[-3000:]
+  with open(tmp_path / "none.json") as f:
+    rows = json.load(f)["studies"]
+  assert [r["error"].split(" (")[0] for r in rows] == ["no DICOM study found"] * 2
+
+
+def test_split_scores_match_the_runs_validation_errors(predictor, data_dir, run_dir):  # noqa: F811
+  out = predict.predict(predictor, data_dir=data_dir, split="val", loo=False, workdir=run_dir)
+  rows = out["studies"]
+  assert len(rows) == len(records.load_index(data_dir, "val")) == predictor.best["val_n"]
+  assert all(r["lvef_reference"] is not None and r["loo_se"] is None for r in rows)
+  # The best checkpoint's validation MAE and bias, recomputed from the rows.
+  assert out["summary"]["mae"] == pytest.approx(predictor.best["val_mae"], abs=1e-3)
+  assert out["summary"]["bias"] == pytest.approx(predictor.best["val_bias"], abs=1e-3)
+  other = preprocess.PreprocessConfig.from_dict(dict(predictor.preprocess, spacing_mm=2.0))
+  with pytest.raises(ValueError, match=r"spacing_mm: 3.0 vs model 2.0"):
+    predict.check_preprocess(data_dir, other)
+
+
+@pytest.mark.parametrize("views, k", [
+    ((["SAX"] * 9 + ["2CH", "4CH", "3CH"]), 8),  # bag: 3 LAX + SAX 1, 3, 5, 7
+    ((["SAX"] * 12 + ["4CH"]), 4),  # truncated: 4CH + SAX 1, 3, 5 (SAX 7, 9 left out)
+    ((["SAX"] * 7), 8),  # short axis only
+    ((["4CH", "2CH", "4CH", "SAX"]), 8),  # long axis only (one SAX slice, unused), 4CH twice
+    ((["SAX"] * 2), 8),  # the bag is every cine
+])
+def test_leave_one_out_bags_are_the_bag_without_one_cine(views, k):
+  rng = np.random.default_rng(0)
+  sax = [i for i, v in enumerate(views) if v == types.SAX]
+  slice_index = np.full(len(views), -1, np.int32)
+  slice_index[sax] = rng.permutation(len(sax))  # stored order need not be base->apex
+  bag = pipeline.bag_indices(views, slice_index, k)
+  variants = predict.leave_one_out_cines(views, slice_index, k)
+  assert len(variants) == len(bag)
+  for left_out, cines in zip(bag, variants):
+    sub_bag = pipeline.bag_indices([views[i] for i in cines], slice_index[cines], k)
+    assert [cines[j] for j in sub_bag] == [i for i in bag if i != left_out]
+
+
+def test_jackknife_of_leave_one_out_means_is_the_standard_error():
+  x = np.array([3.0, 7.0, 1.0, 12.0, 5.0])
+  means = np.array([np.delete(x, i).mean() for i in range(x.size)])
+  assert predict.jackknife_se(means) == pytest.approx(x.std(ddof=1) / math.sqrt(x.size))

@@ -1,0 +1,86 @@
+r"""Predicts LVEF for cine CMR studies with a fine-tuned checkpoint.
+
+  python tools/predict.py --model=runs/finetune --output=lvef.csv /data/study1 /data/study2.zip
+
+Each positional input is a study folder, a zip, a folder holding several studies (one row per
+StudyInstanceUID) or one DICOM file, in any vendor layout. The output (.csv or .json, by the
+name) has per study: the input path as given, LVEF in percent, an interval, the LVEF < 40% flag,
+the views the model used with their attention weights, and quality warnings; an input that
+cannot be read gets a row with the reason. The exit status is non-zero only when no study could
+be predicted. Scoring an ingested dataset instead:
+
+  python tools/predict.py --model=runs/finetune --data_dir=runs/records --split=test \
+      --output=test.json
+
+Studies are pseudonymised with --salt (or $CMR_JAX_SALT), else a random salt per run: the rows
+are keyed by the input paths, so no salt needs keeping. See `cmr_jax.predict` for the interval
+and the warnings.
+"""
+
+from collections.abc import Sequence
+import os
+import secrets
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from cmr_jax import logs
+from cmr_jax import predict
+from cmr_jax.data import layouts
+from cmr_jax.data import pseudonym
+from cmr_jax.train import finetune
+
+RANDOM_SALT_BYTES = 16
+_MODEL = flags.DEFINE_string("model", None, "Fine-tuning run folder (its best checkpoint).",
+                             required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Output file: .csv or .json.", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Score an ingested dataset instead of inputs.")
+_SPLIT = flags.DEFINE_string("split", "test", "The --data_dir split to score.")
+_LAYOUT = flags.DEFINE_enum("layout", layouts.GENERIC, layouts.LAYOUTS,
+                            "How studies are found below each input (generic: by "
+                            "StudyInstanceUID, any folder structure).")
+_LABELS = flags.DEFINE_string("labels", "", "Optional reference labels CSV for --layout (as in "
+                              "tools/ingest.py): reported next to the predictions.")
+_SALT = flags.DEFINE_string(
+    "salt", "", f"Pseudonymisation salt (default: ${pseudonym.SALT_ENV_VAR}, else random).")
+_LOO = flags.DEFINE_bool("loo", True, "Leave-one-cine-out spread for the interval (costs one "
+                         "forward pass per cine of the bag).")
+
+
+def main(argv: Sequence[str]) -> int:
+  inputs = list(argv[1:])
+  if bool(inputs) == bool(_DATA_DIR.value):
+    raise app.UsageError("give study folders/zips as arguments, or --data_dir (not both)")
+  if not _OUTPUT.value.lower().endswith(predict.OUTPUT_FORMATS):
+    raise app.UsageError(f"--output must end in {' or '.join(predict.OUTPUT_FORMATS)}")
+  logs.setup()
+  salt = _SALT.value or os.environ.get(pseudonym.SALT_ENV_VAR, "")
+  if salt:
+    try:
+      salt = pseudonym.resolve_salt(salt)
+    except pseudonym.SaltError as e:
+      raise app.UsageError(str(e)) from None
+  elif inputs:
+    salt = secrets.token_hex(RANDOM_SALT_BYTES)
+    logging.info("no salt given: study pseudonyms use a random salt for this run")
+  predictor = finetune.Predictor(_MODEL.value)
+  best = predictor.best or {}
+  logging.info("model %s: step %s, validation MAE %s, RMSE %s (n=%s)", _MODEL.value,
+               best.get("step"), best.get("val_mae"), best.get("val_rmse"), best.get("val_n"))
+  result = predict.predict(predictor, inputs=inputs, data_dir=_DATA_DIR.value,
+                           split=_SPLIT.value, salt=salt, layout=_LAYOUT.value,
+                           labels=_LABELS.value, loo=_LOO.value, workdir=_MODEL.value)
+  predict.write(result, _OUTPUT.value)
+  summary = result["summary"]
+  print(predict.table(result["studies"]))
+  print(f"{summary['predicted']} of {summary['rows']} studies predicted, {summary['failed']} "
+        f"failed; written to {_OUTPUT.value}")
+  if "mae" in summary:
+    print(f"against {summary['labelled']} reference labels: MAE {summary['mae']:.2f}, RMSE "
+          f"{summary['rmse']:.2f}, bias {summary['bias']:+.2f}")
+  return 0 if summary["predicted"] else 1
+
+
+if __name__ == "__main__":
+  app.run(main)
