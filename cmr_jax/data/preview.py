@@ -4,20 +4,15 @@ End-diastole (ED) and end-systole (ES) are read from the images, so any study wo
 DICOM): within the moving region of each SAX cine (pixels whose temporal variation is high) the
 summed intensity follows the bright ventricular blood volume; ED is its maximum, ES its minimum.
 
-Run as a program to preview a phantom study:
-  python -m cmr_jax.data.preview --seed=0 --index=3 --site=ukbb_like --out=/tmp/study.png
+`tools/make_synthetic.py` writes previews of the first studies of a synthetic dataset.
 """
 
 from __future__ import annotations
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 from matplotlib import figure
 from scipy import ndimage
 
-from cmr_jax.data import phantom
 from cmr_jax.data import types
 
 MOTION_QUANTILE = 99.5  # reference temporal std: this percentile of the std map
@@ -98,24 +93,3 @@ def save_preview_png(study: types.Study, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 
-
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("seed", 0, "Phantom dataset seed.")
-flags.DEFINE_integer("index", 0, "Phantom subject index.")
-flags.DEFINE_string("site", "ukbb_like", "Phantom site (protocol family).")
-flags.DEFINE_integer("visit", 0, "Scan number of the subject.")
-flags.DEFINE_bool("fast", True, "Render at demo speed (16 frames, 112x112).")
-flags.DEFINE_string("out", None, "Output PNG path.", required=True)
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  study = phantom.synthetic_study(FLAGS.seed, FLAGS.index, site=FLAGS.site, visit=FLAGS.visit,
-                                  fast=FLAGS.fast)
-  save_preview_png(study, FLAGS.out)
-  logging.info("wrote %s (%s, LVEF %.1f%%)", FLAGS.out, study.study_id, study.lvef)
-  print(study.report)
-
-
-if __name__ == "__main__":
-  app.run(main)
