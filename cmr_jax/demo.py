@@ -26,6 +26,7 @@ from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import synthetic
 from cmr_jax.eval import metrics
+from cmr_jax.train import checkpoint
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
 
@@ -50,6 +51,14 @@ def make_data(config, out: str) -> None:
       config.preprocess.to_dict()), num_shards=config.num_shards, num_workers=config.num_workers)
   with open(stamp, "w") as f:
     f.write(wanted)
+
+
+def finished(workdir: str, total_steps: int) -> bool:
+  """Whether a run in `workdir` already saved its final step (then the stage is skipped)."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  done = ckpt.latest_step() == total_steps
+  ckpt.close()
+  return done
 
 
 def evaluate(workdir: str, data_dir: str, train_mean: float) -> dict[str, dict[str, dict]]:
@@ -93,13 +102,16 @@ def main(argv):
   pre = _PRETRAIN.value
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  pretrain.train_and_evaluate(pre, pretrain_dir)
+  if not finished(pretrain_dir, pre.total_steps):
+    pretrain.train_and_evaluate(pre, pretrain_dir)
   t_pre = time.time() - t0 - t_data
 
   for name, init in (("pretrained", f"pretrain:{pretrain_dir}"), ("scratch", "random")):
     ft = _FINETUNE.value.copy_and_resolve_references()
     ft.data.dir, ft.init = data_dir, init
-    finetune.train_and_evaluate(ft, os.path.join(work, f"finetune_{name}"))
+    run_dir = os.path.join(work, f"finetune_{name}")
+    if not finished(run_dir, ft.total_steps):
+      finetune.train_and_evaluate(ft, run_dir)
   t_ft = time.time() - t0 - t_data - t_pre
 
   train_mean = finetune.label_mean(data_dir, "train", 1.0)

@@ -90,7 +90,8 @@ def load_pretrained_encoder(init: str, abstract_params: Any) -> dict[str, Any] |
   ckpt.close()
   if step_ is None:
     raise FileNotFoundError(f"no pre-training checkpoint in {workdir}/{pretrain.CHECKPOINT_DIR}")
-  path = os.path.join(workdir, pretrain.CHECKPOINT_DIR, str(step_), checkpoint_lib.STATE)
+  path = os.path.abspath(os.path.join(workdir, pretrain.CHECKPOINT_DIR, str(step_),
+                                      checkpoint_lib.STATE))
   restored = ocp.StandardCheckpointer().restore(path)
   params = restored["params"]
   out = {}
@@ -313,7 +314,7 @@ def restore_params(workdir: str, *, which: str = BEST_DIR) -> tuple[ml_collectio
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, which)}")
   restored = ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, which, str(step), checkpoint_lib.STATE))
+      os.path.abspath(os.path.join(workdir, which, str(step), checkpoint_lib.STATE)))
   return config, restored["params"]
 
 

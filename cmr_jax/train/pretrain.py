@@ -109,7 +109,7 @@ def recall_at_k(emb_video: np.ndarray, emb_text: np.ndarray, ks=(1, 5)) -> dict[
   sims = emb_video @ emb_text.T
   own = np.diag(sims)
   rank = (sims > own[:, None]).sum(axis=1)  # 0 = best
-  return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
+  return {f"recall_at_{k}": float(np.mean(rank < k)) for k in ks}
 
 
 def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, float]:
