@@ -9,7 +9,8 @@ others carry on.
 
 A row holds the input path as given (the user's own data: rows are keyed by it), the study's
 pseudonym, the predicted LVEF (percent), an interval, the LVEF < 40% flag, the cines of the
-model's bag with their attention weights (summing to 1), and quality warnings.
+model's bag (view, and for short-axis slices their index from the base, 0) with their attention
+weights (summing to 1), and quality warnings (code and message).
 
 Interval: pred +/- 1.96 sqrt(val_rmse^2 + loo_se^2), where val_rmse is the checkpoint's RMSE on
 its validation split (`best.json`) and loo_se the jackknife standard error of the prediction
@@ -51,6 +52,7 @@ from cmr_jax.train import finetune
 Z_95 = 1.96  # two-sided 95% normal quantile
 REDUCED_EF_PERCENT = 40.0  # LVEF below this is flagged (heart failure with reduced EF)
 PLAUSIBLE_LVEF_PERCENT = (5.0, 90.0)
+LVEF_RANGE_PERCENT = (0.0, 100.0)  # intervals are clipped to it
 MIN_SOURCE_FRAMES = 20  # fewer acquired frames per cycle may miss end-systole
 MIN_SAX_SLICES = 6  # a short-axis stack covering the LV has ~8-14 slices
 MAX_SPACING_RATIO = 1.5  # acquired pixels this much coarser than the model's are flagged
@@ -132,11 +134,11 @@ def _finds_motion(cine: types.Cine, cfg: preprocess.PreprocessConfig) -> bool | 
 def source_warnings(study: types.Study, cfg: preprocess.PreprocessConfig) -> list[QualityWarning]:
   """Warnings about the acquisition: frames per cycle, timing, heart rate, crop centring."""
   out = []
-  frames = [c.num_frames for c in study.cines]
-  if min(frames) < MIN_SOURCE_FRAMES:
+  low, high = min(c.num_frames for c in study.cines), max(c.num_frames for c in study.cines)
+  if low < MIN_SOURCE_FRAMES:
     out.append(QualityWarning(
-        "few_frames", f"cines have {min(frames)}-{max(frames)} frames per cycle (fewer than "
-        f"{MIN_SOURCE_FRAMES}): end-systole may fall between frames"))
+        "few_frames", f"cines have {low if low == high else f'{low}-{high}'} frames per cycle "
+        f"(fewer than {MIN_SOURCE_FRAMES}): end-systole may fall between frames"))
   untimed = sum(not _has_trigger_times(c) for c in study.cines)
   if untimed:
     out.append(QualityWarning(
@@ -203,7 +205,8 @@ def _prepare_spec(path: str, spec: layouts.StudySpec, cfg: preprocess.Preprocess
   try:
     record = preprocess.preprocess_study(loaded.study, cfg, skipped=left_out)
     out.warnings += source_warnings(loaded.study, cfg)
-  except Exception as e:  # one study's failure must not stop the others  # pylint: disable=broad-except
+  # One study's failure must not stop the others.
+  except Exception as e:  # pylint: disable=broad-except
     out.error = _error_text(e)
     return out
   if left_out:  # "study <id>, series <name>: <reason>"
@@ -365,7 +368,9 @@ def interval(pred: float, val_rmse: float | None,
     return None, "none: no validation errors in the run and no leave-one-cine-out spread"
   half = Z_95 * math.sqrt(sum(v * v for _, v in terms))
   formula = " + ".join(f"{name}^2" for name, _ in terms)
-  return [pred - half, pred + half], f"pred +/- {Z_95} * sqrt({formula})"
+  low, high = LVEF_RANGE_PERCENT
+  return ([max(low, pred - half), min(high, pred + half)],
+          f"pred +/- {Z_95} * sqrt({formula}), clipped to {low:g}-{high:g}")
 
 
 def jackknife_se(preds: np.ndarray) -> float:
@@ -387,6 +392,10 @@ def _row(item: Prepared, out: dict[str, np.ndarray] | None, model: ModelInfo) ->
   if record is not None:
     row["lvef_reference"] = float(record.lvef) if record.has_labels else None
   if out is None:
+    row["warnings"] = [dataclasses.asdict(w) for w in warnings]
+    return row
+  if not (np.all(np.isfinite(out["pred"])) and np.all(np.isfinite(out["attention"]))):
+    row["error"] = "the model returned a non-finite LVEF or attention (a broken checkpoint?)"
     row["warnings"] = [dataclasses.asdict(w) for w in warnings]
     return row
   pred = float(out["pred"][0])
@@ -471,7 +480,7 @@ def _progress(groups: Iterable[list[Prepared]], total: int, what: str) -> Iterat
     now = time.monotonic()
     if now - last >= LOG_EVERY_S or done == total:
       rate = done / max(now - start, 1e-9)
-      logging.info("%d/%d %s read and scored (%.2f/s, ETA %.0f s)", done, total, what, rate,
+      logging.info("%d/%d %s processed (%.2f/s, ETA %.0f s)", done, total, what, rate,
                    (total - done) / rate)
       last = now
 
@@ -511,17 +520,18 @@ def predict(predictor: finetune.Predictor, *, inputs: Sequence[str] = (), data_d
     prepared = _progress((prepare_input(p, cfg, salt=salt, layout=layout, labels=labels)
                           for p in inputs), len(inputs), "inputs")
   model = model_info(predictor, workdir)
-  for w in model.warnings():
+  model_warnings = model.warnings()
+  for w in model_warnings:
     logging.warning("%s", w.message)
   rows = score(predictor, prepared, loo=loo, workdir=workdir)
   return {
       "model": {"workdir": workdir, "best": model.best, "preprocess": model.preprocess,
                 "max_instances": model.max_instances},
-      "interval_method": (f"pred +/- {Z_95} * sqrt(val_rmse^2 + loo_se^2): val_rmse the "
-                          "checkpoint's validation RMSE, loo_se the jackknife SE over "
-                          "leave-one-cine-out predictions; ~95% where residuals are normal and "
-                          "the study resembles the validation data"),
-      "warnings": [dataclasses.asdict(w) for w in model.warnings()],
+      "interval_method": (f"pred +/- {Z_95} * sqrt(val_rmse^2 + loo_se^2), clipped to 0-100: "
+                          "val_rmse the checkpoint's validation RMSE, loo_se the jackknife SE "
+                          "over leave-one-cine-out predictions; ~95% where residuals are normal "
+                          "and the study resembles the validation data"),
+      "warnings": [dataclasses.asdict(w) for w in model_warnings],
       "studies": rows,
       "summary": summarize(rows),
   }
@@ -551,7 +561,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _csv_row(row: dict[str, Any]) -> dict[str, str]:
   fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
   views = "; ".join(
-      f"{v['view']}{'' if v['slice'] is None else ' ' + str(v['slice'])} {v['attention']:.3f}"
+      f"{v['view']}{'' if v['slice'] is None else ' ' + str(v['slice'])}={v['attention']:.3f}"
       for v in row["views"])
   return {
       "input": row["input"], "study": row["study"], "lvef": fmt(row["lvef"]),

@@ -2,6 +2,7 @@
 the leave-one-cine-out bags, the CLI, and no identifier in outputs or logs."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -95,7 +97,9 @@ def test_each_input_gets_a_row_and_good_studies_a_prediction(result, inputs, pre
     assert row["lvef_below_40"] == (row["lvef"] < 40.0)
     low, high = row["interval"]
     half = 1.96 * math.sqrt(val_rmse ** 2 + row["loo_se"] ** 2)
-    assert (low, high) == pytest.approx((row["lvef"] - half, row["lvef"] + half))
+    assert (low, high) == pytest.approx((max(0.0, row["lvef"] - half),
+                                         min(100.0, row["lvef"] + half)))
+    assert low < row["lvef"] < high
     assert row["loo_se"] > 0.0 and "val_rmse" in row["interval_method"]
     assert sum(v["attention"] for v in row["views"]) == pytest.approx(1.0, abs=1e-5)
     assert all(v["attention"] > 0 for v in row["views"])
@@ -106,7 +110,7 @@ def test_each_input_gets_a_row_and_good_studies_a_prediction(result, inputs, pre
 def test_quality_warnings_name_what_is_wrong(result):
   kaggle, zipped = ({w["code"]: w["message"] for w in r["warnings"]}
                     for r in result["studies"][:2])
-  assert "8-8 frames per cycle" in kaggle["few_frames"]
+  assert "have 8 frames per cycle" in kaggle["few_frames"]
   assert "non-cine series (scout/localiser)" in kaggle["files_skipped"]
   assert "1 file: not a DICOM file" in kaggle["files_outside_studies"]
   assert "no_long_axis" not in kaggle and "few_sax_slices" not in kaggle
@@ -208,3 +212,63 @@ def test_jackknife_of_leave_one_out_means_is_the_standard_error():
   x = np.array([3.0, 7.0, 1.0, 12.0, 5.0])
   means = np.array([np.delete(x, i).mean() for i in range(x.size)])
   assert predict.jackknife_se(means) == pytest.approx(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def test_source_warnings_flag_static_views_missing_timing_and_heart_rate(make_study):
+  cfg = preprocess.PreprocessConfig(size=32, spacing_mm=3.0, num_frames=8)
+  study = make_study(1, num_sax=4, matrix=48)
+  assert predict.source_warnings(study, cfg) == [predict.QualityWarning(
+      "heart_rate_unknown", "heart rate unknown (no HeartRate or RR interval in the DICOM "
+      "headers)")]
+  rng = np.random.default_rng(0)
+  static = lambda c: dataclasses.replace(  # noqa: E731  nothing moves: no motion centre
+      c, frames=rng.normal(1000.0, 40.0, c.frames.shape).astype(np.float32))
+  study.heart_rate_bpm = 60.0
+  study.cines = [static(c) if c.view == types.LAX_4CH else
+                 dataclasses.replace(c, trigger_times_ms=None) if c.view == types.LAX_2CH else c
+                 for c in study.cines]
+  found = {w.code: w.message for w in predict.source_warnings(study, cfg)}
+  assert found == {
+      "no_trigger_times": "1 of 7 cines have no usable trigger times: temporal resolution "
+                          "unknown, frames taken as evenly spaced over the cycle",
+      "crop_not_centred_on_motion": "no cardiac motion found in 4CH: cropped about the image "
+                                    "centre (the heart may be off-centre or cut)"}
+  study.cines = [static(c) if c.view == types.SAX else c for c in study.cines]
+  found = {w.code: w.message for w in predict.source_warnings(study, cfg)}
+  assert found["crop_not_centred_on_motion"].startswith("no cardiac motion found in the SAX "
+                                                        "stack, 4CH:")
+
+
+class _StubPredictor:
+  """LVEF = 30 + 2 x the bag's cines (NaN for study "bad"), uniform attention; K = 4."""
+
+  config = ml_collections.ConfigDict({"data": {"max_instances": 4}, "eval_batch_size": 1})
+  best = {"step": 1, "val_mae": 3.0, "val_rmse": 4.0, "val_n": 100}
+  preprocess = {}
+
+  def __call__(self, source):
+    bags = [pipeline.bag_indices(r.views, r.slice_index, 4)
+            for r in (source[i] for i in range(len(source)))]
+    bad = [source[i].study_id == "bad" for i in range(len(source))]
+    attention = np.zeros((len(bags), 4), np.float32)
+    for row, bag in zip(attention, bags):
+      row[:len(bag)] = 1.0 / len(bag)
+    return {"pred": np.where(bad, np.nan, [30.0 + 2 * len(b) for b in bags]),
+            "attention": attention}
+
+
+def test_rows_from_scores_and_a_non_finite_prediction(make_study, tmp_path):
+  cfg = preprocess.PreprocessConfig(size=16, spacing_mm=6.0, num_frames=4)
+  record = preprocess.preprocess_study(make_study(2, num_sax=6, matrix=32), cfg)
+  items = [predict.Prepared("a", "good", record), predict.Prepared("b", error="unreadable"),
+           predict.Prepared("c", "bad", dataclasses.replace(record, study_id="bad"))]
+  rows = predict.score(_StubPredictor(), items)
+  good, failed, bad = rows
+  assert good["lvef"] == 38.0 and good["lvef_below_40"] and good["loo_se"] == 0.0
+  assert good["interval"] == pytest.approx([38.0 - 1.96 * 4.0, 38.0 + 1.96 * 4.0])
+  assert _bag(good) == [("4CH", None), ("2CH", None), ("3CH", None), ("SAX", 1)]
+  assert failed["lvef"] is None and failed["error"] == "unreadable"
+  assert bad["lvef"] is None and "non-finite" in bad["error"]
+  predict.write({"studies": rows}, str(tmp_path / "rows.json"))  # no NaN reaches the JSON
+  with open(tmp_path / "rows.json") as f:
+    assert json.load(f)["studies"][0]["lvef"] == 38.0

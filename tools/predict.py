@@ -65,9 +65,10 @@ def main(argv: Sequence[str]) -> int:
     salt = secrets.token_hex(RANDOM_SALT_BYTES)
     logging.info("no salt given: study pseudonyms use a random salt for this run")
   predictor = finetune.Predictor(_MODEL.value)
-  best = predictor.best or {}
-  logging.info("model %s: step %s, validation MAE %s, RMSE %s (n=%s)", _MODEL.value,
-               best.get("step"), best.get("val_mae"), best.get("val_rmse"), best.get("val_n"))
+  if predictor.best:
+    logging.info("model %s: step %d, validation MAE %.2f, RMSE %.2f (%d studies)", _MODEL.value,
+                 predictor.best["step"], predictor.best["val_mae"], predictor.best["val_rmse"],
+                 predictor.best["val_n"])
   result = predict.predict(predictor, inputs=inputs, data_dir=_DATA_DIR.value,
                            split=_SPLIT.value, salt=salt, layout=_LAYOUT.value,
                            labels=_LABELS.value, loo=_LOO.value, workdir=_MODEL.value)
