@@ -191,6 +191,9 @@ class MViTConfig:
   q_pool_stride: Triple = (1, 2, 2)
   kv_pool_stride: Triple = (1, 8, 8)  # at block 0; divided by q_pool_stride at each stage start
   pool_kernel: Triple = (3, 3, 3)
+  # LayerNorm eps after pooling: 1e-6 as in SlowFast (where the Kinetics weights were trained),
+  # torchvision and current pytorchvideo; the pytorchvideo 0.1.5 release uses PyTorch's 1e-5.
+  pool_norm_eps: float = LAYER_NORM_EPS
   dropout_rate: float = 0.0
   droppath_rate: float = 0.0  # stochastic depth, rising linearly from 0 at block 0
 
@@ -284,6 +287,7 @@ class MultiScaleAttention(nn.Module):
 
   geometry: BlockGeometry
   pool_kernel: Triple
+  pool_norm_eps: float = LAYER_NORM_EPS
   dropout_rate: float = 0.0
   attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
@@ -305,7 +309,7 @@ class MultiScaleAttention(nn.Module):
         y, _ = _pool_tokens(y, g.thw_in, conv)
       y = y.reshape(*y.shape[:2], g.num_heads, head_dim)
       if stride is not None:
-        y = layers.layer_norm(LAYER_NORM_EPS, name=f"norm_{name}", **kw)(y)
+        y = layers.layer_norm(self.pool_norm_eps, name=f"norm_{name}", **kw)(y)
       return y
 
     q = pooled("q", g.q_stride)
@@ -341,6 +345,7 @@ class MultiScaleBlock(nn.Module):
 
   geometry: BlockGeometry
   pool_kernel: Triple
+  pool_norm_eps: float = LAYER_NORM_EPS
   mlp_ratio: float = 4.0
   dropout_rate: float = 0.0
   droppath_rate: float = 0.0
@@ -356,8 +361,8 @@ class MultiScaleBlock(nn.Module):
     # Drop path: dropout of a whole sample's branch (mask broadcast over tokens and channels).
     drop_path = nn.Dropout(self.droppath_rate, broadcast_dims=(1, 2))
     x = layers.constrain_tokens(x)
-    attn = MultiScaleAttention(g, self.pool_kernel, self.dropout_rate, self.attention_impl,
-                               name="attn", **kw)(
+    attn = MultiScaleAttention(g, self.pool_kernel, self.pool_norm_eps, self.dropout_rate,
+                               self.attention_impl, name="attn", **kw)(
                                    layers.layer_norm(LAYER_NORM_EPS, name="norm1", **kw)(x),
                                    deterministic)
     if g.q_stride is not None:
@@ -462,7 +467,8 @@ class MViT(nn.Module):
     block_cls = nn.remat(MultiScaleBlock, static_argnums=(2,)) if self.remat else MultiScaleBlock
     droppath = np.linspace(0.0, c.droppath_rate, c.depth)
     for i, geometry in enumerate(c.blocks()):
-      x = block_cls(geometry, c.pool_kernel, c.mlp_ratio, c.dropout_rate, float(droppath[i]),
-                    self.attention_impl, name=f"blocks_{i}", **kw)(x, deterministic)
+      x = block_cls(geometry, c.pool_kernel, c.pool_norm_eps, c.mlp_ratio, c.dropout_rate,
+                    float(droppath[i]), self.attention_impl, name=f"blocks_{i}", **kw)(
+                        x, deterministic)
     x = layers.layer_norm(LAYER_NORM_EPS, name="norm_embed", **kw)(x)
     return x[:, 0]
