@@ -133,6 +133,7 @@ def test_outputs_and_cli_logs_hold_no_identifier(result, inputs, run_dir, tmp_pa
   predict.write(result, str(tmp_path / "rows.csv"))
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop(pseudonym.SALT_ENV_VAR, None)
+  env.pop("XLA_FLAGS", None)  # one device here, eight where the model was trained
   cli = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "predict.py"), f"--model={run_dir}",
        f"--output={tmp_path / 'cli.csv'}", "--alsologtostderr", *paths],

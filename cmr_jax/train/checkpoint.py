@@ -86,3 +86,17 @@ def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def restore_on_this_host(path: str) -> Any:
+  """Restores a saved state item on this process's first device, whatever mesh saved it.
+
+  Restoring without a target would rebuild the saving run's shardings, which fails on a machine
+  with another device count (a GPU-trained model on a laptop); the metadata gives the shapes.
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  path = os.path.abspath(path) if "://" not in path else path
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                        checkpointer.metadata(path).item_metadata)
+  return checkpointer.restore(path, target)

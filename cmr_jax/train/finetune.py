@@ -24,7 +24,6 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cmr_jax import losses
 from cmr_jax import sharding
@@ -92,8 +91,7 @@ def load_pretrained_encoder(init: str, abstract_params: Any) -> dict[str, Any] |
     raise FileNotFoundError(f"no pre-training checkpoint in {workdir}/{pretrain.CHECKPOINT_DIR}")
   path = os.path.abspath(os.path.join(workdir, pretrain.CHECKPOINT_DIR, str(step_),
                                       checkpoint_lib.STATE))
-  restored = ocp.StandardCheckpointer().restore(path)
-  params = restored["params"]
+  params = checkpoint_lib.restore_on_this_host(path)["params"]
   out = {}
   for name in ENCODER_PARAMS:
     if name not in params:
@@ -313,8 +311,8 @@ def restore_params(workdir: str, *, which: str = BEST_DIR) -> tuple[ml_collectio
   ckpt.close()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, which)}")
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.abspath(os.path.join(workdir, which, str(step), checkpoint_lib.STATE)))
+  restored = checkpoint_lib.restore_on_this_host(
+      os.path.join(workdir, which, str(step), checkpoint_lib.STATE))
   return config, restored["params"]
 
 
@@ -333,6 +331,9 @@ class Predictor:
     self.best = read_best(workdir) if os.path.exists(os.path.join(workdir, BEST_JSON)) else None
     model = build_model(self.config, mean=0.0)  # the bias is restored, not re-initialised
     self._mesh = sharding.make_mesh(self.config.mesh.to_dict())
+    # Replicated over this machine's mesh, whatever mesh trained the model.
+    self._params = jax.device_put(self._params, jax.sharding.NamedSharding(
+        self._mesh, jax.sharding.PartitionSpec()))
     self._fn = jax.jit(make_predict_fn(model))
 
   def __call__(self, source: pipeline.Source) -> dict[str, np.ndarray]:
