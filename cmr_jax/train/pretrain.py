@@ -53,18 +53,22 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   saved = os.path.join(workdir, TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
   if config.text.vocab:
     return tokenizer_lib.load_tokenizer(config.text.vocab)
-  if os.path.exists(saved):
-    return tokenizer_lib.load_tokenizer(saved)
-  n = min(len(train_source), _MAX_TOKENIZER_TEXTS)
-  texts = [r for r in (train_source[i].report for i in range(n)) if r.strip()]
-  if not texts:
-    raise ValueError(f"no report text in the train split of {config.data.dir}: video-text "
-                     "pre-training needs reports (or set config.model.two_clips=True)")
-  tok = tokenizer_lib.train_tokenizer(texts, config.text.vocab_size)
-  if jax.process_index() == 0:
+  # WordPiece training breaks ties differently in every process: process 0 trains and saves the
+  # vocabulary (in the shared workdir) unless a resumed run has one, and every process, process 0
+  # included, loads that file once it is written.
+  if jax.process_index() == 0 and not os.path.exists(saved):
+    n = min(len(train_source), _MAX_TOKENIZER_TEXTS)
+    texts = [r for r in (train_source[i].report for i in range(n)) if r.strip()]
+    if not texts:
+      raise ValueError(f"no report text in the train split of {config.data.dir}: video-text "
+                       "pre-training needs reports (or set config.model.two_clips=True)")
+    tok = tokenizer_lib.train_tokenizer(texts, config.text.vocab_size)
     tok.save(os.path.dirname(saved))
-  logging.info("trained a %d-token WordPiece vocabulary on %d reports", tok.vocab_size, len(texts))
-  return tok
+    logging.info("trained a %d-token WordPiece vocabulary on %d reports", tok.vocab_size,
+                 len(texts))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("cmr_jax tokenizer saved")
+  return tokenizer_lib.load_tokenizer(saved)
 
 
 def _model_inputs(batch: dict[str, jax.Array], two_clips: bool) -> dict[str, jax.Array]:

@@ -1,0 +1,52 @@
+r"""The one-process reference of tests/test_multihost.py: `cmr_jax.main` reading N shards at once.
+
+  python tests/multihost_reference.py --reference_shards=2 <the flags of cmr_jax.main>
+
+A run of N processes feeds each step the concatenation, in process order, of the per-process
+batches of its N data shards (`pipeline.pretrain_dataset(shard_index=i, shard_count=N)`). Here
+one process builds those N shards itself, zips them and concatenates each step's batches, so its
+global batches (train and eval) are exactly those of the N-process run; everything else is
+`cmr_jax.main` unchanged.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+import grain
+import numpy as np
+
+from cmr_jax import main as cmr_main
+from cmr_jax.data import pipeline
+
+_SHARDS = flags.DEFINE_integer("reference_shards", 2, "processes of the run to reproduce")
+
+
+def _concatenate(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def side_by_side(build: Callable[..., grain.IterDataset], shards: int) -> Callable[..., Any]:
+  """Wraps a pipeline builder: one process's dataset becomes the zip of `shards` shards."""
+
+  def dataset(source, *, batch_size: int, shard_index: int = 0, shard_count: int = 1,
+              **kwargs) -> grain.IterDataset:
+    if (shard_index, shard_count) != (0, 1):
+      raise ValueError("the reference runs as one process")
+    if batch_size % shards:
+      raise ValueError(f"batch {batch_size} is not divisible by {shards} shards")
+    parts = [build(source, batch_size=batch_size // shards, shard_index=i, shard_count=shards,
+                   **kwargs) for i in range(shards)]
+    return grain.experimental.ZipIterDataset(parts).map(_concatenate)
+
+  return dataset
+
+
+def main(argv: Sequence[str]) -> None:
+  pipeline.pretrain_dataset = side_by_side(pipeline.pretrain_dataset, _SHARDS.value)
+  cmr_main.main(argv)
+
+
+if __name__ == "__main__":
+  app.run(main)
