@@ -1,10 +1,17 @@
 """Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
 
 `--distributed=auto` lets JAX detect the cluster (TPU VM pods, SLURM, Open MPI); `manual` takes
-`--coordinator_address`, `--num_processes`, `--process_id` (and optionally `--local_device_ids`);
-`off` (the default) runs one process. On CPU, several local processes can be joined for tests
-with `--distributed=manual` and CPU collectives (gloo).
+`--coordinator_address`, `--num_processes`, `--process_id`; `off` (the default) runs one process.
+On CPU, several local processes can be joined for tests with `--distributed=manual` and CPU
+collectives (gloo).
+
+`--local_device_ids` picks this process's GPUs (indices among the visible ones). Under SLURM,
+JAX's detection gives each process only GPU `SLURM_LOCALID`, i.e. it assumes one task per GPU;
+with one task per node (all its GPUs in one process) pass them all, e.g.
+`--local_device_ids=0,1,2,3`.
 """
+
+from collections.abc import Sequence
 
 from absl import flags
 from absl import logging
@@ -15,10 +22,13 @@ _MODE = flags.DEFINE_enum("distributed", "off", ["off", "auto", "manual"],
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None,
+                                      "this process's GPUs (default: JAX's choice)")
 
 
 def initialize(mode: str, coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None) -> None:
+               num_processes: int | None = None, process_id: int | None = None,
+               local_device_ids: Sequence[int] | None = None) -> None:
   """Joins this process to the others (no-op for mode "off")."""
   if mode == "off":
     return
@@ -30,9 +40,10 @@ def initialize(mode: str, coordinator_address: str | None = None,
       raise ValueError(f"--distributed=manual needs {', '.join('--' + m for m in missing)}")
     # CPU collectives across processes (used when the processes run on CPUs; harmless on GPU/TPU).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids)
   elif mode == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids)
   else:
     raise ValueError(f"unknown distributed mode {mode!r}")
   logging.info("joined as process %d of %d", jax.process_index(), jax.process_count())
@@ -40,4 +51,6 @@ def initialize(mode: str, coordinator_address: str | None = None,
 
 def initialize_from_flags() -> None:
   """`initialize` with the values of the --distributed flags."""
-  initialize(_MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  ids = _LOCAL_DEVICE_IDS.value
+  initialize(_MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+             None if ids is None else [int(i) for i in ids])
