@@ -1,0 +1,43 @@
+r"""LVEF fine-tuning on the Kaggle Second Annual Data Science Bowl: the pre-trained MViT-B 16x4
+frozen, its projection and the gated-attention MIL head trained with a Huber loss on bags of up
+to 12 cines per study (Kaggle studies have a SAX stack and 2- and 4-chamber views).
+
+The data are Kaggle records written by tools/ingest.py (`--layout=kaggle`, LVEF from the
+end-diastolic and end-systolic volumes; subject-grouped train/val/test splits), at the image
+size of pre-training. With about 800 training studies, the run is short and evaluates often:
+
+  python -m cmr_jax.main --mode=finetune --config=configs/kaggle_finetune.py \
+      --workdir=runs/kaggle_finetune --config.data.dir=/data/kaggle_records \
+      --config.init=pretrain:/shared/runs/mvit_b_pretrain
+
+`--config.mode=linear|finetune|transfer` picks what trains; `--config.init=random` is the
+from-scratch baseline; `--config.data.label_fraction=0.1` a data-efficiency run.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Kaggle fine-tuning config; takes no argument."""
+  if arg not in (None, ""):
+    raise ValueError(f"unknown kaggle_finetune config argument {arg!r}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init = "pretrain:runs/mvit_b_pretrain"  # or "pretrain:WORKDIR:STEP", "random"
+  c.mode = "finetune"  # linear | finetune | transfer
+  c.data = dict(dir="/path/to/kaggle_records", train_split="train", eval_split="val",
+                image_size=224, num_frames=16, max_instances=12, label_fraction=1.0,
+                worker_count=8)
+  c.model = dict(video="mvit_b_16x4", embed_dim=512, dtype="bfloat16", remat=True,
+                 video_overrides={})
+  c.mesh = dict(data=1, fsdp=-1, model=1)
+  c.batch_size = 16  # studies (bags of up to 12 cines), global
+  c.eval_batch_size = 32
+  c.total_steps = 3_000  # ~60 epochs of 800 studies
+  c.huber_delta = 5.0  # percent LVEF
+  c.optim = dict(lr=1e-3, warmup_steps=150, weight_decay=1e-4, grad_clip_norm=10.0)
+  c.log_every = 10
+  c.eval_every = 100
+  c.patience = 10  # evaluations without a better validation MAE before stopping
+  c.checkpoint = dict(every=100, keep_last=2, async_save=True)
+  return c

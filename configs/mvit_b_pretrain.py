@@ -1,0 +1,46 @@
+r"""Contrastive video-report pre-training at the paper's scale: MViT-B 16x4 against a PubMedBERT-size
+text encoder, 16 x 224 x 224 clips, a global batch of 256.
+
+The data are records written by tools/ingest.py (an ingest at 224 px, e.g. `--size=224
+--spacing_mm=1.0`, keeps the 224 mm field of view of the default 112 px at 2 mm without
+upsampling). The report tokenizer is PubMedBERT's uncased WordPiece vocabulary: its vocab.txt
+(30522 tokens) must be given with --config.text.vocab (the default is a placeholder that fails
+with a clear message). On a TPU slice or a multi-node GPU job (see launch/):
+
+  python -m cmr_jax.main --mode=pretrain --config=configs/mvit_b_pretrain.py \
+      --workdir=/shared/runs/mvit_b_pretrain --config.data.dir=/shared/data/ukbb \
+      --config.text.vocab=/shared/models/pubmedbert/vocab.txt [--distributed=auto]
+
+Compute is bfloat16 with float32 parameters and optimizer state, every block rematerialised, and
+the parameters and AdamW moments sharded over all devices (FSDP; the batch splits over the same
+axis, 256 clips = 8 per device on 32 chips). Change the mesh for tensor parallelism, e.g.
+--config.mesh.fsdp=-1 --config.mesh.model=2.
+"""
+
+import ml_collections
+
+PUBMEDBERT_VOCAB_PLACEHOLDER = "/path/to/pubmedbert/vocab.txt"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Pre-training config; takes no argument."""
+  if arg not in (None, ""):
+    raise ValueError(f"unknown mvit_b_pretrain config argument {arg!r}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(dir="/path/to/records", train_split="train", eval_split="val", image_size=224,
+                num_frames=16, worker_count=8)
+  c.model = dict(video="mvit_b_16x4", text="bert_base", embed_dim=512, dtype="bfloat16",
+                 remat=True, two_clips=False, video_overrides={})
+  # PubMedBERT's vocabulary; vocab_size only sizes a vocabulary trained when vocab is "".
+  c.text = dict(vocab=PUBMEDBERT_VOCAB_PLACEHOLDER, vocab_size=30522, max_len=256,
+                max_sentences=None)
+  c.mesh = dict(data=1, fsdp=-1, model=1)
+  c.batch_size = 256  # global, over all processes
+  c.eval_batch_size = 256
+  c.total_steps = 30_000  # ~380 epochs of 20k studies
+  c.optim = dict(lr=1e-4, warmup_steps=1_500, weight_decay=0.05, grad_clip_norm=1.0)
+  c.log_every = 50
+  c.eval_every = 1_000
+  c.checkpoint = dict(every=1_000, keep_last=3, keep_period=5_000, async_save=True)
+  return c
