@@ -1,5 +1,5 @@
-r"""Contrastive video-report pre-training at the paper's scale: MViT-B 16x4 against a PubMedBERT-size
-text encoder, 16 x 224 x 224 clips, a global batch of 256.
+r"""Contrastive video-report pre-training at the paper's scale: MViT-B 16x4 against a
+PubMedBERT-size text encoder, 16 x 224 x 224 clips, a global batch of 256.
 
 The data are records written by tools/ingest.py (an ingest at 224 px, e.g. `--size=224
 --spacing_mm=1.0`, keeps the 224 mm field of view of the default 112 px at 2 mm without
