@@ -127,16 +127,19 @@ def test_dual_encoder_loss_and_grads_match_one_device_under_data_and_fsdp_shardi
            "text_ids": rng.integers(0, 50, (GLOBAL_BATCH, 6)).astype(np.int32),
            "text_mask": (np.arange(6) < rng.integers(2, 7, (GLOBAL_BATCH, 1))).astype(np.int32)}
   step = _loss_and_grads(model)
-  init = lambda r: model.init(r, batch["video"][:1], batch["text_ids"][:1], batch["text_mask"][:1])
-  single = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  params, _ = sharding.init_sharded(init, _key(), single)
-  ref_loss, ref_grads = jax.jit(step)(params["params"], batch)
+  abstract = jax.eval_shape(model.init, _key(), batch["video"][:1], batch["text_ids"][:1],
+                            batch["text_mask"][:1])
+  # Any parameter values do here (random ones compile faster than the initialisers).
+  params = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype),
+                        nn.meta.unbox(abstract)["params"])
+  params["logit_scale"] = np.float32(np.log(1 / 0.07))  # CLIP's initial temperature
+  ref_loss, ref_grads = jax.jit(step)(jax.device_put(params, jax.devices()[0]), batch)
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
   # One compile covers both kinds: the batch splits 8 ways over data (2) x fsdp (4), and the
   # parameters and their gradients split 4 ways over fsdp. (Each layout costs a compile.)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-  shardings = sharding.logical_shardings(jax.eval_shape(init, _key()), mesh)["params"]
-  sharded_params = jax.device_put(jax.tree.map(np.asarray, params["params"]), shardings)
+  shardings = sharding.logical_shardings(abstract, mesh)["params"]
+  sharded_params = jax.device_put(params, shardings)
   sharded_batch = sharding.shard_batch(batch, mesh)
   assert [s.data.shape[0] for s in sharded_batch["video"].addressable_shards] == [1] * GLOBAL_BATCH
   with sharding.mesh_rules(mesh):
@@ -151,5 +154,5 @@ def test_dual_encoder_loss_and_grads_match_one_device_under_data_and_fsdp_shardi
     for key in path:
       want = want[key.key]
     # float32 sums in another order; some gradients (e.g. of key biases) are exactly 0 + noise.
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6 * scale,
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * scale,
                                err_msg=jax.tree_util.keystr(path))

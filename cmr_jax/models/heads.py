@@ -90,7 +90,15 @@ class LVEFRegressor(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.video_proj = video_projection(self.proj_dim, **kw)
+    self.mil = GatedAttentionMIL(self.attention_dim, **kw)
+    self.regressor = nn.Dense(
+        1, dtype=jnp.float32, param_dtype=self.param_dtype,
+        kernel_init=layers.partitioned(nn.initializers.normal(REGRESSOR_INIT_STD), ("embed", None)),
+        bias_init=layers.partitioned(nn.initializers.constant(self.label_mean), (None,)))
+
   def __call__(self, video: jax.Array, mask: jax.Array, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Predicts LVEF for `video: uint8 [B, K, T, H, W]` with valid instances `mask: bool [B, K]`.
@@ -101,17 +109,20 @@ class LVEFRegressor(nn.Module):
     if video.ndim != 5 or mask.shape != video.shape[:2]:
       raise ValueError(f"LVEF model expects video [B, K, T, H, W] and mask [B, K], got "
                        f"{tuple(video.shape)} and {tuple(mask.shape)}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     bags, instances = video.shape[:2]
     features = self.video_encoder(video.reshape(bags * instances, *video.shape[2:]),
                                   train=train and self.train_encoder)
     if not self.train_encoder:
       features = jax.lax.stop_gradient(features)
-    features = features.reshape(bags, instances, -1)
-    h = video_projection(self.proj_dim, **kw)(features)
-    pooled, weights = GatedAttentionMIL(self.attention_dim, name="mil", **kw)(h, mask)
-    regressor = nn.Dense(
-        1, dtype=jnp.float32, param_dtype=self.param_dtype, name="regressor",
-        kernel_init=layers.partitioned(nn.initializers.normal(REGRESSOR_INIT_STD), ("embed", None)),
-        bias_init=layers.partitioned(nn.initializers.constant(self.label_mean), (None,)))
-    return regressor(pooled.astype(jnp.float32))[:, 0], weights
+    return self.predict_from_features(features.reshape(bags, instances, -1), mask)
+
+  def predict_from_features(self, features: jax.Array,
+                            mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The head alone, on encoder features `features: [B, K, D]` with `mask: bool [B, K]`.
+
+    With a frozen encoder the features of every cine can be computed once and the head trained
+    on them (`model.apply(..., method="predict_from_features")`); `model.init` with this method
+    initialises only the head's parameters (`video_proj`, `mil`, `regressor`).
+    """
+    pooled, weights = self.mil(self.video_proj(features), mask)
+    return self.regressor(pooled.astype(jnp.float32))[:, 0], weights
