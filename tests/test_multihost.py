@@ -66,10 +66,12 @@ def _free_port() -> int:
 
 
 def _env(num_devices: int) -> dict[str, str]:
+  """A subprocess environment with `num_devices` CPU devices and no shared compile cache."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} "
-                       f"{_FAST_COMPILE_FLAGS}")
+                       f"{_FAST_COMPILE_FLAGS}",
+             PYTHONPATH=os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p))
   return env
 
 
