@@ -17,7 +17,8 @@ from cmr_jax.models import configs, heads, layers, mvit
 MVIT_B_WITH_HEAD_PARAMS = 36_610_672
 KINETICS_HEAD_PARAMS = 768 * 400 + 400
 # A small MViT that still has every block kind: a width change (block 0) and query pooling (1).
-SMALL_VIDEO = dict(num_frames=4, image_size=32, depth=2, stage_starts=(1,), kv_pool_stride=(1, 2, 2))
+SMALL_VIDEO = dict(num_frames=4, image_size=32, depth=2, stage_starts=(1,),
+                   kv_pool_stride=(1, 2, 2))
 SMALL_TEXT = dict(num_layers=1, vocab_size=50, max_len=16)
 
 
@@ -328,7 +329,8 @@ def _clip_loss_numpy(a, b, scale):
 def test_clip_loss_matches_hand_computed_value():
   a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
   b = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)
-  # logits = 10 * [[0.6, 0.0], [0.8, 1.0]]; rows: CE0 = log(e^6 + 1) - 6, CE1 = log(e^8 + e^10) - 10;
+  # logits = 10 * [[0.6, 0.0], [0.8, 1.0]];
+  # rows: CE0 = log(e^6 + 1) - 6, CE1 = log(e^8 + e^10) - 10;
   # columns: CE0 = log(e^6 + e^8) - 6, CE1 = log(1 + e^10) - 10.
   by_hand = 0.5 * (0.5 * (np.log(np.exp(6) + 1) - 6 + np.log(np.exp(8) + np.exp(10)) - 10)
                    + 0.5 * (np.log(np.exp(6) + np.exp(8)) - 6 + np.log(1 + np.exp(10)) - 10))

@@ -33,7 +33,8 @@ from absl import app, flags, logging
 from cmr_jax.models import configs
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViTConfig
 
-_CONFIG = flags.DEFINE_string("config", "mvit_tiny", f"video config: {sorted(configs.VIDEO_CONFIGS)}")
+_CONFIG = flags.DEFINE_string("config", "mvit_tiny",
+                              f"video config: {sorted(configs.VIDEO_CONFIGS)}")
 _BATCH = flags.DEFINE_integer("batch", 2, "clips per step")
 _FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: the config's)")
 _SIZE = flags.DEFINE_integer("size", None, "clip height and width (default: the config's)")

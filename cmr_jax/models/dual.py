@@ -11,7 +11,6 @@ tower. Parameter groups: `video_encoder`, `video_proj`, `text_encoder`, `text_pr
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,7 +21,7 @@ from cmr_jax.models.heads import PROJECTION_DIM, video_projection
 from cmr_jax.models.mvit import MViT
 from cmr_jax.models.text import BertEncoder
 
-Dtype = Any
+Dtype = layers.Dtype
 
 CLIP_INIT_TEMPERATURE = 0.07
 

@@ -14,7 +14,6 @@ Padded instances get weight 0 and their features are zeroed before pooling, so t
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 from cmr_jax.models import layers
 from cmr_jax.models.mvit import MViT
 
-Dtype = Any
+Dtype = layers.Dtype
 
 PROJECTION_DIM = 512  # the paper's shared embedding width (video_proj: 768 -> 512)
 ATTENTION_DIM = 128  # Ilse et al.'s hidden width of the attention branches
@@ -58,9 +57,9 @@ class GatedAttentionMIL(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mask = mask.astype(bool)
     h = jnp.where(mask[..., None], h, 0)
-    gate_tanh = jnp.tanh(layers.dense(self.attention_dim, ("embed", "mlp"), name="attention_V", **kw)(h))
-    gate_sigmoid = jax.nn.sigmoid(
-        layers.dense(self.attention_dim, ("embed", "mlp"), name="attention_U", **kw)(h))
+    branch = lambda name: layers.dense(self.attention_dim, ("embed", "mlp"), name=name, **kw)(h)
+    gate_tanh = jnp.tanh(branch("attention_V"))
+    gate_sigmoid = jax.nn.sigmoid(branch("attention_U"))
     logits = layers.dense(1, ("mlp", None), name="attention_w", **kw)(gate_tanh * gate_sigmoid)
     # Zero at masked instances, and all-zero (not NaN) for an empty bag.
     weights = jax.nn.softmax(logits[..., 0].astype(jnp.float32), axis=-1, where=mask)

@@ -28,9 +28,8 @@ def partitioned(init: nn.initializers.Initializer,
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
-def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
-          name: str, use_bias: bool = True,
-          std: float = TRANSFORMER_INIT_STD) -> nn.Dense:
+def dense(features: int, axes: tuple[str | None, str | None], *, dtype: Dtype,
+          param_dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
   """A Dense layer with truncated-normal kernel [in, out] and zero bias, both partitioned.
 
   Args:
@@ -40,11 +39,10 @@ def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dt
     param_dtype: parameter dtype.
     name: module name (chosen to mirror the PyTorch reference's parameter names).
     use_bias: whether to add a bias.
-    std: standard deviation of the kernel initialiser.
   """
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=partitioned(nn.initializers.truncated_normal(std), axes),
+      kernel_init=partitioned(nn.initializers.truncated_normal(TRANSFORMER_INIT_STD), axes),
       bias_init=partitioned(nn.initializers.zeros_init(), axes[1:]))
 
 
@@ -79,7 +77,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None =
   if impl == "dot_product":
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
   if impl != "einsum":
-    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
+    raise ValueError(f"unknown attention implementation {impl!r}; "
+                     f"expected one of {ATTENTION_IMPLS}")
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
   if mask is not None:

@@ -3,9 +3,10 @@
 Post-norm transformer layers as in BERT (Devlin et al. 2019): word + position + token-type
 embeddings, LayerNorm (eps 1e-12), dropout; per layer self-attention -> dense -> dropout ->
 residual LayerNorm, then intermediate dense (exact GELU) -> dense -> dropout -> residual LayerNorm.
-Padded tokens (mask 0) are never attended to. The pooled output is BERT's pooler, tanh(dense(h_CLS)),
-by default (`pooling="pooler"`: PubMedBERT checkpoints carry its weights); `pooling="mean"` takes
-the masked mean of the last hidden states instead. Attention-probability dropout is not applied.
+Padded tokens (mask 0) are never attended to. The pooled output is, by default, BERT's pooler
+tanh(dense(h_CLS)) (`pooling="pooler"`: PubMedBERT checkpoints carry its weights); `pooling="mean"`
+takes the masked mean of the last hidden states instead. Attention-probability dropout is not
+applied.
 
 Parameter names map one to one onto a Hugging Face `BertModel` state dict (`.` becomes `/`,
 `encoder.layer.{i}` becomes `encoder/layer_{i}`, LayerNorm `weight` becomes `scale`, Linear
@@ -23,7 +24,6 @@ Parameter names map one to one onto a Hugging Face `BertModel` state dict (`.` b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from cmr_jax.models import layers
 
-Dtype = Any
+Dtype = layers.Dtype
 
 POOLINGS: tuple[str, ...] = ("pooler", "mean")
 
