@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from cmr_jax.models import configs
+from cmr_jax.models import configs, layers
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViTConfig
 
 _CONFIG = flags.DEFINE_string("config", "mvit_tiny",
@@ -40,7 +40,8 @@ _FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: the co
 _SIZE = flags.DEFINE_integer("size", None, "clip height and width (default: the config's)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 _REMAT = flags.DEFINE_bool("remat", False, "rematerialise each block in the backward pass")
-_ATTENTION = flags.DEFINE_enum("attention", "einsum", ["einsum", "dot_product"], "attention")
+_ATTENTION = flags.DEFINE_enum("attention", "einsum", list(layers.ATTENTION_IMPLS),
+                               "attention implementation (cudnn: GPU, bfloat16)")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per round")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "timing rounds (alternating with the peer)")
 _PEER = flags.DEFINE_bool("peer", False, "also time PyTorch's MViT on the same step")

@@ -436,7 +436,7 @@ class MViT(nn.Module):
     dtype: computation dtype (bfloat16 for accelerators); parameters stay in `param_dtype`.
     param_dtype: parameter dtype.
     remat: rematerialise each block's activations in the backward pass (`nn.remat`).
-    attention_impl: "einsum" (faster on CPU) or "dot_product" (`jax.nn.dot_product_attention`).
+    attention_impl: one of `layers.ATTENTION_IMPLS` (see `layers.attend`).
   """
 
   config: MViTConfig

@@ -203,7 +203,7 @@ class BertEncoder(nn.Module):
     dtype: computation dtype; parameters stay in `param_dtype`.
     param_dtype: parameter dtype.
     remat: rematerialise each layer's activations in the backward pass.
-    attention_impl: "einsum" or "dot_product" (see `layers.attend`).
+    attention_impl: one of `layers.ATTENTION_IMPLS` (see `layers.attend`).
   """
 
   config: BertConfig
