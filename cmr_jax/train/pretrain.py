@@ -40,7 +40,9 @@ _MAX_TOKENIZER_TEXTS = 50_000
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None):
   """The dual encoder of `config.model` (text vocabulary sized to the tokenizer)."""
   m = config.model
-  text_overrides = {"vocab_size": vocab_size} if vocab_size else None
+  text_overrides = dict(m.get("text_overrides", {}))
+  if vocab_size:
+    text_overrides["vocab_size"] = vocab_size
   return model_configs.dual_encoder(
       m.video, None if m.two_clips else m.text, embed_dim=m.embed_dim, dtype=m.dtype,
       remat=m.remat, video_overrides=dict(m.get("video_overrides", {})),
@@ -108,16 +110,30 @@ def make_embed_fn(model, two_clips: bool):
   return embed
 
 
+def retrieval_ranks(emb_query: np.ndarray, emb_target: np.ndarray) -> np.ndarray:
+  """Rank (0 = best) of each query's own target (same row) among all targets, by dot product.
+
+  Args:
+    emb_query: [N, D] query embeddings.
+    emb_target: [N, D] target embeddings; row i is the match of query i.
+
+  Returns:
+    [N] integer ranks: how many targets score strictly higher than the own one.
+  """
+  sims = emb_query @ emb_target.T  # [N, N]
+  own = np.diag(sims)
+  return (sims > own[:, None]).sum(axis=1)
+
+
 def recall_at_k(emb_video: np.ndarray, emb_text: np.ndarray, ks=(1, 5)) -> dict[str, float]:
   """Video -> report retrieval: fraction of videos whose own report ranks within the top k."""
-  sims = emb_video @ emb_text.T
-  own = np.diag(sims)
-  rank = (sims > own[:, None]).sum(axis=1)  # 0 = best
+  rank = retrieval_ranks(emb_video, emb_text)
   return {f"recall_at_{k}": float(np.mean(rank < k)) for k in ks}
 
 
-def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, float]:
-  """Recall@k of video -> report retrieval over one pass of `source` (eval clips)."""
+def embed_split(embed_fn, params, source, config, tok,
+                mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(video [N, D], paired [N, D]) embeddings of one eval pass of `source`, on every process."""
   d = config.data
   ds = pipeline.pretrain_dataset(
       source, image_size=d.image_size, num_frames=d.num_frames,
@@ -131,7 +147,41 @@ def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, flo
     valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
     video.append(np.asarray(multihost_utils.process_allgather(a, tiled=True))[valid])
     paired.append(np.asarray(multihost_utils.process_allgather(b, tiled=True))[valid])
-  return recall_at_k(np.concatenate(video), np.concatenate(paired))
+  return np.concatenate(video), np.concatenate(paired)
+
+
+def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, float]:
+  """Recall@k of video -> report retrieval over one pass of `source` (eval clips)."""
+  return recall_at_k(*embed_split(embed_fn, params, source, config, tok, mesh))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints a pre-training run keeps, ascending.
+
+  Raises:
+    FileNotFoundError: when `workdir` holds no checkpoint.
+  """
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} not found: {workdir} is not a pre-training run "
+                            "directory (or has not saved a checkpoint yet)")
+  ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint in {directory}")
+  return steps
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, parameters) of a pre-training checkpoint (default: the latest) on this host."""
+  steps = checkpoint_steps(workdir)
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {workdir}/{CHECKPOINT_DIR}; it "
+                            f"keeps steps {steps}")
+  path = os.path.join(workdir, CHECKPOINT_DIR, str(step), checkpoint_lib.STATE)
+  return step, checkpoint_lib.restore_on_this_host(path)["params"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
