@@ -314,10 +314,13 @@ def _shard_indices(keep: list[int], *, train: bool, batch_size: int, shard_index
 
 def _dataset(source: Source, indices: tuple[int, ...], example_fn: Any, *, batch_size: int,
              seed: int, train: bool, num_epochs: int | None, worker_count: int,
-             read_threads: int, prefetch_buffer_size: int) -> grain.IterDataset:
+             read_threads: int, prefetch_buffer_size: int,
+             eval_augment: bool = False) -> grain.IterDataset:
   ds = grain.MapDataset.source(_IndexedSource(source, indices)).seed(seed)
   if train:
     ds = ds.shuffle().repeat(num_epochs).random_map(example_fn)
+  elif eval_augment:
+    ds = ds.repeat(num_epochs or 1).random_map(example_fn)
   else:
     ds = ds.repeat(num_epochs or 1).map(example_fn)
   ds = ds.batch(batch_size, drop_remainder=train)
@@ -382,7 +385,8 @@ def finetune_dataset(source: Source, *, image_size: int, num_frames: int, batch_
                      shard_count: int = 1, num_epochs: int | None = None,
                      worker_count: int = 0, label_fraction: float = 1.0,
                      augment: AugmentConfig = AugmentConfig(random_phase=False),
-                     read_threads: int = 2, prefetch_buffer_size: int = 4) -> grain.IterDataset:
+                     read_threads: int = 2, prefetch_buffer_size: int = 4,
+                     eval_augment: bool = False) -> grain.IterDataset:
   """Multi-instance bags (all views of a study) with LVEF, for fine-tuning and evaluation.
 
   Args:
@@ -403,6 +407,9 @@ def finetune_dataset(source: Source, *, image_size: int, num_frames: int, batch_
     augment: augmentation settings (no phase shift by default: frame 0 stays end-diastole).
     read_threads: threads per process applying the per-study transform.
     prefetch_buffer_size: examples read ahead per process.
+    eval_augment: with train=False, sample every clip with the train-time augmentation
+      `augment`, seeded by `seed` and the study's place in the shard (test-time augmentation:
+      one pass per seed); the order and padding stay those of the deterministic pass.
 
   Returns:
     An IterDataset of batches (see the module docstring).
@@ -419,4 +426,4 @@ def finetune_dataset(source: Source, *, image_size: int, num_frames: int, batch_
   return _dataset(source, indices, example, batch_size=batch_size,
                   seed=_shard_seed(seed, shard_index), train=train, num_epochs=num_epochs,
                   worker_count=worker_count, read_threads=read_threads,
-                  prefetch_buffer_size=prefetch_buffer_size)
+                  prefetch_buffer_size=prefetch_buffer_size, eval_augment=eval_augment)

@@ -24,7 +24,7 @@ def fmt_with_ci(entry: Mapping[str, Any] | None, digits: int = 2) -> str:
     return MISSING
   text = fmt_value(entry["value"], digits)
   ci = entry.get("ci")
-  if text != MISSING and ci is not None and not any(math.isnan(c) for c in ci):
+  if text != MISSING and ci is not None and MISSING not in map(fmt_value, ci):
     text += f" [{fmt_value(ci[0], digits)}, {fmt_value(ci[1], digits)}]"
   return text
 
@@ -51,3 +51,116 @@ def data_efficiency_table(results: Mapping[str, Mapping[float, Mapping[str, Any]
                                if f in results[m] else MISSING for m in results]
           for f in fractions]
   return markdown_table(["label fraction"] + list(results), rows)
+
+
+# (key, label, decimals) of the metrics table, in order; "{t}" is a detection threshold.
+REGRESSION_ROWS = (("mae", "MAE", 2), ("abs_error_sd", "SD of absolute error", 2),
+                   ("rmse", "RMSE", 2), ("bias", "bias (predicted - reference)", 2),
+                   ("loa_low", "95% limit of agreement, lower", 2),
+                   ("loa_high", "95% limit of agreement, upper", 2),
+                   ("pearson_r", "Pearson r", 3), ("r2", "R^2", 3))
+DETECTION_ROWS = (("auc_lvef_below_{t}", "AUC, LVEF < {t}%", 3),
+                  ("sensitivity_lvef_below_{t}", "sensitivity, LVEF < {t}%", 3),
+                  ("specificity_lvef_below_{t}", "specificity, LVEF < {t}%", 3),
+                  ("n_lvef_below_{t}", "studies with LVEF < {t}%", 0))
+REPEATABILITY_ROWS = (("mean_abs_diff", "mean absolute difference", 2),
+                      ("mean_diff", "mean difference (rescan - scan)", 2),
+                      ("loa_low", "95% limit of agreement, lower", 2),
+                      ("loa_high", "95% limit of agreement, upper", 2),
+                      ("within_subject_sd", "within-subject SD", 2),
+                      ("repeatability_coefficient", "repeatability coefficient (2.77 x wSD)", 2),
+                      ("icc_2_1", "ICC(2,1), absolute agreement", 3),
+                      ("icc_3_1", "ICC(3,1), consistency", 3))
+CORRECTION_LABELS = {"shift": "mean shift", "linear": "linear recalibration"}
+PLOT_TITLES = {"scatter": "predicted vs reference", "bland_altman": "Bland-Altman",
+               "roc": "ROC", "calibration": "calibration"}
+
+
+def _metric_rows(thresholds: list[str]) -> list[tuple[str, str, int]]:
+  rows = list(REGRESSION_ROWS)
+  for t in thresholds:
+    rows += [(k.format(t=t), label.format(t=t), d) for k, label, d in DETECTION_ROWS]
+  return rows
+
+
+def _thresholds(m: Mapping[str, Any]) -> list[str]:
+  prefix = "auc_lvef_below_"
+  return [k[len(prefix):] for k in m if k.startswith(prefix)]
+
+
+def headline(split: str, s: Mapping[str, Any]) -> str:
+  """One line per split: MAE, after the linear correction, and AUC(LVEF<40%), with CIs."""
+  if "metrics" not in s:
+    return f"- **{split}**: {s['n_studies']} studies, no LVEF labels (predictions only)"
+  m = s["metrics"]
+  line = f"- **{split}** (n={s['n_labelled']}): MAE {fmt_with_ci(m['mae'])}"
+  for method, label in CORRECTION_LABELS.items():
+    if method in s.get("bias_correction", {}):
+      line += f"; after {label} {fmt_with_ci(s['bias_correction'][method]['metrics']['mae'])}"
+  if "auc_lvef_below_40" in m:
+    line += f"; AUC(LVEF<40%) {fmt_with_ci(m['auc_lvef_below_40'], 3)}"
+  return line
+
+
+def _split_section(split: str, s: Mapping[str, Any]) -> list[str]:
+  lines = [f"## Split `{split}`", "",
+           f"{s['n_studies']} studies of {s['n_subjects']} subjects, {s['n_labelled']} with an "
+           f"LVEF label. Predictions: `{s['files']['predictions']}`."]
+  if s["tta"]["passes"] > 1:
+    lines.append(f"Test-time augmentation: {s['tta']['passes']} passes; mean SD of a study's "
+                 f"prediction over passes {fmt_value(s['tta']['mean_pred_sd'])}.")
+  lines.append("")
+  if "metrics" not in s:
+    lines += ["**No LVEF labels in this split: predictions only, no metrics.**", ""]
+  else:
+    if s["n_labelled"] < s["n_studies"]:
+      lines += [f"{s['n_studies'] - s['n_labelled']} unlabelled studies are predicted but not "
+                "scored.", ""]
+    correction = s.get("bias_correction", {})
+    methods = [m for m in CORRECTION_LABELS if m in correction]
+    header = ["metric", "as predicted"] + [f"{CORRECTION_LABELS[m]} (cross-fitted)"
+                                           for m in methods]
+    rows = []
+    for key, label, digits in _metric_rows(_thresholds(s["metrics"])):
+      rows.append([label, fmt_with_ci(s["metrics"][key], digits)]
+                  + [fmt_with_ci(correction[m]["metrics"][key], digits) for m in methods])
+    lines += ["### Agreement and detection (95% CI)", "", markdown_table(header, rows), ""]
+    if methods:
+      fits = correction["linear"]["fits"] if "linear" in correction else []
+      shifts = [f["intercept"] for f in correction.get("shift", {}).get("fits", [])]
+      lines.append(f"Bias correction: {correction['scheme']}; each study is corrected by a fit "
+                   "on the other folds' subjects only (its intervals hold those corrected "
+                   "predictions fixed: the fits' own uncertainty is not included).")
+      if shifts:
+        lines.append(f"Fitted shifts {fmt_value(min(shifts))} to {fmt_value(max(shifts))}.")
+      if fits:
+        lines.append("Fitted linear corrections: slope "
+                     f"{fmt_value(min(f['slope'] for f in fits), 3)} to "
+                     f"{fmt_value(max(f['slope'] for f in fits), 3)}.")
+      lines.append("")
+  rep = s.get("repeatability")
+  if rep:
+    sources = [k for k in ("prediction", "reference") if k in rep]
+    rows = [[label] + [fmt_value(rep[src][key], digits) for src in sources]
+            for key, label, digits in REPEATABILITY_ROWS]
+    lines += [f"### Scan-rescan repeatability ({rep['n_pairs']} pairs)", "",
+              markdown_table([""] + [{"prediction": "model", "reference": "reference label"}[k]
+                                     for k in sources], rows), ""]
+  if "plots" in s["files"]:
+    lines += ["### Plots", ""]
+    lines += [f"![{PLOT_TITLES[name]}]({path})" for name, path in s["files"]["plots"].items()]
+    lines.append("")
+  return lines
+
+
+def render(result: Mapping[str, Any]) -> str:
+  """The Markdown report of an evaluation result (`cmr_jax.eval.evaluate.evaluate`)."""
+  step = "" if result["step"] is None else f", step {result['step']}"
+  lines = [f"# Evaluation of `{result['workdir']}` ({result['checkpoint']} checkpoint{step})", "",
+           f"Dataset `{result['data_dir']}`; {result['options']['tta']} prediction pass(es) per "
+           f"study; intervals: {result['bootstrap']}.", ""]
+  lines += [headline(split, s) for split, s in result["splits"].items()]
+  lines.append("")
+  for split, s in result["splits"].items():
+    lines += _split_section(split, s)
+  return "\n".join(lines)

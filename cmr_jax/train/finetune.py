@@ -145,14 +145,20 @@ def make_predict_fn(model):
   return predict
 
 
-def predict_split(predict_fn, params, source, config, mesh) -> dict[str, np.ndarray]:
-  """One deterministic pass over `source`: per-study predictions, labels and attention."""
+def predict_split(predict_fn, params, source, config, mesh, *,
+                  tta_sample: int = 0) -> dict[str, np.ndarray]:
+  """One pass over `source`: per-study predictions, labels and attention.
+
+  tta_sample 0 is the deterministic pass (centred crops); k > 0 samples every clip with the
+  training augmentation, seeded by k (test-time augmentation).
+  """
   d = config.data
   ds = pipeline.finetune_dataset(
       source, image_size=d.image_size, num_frames=d.num_frames,
       batch_size=common.per_process_batch(config.eval_batch_size),
-      max_instances=d.max_instances, seed=0, train=False, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
+      max_instances=d.max_instances, seed=tta_sample, train=False,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      eval_augment=tta_sample > 0)
   cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                        ("study_index", "lvef", "pred", "attention", "view")}
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
@@ -316,6 +322,22 @@ def restore_params(workdir: str, *, which: str = BEST_DIR) -> tuple[ml_collectio
   return config, restored["params"]
 
 
+def check_params(config: ml_collections.ConfigDict, params: Any, where: str) -> None:
+  """Raises ValueError when checkpoint parameters do not fit the model `config` describes."""
+  d = config.data
+  example = (jax.ShapeDtypeStruct((1, d.max_instances, d.num_frames, d.image_size,
+                                   d.image_size), jnp.uint8),
+             jax.ShapeDtypeStruct((1, d.max_instances), jnp.bool_))
+  model = build_model(config, mean=0.0)
+  abstract = common.unbox(jax.eval_shape(
+      lambda rng, *x: model.init(rng, *x)["params"], jax.random.key(0), *example))
+  want = jax.tree.map(lambda x: x.shape, abstract)
+  got = jax.tree.map(np.shape, params)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise ValueError(f"the checkpoint in {where} does not match the run's config.json "
+                     f"({config_mismatch(want, got)})")
+
+
 class Predictor:
   """A fine-tuning run's checkpoint as a function: study records -> LVEF and attention.
 
@@ -329,6 +351,7 @@ class Predictor:
     self.config, self._params = restore_params(workdir, which=which)
     self.preprocess = read_preprocess(workdir)
     self.best = read_best(workdir) if os.path.exists(os.path.join(workdir, BEST_JSON)) else None
+    check_params(self.config, self._params, os.path.join(workdir, which))
     model = build_model(self.config, mean=0.0)  # the bias is restored, not re-initialised
     self._mesh = sharding.make_mesh(self.config.mesh.to_dict())
     # Replicated over this machine's mesh, whatever mesh trained the model.
@@ -336,14 +359,17 @@ class Predictor:
         self._mesh, jax.sharding.PartitionSpec()))
     self._fn = jax.jit(make_predict_fn(model))
 
-  def __call__(self, source: pipeline.Source) -> dict[str, np.ndarray]:
+  def __call__(self, source: pipeline.Source, *, tta_sample: int = 0) -> dict[str, np.ndarray]:
     """Per-study arrays sorted by index in `source` (a split, or a list of StudyRecords):
-    study_index, lvef (NaN if unlabelled), pred, attention [N, K], view [N, K]."""
+    study_index, lvef (NaN if unlabelled), pred, attention [N, K], view [N, K].
+    `tta_sample` > 0: a seeded augmented pass (see `predict_split`)."""
     with sharding.mesh_rules(self._mesh):
-      return predict_split(self._fn, self._params, source, self.config, self._mesh)
+      return predict_split(self._fn, self._params, source, self.config, self._mesh,
+                           tta_sample=tta_sample)
 
 
-def predict_run(workdir: str, data_dir: str, split: str, *,
-                which: str = BEST_DIR) -> dict[str, np.ndarray]:
+def predict_run(workdir: str, data_dir: str, split: str, *, which: str = BEST_DIR,
+                tta_sample: int = 0) -> dict[str, np.ndarray]:
   """Predictions of a fine-tuning run's checkpoint on one split of a dataset (see Predictor)."""
-  return Predictor(workdir, which=which)(records.open_split(data_dir, split))
+  return Predictor(workdir, which=which)(records.open_split(data_dir, split),
+                                         tta_sample=tta_sample)

@@ -1,0 +1,55 @@
+r"""Evaluates a fine-tuned checkpoint on dataset splits: predictions CSV, metrics JSON with
+subject-bootstrap 95% intervals, PNG plots and a Markdown report.
+
+  python tools/evaluate.py --workdir=runs/demo/finetune_pretrained --data_dir=runs/demo/data \
+      --split=test,external --out=runs/demo/eval_pretrained --tta=4
+
+Writes `{out}/report.md`, `{out}/metrics.json` and per split `{out}/{split}/predictions.csv`
+and the plots. A split without LVEF labels is predicted only (the report says so). See
+`cmr_jax.eval.evaluate` for test-time augmentation, the cross-fitted bias correction and
+repeatability.
+"""
+
+from collections.abc import Sequence
+
+from absl import app
+from absl import flags
+
+from cmr_jax import logs
+from cmr_jax.eval import evaluate
+from cmr_jax.eval import report
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning run folder.", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset (same preprocessing as the run).",
+                                required=True)
+_SPLIT = flags.DEFINE_list("split", ["test"], "Split(s) to evaluate, comma-separated.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_WHICH = flags.DEFINE_enum("which", "best", evaluate.CHECKPOINT_KINDS,
+                           "The best validation checkpoint, or the latest of 'checkpoints'.")
+_TTA = flags.DEFINE_integer("tta", 1, "Prediction passes per study (1: deterministic only; more: "
+                            "augmented clip samplings, averaged).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", evaluate.Options.n_boot,
+                                  "Subject-bootstrap replicates for the 95% intervals.")
+_FOLDS = flags.DEFINE_integer("folds", evaluate.Options.folds,
+                              "Folds (over subjects) of the bias-correction cross-fitting.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap and the folds.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.setup()
+  try:
+    options = evaluate.Options(tta=_TTA.value, n_boot=_BOOTSTRAP.value, seed=_SEED.value,
+                               folds=_FOLDS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  result = evaluate.evaluate(_WORKDIR.value, _DATA_DIR.value, _SPLIT.value, _OUT.value,
+                             which=_WHICH.value, options=options)
+  for split, s in result["splits"].items():
+    print(report.headline(split, s))
+  print(f"report: {_OUT.value}/{evaluate.REPORT_MD}")
+
+
+if __name__ == "__main__":
+  app.run(main)
