@@ -130,20 +130,16 @@ def instance_labels(meta: dict[str, Any], max_instances: int) -> list[str]:
                               else "") for i in bag]
 
 
-def _finite_or_none(value: float) -> float | None:
-  return None if value is None or not math.isfinite(value) else float(value)
-
-
 def _clean(value: Any) -> Any:
   """JSON-safe: NaN -> None, numpy scalars -> Python numbers, tuples -> lists."""
   if isinstance(value, dict):
     return {k: _clean(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_clean(v) for v in value]
-  if isinstance(value, (np.integer,)):
+  if isinstance(value, np.integer):
     return int(value)
   if isinstance(value, (float, np.floating)):
-    return _finite_or_none(float(value))
+    return float(value) if math.isfinite(value) else None
   return value
 
 
