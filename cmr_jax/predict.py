@@ -116,23 +116,17 @@ def _has_trigger_times(cine: types.Cine) -> bool:
           and bool(np.all(np.diff(times) > 0)))
 
 
-def _finds_motion(cine: types.Cine, cfg: preprocess.PreprocessConfig) -> bool | None:
-  """Whether the preprocessing finds a motion centre in the cine (None: cine unusable).
-
-  Repeats `preprocess`'s steps before the crop (intensity normalisation, temporal resampling,
-  `motion_center`), which does not report when it falls back to the image centre.
-  """
-  try:
-    frames = preprocess.normalize_intensity(cine.frames, cfg, preprocess.cine_name(cine))
-  except ValueError:
-    return None
-  phases = preprocess.apply_along_first(
-      preprocess.cycle_matrix(cine.num_frames, cfg.num_frames, cine.trigger_times_ms), frames)
-  return preprocess.motion_center(phases, cine.pixel_spacing, cfg) is not None
+def crop_warnings(image_centred: Sequence[str]) -> list[QualityWarning]:
+  """A warning naming what `preprocess.preprocess_study` cropped about the image centre."""
+  if not image_centred:
+    return []
+  return [QualityWarning(
+      "crop_not_centred_on_motion", "no cardiac motion found in " + ", ".join(image_centred) +
+      ": cropped about the image centre (the heart may be off-centre or cut)")]
 
 
-def source_warnings(study: types.Study, cfg: preprocess.PreprocessConfig) -> list[QualityWarning]:
-  """Warnings about the acquisition: frames per cycle, timing, heart rate, crop centring."""
+def source_warnings(study: types.Study) -> list[QualityWarning]:
+  """Warnings about the acquisition: frames per cycle, timing, heart rate."""
   out = []
   low, high = min(c.num_frames for c in study.cines), max(c.num_frames for c in study.cines)
   if low < MIN_SOURCE_FRAMES:
@@ -147,17 +141,6 @@ def source_warnings(study: types.Study, cfg: preprocess.PreprocessConfig) -> lis
   if not math.isfinite(study.heart_rate_bpm):
     out.append(QualityWarning("heart_rate_unknown", "heart rate unknown (no HeartRate or RR "
                               "interval in the DICOM headers)"))
-  if cfg.center == "motion":
-    found = {id(c): _finds_motion(c, cfg) for c in study.cines}
-    sax = [c for c in study.cines if c.view == types.SAX and found[id(c)] is not None]
-    fallback = [preprocess.cine_name(c) for c in study.cines
-                if c.view != types.SAX and found[id(c)] is False]
-    if sax and not any(found[id(c)] for c in sax):
-      fallback.insert(0, f"the {types.SAX} stack")
-    if fallback:
-      out.append(QualityWarning(
-          "crop_not_centred_on_motion", "no cardiac motion found in " + ", ".join(fallback) +
-          ": cropped about the image centre (the heart may be off-centre or cut)"))
   return out
 
 
@@ -201,10 +184,13 @@ def _prepare_spec(path: str, spec: layouts.StudySpec, cfg: preprocess.Preprocess
     out.warnings.append(QualityWarning(
         "files_skipped", f"{sum(skipped.values())} of {_files(len(loaded.rows))} not used "
         f"({_counts(skipped)})"))
+  out.warnings += [QualityWarning("views_from_anatomy", note) for note in loaded.notes]
   left_out: list[str] = []
+  image_centred: list[str] = []
   try:
-    record = preprocess.preprocess_study(loaded.study, cfg, skipped=left_out)
-    out.warnings += source_warnings(loaded.study, cfg)
+    record = preprocess.preprocess_study(loaded.study, cfg, skipped=left_out,
+                                         image_centred=image_centred)
+    out.warnings += source_warnings(loaded.study) + crop_warnings(image_centred)
   # One study's failure must not stop the others.
   except Exception as e:  # pylint: disable=broad-except
     out.error = _error_text(e)
@@ -239,6 +225,7 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   if not discovery.specs:
     return [Prepared(path, error="no DICOM study found (" + (_counts(orphans) or "no files")
                      + ")")]
+  del orphans[dicom_io.DICOMDIR_REASON]  # an index of the files: expected, not a problem
   common = []
   if orphans:
     common.append(QualityWarning("files_outside_studies", f"{_files(sum(orphans.values()))} "

@@ -247,14 +247,19 @@ def test_missing_optional_tags_still_assemble(tmp_path):
     np.testing.assert_allclose(read.frames, original.frames, atol=1e-3 * original.frames.max())
 
 
-def test_unnamed_cines_without_a_sax_stack_are_skipped(tmp_path):
+def test_unnamed_long_axis_cines_without_a_sax_stack_are_named_from_anatomy(tmp_path):
   study = dicom_testlib.phantom_study(7, site="ukbb_like")
   lax_only = dataclasses.replace(study, cines=[c for c in study.cines if c.view != types.SAX])
-  assembled = _assemble_written(lax_only, tmp_path, style="unnamed", view_folders=False)
-  assert not assembled.cines
+  assembled = _assemble_written(lax_only, tmp_path / "lax", style="unnamed", view_folders=False)
+  assert [c.view for c in assembled.cines] == [c.view for c in lax_only.cines]
+  assert assembled.notes == ["3 unnamed long-axis cine(s) named 2CH/3CH/4CH from a typical "
+                             "heart's axis (no short-axis stack to measure it)"]
+  assembled = _assemble_written(lax_only, tmp_path / "no_geometry", style="unnamed",
+                                view_folders=False, drop_tags=("ImageOrientationPatient",))
+  assert not assembled.cines and not assembled.notes
   reasons = {r for _, r, _ in assembled.file_status.values()}
-  assert reasons == {"view unknown: no recognised series name, and no SAX stack geometry to "
-                     "classify the plane against"}
+  assert reasons == {"view unknown: no recognised series name and no plane orientation "
+                     "(ImageOrientationPatient)"}
 
 
 def test_reading_emits_no_pydicom_warnings_or_logs(caplog):

@@ -215,10 +215,10 @@ def test_jackknife_of_leave_one_out_means_is_the_standard_error():
   assert predict.jackknife_se(means) == pytest.approx(x.std(ddof=1) / math.sqrt(x.size))
 
 
-def test_source_warnings_flag_static_views_missing_timing_and_heart_rate(make_study):
+def test_source_and_crop_warnings_from_the_preprocessing_flag(make_study):
   cfg = preprocess.PreprocessConfig(size=32, spacing_mm=3.0, num_frames=8)
   study = make_study(1, num_sax=4, matrix=48)
-  assert predict.source_warnings(study, cfg) == [predict.QualityWarning(
+  assert predict.source_warnings(study) == [predict.QualityWarning(
       "heart_rate_unknown", "heart rate unknown (no HeartRate or RR interval in the DICOM "
       "headers)")]
   rng = np.random.default_rng(0)
@@ -228,16 +228,25 @@ def test_source_warnings_flag_static_views_missing_timing_and_heart_rate(make_st
   study.cines = [static(c) if c.view == types.LAX_4CH else
                  dataclasses.replace(c, trigger_times_ms=None) if c.view == types.LAX_2CH else c
                  for c in study.cines]
-  found = {w.code: w.message for w in predict.source_warnings(study, cfg)}
+
+  def centred(config):
+    names = []
+    preprocess.preprocess_study(study, config, image_centred=names)
+    return names
+
+  assert centred(cfg) == ["4CH"]
+  found = {w.code: w.message
+           for w in predict.source_warnings(study) + predict.crop_warnings(centred(cfg))}
   assert found == {
       "no_trigger_times": "1 of 7 cines have no usable trigger times: temporal resolution "
                           "unknown, frames taken as evenly spaced over the cycle",
       "crop_not_centred_on_motion": "no cardiac motion found in 4CH: cropped about the image "
                                     "centre (the heart may be off-centre or cut)"}
   study.cines = [static(c) if c.view == types.SAX else c for c in study.cines]
-  found = {w.code: w.message for w in predict.source_warnings(study, cfg)}
-  assert found["crop_not_centred_on_motion"].startswith("no cardiac motion found in the SAX "
-                                                        "stack, 4CH:")
+  assert centred(cfg) == [preprocess.STACK_NAME, "4CH"]
+  (warning,) = predict.crop_warnings(centred(cfg))
+  assert warning.message.startswith("no cardiac motion found in the SAX stack, 4CH:")
+  assert centred(dataclasses.replace(cfg, center="image")) == []  # chosen, not a fallback
 
 
 class _StubPredictor:

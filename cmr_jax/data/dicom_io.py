@@ -4,24 +4,31 @@
 every file (used, or skipped with a reason). The rules, in order:
 
 1. Files: anything pydicom cannot read as a DICOM image is skipped with the reason (not DICOM,
-   truncated, no pixel data, not MR, not greyscale). Multi-frame files (enhanced MR) are expanded
-   into frames from their per-frame functional groups (position, orientation, spacing, trigger
-   delay, rescale); legacy multi-frame files without them are one cine with frame times from
-   FrameTimeVector/FrameTime.
+   truncated, no pixel data, a DICOMDIR, not MR, not greyscale). Multi-frame files (enhanced MR,
+   a cine or a whole stack per file, or one frame per file) are expanded into frames from their
+   functional groups (position, orientation, spacing, trigger delay, rescale); legacy
+   multi-frame files without them are one cine with frame times from FrameTimeVector/FrameTime.
+   Pixel spacing is PixelSpacing, else ImagerPixelSpacing (one value: square pixels).
 2. Series (SeriesInstanceUID) whose name marks them as non-cine (scout/localiser, derived
    InlineVF/results, flow/phase, tagging, T1/T2 maps, LGE, perfusion, great-vessel and
    right-heart views, axial/coronal/sagittal stacks) are skipped; phase images (ImageType P/PHASE)
    too.
-3. A series is split by slice position (ImagePositionPatient, else SliceLocation): one cine per
-   position, so one mixed SAX series gives one cine per slice. Within a cine, frames are sorted by
-   TriggerTime then InstanceNumber; a position imaged over several cycles keeps the last cycle.
-   Cines with mixed matrix sizes, orientations or pixel spacings, or fewer than
+3. A series is split by plane (positions within `SAME_POSITION_MM`, else SliceLocation, and
+   orientation): one cine per plane, so one mixed SAX series gives one cine per slice. Within a
+   cine, frames are taken in acquisition order (InstanceNumber, then AcquisitionTime) and put in
+   time order by TriggerTime; a plane imaged over several cycles keeps the last cycle, and a
+   trigger time still repeated its latest image (see `_one_cycle`). Without trigger times, a
+   multiple of CardiacNumberOfImages frames keeps the last cycle, and frame times come from
+   per-frame acquisition times or the RR interval (NominalInterval, HeartRate). Cines with mixed
+   matrix sizes, orientations or pixel spacings, no pixel spacing, or fewer than
    `MIN_CINE_FRAMES` frames, are skipped.
 4. Views come from the series name (SeriesDescription, ProtocolName, then the folder name), see
    `classify_name`; otherwise from geometry against the SAX stack (see `classify_lax_geometry`):
    a plane within `SAX_MAX_ANGLE_DEG` of the stack's planes is a SAX slice, one at least
-   `LAX_MIN_ANGLE_DEG` from them a long-axis view. Without a SAX stack, unnamed cines are
-   skipped.
+   `LAX_MIN_ANGLE_DEG` from them a long-axis view. Without a SAX stack, unnamed planes at least
+   `ANATOMY_LAX_MIN_ANGLE_DEG` from the plane normal to a typical heart's long axis
+   (`APEX_DIRECTION_LPS`) are named as long-axis views against that axis, which the study's
+   `notes` record; other unnamed planes are skipped.
 5. SAX slices are ordered by their position along the stack normal, base to apex. The direction
    is anatomical: DICOM patient coordinates (LPS) are fixed to the patient whatever the patient
    position on the table, and in the normal (levocardic) heart the apex lies to the left,
@@ -59,10 +66,17 @@ from cmr_jax.data import types
 MIN_CINE_FRAMES = 8
 SAX_MAX_ANGLE_DEG = 25.0  # a plane this close to parallel with the SAX stack is a SAX slice
 LAX_MIN_ANGLE_DEG = 60.0  # a plane this far from the SAX planes is a long-axis view
+# Without a SAX stack: a plane this far from the plane normal to `APEX_DIRECTION_LPS` (a typical
+# heart's long axis; real axes differ by up to ~25 degrees) is taken for a long-axis view.
+ANATOMY_LAX_MIN_ANGLE_DEG = 50.0
 MIN_GEOMETRIC_SAX_SLICES = 3  # unnamed parallel cines at this many positions form a SAX stack
 DUPLICATE_POSITION_MM = 2.0  # SAX slices closer than this along the normal are one position
-SAME_POSITION_DECIMALS = 1  # positions equal to 0.1 mm are one slice within a series
+SAME_POSITION_MM = 0.5  # frames of one series this close in position image one plane
 SAME_ORIENTATION_DEG = 2.0  # frames of one cine may differ this much in orientation
+SAME_SPACING_RTOL = 1e-3  # frames of one cine may differ this much in pixel spacing
+MIN_CYCLE_RUN = 3  # a run of increasing trigger times this long may be a whole cycle
+CYCLE_OVERLAP = 1.5  # runs whose time spans add to this many times the total span are cycles
+MAX_CYCLE_MS = 2000.0  # acquisition times spanning more than this are not one cycle (30 bpm)
 # Anatomical directions in DICOM patient coordinates (x left, y posterior, z superior).
 APEX_DIRECTION_LPS = np.array([1.0, -1.0, -1.0]) / math.sqrt(3.0)  # left, anterior, inferior
 RV_DIRECTION_LPS = np.array([-1.0, -1.0, 0.0]) / math.sqrt(2.0)  # right, anterior of the LV
@@ -77,6 +91,7 @@ APEX_MIN_COS = 0.3
 LAX_TRACE_ANGLE_DEG = {types.LAX_4CH: -10.0, types.LAX_3CH: 45.0, types.LAX_2CH: 90.0}
 ZIP_SUFFIX = ".zip"
 USED = "used"
+DICOMDIR_REASON = "DICOMDIR (the index of a DICOM file set, not an image)"
 SKIPPED = "skipped"
 LAX = "LAX"  # a long-axis view whose chamber count the name does not say
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -210,7 +225,7 @@ class Frame:
   index: int  # frame index within its file
   series_key: str
   instance_number: float  # ordering key within the cine
-  trigger_time_ms: float
+  trigger_time_ms: float  # TriggerTime (nan when absent)
   position: np.ndarray | None  # (3,) ImagePositionPatient, mm
   orientation: np.ndarray | None  # (6,) ImageOrientationPatient
   pixel_spacing: tuple[float, float] | None  # (row, column) spacing, mm
@@ -218,6 +233,14 @@ class Frame:
   slice_thickness_mm: float
   slice_location: float
   rescale: tuple[float, float]  # (slope, intercept)
+  acquisition_time_s: float = math.nan  # AcquisitionDateTime/AcquisitionTime, seconds of the day
+  cardiac_images: int = 0  # CardiacNumberOfImages: frames per cycle (0 when absent)
+  rr_interval_ms: float = math.nan  # NominalInterval, else from HeartRate
+
+  def order_key(self) -> tuple:
+    """Acquisition order: InstanceNumber, then acquisition time, then file and frame."""
+    time = self.acquisition_time_s if math.isfinite(self.acquisition_time_s) else math.inf
+    return (self.instance_number, time, self.ref, self.index)
 
 
 @dataclasses.dataclass
@@ -270,8 +293,27 @@ def _group_value(ds: Dataset, per_frame: Dataset | None, sequence: str, keyword:
 
 
 def _spacing(value) -> tuple[float, float] | None:
-  vec = _vector(value, 2) if value is not None else None
+  """(row, column) spacing from a PixelSpacing-like value; one number means square pixels."""
+  if value is None:
+    return None
+  values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [
+      value]
+  vec = _vector(values * 2 if len(values) == 1 else values, 2)
   return (float(vec[0]), float(vec[1])) if vec is not None and np.all(vec > 0) else None
+
+
+def _time_of_day_s(ds: Dataset) -> float:
+  """When the frame was acquired (AcquisitionDateTime, else AcquisitionTime), seconds of the day;
+  nan when absent."""
+  stamp = str(ds.get("AcquisitionDateTime", "") or "")
+  return _seconds_of_day(stamp[8:]) if len(stamp) > 8 else _seconds_of_day(
+      ds.get("AcquisitionTime"))
+
+
+def _rr_interval_ms(ds: Dataset) -> float:
+  """The RR interval in ms: NominalInterval, else 60000 / HeartRate; nan when unknown."""
+  interval, rate = _number(ds.get("NominalInterval")), _number(ds.get("HeartRate"))
+  return interval if interval > 0 else (60000.0 / rate if rate > 0 else math.nan)
 
 
 def _frames_of(ref: FileRef, ds: Dataset, series_key: str) -> list[Frame]:
@@ -281,28 +323,32 @@ def _frames_of(ref: FileRef, ds: Dataset, series_key: str) -> list[Frame]:
       ref=ref, series_key=series_key, shape=shape,
       position=_vector(ds.get("ImagePositionPatient"), 3),
       orientation=_vector(ds.get("ImageOrientationPatient"), 6),
-      pixel_spacing=_spacing(ds.get("PixelSpacing")),
+      pixel_spacing=_spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing")),
       slice_thickness_mm=_number(ds.get("SliceThickness")),
       slice_location=_number(ds.get("SliceLocation")),
-      rescale=(_number(ds.get("RescaleSlope"), 1.0), _number(ds.get("RescaleIntercept"), 0.0)))
+      rescale=(_number(ds.get("RescaleSlope"), 1.0), _number(ds.get("RescaleIntercept"), 0.0)),
+      acquisition_time_s=_time_of_day_s(ds),
+      cardiac_images=max(0, int(_number(ds.get("CardiacNumberOfImages"), 0.0))),
+      rr_interval_ms=_rr_interval_ms(ds))
   instance = _number(ds.get("InstanceNumber"), 0.0)
   num_frames = int(_number(ds.get("NumberOfFrames"), 1.0))
-  if num_frames <= 1:
+  per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+  has_groups = bool(per_frame) or "SharedFunctionalGroupsSequence" in ds
+  if num_frames <= 1 and not has_groups:
     return [Frame(index=0, instance_number=instance,
                   trigger_time_ms=_number(ds.get("TriggerTime")), **base)]
-  per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
   if per_frame and len(per_frame) != num_frames:
     raise UnsupportedFileError(
         f"{len(per_frame)} per-frame functional groups for {num_frames} frames")
-  if not per_frame and "SharedFunctionalGroupsSequence" not in ds:
+  if not has_groups:
     # Legacy multi-frame: one plane over time; frame times from FrameTimeVector or FrameTime.
     vector = ds.get("FrameTimeVector")
     if vector is not None and len(vector) == num_frames:
       times = np.cumsum([_number(v, 0.0) for v in vector])
     else:
       times = np.arange(num_frames) * _number(ds.get("FrameTime"))
-    return [Frame(index=i, instance_number=float(i), trigger_time_ms=float(times[i]), **base)
-            for i in range(num_frames)]
+    return [Frame(index=i, instance_number=float(i), trigger_time_ms=float(times[i]),
+                  **{**base, "acquisition_time_s": math.nan}) for i in range(num_frames)]
   frames = []
   for i in range(num_frames):
     item = per_frame[i] if per_frame else None
@@ -314,18 +360,25 @@ def _frames_of(ref: FileRef, ds: Dataset, series_key: str) -> list[Frame]:
     trigger = _number(_group_value(ds, item, "CardiacSynchronizationSequence",
                                    "NominalCardiacTriggerDelayTime"))
     temporal = _number(_group_value(ds, item, "FrameContentSequence", "TemporalPositionIndex"))
+    stamp = str(_group_value(ds, item, "FrameContentSequence", "FrameAcquisitionDateTime") or "")
     slope = _group_value(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
     intercept = _group_value(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
     frames.append(Frame(
         ref=ref, index=i, series_key=series_key, shape=shape,
-        instance_number=temporal if math.isfinite(temporal) else float(i),
-        trigger_time_ms=trigger,
+        # One frame per file (some exporters): the files' InstanceNumbers order the frames.
+        instance_number=temporal if math.isfinite(temporal) else (
+            instance if num_frames <= 1 else float(i)),
+        trigger_time_ms=trigger if math.isfinite(trigger) else (
+            _number(ds.get("TriggerTime")) if num_frames <= 1 else math.nan),
         position=position if position is not None else base["position"],
         orientation=orientation if orientation is not None else base["orientation"],
         pixel_spacing=spacing or base["pixel_spacing"],
         slice_thickness_mm=thickness if math.isfinite(thickness) else base["slice_thickness_mm"],
         slice_location=base["slice_location"],
-        rescale=(_number(slope, base["rescale"][0]), _number(intercept, base["rescale"][1]))))
+        rescale=(_number(slope, base["rescale"][0]), _number(intercept, base["rescale"][1])),
+        acquisition_time_s=(_seconds_of_day(stamp[8:]) if len(stamp) > 8
+                            else base["acquisition_time_s"] if num_frames <= 1 else math.nan),
+        cardiac_images=base["cardiac_images"], rr_interval_ms=base["rr_interval_ms"]))
   return frames
 
 
@@ -374,6 +427,13 @@ def _read_problem(e: Exception) -> str:
   return f"unreadable file ({type(e).__name__})"
 
 
+def _is_dicomdir(ds: Dataset) -> bool:
+  """A DICOMDIR: the media directory index of a DICOM file set, not an image."""
+  meta = getattr(ds, "file_meta", None)
+  return ((meta is not None and meta.get("MediaStorageSOPClassUID")
+           == pydicom.uid.MediaStorageDirectoryStorage) or "DirectoryRecordSequence" in ds)
+
+
 @dataclasses.dataclass(frozen=True)
 class HeaderSummary:
   """What discovery needs from a file: its study and patient (identifying: memory only)."""
@@ -404,6 +464,8 @@ def scan_header(ref: FileRef) -> HeaderSummary:
     finally:
       if not isinstance(source, bytes):
         source.close()
+    if _is_dicomdir(ds):
+      return HeaderSummary(ref, reason=DICOMDIR_REASON)
     return HeaderSummary(
         ref, study_uid=str(ds.get("StudyInstanceUID", "") or ""),
         patient_id=str(ds.get("PatientID", "") or ""),
@@ -451,7 +513,9 @@ def _parse_dataset(ref: FileRef, ds: Dataset, hint: str) -> ParsedFile:
   parsed.heart_rate_bpm = rate if rate > 0 else (60000.0 / interval_ms if interval_ms > 0 else
                                                  math.nan)
   modality = str(ds.get("Modality", "") or "")
-  if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+  if _is_dicomdir(ds):
+    parsed.reason = DICOMDIR_REASON
+  elif not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
     parsed.reason = "no pixel data (not an image)"
   elif modality and modality != "MR":
     parsed.reason = f"not an MR image (Modality {modality})"
@@ -641,6 +705,7 @@ class _Candidate:
   # base->apex order may run either way along it), else SliceLocation.
   position_mm: float = math.nan
   pixels: np.ndarray | None = None  # [T, H, W] float32
+  times_ms: np.ndarray | None = None  # [T] frame times after the R wave; None when unknown
 
   @property
   def recency(self) -> tuple[float, float, float]:
@@ -661,6 +726,7 @@ class AssembledStudy:
   accession: str
   identifiers: tuple[str, ...]  # identifying values, for scrubbing free text only
   heart_rate_bpm: float
+  notes: list[str] = dataclasses.field(default_factory=list)  # guesses made while assembling
 
   @property
   def skipped_reasons(self) -> collections.Counter:
@@ -688,18 +754,33 @@ class _Ledger:
       self.series[f.ref] = series.label
 
 
+def _same_plane(a: Frame, b: Frame) -> bool:
+  """Whether two frames image one plane: positions (else slice locations) within
+  `SAME_POSITION_MM` and orientations within `SAME_ORIENTATION_DEG`."""
+  if (a.position is None) != (b.position is None):
+    return False
+  if a.position is not None:
+    if np.max(np.abs(a.position - b.position)) > SAME_POSITION_MM:
+      return False
+  elif math.isfinite(a.slice_location) or math.isfinite(b.slice_location):
+    if not abs(a.slice_location - b.slice_location) <= SAME_POSITION_MM:
+      return False
+  if a.orientation is not None and b.orientation is not None:
+    return angle_between_planes_deg(plane_normal(a.orientation),
+                                    plane_normal(b.orientation)) <= SAME_ORIENTATION_DEG
+  return True
+
+
 def _split_by_position(frames: list[Frame]) -> list[list[Frame]]:
-  """Splits a series' frames into groups at one slice position each."""
-  def key(f: Frame):
-    if f.position is not None:
-      return tuple(np.round(f.position, SAME_POSITION_DECIMALS))
-    if math.isfinite(f.slice_location):
-      return round(f.slice_location, SAME_POSITION_DECIMALS)
-    return None
-  groups: dict = {}
+  """Splits a series' frames into groups imaging one plane each (in first-seen order)."""
+  groups: list[list[Frame]] = []
   for f in frames:
-    groups.setdefault(key(f), []).append(f)
-  return list(groups.values())
+    group = next((g for g in groups if _same_plane(g[0], f)), None)
+    if group is None:
+      groups.append([f])
+    else:
+      group.append(f)
+  return groups
 
 
 def _geometry_problem(frames: list[Frame]) -> str:
@@ -707,11 +788,11 @@ def _geometry_problem(frames: list[Frame]) -> str:
   shapes = sorted({f.shape for f in frames})
   if len(shapes) > 1:
     return "inconsistent geometry: mixed matrix sizes " + ", ".join(f"{r}x{c}" for r, c in shapes)
-  spacings = {f.pixel_spacing for f in frames}
-  if len(spacings) > 1:
-    return "inconsistent geometry: mixed pixel spacings"
+  spacings = [f.pixel_spacing for f in frames]
   if None in spacings:
-    return "missing PixelSpacing"
+    return "missing PixelSpacing (and no ImagerPixelSpacing): the pixel size is unknown"
+  if not np.allclose(spacings, spacings[0], rtol=SAME_SPACING_RTOL, atol=0.0):
+    return "inconsistent geometry: mixed pixel spacings"
   normals = [plane_normal(f.orientation) for f in frames if f.orientation is not None]
   if normals and (len(normals) != len(frames) or max(
       angle_between_planes_deg(normals[0], n) for n in normals) > SAME_ORIENTATION_DEG):
@@ -719,27 +800,83 @@ def _geometry_problem(frames: list[Frame]) -> str:
   return ""
 
 
-def _one_cycle(frames: list[Frame]) -> tuple[list[Frame], list[Frame]]:
-  """Orders frames by (TriggerTime, InstanceNumber) and keeps the last cardiac cycle.
+REPEATED_CYCLE = "repeated cardiac cycle at the same position (kept the last)"
+REPEATED_TRIGGER = "repeated trigger time at the same position (kept the latest image)"
 
-  A position imaged several times in one series shows repeated trigger times: the frames (in
-  instance order) are cut where the trigger time falls, and the last cycle is kept.
+
+def _last_cycle(triggers: np.ndarray) -> slice | None:
+  """The last full cycle of frames in acquisition order, when they hold several cycles.
+
+  Cycles show as runs of increasing trigger times that each cover most of the cycle (their
+  trigger ranges overlap). A single cycle whose instance numbering starts mid-cycle also has two
+  runs, but they cover disjoint time ranges; shuffled numbering gives many short runs.
+
+  Args:
+    triggers: [N] trigger times in acquisition (instance) order.
 
   Returns:
-    (kept frames in temporal order, dropped frames).
+    The index range of the last run of the most frames, or None for a single cycle.
   """
-  by_instance = sorted(frames, key=lambda f: (f.instance_number, f.index))
-  triggers = [f.trigger_time_ms for f in by_instance]
-  has_times = all(math.isfinite(t) for t in triggers) and len(set(triggers)) > 1
-  if not has_times:
-    return by_instance, []
-  if len(set(triggers)) < len(triggers):
-    starts = [0] + [i for i in range(1, len(triggers)) if triggers[i] <= triggers[i - 1]]
-    kept = by_instance[starts[-1]:]
-    dropped = by_instance[:starts[-1]]
-  else:
-    kept, dropped = by_instance, []
-  return sorted(kept, key=lambda f: (f.trigger_time_ms, f.instance_number, f.index)), dropped
+  starts = [0] + [i for i in range(1, len(triggers)) if triggers[i] <= triggers[i - 1]]
+  if len(starts) < 2:
+    return None
+  runs = [slice(a, b) for a, b in zip(starts, starts[1:] + [len(triggers)])]
+  lengths = [r.stop - r.start for r in runs]
+  spans = [float(np.ptp(triggers[r])) for r in runs]
+  if min(lengths) < MIN_CYCLE_RUN or sum(spans) < CYCLE_OVERLAP * float(np.ptp(triggers)):
+    return None
+  return [r for r, n in zip(runs, lengths) if n == max(lengths)][-1]
+
+
+def _times_without_trigger(frames: list[Frame]) -> np.ndarray | None:
+  """Frame times (ms from the first frame) for a cine without trigger times, or None.
+
+  From the frames' acquisition times when they increase within one plausible cycle, else evenly
+  spread over the RR interval (NominalInterval or HeartRate) when the cine holds one cycle
+  (CardiacNumberOfImages frames, when given).
+  """
+  acquired = np.array([f.acquisition_time_s for f in frames]) * 1000.0
+  if (np.all(np.isfinite(acquired)) and np.all(np.diff(acquired) > 0)
+      and acquired[-1] - acquired[0] <= MAX_CYCLE_MS):
+    return acquired - acquired[0]
+  rr = float(np.median([f.rr_interval_ms for f in frames]))
+  images = collections.Counter(f.cardiac_images for f in frames).most_common(1)[0][0]
+  if math.isfinite(rr) and images in (0, len(frames)):
+    return np.arange(len(frames)) * rr / len(frames)
+  return None
+
+
+def _one_cycle(frames: list[Frame]) -> tuple[list[Frame], np.ndarray | None,
+                                            list[tuple[list[Frame], str]]]:
+  """Puts the frames of one plane in temporal order and keeps one cardiac cycle.
+
+  Frames are taken in acquisition order (`Frame.order_key`). With trigger times: a plane imaged
+  over several cycles keeps its last cycle (`_last_cycle`), a trigger time still repeated keeps
+  its latest image, and frames are sorted by trigger time. Without (absent or all equal): a plane
+  holding a multiple of CardiacNumberOfImages frames keeps the last cycle's frames, and times
+  come from `_times_without_trigger`.
+
+  Returns:
+    (kept frames in temporal order, their times in ms or None when unknown, [(dropped frames,
+    reason)]).
+  """
+  ordered = sorted(frames, key=Frame.order_key)
+  triggers = np.array([f.trigger_time_ms for f in ordered])
+  dropped: list[tuple[list[Frame], str]] = []
+  if np.all(np.isfinite(triggers)) and len(np.unique(triggers)) > 1:
+    cycle = _last_cycle(triggers)
+    if cycle is not None:
+      dropped.append((ordered[:cycle.start] + ordered[cycle.stop:], REPEATED_CYCLE))
+      ordered = ordered[cycle]
+    latest = {f.trigger_time_ms: f for f in ordered}  # the last in acquisition order wins
+    dropped.append(([f for f in ordered if latest[f.trigger_time_ms] is not f], REPEATED_TRIGGER))
+    kept = sorted(latest.values(), key=lambda f: f.trigger_time_ms)
+    return kept, np.array([f.trigger_time_ms for f in kept]), dropped
+  images = collections.Counter(f.cardiac_images for f in ordered).most_common(1)[0][0]
+  if images >= 2 and len(ordered) > images and len(ordered) % images == 0:
+    dropped.append((ordered[:-images], REPEATED_CYCLE))
+    ordered = ordered[-images:]
+  return ordered, _times_without_trigger(ordered), dropped
 
 
 def _decode(candidates: list[_Candidate], datasets: dict[FileRef, Dataset],
@@ -748,8 +885,8 @@ def _decode(candidates: list[_Candidate], datasets: dict[FileRef, Dataset],
   cache: dict[FileRef, np.ndarray | str] = {}
   decoded = []
   for cand in candidates:
-    arrays, good = [], []
-    for f in cand.frames:
+    arrays, good, good_index = [], [], []
+    for i, f in enumerate(cand.frames):
       if f.ref not in cache:
         ds = datasets[f.ref]
         try:
@@ -768,10 +905,13 @@ def _decode(candidates: list[_Candidate], datasets: dict[FileRef, Dataset],
       slope, intercept = f.rescale
       arrays.append(arr[f.index].astype(np.float32) * np.float32(slope) + np.float32(intercept))
       good.append(f)
+      good_index.append(i)
     if len(good) < MIN_CINE_FRAMES:
       ledger.drop(cand.frames, f"too few decodable frames ({len(good)} < {MIN_CINE_FRAMES})",
                   cand.series)
       continue
+    if cand.times_ms is not None:
+      cand.times_ms = cand.times_ms[good_index]
     cand.frames, cand.pixels = good, np.stack(arrays)
     decoded.append(cand)
   return decoded
@@ -885,14 +1025,15 @@ def _assemble(files: Sequence[ParsedFile], min_frames: int) -> AssembledStudy:
       if problem:
         ledger.drop(group, problem, series)
         continue
-      kept, repeats = _one_cycle(group)
-      ledger.drop(repeats, "repeated cardiac cycle at the same position (kept the last)", series)
+      kept, times, dropped = _one_cycle(group)
+      for frames_dropped, reason in dropped:
+        ledger.drop(frames_dropped, reason, series)
       if len(kept) < min_frames:
         ledger.drop(kept, f"too few frames ({len(kept)} < {min_frames}): not a cine", series)
         continue
       orientation = kept[0].orientation
       candidates.append(_Candidate(
-          series, kept, view=name.view,
+          series, kept, view=name.view, times_ms=times,
           normal=plane_normal(orientation) if orientation is not None else None))
   candidates = _decode(candidates, datasets, ledger)
 
@@ -913,24 +1054,38 @@ def _assemble(files: Sequence[ParsedFile], min_frames: int) -> AssembledStudy:
   lax_named = [c for c in candidates if c.view in types.LONG_AXIS_VIEWS]
   undecided = [c for c in candidates if c.view in ("", LAX)]
   lax_unknown = []
+  # Without a SAX stack, planes are judged against the typical long axis of the heart.
+  reference = sax_normal if sax_normal is not None else APEX_DIRECTION_LPS
   for c in undecided:
-    if sax_normal is None or c.normal is None:
-      ledger.drop(c.frames, "view unknown: no recognised series name, and no SAX stack geometry "
-                  "to classify the plane against", c.series)
+    if c.normal is None:
+      ledger.drop(c.frames, "view unknown: no recognised series name and no plane orientation "
+                  "(ImageOrientationPatient)", c.series)
       continue
-    angle = angle_between_planes_deg(c.normal, sax_normal)
-    if angle >= LAX_MIN_ANGLE_DEG:
+    angle = angle_between_planes_deg(c.normal, reference)
+    if sax_normal is None:
+      if angle >= ANATOMY_LAX_MIN_ANGLE_DEG:
+        lax_unknown.append(c)
+      else:
+        ledger.drop(c.frames, "view unknown: no recognised series name, no SAX stack, and the "
+                    f"plane is at {angle:.0f} degrees to a typical heart's short axis (a "
+                    f"long-axis view is at least {ANATOMY_LAX_MIN_ANGLE_DEG:.0f})", c.series)
+    elif angle >= LAX_MIN_ANGLE_DEG:
       lax_unknown.append(c)
     elif angle <= SAX_MAX_ANGLE_DEG and c.view != LAX:
       ledger.drop(c.frames, "unnamed plane parallel to the SAX stack but not part of it", c.series)
     else:
       ledger.drop(c.frames, f"view unknown: plane at {angle:.0f} degrees to the SAX stack",
                   c.series)
+  notes = []
   if lax_unknown:
     known = [(c.view, c.normal) for c in lax_named if c.normal is not None]
-    views = classify_lax_geometry(sax_normal, [c.normal for c in lax_unknown], known)
+    views = classify_lax_geometry(reference, [c.normal for c in lax_unknown], known)
     for c, view in zip(lax_unknown, views):
       c.view = view
+    if sax_normal is None:
+      notes.append(f"{len(lax_unknown)} unnamed long-axis cine(s) named "
+                   f"{'/'.join(sorted(set(views)))} from a typical heart's axis (no short-axis "
+                   "stack to measure it)")
   lax: dict[str, _Candidate] = {}
   for c in sorted(lax_named + lax_unknown, key=lambda c: c.recency):
     if c.view in lax:
@@ -962,7 +1117,7 @@ def _assemble(files: Sequence[ParsedFile], min_frames: int) -> AssembledStudy:
       patient_id=common("patient_id")[0][0] if good else "",
       accession=common("accession")[0][0] if good else "",
       identifiers=_identifiers(datasets[pf.ref] for pf in good_per_series),
-      heart_rate_bpm=float(np.median(rates)) if rates else math.nan)
+      heart_rate_bpm=float(np.median(rates)) if rates else math.nan, notes=notes)
 
 
 def _identifiers(datasets: Iterable[Dataset]) -> tuple[str, ...]:
@@ -973,13 +1128,11 @@ def _identifiers(datasets: Iterable[Dataset]) -> tuple[str, ...]:
 
 def _to_cine(c: _Candidate, *, slice_index: int) -> types.Cine:
   first = c.frames[0]
-  times = np.asarray([f.trigger_time_ms for f in c.frames], dtype=np.float32)
   name = c.series.description or c.series.protocol or (
       c.series.folder if classify_name(c.series.folder).view else "")
   return types.Cine(
       frames=c.pixels, pixel_spacing=first.pixel_spacing, view=c.view,
-      trigger_times_ms=times if np.all(np.isfinite(times)) and len(set(times.tolist())) > 1
-      else None,
+      trigger_times_ms=None if c.times_ms is None else c.times_ms.astype(np.float32),
       slice_index=slice_index,
       slice_position_mm=c.position_mm if c.view == types.SAX else math.nan,
       image_position=first.position, image_orientation=first.orientation,

@@ -75,6 +75,7 @@ class LoadedStudy:
   study: types.Study | None
   rows: list[FileRow]
   reason: str = ""  # why `study` is None
+  notes: list[str] = dataclasses.field(default_factory=list)  # guesses made (`AssembledStudy`)
 
 
 def study_pseudonyms(spec: layouts.StudySpec, salt: str) -> tuple[str, str]:
@@ -130,7 +131,9 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
       study_id=study_id, subject_id=subject_id, site=spec.site, cines=cines, lvef=spec.lvef,
       edv=spec.edv, esv=spec.esv, report=scrub(spec.report), visit=spec.visit,
       heart_rate_bpm=assembled.heart_rate_bpm)
-  return LoadedStudy(study, rows)
+  for note in assembled.notes:
+    logging.info("study %s: %s", study_id, note)
+  return LoadedStudy(study, rows, notes=list(assembled.notes))
 
 
 def _write_rows(path: str, rows: Sequence[FileRow]) -> None:

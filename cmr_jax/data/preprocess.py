@@ -15,8 +15,9 @@ two banded matrix products, applied as sparse products (see `apply_along_first`)
 The heart is found as the centre of the temporal-variation map (where things move at the cardiac
 frequency): the first temporal harmonic's magnitude, smoothed, taking the weighted centroid of
 the moving blob around its peak. A flat map (nothing moves more than elsewhere) falls back to the
-image centre. The slices of a short-axis stack share one centre (the median of the per-slice
-centres, in patient coordinates when the geometry is known) so that they stay registered.
+image centre, which `preprocess_study` reports (`image_centred`). The slices of a short-axis
+stack share one centre (the median of the per-slice centres, in patient coordinates when the
+geometry is known) so that they stay registered.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import scipy.sparse
 from cmr_jax.data import types
 
 CENTER_MODES = ("motion", "image")
+STACK_NAME = f"the {types.SAX} stack"  # how `preprocess_study` names the stack in messages
 # Percentile estimates use about this many pixels of a cine at most (a regular grid per frame).
 _MAX_PERCENTILE_SAMPLES = 1 << 20
 # Sample positions further than this (in input pixels) outside the image get no weight.
@@ -327,17 +329,17 @@ def preprocess_cine(cine: types.Cine, cfg: PreprocessConfig,
   """
   phases = _normalized_phases(cine, cfg)
   if center is None:
-    center = _choose_center(phases, cine, cfg)
+    center, _ = _choose_center(phases, cine, cfg)
   return _to_uint8(_crop(phases, cine.pixel_spacing, center, cfg))
 
 
 def _choose_center(phases: np.ndarray, cine: types.Cine,
-                   cfg: PreprocessConfig) -> tuple[float, float]:
+                   cfg: PreprocessConfig) -> tuple[tuple[float, float], bool]:
+  """(crop centre, whether it is the image-centre fallback of a `motion` config)."""
   if cfg.center == "motion":
     found = motion_center(phases, cine.pixel_spacing, cfg)
-    if found is not None:
-      return found
-  return _image_center(cine)
+    return (found, False) if found is not None else (_image_center(cine), True)
+  return _image_center(cine), False
 
 
 def _has_geometry(cine: types.Cine) -> bool:
@@ -369,7 +371,7 @@ def _from_patient(cine: types.Cine, point: np.ndarray) -> tuple[float, float]:
 
 
 def shared_stack_centers(cines: list[types.Cine], phases: list[np.ndarray],
-                         cfg: PreprocessConfig) -> list[tuple[float, float]]:
+                         cfg: PreprocessConfig) -> tuple[list[tuple[float, float]], bool]:
   """One crop centre for all slices of a stack, expressed in each slice's pixel indices.
 
   The per-slice motion centres are combined by their median: in patient coordinates when every
@@ -383,23 +385,24 @@ def shared_stack_centers(cines: list[types.Cine], phases: list[np.ndarray],
     cfg: centre mode and motion-map settings.
 
   Returns:
-    (row, col) crop centres, one per cine.
+    ((row, col) crop centres, one per cine; whether they are the image-centre fallback of a
+    `motion` config, i.e. no slice showed cardiac motion).
   """
   image_centers = [_image_center(c) for c in cines]
   if cfg.center != "motion":
-    return image_centers
+    return image_centers, False
   found = [motion_center(p, c.pixel_spacing, cfg) for c, p in zip(cines, phases)]
   voters = [(c, f) for c, f in zip(cines, found) if f is not None]
   if not voters:
-    return image_centers
+    return image_centers, True
   if all(_has_geometry(c) for c in cines):
     point = np.median(np.stack([_to_patient(c, f) for c, f in voters]), axis=0)
-    return [_from_patient(c, point) for c in cines]
+    return [_from_patient(c, point) for c in cines], False
   offsets_mm = np.median(np.array([
       [(f[k] - _image_center(c)[k]) * float(c.pixel_spacing[k]) for k in range(2)]
       for c, f in voters]), axis=0)
   return [tuple(m + o / float(s) for m, o, s in zip(mid, offsets_mm, c.pixel_spacing))
-          for c, mid in zip(cines, image_centers)]
+          for c, mid in zip(cines, image_centers)], False
 
 
 def _view_order(cine: types.Cine) -> tuple[int, int]:
@@ -407,7 +410,8 @@ def _view_order(cine: types.Cine) -> tuple[int, int]:
 
 
 def preprocess_study(study: types.Study, cfg: PreprocessConfig,
-                     skipped: list[str] | None = None) -> types.StudyRecord:
+                     skipped: list[str] | None = None,
+                     image_centred: list[str] | None = None) -> types.StudyRecord:
   """Preprocesses every usable cine of a study into one record.
 
   Cines are stored SAX first (base to apex by slice_index), then 2CH, 3CH, 4CH. SAX slices share
@@ -418,6 +422,9 @@ def preprocess_study(study: types.Study, cfg: PreprocessConfig,
     study: the raw study.
     cfg: the stored geometry.
     skipped: optional list collecting "study <id>, series <name>: <reason>" for left-out cines.
+    image_centred: optional list collecting what was cropped about the image centre because no
+      cardiac motion was found (`cfg.center == "motion"` only): `STACK_NAME` for the SAX stack,
+      else the cine's name (`cine_name`).
 
   Returns:
     The record; `checksum` is the sha256 of its uint8 pixel bytes.
@@ -441,15 +448,22 @@ def preprocess_study(study: types.Study, cfg: PreprocessConfig,
     raise ValueError(f"study {study.study_id}: no usable cine ({detail})")
 
   centers: list[tuple[float, float] | None] = [None] * len(usable)
+  fallbacks = []
   sax = [i for i, c in enumerate(usable) if c.view == types.SAX]
   if sax:
-    shared = shared_stack_centers([usable[i] for i in sax], [phases[i] for i in sax], cfg)
+    shared, fallback = shared_stack_centers([usable[i] for i in sax], [phases[i] for i in sax],
+                                            cfg)
+    fallbacks += [STACK_NAME] if fallback else []
     for i, center in zip(sax, shared):
       centers[i] = center
-  frames = np.stack([
-      _to_uint8(_crop(p, c.pixel_spacing,
-                      center if center is not None else _choose_center(p, c, cfg), cfg))
-      for c, p, center in zip(usable, phases, centers)])  # [N, T, S, S]
+  for i, (cine, p) in enumerate(zip(usable, phases)):
+    if centers[i] is None:
+      centers[i], fallback = _choose_center(p, cine, cfg)
+      fallbacks += [cine_name(cine)] if fallback else []
+  if image_centred is not None:
+    image_centred.extend(fallbacks)
+  frames = np.stack([_to_uint8(_crop(p, c.pixel_spacing, center, cfg))
+                     for c, p, center in zip(usable, phases, centers)])  # [N, T, S, S]
   return types.StudyRecord(
       study_id=study.study_id,
       subject_id=study.subject_id,
