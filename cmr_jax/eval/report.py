@@ -124,7 +124,9 @@ def _split_section(split: str, s: Mapping[str, Any]) -> list[str]:
     for key, label, digits in _metric_rows(_thresholds(s["metrics"])):
       rows.append([label, fmt_with_ci(s["metrics"][key], digits)]
                   + [fmt_with_ci(correction[m]["metrics"][key], digits) for m in methods])
-    lines += ["### Agreement and detection (95% CI)", "", markdown_table(header, rows), ""]
+    lines += ["### Agreement and detection (95% CI)", "", markdown_table(header, rows), "",
+              "Sensitivity and specificity call a study reduced when its prediction is below "
+              "the threshold; the AUC ranks studies by their prediction.", ""]
     if methods:
       fits = correction["linear"]["fits"] if "linear" in correction else []
       shifts = [f["intercept"] for f in correction.get("shift", {}).get("fits", [])]
