@@ -1,5 +1,6 @@
-"""Evaluation metrics against hand-computed fixtures and scikit-learn/scipy: agreement, detection,
-subject bootstrap, cross-fitted bias correction, scan-rescan repeatability and ICC, report tables."""
+"""Evaluation metrics against hand-computed fixtures and scikit-learn/scipy: agreement,
+detection, subject bootstrap, cross-fitted bias correction, scan-rescan repeatability and ICC,
+report tables."""
 
 import math
 
