@@ -18,6 +18,7 @@ from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.eval import evaluate
 from cmr_jax.eval import metrics
+from cmr_jax.eval import report
 from cmr_jax.train import finetune
 
 import conftest
@@ -238,3 +239,29 @@ def test_cli_writes_the_report_and_prints_headlines(run_dir, data_dir, tmp_path)
   assert f"- **test** (n=9): MAE {mae['value']:.2f} [{mae['ci'][0]:.2f}, " in cli.stdout
   assert "- **unlabelled**: 3 studies, no LVEF labels (predictions only)" in cli.stdout
   assert os.path.exists(tmp_path / evaluate.REPORT_MD)
+
+
+def test_scoring_partly_labelled_split_with_ambiguous_visits_carries_on():
+  p = {"study_index": np.arange(6), "lvef": np.array([50.0, 52.0, np.nan, 40.0, 62.0, np.nan]),
+       "pred": np.array([55.0, 54.0, 45.0, 47.0, 58.0, 60.0]), "pred_sd": np.zeros(6)}
+  meta = [{"subject_id": s, "visit": v}
+          for s, v in (("a", 0), ("a", 1), ("b", 0), ("c", 0), ("d", 0), ("b", 1))]
+  options = evaluate.Options(n_boot=20, folds=2)
+  scored, corrected = evaluate.score_split(p, meta, options)
+  assert (scored["n_studies"], scored["n_labelled"], scored["n_subjects"]) == (6, 4, 4)
+  assert scored["metrics"]["mae"]["value"] == pytest.approx((5 + 2 + 7 + 4) / 4)
+  assert np.isnan(corrected["shift"][[2, 5]]).all()
+  assert np.isfinite(corrected["shift"][[0, 1, 3, 4]]).all()
+  rep = scored["repeatability"]
+  assert rep["n_pairs"] == 2 and rep["prediction"]["mean_abs_diff"] == pytest.approx(8.0)
+  assert rep["reference"]["n_pairs"] == 1  # b's scans are unlabelled
+  meta[1]["visit"] = 0  # a's two studies now claim the same visit
+  scored, _ = evaluate.score_split(p, meta, options)
+  assert "repeatability" not in scored
+  assert scored["repeatability_skipped"] == (
+      "subject a has visit numbers [0, 0]: a visit is repeated")
+  scored.update(files={"predictions": "x/predictions.csv"}, tta={"passes": 1, "mean_pred_sd": 0.0})
+  text = report.render({"workdir": "run", "checkpoint": "best", "step": 4, "data_dir": "data",
+                        "options": {"tta": 1}, "bootstrap": "b", "splits": {"x": scored}})
+  assert "2 unlabelled studies are predicted but not scored." in text
+  assert "No scan-rescan repeatability: subject a has visit numbers [0, 0]" in text

@@ -190,7 +190,8 @@ def score_split(p: dict[str, np.ndarray], meta: Sequence[dict[str, Any]],
   """(metrics part of a split's result, cross-fitted corrected predictions [N] per method).
 
   The result has n_studies, n_labelled, n_subjects; when labelled: metrics, bias_correction;
-  when the split has rescans: repeatability. Values are {"value", "ci"} entries (see
+  when the split has rescans: repeatability (repeatability_skipped with the reason when a
+  subject's visit numbers are ambiguous). Values are {"value", "ci"} entries (see
   `metrics.with_ci`).
   """
   subjects = [meta[i]["subject_id"] for i in p["study_index"]]
@@ -221,7 +222,12 @@ def score_split(p: dict[str, np.ndarray], meta: Sequence[dict[str, Any]],
       out["bias_correction"] = correction
     else:
       logging.warning("one labelled subject only: no bias correction can be cross-fitted")
-  pairs = repeatability.rescan_pairs(subjects, visits)
+  try:
+    pairs = repeatability.rescan_pairs(subjects, visits)
+  except ValueError as e:  # ambiguous visits: no repeatability, the rest is scored
+    logging.warning("no scan-rescan repeatability: %s", e)
+    out["repeatability_skipped"] = str(e)
+    pairs = np.zeros((0, 2), np.int64)
   if len(pairs):
     rep = {"n_pairs": len(pairs),
            "prediction": repeatability.repeatability(p["pred"][pairs[:, 0]],

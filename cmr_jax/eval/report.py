@@ -140,6 +140,8 @@ def _split_section(split: str, s: Mapping[str, Any]) -> list[str]:
                      f"{fmt_value(min(f['slope'] for f in fits), 3)} to "
                      f"{fmt_value(max(f['slope'] for f in fits), 3)}.")
       lines.append("")
+  if "repeatability_skipped" in s:
+    lines += [f"No scan-rescan repeatability: {s['repeatability_skipped']}.", ""]
   rep = s.get("repeatability")
   if rep:
     sources = [k for k in ("prediction", "reference") if k in rep]
