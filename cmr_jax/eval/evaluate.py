@@ -271,10 +271,9 @@ def evaluate_split(predictor: finetune.Predictor, data_dir: str, split: str, out
     _write_csv(os.path.join(split_dir, PREDICTIONS_CSV), rows, columns)
   result["files"] = {"predictions": os.path.join(split, PREDICTIONS_CSV)}
   if result["n_labelled"]:
-    files = {name: f"{name}.png" for name in PLOTS}
     if writer:
       write_plots(p, corrected, split_dir, f"{split} (n={result['n_labelled']})", options.bins)
-    result["files"]["plots"] = {k: os.path.join(split, v) for k, v in files.items()}
+    result["files"]["plots"] = {name: os.path.join(split, f"{name}.png") for name in PLOTS}
   else:
     logging.warning("split %s of %s has no LVEF label: predictions only (%s)", split, data_dir,
                     os.path.join(split_dir, PREDICTIONS_CSV))
