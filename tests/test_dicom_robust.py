@@ -68,6 +68,11 @@ def _write(items: list[Item], root) -> str:
   return str(root)
 
 
+def _new_uid(ds: Dataset, *parts) -> str:
+  """A new SOPInstanceUID derived from a dataset's."""
+  return pydicom.uid.generate_uid(entropy_srcs=[ds.SOPInstanceUID, *map(str, parts)])
+
+
 def _series(items: list[Item], description: str) -> list[Dataset]:
   """The datasets of the series with this description, in instance order."""
   return sorted((ds for _, _, ds in items if ds.SeriesDescription == description),
@@ -137,7 +142,7 @@ def _second_cycle(items: list[Item], *, instance_offset: int, jitter_ms: float,
   out = list(items)
   for folder, name, ds in items:
     again = copy.deepcopy(ds)
-    again.SOPInstanceUID = again.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".2"
+    again.SOPInstanceUID = again.file_meta.MediaStorageSOPInstanceUID = _new_uid(ds, "repeat")
     again.InstanceNumber = int(ds.InstanceNumber) + instance_offset
     if with_trigger:
       again.TriggerTime = float(ds.TriggerTime) + jitter_ms
@@ -331,7 +336,7 @@ def test_enhanced_mr_whole_stack_in_one_file_and_one_frame_per_file(study):
     for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
       one = copy.deepcopy(ds)
       one.PerFrameFunctionalGroupsSequence = DicomSequence([item])
-      one.SOPInstanceUID = f"{ds.SOPInstanceUID}.{k + 1}"
+      one.SOPInstanceUID = _new_uid(ds, k)
       one.InstanceNumber = k + 1
       one.set_pixel_data(ds.pixel_array[k], photometric_interpretation="MONOCHROME2",
                          bits_stored=12, generate_instance_uid=False)
@@ -413,6 +418,17 @@ def test_file_names_dicomdir_and_nested_folders(study, tmp_path):
   discovery = layouts.discover(layouts.GENERIC, str(tmp_path / "media"))
   assert discovery.orphans == [(dicom_io.FileRef(str(tmp_path / "media" / "DICOMDIR")),
                                 dicom_io.DICOMDIR_REASON)]
+
+
+def test_files_without_study_series_or_patient_ids_form_one_study(study, tmp_path):
+  items = _items(study)
+  for _, _, ds in items:
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "StudyDate",
+                    "StudyTime"):
+      delattr(ds, keyword)
+  prepared = _prepare(_write(items, tmp_path))
+  assert not prepared.error and not _codes(prepared) & {"files_skipped", "several_studies"}
+  assert prepared.record.views == [c.view for c in study.cines]
 
 
 @pytest.mark.parametrize("views, style, expected_codes", [

@@ -13,10 +13,10 @@ StudyInstanceUIDs, paths): they live in memory only and are pseudonymised by `in
   visit 1. Labels from a participant CSV with `eid` and `22420-{2|3}.0` (LVEF), 22421 (EDV),
   22422 (ESV). Each zip's `manifest.csv` (or `manifest.cvs`) gives series descriptions.
 - Generic: one study per StudyInstanceUID anywhere below the root (folders, zips, or a single
-  study folder or zip); optional labels CSV keyed by study folder name, StudyInstanceUID or
-  accession (`lvef`, optional `edv`, `esv`), and reports CSV keyed by accession or
-  StudyInstanceUID (`report` or `text`). A subject's studies are ordered by study date: visit 0,
-  1, ...
+  study folder or zip; files without the UID group by PatientID and study date and time);
+  optional labels CSV keyed by study folder name, StudyInstanceUID or accession (`lvef`,
+  optional `edv`, `esv`), and reports CSV keyed by accession or StudyInstanceUID (`report` or
+  `text`). A subject's studies are ordered by study date: visit 0, 1, ...
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ GENERIC_LABEL_KEYS = ("study", "folder", "study_uid", "studyinstanceuid", "acces
                       "accessionnumber")
 GENERIC_REPORT_KEYS = ("accession", "accessionnumber", "study_uid", "studyinstanceuid")
 GENERIC_REPORT_TEXT = ("report", "text", "report_text")
+NO_STUDY_UID = "no-study-uid:"  # key prefix of studies whose files carry no StudyInstanceUID
 SCAN_FILES_PER_TASK = 256
 SCAN_LOG_EVERY_S = 10.0
 NAN = math.nan
@@ -374,8 +375,7 @@ def discover_generic(root: str, *, labels_path: str = "", reports_path: str = ""
     if header.reason:
       orphans.append((header.ref, header.reason))
     else:
-      studies[header.study_uid or f"no-study-uid:{os.path.dirname(header.ref.relative(root))}"
-              ].append(header)
+      studies[_study_key(header)].append(header)
   # A subject's visits in order of study date and time.
   dates: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
   for uid, headers in studies.items():
@@ -391,12 +391,21 @@ def discover_generic(root: str, *, labels_path: str = "", reports_path: str = ""
         layout=GENERIC, key=uid, subject_key=headers[0].patient_id or uid, files=refs,
         site=site, visit=visit[uid], lvef=lvef, edv=edv, esv=esv,
         report=(reports.get(accession) if accession else None) or reports.get(uid, ""),
-        study_uid="" if uid.startswith("no-study-uid:") else uid))
+        study_uid="" if uid.startswith(NO_STUDY_UID) else uid))
   logging.info("generic layout: %d studies of %d subjects (%d labelled, %d with reports), "
                "%d other files", len(specs), len({s.subject_key for s in specs}),
                sum(math.isfinite(s.lvef) for s in specs), sum(bool(s.report) for s in specs),
                len(orphans))
   return Discovery(GENERIC, root, specs, orphans)
+
+
+def _study_key(header: dicom_io.HeaderSummary) -> str:
+  """The study a file belongs to: its StudyInstanceUID. Files without one (some exporters and
+  simulators) group by PatientID and study date and time, which makes all such files of an
+  anonymous input one study."""
+  if header.study_uid:
+    return header.study_uid
+  return f"{NO_STUDY_UID}{header.patient_id}|{header.study_datetime}"
 
 
 def _folder_names(root: str, refs: Sequence[dicom_io.FileRef]) -> list[str]:
