@@ -89,6 +89,11 @@ def finetune_config(data_dir: str):
   return c
 
 
+def get_config(data_dir: str):
+  """This file as an ml_collections config file: `sweep_testlib.py:DATA_DIR` -> the fine-tune."""
+  return finetune_config(data_dir)
+
+
 @functools.cache
 def tiny_pretrain(root: str) -> tuple[str, str]:
   """(data_dir, pretrain_dir) under `root`, built on the first call of the session."""
