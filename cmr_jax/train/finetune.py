@@ -27,6 +27,7 @@ import numpy as np
 
 from cmr_jax import losses
 from cmr_jax import sharding
+from cmr_jax.convert import converted
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits
@@ -42,6 +43,8 @@ BEST_DIR = "best"
 BEST_JSON = "best.json"
 PREPROCESS_JSON = "preprocess.json"
 ENCODER_PARAMS = ("video_encoder", "video_proj")
+# Parameter groups each imported-weights init kind provides (see load_pretrained_encoder).
+IMPORTED_PARAMS = {"kinetics": ("video_encoder",), "cmr_transformer": ENCODER_PARAMS}
 TRAINABLE_BY_MODE = {
     "linear": (r"^mil/", r"^regressor/"),
     "finetune": (r"^mil/", r"^regressor/", r"^video_proj/"),
@@ -72,16 +75,32 @@ def build_model(config: ml_collections.ConfigDict, mean: float):
 
 
 def load_pretrained_encoder(init: str, abstract_params: Any) -> dict[str, Any] | None:
-  """Encoder and projection parameters from `init` ("random" or "pretrain:WORKDIR[:STEP]").
+  """Encoder (and projection) parameters from `init`; None for "random".
+
+  Kinds:
+    random                   the from-scratch baseline
+    pretrain:WORKDIR[:STEP]  `video_encoder` and `video_proj` of our pre-training run
+    kinetics:PATH            `video_encoder` from Kinetics-400 MViT-B weights (`video_proj` stays
+                             freshly initialised)
+    cmr_transformer:PATH     `video_encoder` and `video_proj` from the paper's released encoder
+  PATH is a folder written by tools/convert_weights.py or directly the PyTorch file (`.pyth`,
+  `.pth`, `.ckpt`, `.safetensors`; converted in memory, which needs the `torch` extra).
 
   Raises:
-    ValueError: on an unknown init, or parameters whose names or shapes do not match the model.
+    ValueError: on an unknown init, or parameters whose names or shapes do not match the model
+      (a `cmr_jax.convert.mapping.ConversionError`, a ValueError, for imported weights).
   """
   if init == "random":
     return None
   kind, _, rest = init.partition(":")
+  if kind in IMPORTED_PARAMS and rest:
+    groups = {name: abstract_params[name] for name in IMPORTED_PARAMS[kind]}
+    out = converted.load_groups(rest, groups)
+    logging.info("%s initialised from %s weights in %s", sorted(out), kind, rest)
+    return out
   if kind != "pretrain" or not rest:
-    raise ValueError(f"unknown init {init!r}; expected 'random' or 'pretrain:WORKDIR[:STEP]'")
+    raise ValueError(f"unknown init {init!r}; expected 'random', 'pretrain:WORKDIR[:STEP]', "
+                     "'kinetics:PATH' or 'cmr_transformer:PATH'")
   workdir, _, step = rest.partition(":")
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, pretrain.CHECKPOINT_DIR),
                                      async_save=False)

@@ -1,0 +1,416 @@
+"""Import of PyTorch weights (cmr_jax.convert, tools/convert_weights.py, fine-tuning init).
+
+The renaming and its error reports are tested on numpy state dicts (no PyTorch needed). The rest
+builds the PyTorch models with the code that made the published files (pytorchvideo's factory,
+torchvision's `mvit_v1_b`, Hugging Face `BertModel`), with random weights, and compares outputs;
+those tests skip when the optional `torch` extra is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmr_jax.convert import converted
+from cmr_jax.convert import mapping
+from cmr_jax.convert import mvit as convert_mvit
+from cmr_jax.models import configs
+from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViT, MViTConfig
+from cmr_jax.models.text import BertEncoder
+from cmr_jax.train import common
+from cmr_jax.train import finetune
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 1e-4  # relative error of the encoder outputs, float32
+SKIP_REASON = "needs the optional torch extra: pip install -e '.[torch]'"
+# The tiny MViT of the fine-tuning demo (configs/synthetic_finetune.py).
+TINY = configs.video_config("mvit_tiny", image_size=32, kv_pool_stride=(1, 2, 2))
+PROJ_DIM = 24
+PYTORCHVIDEO_EPS = 1e-5  # pytorchvideo 0.1.5 pools' LayerNorm eps (see MViTConfig.pool_norm_eps)
+COMPARE_FRAMES, COMPARE_SIZE = 16, 64  # reduced input of the full MViT-B forward comparisons
+
+
+def _torch():
+  return pytest.importorskip("torch", reason=SKIP_REASON)
+
+
+def _abstract_mvit(config: MViTConfig):
+  example = jnp.zeros((1, config.num_frames, config.image_size, config.image_size), jnp.uint8)
+  return common.unbox(jax.eval_shape(lambda r: MViT(config).init(r, example)["params"],
+                                     jax.random.key(0)))
+
+
+def _random_tree(abstract, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), abstract)
+
+
+def _as_pytorchvideo(params) -> dict[str, np.ndarray]:
+  """Our MViT parameters under pytorchvideo names (the inverse of the mapping, written out)."""
+  out = {}
+  for path, value in mapping.flatten(params).items():
+    *module, leaf = path.split("/")
+    name = ".".join(module).replace("blocks_", "blocks.")
+    if module == ["cls_positional_encoding"]:
+      out[f"{name}.{leaf}"] = value
+    elif leaf == "scale":
+      out[f"{name}.weight"] = value
+    elif leaf == "kernel":
+      out[f"{name}.weight"] = value.T if value.ndim == 2 else value.transpose(4, 3, 0, 1, 2)
+    else:
+      out[f"{name}.{leaf}"] = value
+  return out
+
+
+def _perturb(model, seed: int = 0) -> None:
+  """Adds noise to every tensor, so that LayerNorm scales and biases are not 1 and 0."""
+  torch = _torch()
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+def _pytorchvideo_mvit(config: MViTConfig):
+  """pytorchvideo's factory with `config`'s geometry (as tools/bench_model.py builds it)."""
+  vision_transformers = pytest.importorskip("pytorchvideo.models.vision_transformers",
+                                            reason=SKIP_REASON)
+  per_stage = lambda mul: [[s, mul] for s in config.stage_starts]  # noqa: E731
+  return vision_transformers.create_multiscale_vision_transformers(
+      spatial_size=config.image_size, temporal_size=config.num_frames, depth=config.depth,
+      patch_embed_dim=config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+      conv_patch_embed_kernel=config.patch_kernel, conv_patch_embed_stride=config.patch_stride,
+      conv_patch_embed_padding=config.patch_padding, embed_dim_mul=per_stage(2.0),
+      atten_head_mul=per_stage(2.0),
+      pool_q_stride_size=[[s, *config.q_pool_stride] for s in config.stage_starts],
+      pool_kv_stride_adaptive=list(config.kv_pool_stride),
+      pool_kvq_kernel=list(config.pool_kernel))
+
+
+def _numpy_state(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _features(model, head, video: np.ndarray) -> np.ndarray:
+  """The CLS features entering `head` (the Kinetics classifier) for uint8 `video [B, T, H, W]`."""
+  torch = _torch()
+  x = (torch.tensor(video, dtype=torch.float32) / UINT8_MAX - KINETICS_MEAN) / KINETICS_STD
+  x = x[:, None].expand(-1, 3, -1, -1, -1).contiguous()
+  seen = {}
+  hook = head.register_forward_hook(lambda mod, inputs, out: seen.setdefault("x", inputs[0]))
+  with torch.no_grad():
+    model.eval()(x)
+  hook.remove()
+  return seen["x"].numpy()
+
+
+def _relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def _compare_mvit(model, head, state: dict[str, np.ndarray], config: MViTConfig) -> float:
+  """Relative error between our converted encoder and `model` on one random clip pair."""
+  video = np.random.default_rng(1).integers(0, 256, (2, config.num_frames, config.image_size,
+                                                     config.image_size), dtype=np.uint8)
+  target = mapping.flatten({convert_mvit.VIDEO_ENCODER: _abstract_mvit(config)})
+  layout = converted.detect_layout(state, "test")
+  flat, report = mapping.convert(state, converted.renamer_for(layout), target, source="test",
+                                 layout=layout)
+  report.check()
+  params = mapping.unflatten(flat)[convert_mvit.VIDEO_ENCODER]
+  ours = np.asarray(jax.jit(lambda p, v: MViT(config).apply({"params": p}, v))(params, video))
+  return _relative_error(ours, _features(model, head, video))
+
+
+# --- Renaming and reports (numpy only) ---------------------------------------------------------
+
+
+def test_pytorchvideo_names_round_trip_and_head_dropped():
+  params = _random_tree(_abstract_mvit(TINY))
+  state = _as_pytorchvideo(params)
+  state["head.proj.weight"] = np.zeros((400, TINY.width), np.float32)
+  target = mapping.flatten({"video_encoder": _abstract_mvit(TINY)})
+  flat, report = mapping.convert(state, convert_mvit.pytorchvideo_renamer(), target,
+                                 source="mem", layout="pytorchvideo")
+  report.check()
+  assert report.missing == report.unexpected == report.mismatched == []
+  assert report.dropped == {"head.proj.weight": convert_mvit.KINETICS_HEAD_REASON}
+  got = mapping.unflatten(flat)["video_encoder"]
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
+def test_missing_unexpected_and_mismatched_tensors_are_named_and_stop():
+  state = _as_pytorchvideo(_random_tree(_abstract_mvit(TINY)))
+  del state["blocks.2.mlp.fc1.weight"]
+  state["blocks.9.attn.q.weight"] = np.zeros((4, 4), np.float32)
+  state["some_buffer"] = np.zeros(3, np.float32)
+  state["cls_positional_encoding.pos_embed_spatial"] = np.zeros((1, 5, TINY.embed_dim),
+                                                                np.float32)
+  target = mapping.flatten({"video_encoder": _abstract_mvit(TINY)})
+  flat, report = mapping.convert(state, convert_mvit.pytorchvideo_renamer(), target,
+                                 source="ckpt.pyth", layout="pytorchvideo")
+  assert report.missing == ["video_encoder/blocks_2/mlp/fc1/kernel"]
+  assert report.unexpected == ["blocks.9.attn.q.weight (as video_encoder/blocks_9/attn/q/kernel)",
+                               "some_buffer"]
+  assert len(report.mismatched) == 1
+  assert report.mismatched[0].startswith("cls_positional_encoding.pos_embed_spatial -> ")
+  with pytest.raises(mapping.ConversionError) as err:
+    report.check()
+  message = str(err.value)
+  for name in ("ckpt.pyth", "blocks_2/mlp/fc1/kernel", "blocks.9.attn.q.weight", "some_buffer",
+               "pos_embed_spatial", "(1, 5, 16) vs (1, 64, 16)", "allow_missing"):
+    assert name in message
+  with pytest.raises(mapping.ConversionError, match="shape mismatches"):
+    report.check(allow_missing=True, allow_unexpected=True)
+  report.check(allow_missing=True, allow_unexpected=True, allow_mismatch=True)
+  assert "video_encoder/blocks_2/mlp/fc1/kernel" not in flat
+
+
+def test_cmr_transformer_names_and_converted_folder_as_finetune_init(tmp_path):
+  encoder = _random_tree(_abstract_mvit(TINY))
+  proj = np.random.default_rng(2).normal(size=(PROJ_DIM, TINY.width)).astype(np.float32)
+  state = {f"model.video_encoder.{k}": v for k, v in _as_pytorchvideo(encoder).items()}
+  state.update({"model.video_proj.weight": proj,
+                "model.video_proj.bias": np.ones(PROJ_DIM, np.float32)})
+  model = configs.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
+                                 image_size=TINY.image_size, kv_pool_stride=TINY.kv_pool_stride)
+  example = (jnp.zeros((1, 2, TINY.num_frames, TINY.image_size, TINY.image_size), jnp.uint8),
+             jnp.ones((1, 2), bool))
+  abstract = common.unbox(jax.eval_shape(lambda r: model.init(r, *example)["params"],
+                                         jax.random.key(0)))
+  target = mapping.flatten({k: abstract[k] for k in finetune.ENCODER_PARAMS})
+  flat, report = mapping.convert(state, convert_mvit.cmr_transformer_renamer(), target,
+                                 source="cmr.ckpt", layout="cmr_transformer")
+  report.check()
+  assert report.dropped == {"model.video_proj.bias": convert_mvit.PROJ_BIAS_REASON}
+  folder = converted.save_converted(
+      str(tmp_path / "cmr"), converted.Converted(mapping.unflatten(flat), report, TINY))
+  for kind, groups in finetune.IMPORTED_PARAMS.items():
+    loaded = finetune.load_pretrained_encoder(f"{kind}:{folder}", abstract)
+    assert sorted(loaded) == sorted(groups)
+    assert jax.tree.map(np.shape, loaded) == jax.tree.map(lambda s: s.shape,
+                                                          {g: abstract[g] for g in groups})
+  jax.tree.map(np.testing.assert_array_equal, loaded["video_encoder"], encoder)
+  np.testing.assert_array_equal(loaded["video_proj"]["kernel"], proj.T)
+  with pytest.raises(ValueError, match="unknown init 'imagenet:"):
+    finetune.load_pretrained_encoder(f"imagenet:{folder}", abstract)
+
+
+# --- PyTorch models (optional torch extra) -----------------------------------------------------
+
+
+def test_full_size_pytorchvideo_and_torchvision_state_dicts_convert_completely(tmp_path):
+  torch = _torch()
+  hub = pytest.importorskip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
+  torchvision = pytest.importorskip("torchvision", reason=SKIP_REASON)
+  mvit_b = configs.video_config("mvit_b_16x4")
+  files = {
+      "mvit_base_16x4": ({"model_state": hub.mvit_base_16x4().state_dict(), "epoch": 1},
+                         "MVIT_B_16x4.pyth", 16),
+      "mvit_base_32x3": ({"model_state": hub.mvit_base_32x3().state_dict()},
+                         "MVIT_B_32x3.pyth", 32),
+      "mvit_v1_b": (torchvision.models.video.mvit_v1_b().state_dict(), "mvit_v1_b.pth", 16),
+  }
+  for name, (obj, filename, frames) in files.items():
+    path = str(tmp_path / filename)
+    torch.save(obj, path)
+    result = converted.convert_file(path)
+    report = result.report
+    assert (report.missing, report.unexpected, report.mismatched) == ([], [], []), name
+    assert len(report.converted) == 375, name  # the published encoders' tensor count
+    assert set(report.dropped.values()) == {convert_mvit.KINETICS_HEAD_REASON}, name
+    assert result.video_config == dataclasses.replace(mvit_b, num_frames=frames), name
+    assert sum(x.size for x in jax.tree.leaves(result.params)) == 36_303_072 + (
+        0 if frames == 16 else 8 * 96), name
+  # Values land where they belong: torchvision's fused qkv is split, convolutions transposed.
+  state = files["mvit_v1_b"][0]
+  enc = result.params["video_encoder"]
+  c = state["blocks.3.attn.qkv.weight"].shape[1]
+  np.testing.assert_array_equal(enc["blocks_3"]["attn"]["v"]["kernel"],
+                                state["blocks.3.attn.qkv.weight"][2 * c:].numpy().T)
+  np.testing.assert_array_equal(enc["patch_embed"]["patch_model"]["kernel"][1, 2, 3],
+                                state["conv_proj.weight"][:, :, 1, 2, 3].numpy().T)
+
+
+def test_pytorchvideo_mvit_base_16x4_output_matches():
+  _torch()
+  hub = pytest.importorskip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
+  model = hub.mvit_base_16x4(spatial_size=COMPARE_SIZE, temporal_size=COMPARE_FRAMES)
+  _perturb(model)
+  config = configs.video_config("mvit_b_16x4", num_frames=COMPARE_FRAMES,
+                                image_size=COMPARE_SIZE, pool_norm_eps=PYTORCHVIDEO_EPS)
+  error = _compare_mvit(model, model.head.proj, _numpy_state(model), config)
+  print(f"pytorchvideo mvit_base_16x4 at {COMPARE_FRAMES}x{COMPARE_SIZE}x{COMPARE_SIZE}: "
+        f"relative error {error:.2e}")
+  assert error < TOLERANCE
+
+
+def test_torchvision_mvit_v1_b_output_matches(monkeypatch):
+  _torch()
+  tv_mvit = pytest.importorskip("torchvision.models.video.mvit", reason=SKIP_REASON)
+  build = tv_mvit._mvit  # pylint: disable=protected-access
+  # mvit_v1_b fixes its input at 16x224x224; its own builder, fed a smaller input.
+  monkeypatch.setattr(tv_mvit, "_mvit", lambda **kw: build(
+      **{**kw, "spatial_size": (COMPARE_SIZE, COMPARE_SIZE), "temporal_size": COMPARE_FRAMES}))
+  model = tv_mvit.mvit_v1_b()
+  _perturb(model)
+  config = configs.video_config("mvit_b_16x4", num_frames=COMPARE_FRAMES,
+                                image_size=COMPARE_SIZE)
+  error = _compare_mvit(model, model.head[1], _numpy_state(model), config)
+  print(f"torchvision mvit_v1_b at {COMPARE_FRAMES}x{COMPARE_SIZE}x{COMPARE_SIZE}: "
+        f"relative error {error:.2e}")
+  assert error < TOLERANCE
+
+
+def _vocab_file(path, size: int) -> str:
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  words += [f"tok{i}" for i in range(size - len(words))]
+  path.write_text("\n".join(words) + "\n")
+  return str(path)
+
+
+def _hf_bert(**overrides):
+  transformers = pytest.importorskip("transformers", reason=SKIP_REASON)
+  kw = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=40)
+  kw.update(overrides)
+  return transformers, transformers.BertConfig(**kw)
+
+
+def test_hugging_face_bert_folder_matches_and_carries_vocab(tmp_path):
+  torch = _torch()
+  transformers, hf_config = _hf_bert()
+  model = transformers.BertModel(hf_config).eval()
+  _perturb(model)
+  folder = tmp_path / "bert"
+  model.save_pretrained(folder)
+  _vocab_file(folder / "vocab.txt", hf_config.vocab_size)
+  result = converted.convert_file(str(folder))
+  assert result.report.layout == converted.HF_BERT
+  assert (result.report.missing, result.report.unexpected) == ([], [])
+  c = result.text_config
+  assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size,
+          c.max_len) == (120, 32, 2, 4, 64, 40)
+  out = converted.save_converted(str(tmp_path / "out"), result)
+  assert open(os.path.join(out, "vocab.txt")).read() == (folder / "vocab.txt").read_text()
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, hf_config.vocab_size, (3, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 7:] = 0
+  mask[2, 3:] = 0
+  params, _ = converted.load_converted(out)
+  ours = np.asarray(BertEncoder(c).apply({"params": params["text_encoder"]}, ids, mask))
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask)).pooler_output.numpy()
+  error = _relative_error(ours, ref)
+  print(f"Hugging Face BertModel: relative error {error:.2e}")
+  assert error < TOLERANCE
+  # A pre-training checkpoint (`bert.` prefix, `cls.*` heads) gives the same encoder.
+  pretraining = transformers.BertForPreTraining(hf_config)
+  pretraining.bert.load_state_dict(model.state_dict())
+  torch.save(pretraining.state_dict(), tmp_path / "pretraining.bin")
+  again = converted.convert_file(str(tmp_path / "pretraining.bin"), text_config=c)
+  assert any(name.startswith("cls.") for name in again.report.dropped)
+  jax.tree.map(np.testing.assert_array_equal, again.params["text_encoder"],
+               params["text_encoder"])
+
+
+class _TrainingConfig:
+  """Stands for a training-code class pickled into a Lightning checkpoint's hyper-parameters."""
+
+  def __init__(self, lr: float):
+    self.lr = lr
+
+
+def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
+  torch = _torch()
+  transformers, hf_config = _hf_bert()
+  video = _pytorchvideo_mvit(TINY)
+  video.head = None
+  text = transformers.BertModel(hf_config)
+  state = {f"model.video_encoder.{k}": v for k, v in video.state_dict().items()}
+  state.update({f"model.text_encoder.{k}": v for k, v in text.state_dict().items()})
+  state.update({"model.video_proj.weight": torch.randn(PROJ_DIM, TINY.width),
+                "model.video_proj.bias": torch.randn(PROJ_DIM),
+                "model.text_proj.weight": torch.randn(PROJ_DIM, hf_config.hidden_size),
+                "model.text_proj.bias": torch.randn(PROJ_DIM)})
+  ckpt = str(tmp_path / "cmr.ckpt")
+  torch.save({"state_dict": state, "epoch": 3,
+              "hyper_parameters": {"config": _TrainingConfig(1e-4)}}, ckpt)
+  vocab = _vocab_file(tmp_path / "vocab.txt", hf_config.vocab_size)
+  result = converted.convert_file(ckpt, video_config=TINY,
+                                  text_config=configs.text_config("bert_tiny", num_heads=4),
+                                  vocab=vocab)
+  assert result.report.layout == converted.CMR_TRANSFORMER
+  assert sorted(result.params) == ["text_encoder", "text_proj", "video_encoder", "video_proj"]
+  assert sorted(result.report.dropped) == ["model.text_proj.bias", "model.video_proj.bias"]
+  assert result.text_config.vocab_size == hf_config.vocab_size
+  np.testing.assert_array_equal(result.params["video_proj"]["kernel"],
+                                state["model.video_proj.weight"].numpy().T)
+  folder = converted.save_converted(str(tmp_path / "converted"), result)
+
+  model = configs.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
+                                 image_size=TINY.image_size, kv_pool_stride=TINY.kv_pool_stride)
+  example = (jnp.zeros((1, 2, TINY.num_frames, TINY.image_size, TINY.image_size), jnp.uint8),
+             jnp.ones((1, 2), bool))
+  abstract = common.unbox(jax.eval_shape(lambda r: model.init(r, *example)["params"],
+                                         jax.random.key(0)))
+  # The torch file directly (converted in memory) and the converted folder give the same.
+  direct = finetune.load_pretrained_encoder(f"cmr_transformer:{ckpt}", abstract)
+  stored = finetune.load_pretrained_encoder(f"cmr_transformer:{folder}", abstract)
+  jax.tree.map(np.testing.assert_array_equal, direct, stored)
+  jax.tree.map(np.testing.assert_array_equal, direct["video_encoder"],
+               result.params["video_encoder"])
+
+  kinetics = str(tmp_path / "kinetics.pyth")
+  torch.save({"model_state": video.state_dict()}, kinetics)
+  loaded = finetune.load_pretrained_encoder(f"kinetics:{kinetics}", abstract)
+  assert sorted(loaded) == ["video_encoder"]
+  with pytest.raises(mapping.ConversionError, match=r"video_proj/kernel"):
+    finetune.load_pretrained_encoder(f"cmr_transformer:{kinetics}", abstract)
+  # A model at another input size: the error names the tensors and the file's input size.
+  other = configs.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
+                                 kv_pool_stride=TINY.kv_pool_stride)
+  example64 = (jnp.zeros((1, 2, TINY.num_frames, 64, 64), jnp.uint8), jnp.ones((1, 2), bool))
+  abstract64 = common.unbox(jax.eval_shape(lambda r: other.init(r, *example64)["params"],
+                                           jax.random.key(0)))
+  with pytest.raises(mapping.ConversionError, match=r"pos_embed_spatial.*16 frames of 32x32"):
+    finetune.load_pretrained_encoder(f"kinetics:{kinetics}", abstract64)
+
+
+def test_safetensors_file_and_tool_stops_on_a_missing_tensor(tmp_path):
+  _torch()
+  safetensors_torch = pytest.importorskip("safetensors.torch", reason=SKIP_REASON)
+  model = _pytorchvideo_mvit(TINY)
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  path = str(tmp_path / "tiny.safetensors")
+  safetensors_torch.save_file(state, path)
+  result = converted.convert_file(path, video_config=TINY)
+  np.testing.assert_array_equal(result.params["video_encoder"]["norm_embed"]["bias"],
+                                state["norm_embed.bias"].numpy())
+  del state["blocks.1.attn.pool_q.weight"]
+  broken = str(tmp_path / "broken.safetensors")
+  safetensors_torch.save_file(state, broken)
+  tool = [sys.executable, "-m", "tools.convert_weights", f"--src={broken}",
+          "--video_config=mvit_tiny"]
+  run = subprocess.run([*tool, f"--out={tmp_path / 'no'}"], cwd=REPO, capture_output=True,
+                       text=True, check=False)
+  assert run.returncode != 0
+  assert "video_encoder/blocks_1/attn/pool_q/kernel" in run.stderr
+  assert not os.path.exists(tmp_path / "no")
+  run = subprocess.run([*tool, f"--out={tmp_path / 'yes'}", "--allow_missing"], cwd=REPO,
+                       capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stderr
+  params, info = converted.load_converted(str(tmp_path / "yes"))
+  assert info["report"]["missing"] == ["video_encoder/blocks_1/attn/pool_q/kernel"]
+  assert info["video_config"]["image_size"] == TINY.image_size
+  assert params["video_encoder"]["blocks_1"]["attn"]["pool_q"]["kernel"].shape == (3, 3, 3, 1, 16)
