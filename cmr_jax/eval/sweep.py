@@ -27,9 +27,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import figure
+from matplotlib.backends import backend_agg
 import ml_collections
 import numpy as np
 from scipy import stats
@@ -263,7 +262,7 @@ def _fmt(v: Any) -> str:
   if v is None:
     return ""
   if isinstance(v, float):
-    return "nan" if math.isnan(v) else f"{v:.4g}"
+    return "nan" if math.isnan(v) else f"{v:.6g}"
   return str(v)
 
 
@@ -282,9 +281,11 @@ def markdown(summary: Mapping[str, Any]) -> str:
 
 
 def plot(summary: Mapping[str, Any], path: str) -> None:
-  """MAE (val and test) against pre-training step and loss, Spearman rho in the titles."""
+  """MAE (val and test) against pre-training step and loss, Spearman rho in the legends."""
   rows = summary["rows"]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig = figure.Figure(figsize=(10, 4), layout="constrained")
+  backend_agg.FigureCanvasAgg(fig)
+  axes = fig.subplots(1, 2)
   for ax, x, label in ((axes[0], "step", "pre-training step"),
                        (axes[1], "pretrain_loss", "pre-training loss")):
     for y, marker in (("val_mae", "o"), ("test_mae", "s")):
@@ -294,14 +295,11 @@ def plot(summary: Mapping[str, Any], path: str) -> None:
                 label=f"{y.split('_')[0]} (rho {summary['spearman'][f'{y}_vs_{x}']['rho']:.2f})")
     ax.set_xlabel(label)
     ax.set_ylabel("downstream LVEF MAE (%)")
+    ax.set_title(f"MAE vs {label}")
     ax.grid(alpha=0.3)
     ax.legend()
-  axes[0].set_title("MAE vs pre-training step")
-  axes[1].set_title("MAE vs pre-training loss")
-  fig.tight_layout()
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
+  tmp = f"{path}.tmp{os.getpid()}"
+  fig.savefig(tmp, format="png", dpi=100)
   os.replace(tmp, path)
 
 
