@@ -94,7 +94,8 @@ def test_checkpoint_recall_equals_the_training_time_evaluation_and_cli_writes_js
   cli = subprocess.run(
       [sys.executable, os.path.join(sweep_testlib.ROOT, "tools", "zero_shot.py"),
        f"--workdir={pretrain_dir}", "--step=4", "--split=test", f"--output={out}"],
-      capture_output=True, text=True, timeout=300, check=False)
+      env=dict(os.environ, PYTHONPATH=sweep_testlib.ROOT), capture_output=True, text=True,
+      timeout=300, check=False)
   assert cli.returncode == 0, cli.stderr[-2000:]
   assert "| report to video |" in cli.stdout
   with open(out) as f:
