@@ -116,7 +116,8 @@ def _copy_run(src: str, dst: str, **model_changes) -> str:
 
 def test_bad_inputs_give_clear_errors(tiny, tmp_path):
   data_dir, pretrain_dir = tiny
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 .* keeps steps \[2, 4, 6\]"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"no checkpoint of step 5 .* keeps steps \[2, 4, 6\]"):
     zero_shot.evaluate(pretrain_dir, step=5, split="val")
   with pytest.raises(KeyError, match="split 'nope' not in"):
     zero_shot.evaluate(pretrain_dir, split="nope")
