@@ -60,6 +60,7 @@ MIN_VALIDATION_STUDIES = 30  # fewer make val_rmse a rough estimate
 BAGS_PER_CALL = 4  # bags scored per Predictor call, in eval batches
 LOG_EVERY_S = 10.0
 OUTPUT_FORMATS = (".json", ".csv")
+DICOMDIR = "DICOMDIR"
 CSV_COLUMNS = ("input", "study", "lvef", "interval_low", "interval_high", "lvef_below_40",
                "interval_includes_40", "loo_se", "views", "warnings", "error", "lvef_reference",
                "interval_method")
@@ -170,12 +171,13 @@ def record_warnings(record: types.StudyRecord,
 # Reading studies.
 
 
-def _prepare_spec(path: str, spec: layouts.StudySpec, cfg: preprocess.PreprocessConfig,
-                  salt: str, common: list[QualityWarning]) -> Prepared:
-  """Reads, checks and preprocesses one discovered study; never raises."""
+def _prepare_spec(path: str, root: str, spec: layouts.StudySpec,
+                  cfg: preprocess.PreprocessConfig, salt: str,
+                  common: list[QualityWarning]) -> Prepared:
+  """Reads, checks and preprocesses one study discovered below `root`; never raises."""
   study_id, _ = ingest.study_pseudonyms(spec, salt)
   out = Prepared(path, study_id, warnings=list(common))
-  loaded = ingest.load_study(spec, salt=salt, root=path, min_frames=cfg.min_frames)
+  loaded = ingest.load_study(spec, salt=salt, root=root, min_frames=cfg.min_frames)
   if loaded.study is None:
     out.error = loaded.reason
     return out
@@ -208,7 +210,8 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   """The studies of one input, each preprocessed with `cfg` or with the reason it failed.
 
   Args:
-    path: a study folder or zip, a folder of studies, or one DICOM file.
+    path: a study folder or zip, a folder of studies, one DICOM file, or a DICOMDIR (its
+      folder is read).
     cfg: the model's preprocessing.
     salt: pseudonymisation salt.
     layout: how studies are found (`layouts.LAYOUTS`; "generic": by StudyInstanceUID).
@@ -217,8 +220,11 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   Returns:
     One `Prepared` per study found, or a single one with the error when none is usable.
   """
+  # A DICOMDIR indexes the files of its folder (CD/DVD exports): the folder is the input.
+  root = (os.path.dirname(os.path.abspath(path)) if os.path.isfile(path)
+          and os.path.basename(path).upper() == DICOMDIR else path)
   try:
-    discovery = layouts.discover(layout, path, labels=labels)
+    discovery = layouts.discover(layout, root, labels=labels)
   except Exception as e:  # pylint: disable=broad-except
     return [Prepared(path, error=f"input not readable ({_error_text(e)})")]
   orphans = collections.Counter(reason for _, reason in discovery.orphans)
@@ -233,7 +239,7 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   if len(discovery.specs) > 1:
     common.append(QualityWarning("several_studies", f"the input holds {len(discovery.specs)} "
                                  "studies (one row each)"))
-  return [_prepare_spec(path, spec, cfg, salt, common) for spec in discovery.specs]
+  return [_prepare_spec(path, root, spec, cfg, salt, common) for spec in discovery.specs]
 
 
 def check_preprocess(data_dir: str, cfg: preprocess.PreprocessConfig) -> None:

@@ -415,9 +415,12 @@ def test_file_names_dicomdir_and_nested_folders(study, tmp_path):
     assert not prepared.error
     assert prepared.record.views == [c.view for c in study.cines]
     assert not _codes(prepared) & {"files_skipped", "files_outside_studies", "several_studies"}
+  dicomdir = str(tmp_path / "media" / "DICOMDIR")
   discovery = layouts.discover(layouts.GENERIC, str(tmp_path / "media"))
-  assert discovery.orphans == [(dicom_io.FileRef(str(tmp_path / "media" / "DICOMDIR")),
-                                dicom_io.DICOMDIR_REASON)]
+  assert discovery.orphans == [(dicom_io.FileRef(dicomdir), dicom_io.DICOMDIR_REASON)]
+  prepared = _prepare(dicomdir)  # the DICOMDIR itself as the input: its folder is read
+  assert prepared.input == dicomdir and not prepared.error
+  assert prepared.record.views == [c.view for c in study.cines]
 
 
 def test_files_without_study_series_or_patient_ids_form_one_study(study, tmp_path):
