@@ -92,6 +92,8 @@ LAX_TRACE_ANGLE_DEG = {types.LAX_4CH: -10.0, types.LAX_3CH: 45.0, types.LAX_2CH:
 ZIP_SUFFIX = ".zip"
 USED = "used"
 DICOMDIR_REASON = "DICOMDIR (the index of a DICOM file set, not an image)"
+REPEATED_CYCLE = "repeated cardiac cycle at the same position (kept the last)"
+REPEATED_TRIGGER = "repeated trigger time at the same position (kept the latest image)"
 SKIPPED = "skipped"
 LAX = "LAX"  # a long-axis view whose chamber count the name does not say
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -798,10 +800,6 @@ def _geometry_problem(frames: list[Frame]) -> str:
       angle_between_planes_deg(normals[0], n) for n in normals) > SAME_ORIENTATION_DEG):
     return "inconsistent geometry: mixed orientations"
   return ""
-
-
-REPEATED_CYCLE = "repeated cardiac cycle at the same position (kept the last)"
-REPEATED_TRIGGER = "repeated trigger time at the same position (kept the latest image)"
 
 
 def _last_cycle(triggers: np.ndarray) -> slice | None:
