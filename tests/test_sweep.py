@@ -1,6 +1,7 @@
 """Checkpoint sweep: real fine-tunes per kept checkpoint, resume, shards, table, errors."""
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -127,6 +128,7 @@ def test_two_shards_give_the_union_of_one(tiny, tmp_path, monkeypatch):
   assert both["rows"] == one["rows"] and both["missing_steps"] == []
   assert both["spearman"] == one["spearman"]
   np.testing.assert_allclose(one["spearman"]["val_mae_vs_step"]["rho"], -1.0)
+  np.testing.assert_allclose(one["spearman"]["val_mae_vs_step"]["p"], 2 / 6)  # 2 of 3! pairings
 
 
 def test_assignment_and_launcher_shards():
@@ -147,14 +149,18 @@ def test_loss_at_takes_the_last_logged_step():
   assert sweep.loss_at(losses, 5)[1] is None and np.isnan(sweep.loss_at(losses, 5)[0])
 
 
-def test_spearman_skips_non_finite_and_constant_columns():
+def test_spearman_skips_non_finite_and_constant_columns_and_tests_by_permutation():
   rows = [{"a": 1, "b": 3.0}, {"a": 2, "b": float("nan")}, {"a": 3, "b": 1.0},
-          {"a": 4, "b": 2.0}]
+          {"a": 4, "b": 2.0}, {"a": 5, "b": 0.5}]
   got = sweep.spearman(rows, "b", "a")
-  want = stats.spearmanr([1, 3, 4], [3.0, 1.0, 2.0])
-  assert got["n"] == 3
-  np.testing.assert_allclose([got["rho"], got["p"]], [want.statistic, want.pvalue])
+  xs, ys = [1, 3, 4, 5], [3.0, 1.0, 2.0, 0.5]
+  assert got["n"] == 4
+  np.testing.assert_allclose(got["rho"], stats.spearmanr(xs, ys).statistic)
+  # Exact two-sided p: the share of the 4! pairings whose |rho| reaches the observed one.
+  perms = [stats.spearmanr(xs, p).statistic for p in itertools.permutations(ys)]
+  np.testing.assert_allclose(got["p"], np.mean(np.abs(perms) >= abs(got["rho"]) - 1e-12))
   assert np.isnan(sweep.spearman([{"a": 1, "b": 2.0}, {"a": 2, "b": 2.0}], "b", "a")["rho"])
+  assert sweep.spearman([{"a": 1, "b": 2.0}], "b", "a")["n"] == 1
 
 
 def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ COLUMNS = ("step", "pretrain_loss", "pretrain_loss_step", "val_mae", "val_mse", 
 # Spearman correlations reported: downstream metric against a pre-training quantity.
 CORRELATED = (("val_mae", "step"), ("val_mae", "pretrain_loss"), ("test_mae", "step"),
               ("test_mae", "pretrain_loss"))
+# Resamples of the Spearman permutation test (all pairings when there are fewer).
+PERMUTATIONS = 9999
 # Launcher variables giving (rank, world size) of independent processes, in order of preference.
 RANK_ENVIRONMENT = (("SLURM_PROCID", "SLURM_NTASKS"),
                     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
@@ -245,17 +247,28 @@ def read_results(out_dir: str) -> list[dict[str, Any]]:
   return sorted(rows, key=lambda r: r["step"])
 
 
-def spearman(rows: Sequence[Mapping[str, Any]], y: str, x: str) -> dict[str, float]:
-  """Spearman rank correlation of column `y` against `x` over rows where both are finite."""
+def spearman(rows: Sequence[Mapping[str, Any]], y: str, x: str) -> dict[str, Any]:
+  """Spearman rank correlation of column `y` against `x` over rows where both are finite.
+
+  rho is scipy's; its two-sided p-value comes from a permutation test (exact over all
+  pairings up to 7 rows, else PERMUTATIONS seeded resamples): sweeps have few checkpoints,
+  where the t approximation is far off (it gives p = 0 for any perfect ranking).
+  """
   pairs = [(r[x], r[y]) for r in rows if r[x] is not None and r[y] is not None
            and math.isfinite(r[x]) and math.isfinite(r[y])]
-  if len(pairs) < 2:
-    return {"rho": math.nan, "p": math.nan, "n": len(pairs)}
-  xs, ys = zip(*pairs)
-  if len(set(xs)) < 2 or len(set(ys)) < 2:  # undefined for a constant column
-    return {"rho": math.nan, "p": math.nan, "n": len(pairs)}
-  res = stats.spearmanr(xs, ys)
-  return {"rho": float(res.statistic), "p": float(res.pvalue), "n": len(pairs)}
+  if len(pairs) < 2 or min(len(set(column)) for column in zip(*pairs)) < 2:
+    return {"rho": math.nan, "p": math.nan, "n": len(pairs)}  # undefined: too few, or constant
+  xs, ys = np.array(pairs, np.float64).T  # [n] each
+  x_ranks = stats.rankdata(xs)
+
+  def rho_of(y_values: np.ndarray, axis: int) -> np.ndarray:
+    y_ranks = stats.rankdata(y_values, axis=axis)
+    return stats.pearsonr(np.broadcast_to(x_ranks, y_ranks.shape), y_ranks, axis=axis).statistic
+
+  test = stats.permutation_test((ys,), rho_of, permutation_type="pairings", vectorized=True,
+                                n_resamples=PERMUTATIONS, rng=np.random.default_rng(0))
+  return {"rho": float(stats.spearmanr(xs, ys).statistic), "p": float(test.pvalue),
+          "n": len(pairs)}
 
 
 def _fmt(v: Any) -> str:
