@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.init = "pretrain:runs/mvit_b_pretrain"  # or "pretrain:WORKDIR:STEP", "random"
   c.mode = "finetune"  # linear | finetune | transfer
+  # passes > 0: encoder features of that many augmented passes computed once, the head trained
+  # on them (frozen modes only; memory passes * studies * cines * 768 * 4 bytes per host).
+  c.feature_cache = dict(passes=0)
   c.data = dict(dir="/path/to/kaggle_records", train_split="train", eval_split="val",
                 image_size=224, num_frames=16, max_instances=12, label_fraction=1.0,
                 worker_count=8)

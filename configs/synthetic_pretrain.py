@@ -22,7 +22,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(dir="runs/synthetic", train_split="train", eval_split="val", image_size=32,
                 num_frames=16, worker_count=0)
   c.model = dict(video="mvit_tiny", text="bert_tiny", embed_dim=128, dtype="float32",
-                 remat=False, two_clips=False, video_overrides=TINY_32)
+                 remat=False, two_clips=False, video_overrides=TINY_32,
+                 # A randomly initialised BERT's pooled [CLS] output is nearly the same for every
+                 # report (cosine 1.0000 across a batch at init), which lets InfoNCE collapse to
+                 # ln(batch); the masked mean of the token states starts out discriminative.
+                 text_overrides={"pooling": "mean"}, init_temperature=0.07)
   c.text = dict(vocab="", vocab_size=1000, max_len=64, max_sentences=None)
   c.mesh = dict(data=-1, fsdp=1, model=1)
   c.batch_size = 32

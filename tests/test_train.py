@@ -196,3 +196,43 @@ def test_unknown_init_and_mismatched_encoder_give_clear_errors(data_dir, unbroke
   config.model.video_overrides = dict(_VIDEO, embed_dim=24)
   with pytest.raises(ValueError, match="do not match config.model"):
     finetune.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_cached_feature_finetune_resumes_exactly_and_matches_the_full_model(
+    data_dir, unbroken_pretrain, tmp_path, monkeypatch):
+  config = finetune_config(data_dir, f"pretrain:{unbroken_pretrain}")
+  config.feature_cache.passes = 2
+  config.total_steps, config.eval_every, config.checkpoint.every = 8, 4, 2
+  unbroken = str(tmp_path / "unbroken")
+  assert finetune.train_and_evaluate(config, unbroken)["step"] == 8
+
+  # SIGTERM during step 5: step 5 is saved; the resumed run rebuilds the bank and finishes.
+  broken = str(tmp_path / "broken")
+  real_check = common.check_finite
+
+  def sigterm_at_5(step, *args):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_check(step, *args)
+
+  monkeypatch.setattr(common, "check_finite", sigterm_at_5)
+  assert finetune.train_and_evaluate(config, broken)["step"] == 5
+  monkeypatch.setattr(common, "check_finite", real_check)
+  assert finetune.train_and_evaluate(config, broken)["step"] == 8
+  assert _losses(broken) == _losses(unbroken) and sorted(_losses(unbroken)) == list(range(1, 9))
+
+  # The encoder stayed frozen, and the head trained on cached features is the same function as
+  # the full model: the best checkpoint's predictions from video equal its validation MAE.
+  pre = _restored_params(unbroken_pretrain, "checkpoints", 6)["params"]
+  tuned = _restored_params(unbroken, "checkpoints", 8)["params"]
+  jax.tree.map(np.testing.assert_array_equal, tuned["video_encoder"], pre["video_encoder"])
+  p = finetune.predict_run(unbroken, data_dir, "val")
+  best = finetune.read_best(unbroken)
+  np.testing.assert_allclose(np.mean(np.abs(p["pred"] - p["lvef"])), best["val_mae"], rtol=1e-4)
+
+
+def test_feature_cache_refuses_a_trainable_encoder(data_dir, tmp_path):
+  config = finetune_config(data_dir, "random")
+  config.mode, config.feature_cache.passes = "transfer", 2
+  with pytest.raises(ValueError, match="frozen encoder"):
+    finetune.train_and_evaluate(config, str(tmp_path))

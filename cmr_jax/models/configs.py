@@ -19,7 +19,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from cmr_jax.models.dual import DualEncoder
+from cmr_jax.models.dual import CLIP_INIT_TEMPERATURE, DualEncoder
 from cmr_jax.models.heads import ATTENTION_DIM, PROJECTION_DIM, LVEFRegressor
 from cmr_jax.models.mvit import MViT, MViTConfig
 from cmr_jax.models.text import BertConfig, BertEncoder
@@ -75,13 +75,15 @@ def text_encoder(name: str, *, dtype: str = "float32", param_dtype: str = "float
 def dual_encoder(video: str, text: str | None, *, embed_dim: int = PROJECTION_DIM,
                  dtype: str = "float32", param_dtype: str = "float32", remat: bool = False,
                  attention_impl: str = "einsum", video_overrides: Mapping[str, Any] | None = None,
-                 text_overrides: Mapping[str, Any] | None = None) -> DualEncoder:
+                 text_overrides: Mapping[str, Any] | None = None,
+                 init_temperature: float = CLIP_INIT_TEMPERATURE) -> DualEncoder:
   """Builds the pre-training model; `text=None` gives the video-video variant."""
   common = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl)
   return DualEncoder(
       video_encoder(video, **common, **(video_overrides or {})),
       None if text is None else text_encoder(text, **common, **(text_overrides or {})),
-      embed_dim=embed_dim, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+      embed_dim=embed_dim, init_temperature=init_temperature, dtype=jnp.dtype(dtype),
+      param_dtype=jnp.dtype(param_dtype))
 
 
 def lvef_regressor(video: str, *, label_mean: float, train_encoder: bool = False,

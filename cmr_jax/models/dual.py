@@ -39,11 +39,16 @@ class DualEncoder(nn.Module):
     video_encoder: the clip encoder.
     text_encoder: the report encoder; None for the video-video variant.
     embed_dim: width of the shared embedding.
+    init_temperature: initial softmax temperature (CLIP: 0.07). Small models trained from
+      scratch whose embeddings start out correlated can collapse to a constant at 0.07: their
+      random logit spread costs more than the weak early signal gains; a higher start (e.g. 1)
+      lets the temperature fall as the towers align.
   """
 
   video_encoder: MViT
   text_encoder: BertEncoder | None = None
   embed_dim: int = PROJECTION_DIM
+  init_temperature: float = CLIP_INIT_TEMPERATURE
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -55,7 +60,7 @@ class DualEncoder(nn.Module):
                                     name="text_proj", **kw)
     self.logit_scale = self.param(
         "logit_scale",
-        layers.partitioned(nn.initializers.constant(math.log(1 / CLIP_INIT_TEMPERATURE)), ()),
+        layers.partitioned(nn.initializers.constant(math.log(1 / self.init_temperature)), ()),
         (), jnp.float32)
 
   def encode_video(self, video: jax.Array, *, train: bool = False) -> jax.Array:

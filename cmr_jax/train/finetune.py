@@ -8,7 +8,8 @@ The encoder comes from a pre-training run (`config.init="pretrain:WORKDIR"`) or 
 initialisation (`"random"`, the from-scratch baseline). Labels may be subsampled by subject
 (`config.data.label_fraction`). Validation MAE is computed every `eval_every` steps; the best
 checkpoint is kept in `{workdir}/best` and training stops early after `patience` evaluations
-without improvement.
+without improvement. With a frozen encoder, `feature_cache.passes > 0` computes the encoder's
+features once (that many augmented passes) and trains the head on them (`feature_cache`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cmr_jax.data import splits
 from cmr_jax.models import configs as model_configs
 from cmr_jax.train import checkpoint as checkpoint_lib
 from cmr_jax.train import common
+from cmr_jax.train import feature_cache
 from cmr_jax.train import metrics as metrics_lib
 from cmr_jax.train import optim
 from cmr_jax.train import pretrain
@@ -52,11 +54,16 @@ TRAINABLE_BY_MODE = {
 }
 
 
+def _labelled_lvef(data_dir: str, split: str, fraction: float) -> list[float]:
+  """LVEF of the labelled studies of `split` kept at label `fraction`."""
+  return [m["lvef"] for m in records.load_index(data_dir, split)
+          if m["lvef"] is not None and splits.in_label_fraction(
+              m["subject_id"], fraction, pipeline.LABEL_FRACTION_SALT)]
+
+
 def label_mean(data_dir: str, split: str, fraction: float) -> float:
   """Mean LVEF of the labelled training studies kept at `fraction` (the regressor's bias init)."""
-  values = [m["lvef"] for m in records.load_index(data_dir, split)
-            if m["lvef"] is not None and splits.in_label_fraction(
-                m["subject_id"], fraction, pipeline.LABEL_FRACTION_SALT)]
+  values = _labelled_lvef(data_dir, split, fraction)
   if not values:
     raise ValueError(f"no labelled study in split {split!r} of {data_dir} at label fraction "
                      f"{fraction}: fine-tuning needs LVEF labels")
@@ -192,6 +199,32 @@ def predict_split(predict_fn, params, source, config, mesh, *,
   return {k: v[order] for k, v in out.items()}
 
 
+def cache_passes(config: ml_collections.ConfigDict) -> int:
+  """Augmented passes of cached encoder features (0: the streaming loop; see feature_cache)."""
+  passes = int(config.get("feature_cache", {}).get("passes", 0))
+  if passes and config.mode == "transfer":
+    raise ValueError("feature_cache.passes > 0 needs a frozen encoder (mode linear or finetune), "
+                     "not mode 'transfer'")
+  return passes
+
+
+def _cache_features(model, params, train_ds, val_source, config, mesh, passes: int):
+  """Encoder features of `passes` augmented passes over the training bags and of validation."""
+  d = config.data
+  encode = jax.jit(feature_cache.make_encode_fn(model))
+  n_train = len(_labelled_lvef(d.dir, d.train_split, d.label_fraction))
+  train_bank = feature_cache.build_bank(encode, params, train_ds, mesh,
+                                        what=f"training ({passes} augmented passes)",
+                                        expected_batches=passes * n_train // config.batch_size)
+  val_ds = pipeline.finetune_dataset(
+      val_source, image_size=d.image_size, num_frames=d.num_frames,
+      batch_size=common.per_process_batch(config.eval_batch_size),
+      max_instances=d.max_instances, seed=0, train=False, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+  val_bank = feature_cache.build_bank(encode, params, val_ds, mesh, what="validation")
+  return train_bank, val_bank
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs or resumes fine-tuning in `workdir`; returns final and best validation metrics."""
   common.save_config(config, workdir)
@@ -201,13 +234,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_source = records.open_split(d.dir, d.train_split)
   mean = label_mean(d.dir, d.train_split, d.label_fraction)
   model = build_model(config, mean)
+  passes = cache_passes(config)
   train_ds = pipeline.finetune_dataset(
       train_source, image_size=d.image_size, num_frames=d.num_frames,
       batch_size=common.per_process_batch(config.batch_size), max_instances=d.max_instances,
       seed=config.seed, train=True, shard_index=jax.process_index(),
       shard_count=jax.process_count(), worker_count=d.worker_count,
-      label_fraction=d.label_fraction)
-  data_iter = iter(train_ds)
+      label_fraction=d.label_fraction, num_epochs=passes or None)
+  # With cached features the batches are a function of the step (feature_cache.batch_at) and
+  # no iterator state is checkpointed.
+  data_iter = None if passes else iter(train_ds)
 
   example = (jnp.zeros((1, d.max_instances, d.num_frames, d.image_size, d.image_size), jnp.uint8),
              jnp.ones((1, d.max_instances), bool))
@@ -236,14 +272,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.mode, config.init, n_train, optim.count_params(state.params), mean)
 
   base_key = jax.random.key(config.seed + 1)
+  val_source = records.open_split(d.dir, d.eval_split)
   with sharding.mesh_rules(mesh):
-    train_step = jax.jit(make_train_step(model, tx, config.huber_delta),
-                         in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
+    step_fn = (feature_cache.make_train_step if passes else make_train_step)(
+        model, tx, config.huber_delta)
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                                None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
-    predict_fn = jax.jit(make_predict_fn(model))
+    if passes:
+      train_bank, val_bank = _cache_features(model, state.params, train_ds, val_source, config,
+                                             mesh, passes)
+      bank_predict = jax.jit(feature_cache.make_predict_fn(model))
+      validate = lambda params: feature_cache.predict_bank(  # noqa: E731
+          bank_predict, params, val_bank, mesh, config.eval_batch_size)
+      next_batch = lambda step: feature_cache.batch_at(  # noqa: E731
+          train_bank, step, config.batch_size, config.seed)
+    else:
+      predict_fn = jax.jit(make_predict_fn(model))
+      validate = lambda params: predict_split(  # noqa: E731
+          predict_fn, params, val_source, config, mesh)
+      next_batch = lambda step: next(data_iter)  # noqa: E731
   writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps,
                                     enabled=jax.process_index() == 0, name="finetune")
-  val_source = records.open_split(d.dir, d.eval_split)
   preemption = common.Preemption()
   step = int(state.step)
   last_good = ckpt.latest_step()
@@ -255,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     while step < config.total_steps:
       with sharding.mesh_rules(mesh):
-        state, out = train_step(state, sharding.shard_batch(next(data_iter), mesh), base_key)
+        state, out = train_step(state, sharding.shard_batch(next_batch(step), mesh), base_key)
       step += 1
       common.check_finite(step, float(out["loss"]), ckpt.directory, last_good)
       if step % config.log_every == 0 or step == config.total_steps:
@@ -268,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stop = preemption.requested()
       if step % config.eval_every == 0 or step == config.total_steps:
         with sharding.mesh_rules(mesh):
-          p = predict_split(predict_fn, state.params, val_source, config, mesh)
+          p = validate(state.params)
         labelled = ~np.isnan(p["lvef"])
         residual = p["pred"][labelled] - p["lvef"][labelled]
         val_mae = float(np.mean(np.abs(residual)))

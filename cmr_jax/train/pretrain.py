@@ -27,6 +27,7 @@ from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
 from cmr_jax.models import configs as model_configs
+from cmr_jax.models import dual
 from cmr_jax.train import checkpoint as checkpoint_lib
 from cmr_jax.train import common
 from cmr_jax.train import metrics as metrics_lib
@@ -46,7 +47,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None):
   return model_configs.dual_encoder(
       m.video, None if m.two_clips else m.text, embed_dim=m.embed_dim, dtype=m.dtype,
       remat=m.remat, video_overrides=dict(m.get("video_overrides", {})),
-      text_overrides=text_overrides)
+      text_overrides=text_overrides,
+      init_temperature=m.get("init_temperature", dual.CLIP_INIT_TEMPERATURE))
 
 
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
