@@ -13,6 +13,10 @@ conversion.json (configs, source hash, report) and, for a text tower, its vocab.
       --vocab=pubmedbert/vocab.txt
   python -m tools.convert_weights --src=pubmedbert/ --out=weights/pubmedbert
 
+The tensors fix the widths, depth, heads per block and (from the position embeddings) the clip
+length and size; what they cannot show (key/value pooling strides, LayerNorm eps, dropout) comes
+from --video_config / --text_config and is recorded in conversion.json.
+
 Fine-tuning then starts from it with `--config.init=kinetics:weights/kinetics_mvit_b_16x4` (the
 encoder) or `--config.init=cmr_transformer:weights/cmr_transformer` (encoder and `video_proj`).
 

@@ -164,6 +164,8 @@ def convert_file(src: str, *, layout: str = "auto", video_config: MViTConfig | N
     out.vocab = vocab or _folder_vocab(folder)
     if out.vocab:
       _check_vocab(out.vocab, out.text_config.vocab_size)
+    else:
+      logging.warning("%s: text tower converted without a vocab.txt (give one with vocab=)", src)
     if folder and bert.lowercases(folder) is False:
       logging.warning("%s: the tokenizer is cased, ours lower-cases all text: token ids will "
                       "differ from the model's training", folder)
@@ -197,10 +199,11 @@ def _folder_vocab(folder: str | None) -> str | None:
 
 
 def _check_vocab(path: str, vocab_size: int) -> None:
-  """A vocab.txt must load as our tokenizer and have exactly one line per embedding row."""
+  """A vocab.txt must load as our tokenizer, and its ids must index the embedding table (which
+  some models pad beyond the vocabulary)."""
   tok = tokenizer_lib.load_tokenizer(path)
-  if tok.vocab_size != vocab_size:
-    raise ValueError(f"{path}: {tok.vocab_size} tokens but the text encoder embeds "
+  if tok.vocab_size > vocab_size:
+    raise ValueError(f"{path}: {tok.vocab_size} tokens but the text encoder embeds only "
                      f"{vocab_size}")
 
 
@@ -276,6 +279,8 @@ def load_groups(path: str, abstract: Mapping[str, Any]) -> dict[str, Any]:
   Raises:
     ConversionError: a requested parameter is missing or mis-shaped, or the file has tensors
       of the requested groups that the model lacks (each listed by name).
+    FileNotFoundError, ImportError, ValueError: an unreadable source (see
+      `torch_io.load_state_dict`).
   """
   if is_converted(path):
     params, info = load_converted(path)
