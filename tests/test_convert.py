@@ -8,7 +8,6 @@ those tests skip when the optional `torch` extra is not installed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import subprocess

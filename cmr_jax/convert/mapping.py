@@ -113,7 +113,7 @@ def torch_leaf(module: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarr
 
 
 def rename_all(state: Mapping[str, np.ndarray], renamer: Renamer) -> dict[str, np.ndarray]:
-  """{parameter path: array} of every tensor `renamer` places (to inspect shapes before `convert`)."""
+  """{parameter path: array} of every tensor `renamer` places (shapes to read before `convert`)."""
   out = {}
   for name, value in state.items():
     result = renamer(name, value)

@@ -161,4 +161,5 @@ def input_size(state: dict[str, np.ndarray], config: MViTConfig,
   side = math.isqrt(cells)
   if side * side != cells:
     raise ValueError(f"spatial position embedding of {cells} tokens is not a square grid")
-  return {"num_frames": frames * config.patch_stride[0], "image_size": side * config.patch_stride[1]}
+  return {"num_frames": frames * config.patch_stride[0],
+          "image_size": side * config.patch_stride[1]}
