@@ -311,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.log_every == 0 or step == config.total_steps:
         scalars = {k: float(v) for k, v in out.items()}
         scalars.update(lr=float(schedule(step - 1)),
-                       bags_per_s=config.log_every * config.batch_size / max(time.time() - t0, 1e-9))
+                       bags_per_s=(config.log_every * config.batch_size
+                                   / max(time.time() - t0, 1e-9)))
         writer.write(step, scalars)
         final.update(scalars)
         t0 = time.time()
