@@ -261,6 +261,7 @@ def test_full_size_pytorchvideo_and_torchvision_state_dicts_convert_completely(t
 def test_pytorchvideo_mvit_base_16x4_output_matches():
   torch = _torch()
   hub = pytest.importorskip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
+  torch.manual_seed(0)
   model = hub.mvit_base_16x4(spatial_size=COMPARE_SIZE, temporal_size=COMPARE_FRAMES)
   _perturb(model)
   # pytorchvideo 0.1.5 normalises pooled q/k/v with eps 1e-5; SlowFast (which trained the
@@ -275,12 +276,13 @@ def test_pytorchvideo_mvit_base_16x4_output_matches():
 
 
 def test_torchvision_mvit_v1_b_output_matches(monkeypatch):
-  _torch()
+  torch = _torch()
   tv_mvit = pytest.importorskip("torchvision.models.video.mvit", reason=SKIP_REASON)
   build = tv_mvit._mvit  # pylint: disable=protected-access
   # mvit_v1_b fixes its input at 16x224x224; its own builder, fed a smaller input.
   monkeypatch.setattr(tv_mvit, "_mvit", lambda **kw: build(
       **{**kw, "spatial_size": (COMPARE_SIZE, COMPARE_SIZE), "temporal_size": COMPARE_FRAMES}))
+  torch.manual_seed(0)
   model = tv_mvit.mvit_v1_b()
   _perturb(model)
   error = _compare_mvit(model, model.head[1], _numpy_state(model))
@@ -307,6 +309,7 @@ def _hf_bert(**overrides):
 def test_hugging_face_bert_folder_matches_and_carries_vocab(tmp_path):
   torch = _torch()
   transformers, hf_config = _hf_bert()
+  torch.manual_seed(0)
   model = transformers.BertModel(hf_config).eval()
   _perturb(model)
   folder = tmp_path / "bert"
