@@ -16,12 +16,19 @@ $(STAMP) $(BEAM_STAMP): pyproject.toml
 	$(@D)/bin/pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
+# The tests also need the `torch` extra (PyTorch, torchvision, pytorchvideo, transformers) to check
+# weight conversion against the PyTorch models; the demo does not.
+TORCH_STAMP := $(VENV)/.installed-torch
+$(TORCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[test,torch]'
+	touch $@
+
 .PHONY: demo test install
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m cmr_jax.demo --workdir=runs/demo
 
-test: $(STAMP) $(BEAM_STAMP)
-	$(VENV)/bin/python -m pytest -q tests --ignore=tests/test_beam_ingest.py
+test: $(TORCH_STAMP) $(BEAM_STAMP)
+	CMR_JAX_REQUIRE_TORCH=1 $(VENV)/bin/python -m pytest -q tests --ignore=tests/test_beam_ingest.py
 	CMR_JAX_REQUIRE_BEAM=1 $(BEAM_VENV)/bin/python -m pytest -q tests/test_beam_ingest.py

@@ -9,6 +9,7 @@ those tests skip when the optional `torch` extra is not installed.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from cmr_jax.train import finetune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4  # relative error of the encoder outputs, float32
+REQUIRE_ENV = "CMR_JAX_REQUIRE_TORCH"  # set by `make test`: the comparisons must run, not skip
 SKIP_REASON = "needs the optional torch extra: pip install -e '.[torch]'"
 # The tiny MViT of the fine-tuning demo (configs/synthetic_finetune.py).
 TINY = configs.video_config("mvit_tiny", image_size=32, kv_pool_stride=(1, 2, 2))
@@ -36,8 +38,15 @@ PROJ_DIM = 24
 COMPARE_FRAMES, COMPARE_SIZE = 16, 64  # reduced input of the full MViT-B forward comparisons
 
 
+def _import_or_skip(module: str, reason: str):
+  """The module, or a skip; with CMR_JAX_REQUIRE_TORCH=1 (CI) a missing module fails instead."""
+  if os.environ.get(REQUIRE_ENV) == "1":
+    return importlib.import_module(module)
+  return pytest.importorskip(module, reason=reason)
+
+
 def _torch():
-  return pytest.importorskip("torch", reason=SKIP_REASON)
+  return _import_or_skip("torch", reason=SKIP_REASON)
 
 
 def _abstract_mvit(config: MViTConfig):
@@ -79,7 +88,7 @@ def _perturb(model, seed: int = 0) -> None:
 
 def _pytorchvideo_mvit(config: MViTConfig):
   """pytorchvideo's factory with `config`'s geometry (as tools/bench_model.py builds it)."""
-  vision_transformers = pytest.importorskip("pytorchvideo.models.vision_transformers",
+  vision_transformers = _import_or_skip("pytorchvideo.models.vision_transformers",
                                             reason=SKIP_REASON)
   per_stage = lambda mul: [[s, mul] for s in config.stage_starts]  # noqa: E731
   return vision_transformers.create_multiscale_vision_transformers(
@@ -222,8 +231,8 @@ def test_cmr_transformer_names_and_converted_folder_as_finetune_init(tmp_path):
 
 def test_full_size_pytorchvideo_and_torchvision_state_dicts_convert_completely(tmp_path):
   torch = _torch()
-  hub = pytest.importorskip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
-  torchvision = pytest.importorskip("torchvision", reason=SKIP_REASON)
+  hub = _import_or_skip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
+  torchvision = _import_or_skip("torchvision", reason=SKIP_REASON)
   mvit_b = configs.video_config("mvit_b_16x4")
   files = {  # as published: pytorchvideo's .pyth keeps the weights under "model_state"
       "MVIT_B_16x4.pyth": {"model_state": hub.mvit_base_16x4().state_dict(), "epoch": 1},
@@ -260,7 +269,7 @@ def test_full_size_pytorchvideo_and_torchvision_state_dicts_convert_completely(t
 
 def test_pytorchvideo_mvit_base_16x4_output_matches():
   torch = _torch()
-  hub = pytest.importorskip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
+  hub = _import_or_skip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
   torch.manual_seed(0)
   model = hub.mvit_base_16x4(spatial_size=COMPARE_SIZE, temporal_size=COMPARE_FRAMES)
   _perturb(model)
@@ -277,7 +286,7 @@ def test_pytorchvideo_mvit_base_16x4_output_matches():
 
 def test_torchvision_mvit_v1_b_output_matches(monkeypatch):
   torch = _torch()
-  tv_mvit = pytest.importorskip("torchvision.models.video.mvit", reason=SKIP_REASON)
+  tv_mvit = _import_or_skip("torchvision.models.video.mvit", reason=SKIP_REASON)
   build = tv_mvit._mvit  # pylint: disable=protected-access
   # mvit_v1_b fixes its input at 16x224x224; its own builder, fed a smaller input.
   monkeypatch.setattr(tv_mvit, "_mvit", lambda **kw: build(
@@ -299,7 +308,7 @@ def _vocab_file(path, size: int) -> str:
 
 
 def _hf_bert(**overrides):
-  transformers = pytest.importorskip("transformers", reason=SKIP_REASON)
+  transformers = _import_or_skip("transformers", reason=SKIP_REASON)
   kw = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=40)
   kw.update(overrides)
@@ -425,7 +434,7 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
 
 def test_safetensors_file_and_tool_stops_on_a_missing_tensor(tmp_path):
   _torch()
-  safetensors_torch = pytest.importorskip("safetensors.torch", reason=SKIP_REASON)
+  safetensors_torch = _import_or_skip("safetensors.torch", reason=SKIP_REASON)
   model = _pytorchvideo_mvit(TINY)
   state = {k: v.contiguous() for k, v in model.state_dict().items()}
   path = str(tmp_path / "tiny.safetensors")
