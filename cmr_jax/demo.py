@@ -7,7 +7,9 @@ r"""The main job on the embedded synthetic default: data, pre-training, fine-tun
 3. fine-tunes LVEF with the encoder frozen (configs/synthetic_finetune.py) from (a) the
    pre-trained encoder and (b) a random one, with the same budget;
 4. prints MAE and AUC (LVEF<40%) on the test and external-site splits for (a), (b) and (c) the
-   training-mean predictor, and writes them to `{workdir}/results.json` and `results.md`.
+   training-mean predictor, and writes them to `{workdir}/results.json` and `results.md`;
+5. links `{workdir}/model` to whichever of (a) and (b) has the lower validation MAE: the model
+   README's `tools/predict.py` commands use.
 Each stage is skipped when its output is already complete (re-running resumes).
 """
 
@@ -39,6 +41,7 @@ _FINETUNE = config_flags.DEFINE_config_file("finetune_config", "configs/syntheti
                                             "fine-tuning")
 EVAL_SPLITS = ("test", "external")
 XLA_CACHE_DIR = "xla_cache"
+MODEL_LINK = "model"
 
 
 def make_data(config, out: str) -> None:
@@ -75,6 +78,23 @@ def evaluate(workdir: str, data_dir: str, train_mean: float) -> dict[str, dict[s
     results.setdefault("train_mean", {})[split] = metrics.summary(
         p["lvef"][keep], np.full(keep.sum(), train_mean))
   return results
+
+
+def select_model(work: str) -> str:
+  """Points `{work}/model` at the fine-tuned run with the lower validation MAE; returns its name.
+
+  The choice uses the validation split only (never test or external), so the reported test
+  figures of the chosen run stay unbiased; README's predict command uses this link.
+  """
+  runs = {name: finetune.read_best(os.path.join(work, f"finetune_{name}"))["val_mae"]
+          for name in ("pretrained", "scratch")}
+  best = f"finetune_{min(runs, key=runs.get)}"
+  link = os.path.join(work, MODEL_LINK)
+  if os.path.lexists(link):
+    os.remove(link)
+  os.symlink(best, link)
+  logging.info("validation MAE %s: %s is the demo's model (%s)", runs, best, link)
+  return best
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
@@ -120,6 +140,7 @@ def main(argv):
       finetune.train_and_evaluate(ft, run_dir)
   t_ft = time.time() - t0 - t_data - t_pre
 
+  model = select_model(work)
   train_mean = finetune.label_mean(data_dir, "train", 1.0)
   results = evaluate(work, data_dir, train_mean)
   md = table(results)
@@ -133,6 +154,8 @@ def main(argv):
   print(synthetic.summary_table(data_dir))
   print()
   print(md)
+  print(f"model for tools/predict.py: {os.path.join(work, MODEL_LINK)} -> {model} "
+        "(the lower validation MAE)")
   print(timing)
 
 

@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32
   c.eval_batch_size = 32
   c.total_steps = 200
-  c.optim = dict(lr=1e-3, warmup_steps=30, weight_decay=0.05, grad_clip_norm=1.0)
+  c.optim = dict(lr=3e-4, warmup_steps=30, weight_decay=0.05, grad_clip_norm=1.0)
   c.log_every = 10
   c.eval_every = 100
   c.checkpoint = dict(every=50, keep_last=2, keep_period=100, async_save=True)
