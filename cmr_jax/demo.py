@@ -58,10 +58,25 @@ def make_data(config, out: str) -> None:
     f.write(wanted)
 
 
-def finished(workdir: str, total_steps: int) -> bool:
-  """Whether a run in `workdir` already saved its final step (then the stage is skipped)."""
+def finished(workdir: str, config) -> bool:
+  """Whether a run of `config` in `workdir` already saved its final step (the stage is skipped).
+
+  A run left by another config (e.g. an older version of the demo) is moved aside to
+  `{workdir}.stale-{time}`, with a warning, so that the stage starts afresh instead of resuming
+  from it.
+  """
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    with open(saved) as f:
+      same = json.load(f) == json.loads(config.to_json_best_effort())
+    if not same:
+      aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+      logging.warning("%s was made with another config: moved to %s; the stage starts afresh",
+                      workdir, aside)
+      os.rename(workdir, aside)
+      return False
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  done = ckpt.latest_step() == total_steps
+  done = ckpt.latest_step() == config.total_steps
   ckpt.close()
   return done
 
@@ -128,7 +143,7 @@ def main(argv):
   pre = _PRETRAIN.value
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  if not finished(pretrain_dir, pre.total_steps):
+  if not finished(pretrain_dir, pre):
     pretrain.train_and_evaluate(pre, pretrain_dir)
   t_pre = time.time() - t0 - t_data
 
@@ -136,7 +151,7 @@ def main(argv):
     ft = _FINETUNE.value.copy_and_resolve_references()
     ft.data.dir, ft.init = data_dir, init
     run_dir = os.path.join(work, f"finetune_{name}")
-    if not finished(run_dir, ft.total_steps):
+    if not finished(run_dir, ft):
       finetune.train_and_evaluate(ft, run_dir)
   t_ft = time.time() - t0 - t_data - t_pre
 
