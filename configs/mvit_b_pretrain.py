@@ -31,7 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(dir="/path/to/records", train_split="train", eval_split="val", image_size=224,
                 num_frames=16, worker_count=8)
   c.model = dict(video="mvit_b_16x4", text="bert_base", embed_dim=512, dtype="bfloat16",
-                 remat=True, two_clips=False, video_overrides={})
+                 remat=True, two_clips=False, video_overrides={},
+                 # The paper's text tower: PubMedBERT's pooled [CLS]; CLIP's temperature start.
+                 text_overrides={}, init_temperature=0.07)
   # PubMedBERT's vocabulary; vocab_size only sizes a vocabulary trained when vocab is "".
   c.text = dict(vocab=PUBMEDBERT_VOCAB_PLACEHOLDER, vocab_size=30522, max_len=256,
                 max_sentences=None)

@@ -12,7 +12,7 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Dataset spec, preprocessing and build settings; `arg`: None (default) or "small"."""
+  """Dataset spec, preprocessing and build settings; `arg`: None (default), "small", "benchmark"."""
   config = ml_collections.ConfigDict()
   config.spec = dict(
       seed=0,
@@ -34,6 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.spec.num_external = 4
     config.num_shards = 2
     config.num_previews = 1
+  elif arg == "benchmark":  # the synthetic benchmark (python -m cmr_jax.benchmark)
+    config.spec.num_subjects = 1000
+    config.spec.num_external = 150
+    config.num_previews = 8
   elif arg not in (None, ""):
     raise ValueError(f"unknown synthetic_data config argument {arg!r}")
   return config

@@ -14,7 +14,7 @@ TINY_32 = {"image_size": 32, "kv_pool_stride": (1, 2, 2)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Pre-training config; `arg` in {None, "smoke"}."""
+  """Pre-training config; `arg` in {None, "smoke", "benchmark"}."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Stored 64 px at 2.75 mm; the tiny demo model sees 16 frames at 32 px (crops resized), so a
@@ -49,6 +49,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
     c.checkpoint.every = 2
     c.checkpoint.keep_period = None
+  elif arg == "benchmark":  # the synthetic benchmark (python -m cmr_jax.benchmark): hours on CPU
+    c.total_steps = 3000
+    c.eval_every = 500
+    c.checkpoint.every = 250
+    c.checkpoint.keep_period = 250  # every kept step feeds tools/sweep.py
   elif arg not in (None, ""):
     raise ValueError(f"unknown synthetic_pretrain config argument {arg!r}")
   return c

@@ -27,8 +27,8 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 DATA, PRETRAIN, FINETUNE = "data", "pretrain", "finetune"
 # Every config file: what it configures and the arguments its docstring documents.
 CONFIGS = {
-    "synthetic_data": (DATA, (None, "small")),
-    "synthetic_pretrain": (PRETRAIN, (None, "smoke")),
+    "synthetic_data": (DATA, (None, "small", "benchmark")),
+    "synthetic_pretrain": (PRETRAIN, (None, "smoke", "benchmark")),
     "synthetic_finetune": (FINETUNE, (None, "smoke")),
     "mvit_b_pretrain": (PRETRAIN, (None,)),
     "ukbb_finetune": (FINETUNE, (None,)),

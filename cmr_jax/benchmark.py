@@ -1,0 +1,162 @@
+r"""The synthetic benchmark: the paper's claims in shape, on the phantom.
+
+  python -m cmr_jax.benchmark --workdir=runs/benchmark
+  # a GPU (minutes) or a long CPU run (hours); smaller: --fractions=0.1,1 --inits=pretrained,scratch
+
+1. the dataset (`--data_config`, default configs/synthetic_data.py:benchmark: 1000 subjects at two
+   internal protocol families, 150 at a third held out as the `external` split, 10% rescans);
+2. contrastive video-report pre-training (`--pretrain_config`, default
+   configs/synthetic_pretrain.py:benchmark), keeping a checkpoint every `keep_period` steps for
+   checkpoint sweeps (`tools/sweep.py`);
+3. LVEF fine-tuning with the encoder frozen for every init in `--inits` ("pretrained": the run of
+   step 2; "scratch": a random encoder; any `kinetics:PATH` / `cmr_transformer:PATH` /
+   `pretrain:DIR[:STEP]` init, e.g. converted Kinetics-400 MViT weights) at every label fraction
+   in `--fractions` (drawn by subject, nested), with the same budget;
+4. every fine-tuned run scored on the test and external splits with subject-bootstrap 95%
+   intervals, next to the training-mean predictor: `results.json`, `results.md` (one
+   data-efficiency table per split and metric) and `data_efficiency.png`.
+Every stage is skipped when its output is complete, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import matplotlib
+import numpy as np
+from ml_collections import config_flags
+
+from cmr_jax import demo
+from cmr_jax import logs
+from cmr_jax.data import records
+from cmr_jax.eval import metrics
+from cmr_jax.eval import report
+from cmr_jax.train import finetune
+from cmr_jax.train import pretrain
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/benchmark", "where everything is written")
+_DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py:benchmark",
+                                        "dataset")
+_PRETRAIN = config_flags.DEFINE_config_file(
+    "pretrain_config", "configs/synthetic_pretrain.py:benchmark", "pre-training")
+_FINETUNE = config_flags.DEFINE_config_file("finetune_config", "configs/synthetic_finetune.py",
+                                            "fine-tuning")
+_FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.1", "1"], "label fractions")
+_INITS = flags.DEFINE_list("inits", ["pretrained", "scratch"],
+                           "encoder inits: pretrained, scratch, or any config.init string")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "subject-bootstrap replicates")
+_METRICS = ("mae", "auc_lvef_below_40")
+EVAL_SPLITS = ("test", "external")
+MEAN_MODEL = "training mean"
+
+
+def init_string(name: str, pretrain_dir: str) -> str:
+  """config.init for a benchmark init name."""
+  return {"pretrained": f"pretrain:{pretrain_dir}", "scratch": "random"}.get(name, name)
+
+
+def run_name(init: str, fraction: float) -> str:
+  """A file-system-safe run directory name for (init, fraction)."""
+  safe = "".join(c if c.isalnum() else "_" for c in init)[:60]
+  return f"finetune_{safe}_{fraction:g}"
+
+
+def score(truth: np.ndarray, pred: np.ndarray, subjects: list[str]) -> dict:
+  """Point metrics with subject-bootstrap intervals."""
+  return metrics.with_ci(truth, pred, subjects, n_boot=_BOOTSTRAP.value)
+
+
+def plot(results: dict, path: str) -> None:
+  """MAE against label fraction, one line per init, one panel per split."""
+  splits = [s for s in EVAL_SPLITS if any(s in per for per in results.values())]
+  fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+  for ax, split in zip(axes[0], splits):
+    for model, per_fraction in results.items():
+      fractions = sorted(per_fraction)
+      values = [per_fraction[f][split]["mae"]["value"] for f in fractions]
+      low = [per_fraction[f][split]["mae"]["ci"][0] for f in fractions]
+      high = [per_fraction[f][split]["mae"]["ci"][1] for f in fractions]
+      ax.plot([100 * f for f in fractions], values, marker="o", label=model)
+      ax.fill_between([100 * f for f in fractions], low, high, alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("label fraction (%)")
+    ax.set_ylabel("MAE (LVEF %)")
+    ax.set_title(f"{split} split")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  logs.setup()
+  t0 = time.time()
+  work = _WORKDIR.value
+  jax.config.update("jax_compilation_cache_dir", os.path.join(work, demo.XLA_CACHE_DIR))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  fractions = [float(f) for f in _FRACTIONS.value]
+  if not fractions or any(not 0 < f <= 1 for f in fractions):
+    raise app.UsageError(f"--fractions must lie in (0, 1], got {_FRACTIONS.value}")
+  data_dir = os.path.join(work, "data")
+  demo.make_data(_DATA.value, data_dir)
+
+  pre = _PRETRAIN.value
+  pre.data.dir = data_dir
+  pretrain_dir = os.path.join(work, "pretrain")
+  if "pretrained" in _INITS.value and not demo.finished(pretrain_dir, pre):
+    pretrain.train_and_evaluate(pre, pretrain_dir)
+
+  available = records.read_dataset_info(data_dir)["splits"]
+  splits = [s for s in EVAL_SPLITS if s in available]
+  meta = {s: records.load_index(data_dir, s) for s in splits}
+  results: dict[str, dict[float, dict[str, dict]]] = {}
+  for name in _INITS.value:
+    for fraction in fractions:
+      ft = _FINETUNE.value.copy_and_resolve_references()
+      ft.data.dir, ft.init = data_dir, init_string(name, pretrain_dir)
+      ft.data.label_fraction = fraction
+      run_dir = os.path.join(work, run_name(name, fraction))
+      if not demo.finished(run_dir, ft):
+        logging.info("fine-tuning %s at label fraction %g", name, fraction)
+        finetune.train_and_evaluate(ft, run_dir)
+      predictor = finetune.Predictor(run_dir)
+      mean = finetune.label_mean(data_dir, ft.data.train_split, fraction)
+      for split in splits:
+        p = predictor(records.open_split(data_dir, split))
+        keep = ~np.isnan(p["lvef"])
+        subjects = [meta[split][i]["subject_id"] for i in p["study_index"][keep]]
+        truth = p["lvef"][keep]
+        results.setdefault(name, {}).setdefault(fraction, {})[split] = score(
+            truth, p["pred"][keep], subjects)
+        results.setdefault(MEAN_MODEL, {}).setdefault(fraction, {})[split] = score(
+            truth, np.full(truth.shape, mean), subjects)
+
+  sections = []
+  for split in splits:
+    for metric in _METRICS:
+      table = report.data_efficiency_table(
+          {m: {f: r[split] for f, r in per.items()} for m, per in results.items()}, metric)
+      sections.append(f"### {split}: {metric}\n\n{table}")
+  wall = time.time() - t0
+  md = "\n\n".join(sections) + f"\n\nwall time {wall / 60:.1f} min\n"
+  with open(os.path.join(work, "results.json"), "w") as f:
+    json.dump({"results": {m: {str(k): v for k, v in per.items()} for m, per in results.items()},
+               "wall_s": wall}, f, indent=1)
+  with open(os.path.join(work, "results.md"), "w") as f:
+    f.write(md)
+  plot(results, os.path.join(work, "data_efficiency.png"))
+  print(md)
+
+
+if __name__ == "__main__":
+  app.run(main)
