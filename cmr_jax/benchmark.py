@@ -27,13 +27,12 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import matplotlib
 import numpy as np
 from ml_collections import config_flags
 
-from cmr_jax import demo
 from cmr_jax import logs
+from cmr_jax import stages
 from cmr_jax.data import records
 from cmr_jax.eval import metrics
 from cmr_jax.eval import report
@@ -102,18 +101,17 @@ def main(argv):
   logs.setup()
   t0 = time.time()
   work = _WORKDIR.value
-  jax.config.update("jax_compilation_cache_dir", os.path.join(work, demo.XLA_CACHE_DIR))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  stages.use_compilation_cache(work)
   fractions = [float(f) for f in _FRACTIONS.value]
   if not fractions or any(not 0 < f <= 1 for f in fractions):
     raise app.UsageError(f"--fractions must lie in (0, 1], got {_FRACTIONS.value}")
   data_dir = os.path.join(work, "data")
-  demo.make_data(_DATA.value, data_dir)
+  stages.make_data(_DATA.value, data_dir)
 
   pre = _PRETRAIN.value
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  if "pretrained" in _INITS.value and not demo.finished(pretrain_dir, pre):
+  if "pretrained" in _INITS.value and not stages.finished(pretrain_dir, pre):
     pretrain.train_and_evaluate(pre, pretrain_dir)
 
   available = records.read_dataset_info(data_dir)["splits"]
@@ -126,7 +124,7 @@ def main(argv):
       ft.data.dir, ft.init = data_dir, init_string(name, pretrain_dir)
       ft.data.label_fraction = fraction
       run_dir = os.path.join(work, run_name(name, fraction))
-      if not demo.finished(run_dir, ft):
+      if not stages.finished(run_dir, ft):
         logging.info("fine-tuning %s at label fraction %g", name, fraction)
         finetune.train_and_evaluate(ft, run_dir)
       predictor = finetune.Predictor(run_dir)

@@ -20,16 +20,14 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 from ml_collections import config_flags
 
 from cmr_jax import logs
-from cmr_jax.data import preprocess
+from cmr_jax import stages
 from cmr_jax.data import records
 from cmr_jax.data import synthetic
 from cmr_jax.eval import metrics
-from cmr_jax.train import checkpoint
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
 
@@ -40,45 +38,7 @@ _PRETRAIN = config_flags.DEFINE_config_file("pretrain_config", "configs/syntheti
 _FINETUNE = config_flags.DEFINE_config_file("finetune_config", "configs/synthetic_finetune.py",
                                             "fine-tuning")
 EVAL_SPLITS = ("test", "external")
-XLA_CACHE_DIR = "xla_cache"
 MODEL_LINK = "model"
-
-
-def make_data(config, out: str) -> None:
-  """Builds the dataset unless `out` already holds one made from the same config."""
-  stamp = os.path.join(out, "demo_config.json")
-  wanted = config.to_json(sort_keys=True)
-  if os.path.exists(stamp) and open(stamp).read() == wanted:
-    logging.info("dataset %s is up to date", out)
-    return
-  spec = synthetic.SyntheticSpec.from_dict(config.spec.to_dict())
-  synthetic.build_synthetic(spec, out, cfg=preprocess.PreprocessConfig.from_dict(
-      config.preprocess.to_dict()), num_shards=config.num_shards, num_workers=config.num_workers)
-  with open(stamp, "w") as f:
-    f.write(wanted)
-
-
-def finished(workdir: str, config) -> bool:
-  """Whether a run of `config` in `workdir` already saved its final step (the stage is skipped).
-
-  A run left by another config (e.g. an older version of the demo) is moved aside to
-  `{workdir}.stale-{time}`, with a warning, so that the stage starts afresh instead of resuming
-  from it.
-  """
-  saved = os.path.join(workdir, "config.json")
-  if os.path.exists(saved):
-    with open(saved) as f:
-      same = json.load(f) == json.loads(config.to_json_best_effort())
-    if not same:
-      aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-      logging.warning("%s was made with another config: moved to %s; the stage starts afresh",
-                      workdir, aside)
-      os.rename(workdir, aside)
-      return False
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  done = ckpt.latest_step() == config.total_steps
-  ckpt.close()
-  return done
 
 
 def evaluate(workdir: str, data_dir: str, train_mean: float) -> dict[str, dict[str, dict]]:
@@ -132,18 +92,15 @@ def main(argv):
   logs.setup()
   t0 = time.time()
   work = _WORKDIR.value
-  # Both fine-tuning runs and their evaluations compile the same programs: a persistent XLA
-  # cache compiles each once (and makes a re-run skip compilation altogether).
-  jax.config.update("jax_compilation_cache_dir", os.path.join(work, XLA_CACHE_DIR))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  stages.use_compilation_cache(work)
   data_dir = os.path.join(work, "data")
-  make_data(_DATA.value, data_dir)
+  stages.make_data(_DATA.value, data_dir)
   t_data = time.time() - t0
 
   pre = _PRETRAIN.value
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  if not finished(pretrain_dir, pre):
+  if not stages.finished(pretrain_dir, pre):
     pretrain.train_and_evaluate(pre, pretrain_dir)
   t_pre = time.time() - t0 - t_data
 
@@ -151,7 +108,7 @@ def main(argv):
     ft = _FINETUNE.value.copy_and_resolve_references()
     ft.data.dir, ft.init = data_dir, init
     run_dir = os.path.join(work, f"finetune_{name}")
-    if not finished(run_dir, ft):
+    if not stages.finished(run_dir, ft):
       finetune.train_and_evaluate(ft, run_dir)
   t_ft = time.time() - t0 - t_data - t_pre
 

@@ -4,7 +4,7 @@ import os
 
 import ml_collections
 
-from cmr_jax import demo
+from cmr_jax import stages
 from cmr_jax.train import common
 
 
@@ -17,10 +17,10 @@ def test_a_run_of_another_config_is_moved_aside_and_the_same_config_resumes(tmp_
   run = str(tmp_path / "pretrain")
   common.save_config(_config(10), run)
   # Same config, no checkpoint yet: not finished, left in place (the stage resumes it).
-  assert not demo.finished(run, _config(10))
+  assert not stages.finished(run, _config(10))
   assert os.path.exists(os.path.join(run, "config.json"))
   # Another config: moved aside, never resumed from.
-  assert not demo.finished(run, _config(20))
+  assert not stages.finished(run, _config(20))
   assert not os.path.exists(run)
   stale = [d for d in os.listdir(tmp_path) if d.startswith("pretrain.stale-")]
   assert len(stale) == 1

@@ -1,0 +1,58 @@
+"""Pipeline stages shared by the demo and the benchmark: skipped when done, restarted when stale."""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import ml_collections
+
+from cmr_jax.data import preprocess
+from cmr_jax.data import synthetic
+from cmr_jax.train import checkpoint
+
+XLA_CACHE_DIR = "xla_cache"
+
+
+def use_compilation_cache(workdir: str) -> None:
+  """A persistent XLA cache under `workdir`: runs of one model compile each program once."""
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, XLA_CACHE_DIR))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def make_data(config: ml_collections.ConfigDict, out: str) -> None:
+  """Builds the dataset unless `out` already holds one made from the same config."""
+  stamp = os.path.join(out, "demo_config.json")
+  wanted = config.to_json(sort_keys=True)
+  if os.path.exists(stamp) and open(stamp).read() == wanted:
+    logging.info("dataset %s is up to date", out)
+    return
+  spec = synthetic.SyntheticSpec.from_dict(config.spec.to_dict())
+  synthetic.build_synthetic(spec, out, cfg=preprocess.PreprocessConfig.from_dict(
+      config.preprocess.to_dict()), num_shards=config.num_shards, num_workers=config.num_workers)
+  with open(stamp, "w") as f:
+    f.write(wanted)
+
+
+def finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether a run of `config` in `workdir` already saved its final step (the stage is skipped).
+
+  A run left by another config (e.g. an older version of the demo) is moved aside to
+  `{workdir}.stale-{time}`, with a warning, so that the stage starts afresh instead of resuming
+  from it.
+  """
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    with open(saved) as f:
+      same = json.load(f) == json.loads(config.to_json_best_effort())
+    if not same:
+      aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+      logging.warning("%s was made with another config: moved to %s; the stage starts afresh",
+                      workdir, aside)
+      os.rename(workdir, aside)
+      return False
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  done = ckpt.latest_step() == config.total_steps
+  ckpt.close()
+  return done
