@@ -174,7 +174,8 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
   # An output folder of another sweep is refused before any fine-tune.
   monkeypatch.setattr(sweep, "finetune_one", _fake_finetune_one)
   sweep.run_sweep(pretrain_dir, config, str(tmp_path / "c"))
-  with pytest.raises(ValueError, match=r"other settings \(differing: \['finetune_config'\]"):
+  with pytest.raises(ValueError, match=r"other settings \(finetune_config.data.label_fraction: "
+                     r"1.0 there, 0.5 now; see"):
     sweep.run_sweep(pretrain_dir, config, str(tmp_path / "c"), label_fraction=0.5)
   monkeypatch.undo()
   # An encoder that does not match the checkpoints: named, per checkpoint; nothing recorded.

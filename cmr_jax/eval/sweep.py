@@ -129,6 +129,17 @@ def _labelled_count(data_dir: str, split: str) -> int:
   return sum(m["lvef"] is not None for m in records.load_index(data_dir, split))
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested mappings as {"a.b.c": leaf}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def _check_settings(out_dir: str, settings: dict[str, Any]) -> None:
   """Records the sweep's settings in `out_dir`, or checks that they equal those recorded."""
   path = os.path.join(out_dir, SETTINGS_JSON)
@@ -136,9 +147,11 @@ def _check_settings(out_dir: str, settings: dict[str, Any]) -> None:
     with open(path, encoding="utf-8") as f:
       recorded = json.load(f)
     if recorded != settings:
-      diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-      raise ValueError(f"{out_dir} holds a sweep with other settings (differing: {diff}; see "
-                       f"{path}): resume it with the same settings or use another output folder")
+      old, new = _flat(recorded), _flat(settings)
+      diff = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+      raise ValueError(f"{out_dir} holds a sweep with other settings ({diff}; see {path}): "
+                       "resume it with the same settings or use another output folder")
     return
   os.makedirs(out_dir, exist_ok=True)
   _write_atomic(path, json.dumps(settings, indent=1))

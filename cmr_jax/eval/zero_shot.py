@@ -106,11 +106,12 @@ def embed_checkpoint(workdir: str, *, step: int | None = None, data_dir: str | N
   model = pretrain.build_model(config, tok.vocab_size)
   step, params = pretrain.restore_params(workdir, step)
   d = config.data
-  example = {"video": jnp.zeros((1, d.num_frames, d.image_size, d.image_size), jnp.uint8),
-             "text_ids": jnp.zeros((1, config.text.max_len), jnp.int32),
-             "text_mask": jnp.ones((1, config.text.max_len), jnp.int32)}
-  want = jax.tree.map(lambda x: x.shape, common.unbox(
-      jax.eval_shape(lambda r: model.init(r, **example)["params"], jax.random.key(0))))
+  example = {"video": jax.ShapeDtypeStruct((1, d.num_frames, d.image_size, d.image_size),
+                                           jnp.uint8),
+             "text_ids": jax.ShapeDtypeStruct((1, config.text.max_len), jnp.int32),
+             "text_mask": jax.ShapeDtypeStruct((1, config.text.max_len), jnp.int32)}
+  want = jax.tree.map(lambda x: x.shape, common.unbox(jax.eval_shape(
+      lambda r, x: model.init(r, **x)["params"], jax.random.key(0), example)))
   got = jax.tree.map(np.shape, params)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
     raise ValueError(f"the step-{step} checkpoint of {workdir} does not match its config.json "
@@ -130,10 +131,10 @@ def evaluate(workdir: str, *, step: int | None = None, data_dir: str | None = No
              split: str = "test", batch_size: int | None = None,
              ks: tuple[int, ...] = KS) -> dict[str, Any]:
   """Zero-shot retrieval metrics (see `retrieval_metrics`) of one checkpoint on one split."""
+  data_dir = data_dir or common.load_config(workdir).data.dir
   step, video, text = embed_checkpoint(workdir, step=step, data_dir=data_dir, split=split,
                                        batch_size=batch_size)
-  out = {"workdir": workdir, "step": step, "split": split,
-         "data_dir": data_dir or common.load_config(workdir).data.dir}
+  out = {"workdir": workdir, "step": step, "split": split, "data_dir": data_dir}
   out.update(retrieval_metrics(video, text, ks))
   return out
 
