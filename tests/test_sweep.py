@@ -4,6 +4,7 @@ import csv
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,12 +39,12 @@ def counted_finetune(monkeypatch):
 
 def _fake_finetune_one(pretrain_dir, step, config, out_dir, test_split, loss):
   """Writes a result with numbers that depend on the step only (no training)."""
-  del pretrain_dir, config, test_split
+  del config, test_split
   os.makedirs(sweep.step_dir(out_dir, step), exist_ok=True)
   result = {"step": step, "pretrain_loss": loss[0], "pretrain_loss_step": loss[1],
             "val_mae": 10.0 - step / 7, "val_mse": 100.0 + step, "test_mae": 9.0 + (step % 3),
             "test_mse": 90.0, "n_val": 5, "n_test": 4, "finetune_best_step": 4,
-            "finetune_s": 0.0}
+            "finetune_s": 0.0, "checkpoint_stamp": sweep.checkpoint_stamp(pretrain_dir, step)}
   with open(os.path.join(sweep.step_dir(out_dir, step), sweep.RESULT_JSON), "w") as f:
     json.dump(result, f)
   return result
@@ -177,6 +178,14 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"other settings \(finetune_config.data.label_fraction: "
                      r"1.0 there, 0.5 now; see"):
     sweep.run_sweep(pretrain_dir, config, str(tmp_path / "c"), label_fraction=0.5)
+  # A checkpoint written anew (a new pre-training run in the same folder) makes its result stale.
+  rerun = str(tmp_path / "rerun")
+  shutil.copytree(pretrain_dir, rerun)  # keeps the modification times
+  sweep.run_sweep(rerun, config, str(tmp_path / "e"))
+  os.utime(os.path.join(rerun, "checkpoints", "4"))
+  with pytest.raises(ValueError, match=r"checkpoints of steps \[4\] .* written anew"):
+    sweep.run_sweep(rerun, config, str(tmp_path / "e"))
+  assert sweep.merge(str(tmp_path / "e"))["stale_steps"] == [4]
   monkeypatch.undo()
   # An encoder that does not match the checkpoints: named, per checkpoint; nothing recorded.
   config.model.embed_dim = 24

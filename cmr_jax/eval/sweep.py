@@ -157,6 +157,18 @@ def _check_settings(out_dir: str, settings: dict[str, Any]) -> None:
   _write_atomic(path, json.dumps(settings, indent=1))
 
 
+def checkpoint_stamp(pretrain_dir: str, step: int) -> int:
+  """Modification time (ns) of a pre-training checkpoint: changes if the step is written anew."""
+  return os.stat(os.path.join(pretrain_dir, pretrain.CHECKPOINT_DIR, str(step))).st_mtime_ns
+
+
+def stale_steps(out_dir: str, pretrain_dir: str) -> list[int]:
+  """Done steps whose pre-training checkpoint was rewritten after their fine-tune started."""
+  kept = set(pretrain.checkpoint_steps(pretrain_dir))
+  return [r["step"] for r in read_results(out_dir) if r["step"] in kept
+          and r.get("checkpoint_stamp") not in (None, checkpoint_stamp(pretrain_dir, r["step"]))]
+
+
 def _split_errors(data_dir: str, split: str, predictor: finetune.Predictor) -> dict[str, float]:
   p = predictor(records.open_split(data_dir, split))
   labelled = ~np.isnan(p["lvef"])
@@ -171,6 +183,7 @@ def finetune_one(pretrain_dir: str, step: int, config: ml_collections.ConfigDict
   workdir = step_dir(out_dir, step)
   config = ml_collections.ConfigDict(config.to_dict())
   config.init = f"pretrain:{os.path.abspath(pretrain_dir)}:{step}"
+  stamp = checkpoint_stamp(pretrain_dir, step)
   t0 = time.time()
   finetune.train_and_evaluate(config, workdir)
   predictor = finetune.Predictor(workdir)
@@ -181,7 +194,7 @@ def finetune_one(pretrain_dir: str, step: int, config: ml_collections.ConfigDict
             "val_mae": val["mae"], "val_mse": val["mse"], "test_mae": test["mae"],
             "test_mse": test["mse"], "n_val": val["n"], "n_test": test["n"],
             "finetune_best_step": predictor.best["step"] if predictor.best else None,
-            "finetune_s": time.time() - t0}
+            "finetune_s": time.time() - t0, "checkpoint_stamp": stamp}
   _write_atomic(os.path.join(workdir, RESULT_JSON), json.dumps(result, indent=1))
   return result
 
@@ -220,6 +233,11 @@ def run_sweep(pretrain_dir: str, finetune_config: ml_collections.ConfigDict, out
   settings = {"pretrain_dir": os.path.abspath(pretrain_dir), "test_split": test_split,
               "finetune_config": {k: v for k, v in _config_dict(config).items() if k != "init"}}
   _check_settings(out_dir, settings)
+  stale = stale_steps(out_dir, pretrain_dir)
+  if stale:
+    raise ValueError(f"the pre-training checkpoints of steps {stale} in {pretrain_dir} were "
+                     f"written anew after this sweep fine-tuned them (a new run in the same "
+                     f"folder?): their results in {out_dir} are stale; use another output folder")
   mine = assign(steps, num_shards, shard_index)
   todo = [s for s in mine if not os.path.exists(os.path.join(step_dir(out_dir, s), RESULT_JSON))]
   logging.info("sweep of %s: %d kept checkpoints %s; shard %d of %d has %d, %d already done, "
@@ -303,6 +321,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
             for name, c in summary["spearman"].items()]
   if summary["missing_steps"]:
     lines += ["", f"Not done yet: steps {summary['missing_steps']}."]
+  if summary["stale_steps"]:
+    lines += ["", f"Stale (checkpoint written anew after its fine-tune): steps "
+              f"{summary['stale_steps']}."]
   return "\n".join(lines) + "\n"
 
 
@@ -333,7 +354,8 @@ def merge(out_dir: str) -> dict[str, Any]:
   """Builds the table, correlations and plot from every result file in `out_dir`.
 
   Writes sweep.csv, sweep.md, sweep.json and sweep.png there; returns the summary:
-  {"pretrain_dir", "kept_steps", "missing_steps", "rows": [per checkpoint, COLUMNS],
+  {"pretrain_dir", "kept_steps", "missing_steps", "stale_steps" (see `stale_steps`),
+   "rows": [per checkpoint, COLUMNS],
    "spearman": {"<y>_vs_<x>": {"rho", "p", "n"}}}.
   """
   path = os.path.join(out_dir, SETTINGS_JSON)
@@ -344,7 +366,11 @@ def merge(out_dir: str) -> dict[str, Any]:
   rows = read_results(out_dir)
   kept = pretrain.checkpoint_steps(settings["pretrain_dir"])
   done = {r["step"] for r in rows}
-  summary = {"pretrain_dir": settings["pretrain_dir"], "kept_steps": kept,
+  stale = stale_steps(out_dir, settings["pretrain_dir"])
+  if stale:
+    logging.warning("the pre-training checkpoints of steps %s were written anew after their "
+                    "fine-tunes: their rows are stale", stale)
+  summary = {"pretrain_dir": settings["pretrain_dir"], "kept_steps": kept, "stale_steps": stale,
              "missing_steps": [s for s in kept if s not in done],
              "rows": [{c: r.get(c) for c in COLUMNS} for r in rows],
              "spearman": {f"{y}_vs_{x}": spearman(rows, y, x) for y, x in CORRELATED}}
