@@ -74,9 +74,19 @@ def score(truth: np.ndarray, pred: np.ndarray, subjects: list[str]) -> dict:
   return metrics.with_ci(truth, pred, subjects, n_boot=_BOOTSTRAP.value)
 
 
-def plot(results: dict, path: str) -> None:
+def tables(results: dict, splits: list[str]) -> str:
+  """One Markdown data-efficiency table per split and metric (model x label fraction)."""
+  sections = []
+  for split in splits:
+    for metric in _METRICS:
+      table = report.data_efficiency_table(
+          {m: {f: r[split] for f, r in per.items()} for m, per in results.items()}, metric)
+      sections.append(f"### {split}: {metric}\n\n{table}")
+  return "\n\n".join(sections)
+
+
+def plot(results: dict, splits: list[str], path: str) -> None:
   """MAE against label fraction, one line per init, one panel per split."""
-  splits = [s for s in EVAL_SPLITS if any(s in per for per in results.values())]
   fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
   for ax, split in zip(axes[0], splits):
     for model, per_fraction in results.items():
@@ -139,20 +149,14 @@ def main(argv):
         results.setdefault(MEAN_MODEL, {}).setdefault(fraction, {})[split] = score(
             truth, np.full(truth.shape, mean), subjects)
 
-  sections = []
-  for split in splits:
-    for metric in _METRICS:
-      table = report.data_efficiency_table(
-          {m: {f: r[split] for f, r in per.items()} for m, per in results.items()}, metric)
-      sections.append(f"### {split}: {metric}\n\n{table}")
   wall = time.time() - t0
-  md = "\n\n".join(sections) + f"\n\nwall time {wall / 60:.1f} min\n"
+  md = tables(results, splits) + f"\n\nwall time {wall / 60:.1f} min\n"
   with open(os.path.join(work, "results.json"), "w") as f:
     json.dump({"results": {m: {str(k): v for k, v in per.items()} for m, per in results.items()},
                "wall_s": wall}, f, indent=1)
   with open(os.path.join(work, "results.md"), "w") as f:
     f.write(md)
-  plot(results, os.path.join(work, "data_efficiency.png"))
+  plot(results, splits, os.path.join(work, "data_efficiency.png"))
   print(md)
 
 
