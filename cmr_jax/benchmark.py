@@ -149,6 +149,7 @@ def main(argv):
         results.setdefault(MEAN_MODEL, {}).setdefault(fraction, {})[split] = score(
             truth, np.full(truth.shape, mean), subjects)
 
+  results[MEAN_MODEL] = results.pop(MEAN_MODEL)  # the reference column last
   wall = time.time() - t0
   md = tables(results, splits) + f"\n\nwall time {wall / 60:.1f} min\n"
   with open(os.path.join(work, "results.json"), "w") as f:
