@@ -418,7 +418,7 @@ def _row(item: Prepared, out: dict[str, np.ndarray] | None, model: ModelInfo) ->
 
 
 def score(predictor: finetune.Predictor, prepared: Iterable[Prepared], *, loo: bool = True,
-          workdir: str = "") -> list[dict[str, Any]]:
+          workdir: str = "", tta: int = 1) -> list[dict[str, Any]]:
   """One row per prepared study, in order; studies are scored in groups of a few batches.
 
   Args:
@@ -426,7 +426,11 @@ def score(predictor: finetune.Predictor, prepared: Iterable[Prepared], *, loo: b
     prepared: studies from `prepare_input` / `prepare_split` (errors pass through as rows).
     loo: also score the leave-one-cine-out bags (bag size + 1 forward passes per study).
     workdir: the run's folder, for messages.
+    tta: prediction passes averaged per bag: the deterministic pass and tta - 1 samplings with
+      the training augmentation (seeded, so a re-run gives the same numbers).
   """
+  if tta < 1:
+    raise ValueError(f"tta must be at least 1, got {tta}")
   model = model_info(predictor, workdir)
   k = model.max_instances
   per_call = BAGS_PER_CALL * predictor.config.eval_batch_size
@@ -435,7 +439,12 @@ def score(predictor: finetune.Predictor, prepared: Iterable[Prepared], *, loo: b
   bags: list[tuple[types.StudyRecord, list[int] | None]] = []
 
   def flush():
-    out = predictor(_Bags(bags)) if bags else {}
+    out = {}
+    if bags:
+      passes = [predictor(_Bags(bags), tta_sample=k) for k in range(tta)]
+      out = dict(passes[0])
+      for key in ("pred", "attention"):
+        out[key] = np.mean([p[key] for p in passes], axis=0)
     if bags and len(out["pred"]) != len(bags):
       raise RuntimeError(f"the predictor returned {len(out['pred'])} rows for {len(bags)} bags")
     start = 0
@@ -480,7 +489,8 @@ def _progress(groups: Iterable[list[Prepared]], total: int, what: str) -> Iterat
 
 def predict(predictor: finetune.Predictor, *, inputs: Sequence[str] = (), data_dir: str = "",
             split: str = "test", salt: str = "", layout: str = layouts.GENERIC,
-            labels: str = "", loo: bool = True, workdir: str = "") -> dict[str, Any]:
+            labels: str = "", loo: bool = True, workdir: str = "",
+            tta: int = 1) -> dict[str, Any]:
   """Predicts LVEF for DICOM inputs or for the records of a dataset split.
 
   Args:
@@ -493,6 +503,7 @@ def predict(predictor: finetune.Predictor, *, inputs: Sequence[str] = (), data_d
     labels: optional reference labels CSV for the layout.
     loo: compute the leave-one-cine-out spread.
     workdir: the run's folder, for the output's model section.
+    tta: prediction passes averaged per bag (see `score`).
 
   Returns:
     {"model": ..., "interval_method": ..., "warnings": [...], "studies": [rows], "summary": ...}.
@@ -516,10 +527,10 @@ def predict(predictor: finetune.Predictor, *, inputs: Sequence[str] = (), data_d
   model_warnings = model.warnings()
   for w in model_warnings:
     logging.warning("%s", w.message)
-  rows = score(predictor, prepared, loo=loo, workdir=workdir)
+  rows = score(predictor, prepared, loo=loo, workdir=workdir, tta=tta)
   return {
       "model": {"workdir": workdir, "best": model.best, "preprocess": model.preprocess,
-                "max_instances": model.max_instances},
+                "max_instances": model.max_instances, "tta_passes": tta},
       "interval_method": (f"pred +/- {Z_95} * sqrt(val_rmse^2 + loo_se^2), clipped to 0-100: "
                           "val_rmse the checkpoint's validation RMSE, loo_se the jackknife SE "
                           "over leave-one-cine-out predictions; ~95% where residuals are normal "

@@ -187,6 +187,15 @@ def test_split_scores_match_the_runs_validation_errors(predictor, data_dir, run_
   other = preprocess.PreprocessConfig.from_dict(dict(predictor.preprocess, spacing_mm=2.0))
   with pytest.raises(ValueError, match=r"spacing_mm: 3.0 vs model 2.0"):
     predict.check_preprocess(data_dir, other)
+  # Test-time augmentation: each row is the mean of the deterministic and the seeded passes.
+  tta = predict.predict(predictor, data_dir=data_dir, split="val", loo=False, workdir=run_dir,
+                        tta=2)
+  source = records.open_split(data_dir, "val")
+  passes = [predictor(source, tta_sample=k)["pred"] for k in range(2)]
+  assert not np.allclose(passes[0], passes[1])
+  np.testing.assert_allclose([r["lvef"] for r in tta["studies"]], np.mean(passes, axis=0),
+                             rtol=1e-5)
+  assert tta["model"]["tta_passes"] == 2
 
 
 @pytest.mark.parametrize("views, k", [
