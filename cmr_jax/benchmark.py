@@ -128,17 +128,23 @@ def main(argv):
   splits = [s for s in EVAL_SPLITS if s in available]
   meta = {s: records.load_index(data_dir, s) for s in splits}
   results: dict[str, dict[float, dict[str, dict]]] = {}
+  skipped: list[str] = []
   for name in _INITS.value:
     for fraction in fractions:
       ft = _FINETUNE.value.copy_and_resolve_references()
       ft.data.dir, ft.init = data_dir, init_string(name, pretrain_dir)
       ft.data.label_fraction = fraction
       run_dir = os.path.join(work, run_name(name, fraction))
+      try:
+        mean = finetune.label_mean(data_dir, ft.data.train_split, fraction)
+      except ValueError as e:  # e.g. 1% of a small training split: no subject drawn
+        logging.warning("skipped %s at label fraction %g: %s", name, fraction, e)
+        skipped.append(f"{name} at label fraction {fraction:g}: {e}")
+        continue
       if not stages.finished(run_dir, ft):
         logging.info("fine-tuning %s at label fraction %g", name, fraction)
         finetune.train_and_evaluate(ft, run_dir)
       predictor = finetune.Predictor(run_dir)
-      mean = finetune.label_mean(data_dir, ft.data.train_split, fraction)
       for split in splits:
         p = predictor(records.open_split(data_dir, split))
         keep = ~np.isnan(p["lvef"])
@@ -149,12 +155,15 @@ def main(argv):
         results.setdefault(MEAN_MODEL, {}).setdefault(fraction, {})[split] = score(
             truth, np.full(truth.shape, mean), subjects)
 
+  if not results:
+    raise ValueError(f"nothing to report: every run was skipped ({'; '.join(skipped)})")
   results[MEAN_MODEL] = results.pop(MEAN_MODEL)  # the reference column last
   wall = time.time() - t0
-  md = tables(results, splits) + f"\n\nwall time {wall / 60:.1f} min\n"
+  md = tables(results, splits) + "".join(f"\n\nskipped: {s}" for s in skipped)
+  md += f"\n\nwall time {wall / 60:.1f} min\n"
   with open(os.path.join(work, "results.json"), "w") as f:
     json.dump({"results": {m: {str(k): v for k, v in per.items()} for m, per in results.items()},
-               "wall_s": wall}, f, indent=1)
+               "skipped": skipped, "wall_s": wall}, f, indent=1)
   with open(os.path.join(work, "results.md"), "w") as f:
     f.write(md)
   plot(results, splits, os.path.join(work, "data_efficiency.png"))
