@@ -13,8 +13,9 @@ r"""The synthetic benchmark: the paper's claims in shape, on the phantom.
    `pretrain:DIR[:STEP]` init, e.g. converted Kinetics-400 MViT weights) at every label fraction
    in `--fractions` (drawn by subject, nested), with the same budget;
 4. every fine-tuned run scored on the test and external splits with subject-bootstrap 95%
-   intervals, next to the training-mean predictor: `results.json`, `results.md` (one
-   data-efficiency table per split and metric) and `data_efficiency.png`.
+   intervals, next to the training-mean predictor: `benchmark.json`, `benchmark.md` (one
+   data-efficiency table per split and metric) and `data_efficiency.png` (names that do not
+   clash with the demo's, so the benchmark can reuse a demo workdir's data and pre-training).
 Every stage is skipped when its output is complete, so an interrupted benchmark resumes.
 """
 
@@ -161,10 +162,10 @@ def main(argv):
   wall = time.time() - t0
   md = tables(results, splits) + "".join(f"\n\nskipped: {s}" for s in skipped)
   md += f"\n\nwall time {wall / 60:.1f} min\n"
-  with open(os.path.join(work, "results.json"), "w") as f:
+  with open(os.path.join(work, "benchmark.json"), "w") as f:
     json.dump({"results": {m: {str(k): v for k, v in per.items()} for m, per in results.items()},
                "skipped": skipped, "wall_s": wall}, f, indent=1)
-  with open(os.path.join(work, "results.md"), "w") as f:
+  with open(os.path.join(work, "benchmark.md"), "w") as f:
     f.write(md)
   plot(results, splits, os.path.join(work, "data_efficiency.png"))
   print(md)
