@@ -28,9 +28,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from cmr_jax import losses
 from cmr_jax.train import common
-from cmr_jax.train import optim
 
 LOG_EVERY_S = 30.0
 
@@ -113,25 +111,16 @@ def batch_at(bank: Bank, step: int, batch_size: int, seed: int) -> dict[str, np.
   return {"features": bank.features[rows], "mask": bank.mask[rows], "lvef": bank.lvef[rows]}
 
 
-def make_train_step(model, tx, huber_delta: float):
-  """(state, feature batch, key) -> (state, metrics): one Huber step of the head alone."""
+def head_forward(model):
+  """(params, feature batch, rng) -> LVEF [B]: the head alone (no dropout in it)."""
 
-  def train_step(state: common.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
-    del base_key  # the head has no dropout
+  def forward(params, batch, rng):
+    del rng
+    pred, _ = model.apply({"params": params}, batch["features"], batch["mask"],
+                          method="predict_from_features")
+    return pred
 
-    def loss_fn(params):
-      pred, _ = model.apply({"params": params}, batch["features"], batch["mask"],
-                            method="predict_from_features")
-      return losses.huber_loss(pred, batch["lvef"], delta=huber_delta), pred
-
-    (loss, pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    out = {"loss": loss, "mae": jnp.mean(jnp.abs(pred - batch["lvef"])),
-           "grad_norm": optim.global_norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
-
-  return train_step
+  return forward
 
 
 def make_predict_fn(model):

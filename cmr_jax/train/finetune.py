@@ -141,15 +141,32 @@ def config_mismatch(want: Any, got: Any) -> str:
   return "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
 
 
-def make_train_step(model, tx, huber_delta: float):
-  """(state, batch, key) -> (state, metrics): one Huber step on LVEF (percent)."""
+def video_forward(model):
+  """(params, batch, rng) -> LVEF [B]: the full model on `batch["video"]`, `batch["mask"]`."""
+
+  def forward(params, batch, rng):
+    pred, _ = model.apply({"params": params}, batch["video"], batch["mask"], train=True,
+                          rngs={"dropout": rng})
+    return pred
+
+  return forward
+
+
+def make_train_step(forward, tx, huber_delta: float):
+  """(state, batch, key) -> (state, metrics): one Huber step on LVEF (percent).
+
+  Args:
+    forward: (params, batch, rng) -> predictions [B]: `video_forward(model)`, or the head alone on
+      cached features (`feature_cache.head_forward(model)`).
+    tx: the optimizer.
+    huber_delta: the Huber loss's delta (percent LVEF).
+  """
 
   def train_step(state: common.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
     rng = common.step_key(base_key, state.step)
 
     def loss_fn(params):
-      pred, _ = model.apply({"params": params}, batch["video"], batch["mask"], train=True,
-                            rngs={"dropout": rng})
+      pred = forward(params, batch, rng)
       return losses.huber_loss(pred, batch["lvef"], delta=huber_delta), pred
 
     (loss, pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -274,8 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   base_key = jax.random.key(config.seed + 1)
   val_source = records.open_split(d.dir, d.eval_split)
   with sharding.mesh_rules(mesh):
-    step_fn = (feature_cache.make_train_step if passes else make_train_step)(
-        model, tx, config.huber_delta)
+    forward = feature_cache.head_forward(model) if passes else video_forward(model)
+    step_fn = make_train_step(forward, tx, config.huber_delta)
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                                 None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
