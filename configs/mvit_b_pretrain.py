@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # PubMedBERT's vocabulary; vocab_size only sizes a vocabulary trained when vocab is "".
   c.text = dict(vocab=PUBMEDBERT_VOCAB_PLACEHOLDER, vocab_size=30522, max_len=256,
                 max_sentences=None)
+  # Converted PyTorch weights for the towers (tools/convert_weights.py): video = Kinetics-400
+  # MViT-B, text = a Hugging Face BERT such as PubMedBERT; "" starts from random.
+  c.init = dict(video="", text="")
   c.mesh = dict(data=1, fsdp=-1, model=1)
   c.batch_size = 256  # global, over all processes
   c.eval_batch_size = 256

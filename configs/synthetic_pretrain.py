@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  text_overrides={"pooling": "mean"}, init_temperature=0.2)
   # The synthetic reports are 36-103 WordPiece tokens long: none is truncated.
   c.text = dict(vocab="", vocab_size=1000, max_len=112, max_sentences=None)
+  # Converted PyTorch weights for the towers (tools/convert_weights.py): video = Kinetics-400
+  # MViT-B, text = a Hugging Face BERT such as PubMedBERT; "" starts from random.
+  c.init = dict(video="", text="")
   c.mesh = dict(data=-1, fsdp=1, model=1)
   c.batch_size = 32
   c.eval_batch_size = 32

@@ -16,6 +16,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -27,6 +28,7 @@ from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViT, MV
 from cmr_jax.models.text import BertEncoder
 from cmr_jax.train import common
 from cmr_jax.train import finetune
+from cmr_jax.train import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4  # relative error of the encoder outputs, float32
@@ -346,6 +348,16 @@ def test_hugging_face_bert_folder_matches_and_carries_vocab(tmp_path):
   error = _relative_error(ours, ref)
   print(f"Hugging Face BertModel: relative error {error:.2e}")
   assert error < TOLERANCE
+  # Pre-training's text tower starts from it (config.init.text); nothing set: random init.
+  abstract = {"video_encoder": {}, "text_encoder": common.unbox(jax.eval_shape(
+      lambda: BertEncoder(c).init(jax.random.key(0), ids, mask))["params"])}
+  init = ml_collections.ConfigDict({"init": {"video": "", "text": out}})
+  jax.tree.map(np.testing.assert_array_equal,
+               pretrain.imported_params(init, abstract)["text_encoder"], params["text_encoder"])
+  assert pretrain.imported_params(ml_collections.ConfigDict(
+      {"init": {"video": "", "text": ""}}), abstract) is None
+  with pytest.raises(ValueError, match="no text tower"):
+    pretrain.imported_params(init, {"video_encoder": {}})
   # A pre-training checkpoint (`bert.` prefix, `cls.*` heads) gives the same encoder.
   pretraining = transformers.BertForPreTraining(hf_config)
   pretraining.bert.load_state_dict(model.state_dict())

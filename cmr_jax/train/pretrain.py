@@ -23,6 +23,7 @@ import numpy as np
 
 from cmr_jax import losses
 from cmr_jax import sharding
+from cmr_jax.convert import converted
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
@@ -49,6 +50,34 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None):
       remat=m.remat, video_overrides=dict(m.get("video_overrides", {})),
       text_overrides=text_overrides,
       init_temperature=m.get("init_temperature", dual.CLIP_INIT_TEMPERATURE))
+
+
+def imported_params(config: ml_collections.ConfigDict,
+                    abstract_params: Any) -> dict[str, Any] | None:
+  """Tower weights converted from PyTorch (`config.init`), or None to start from random.
+
+  `config.init.video`: a Kinetics-400 MViT-B file or converted folder (`video_encoder`);
+  `config.init.text`: a Hugging Face BERT folder/file, e.g. PubMedBERT, or its converted folder
+  (`text_encoder`; set `config.text.vocab` to its vocab.txt). Projections and the temperature
+  start fresh. See tools/convert_weights.py; a file is converted in memory (the `torch` extra).
+
+  Raises:
+    ValueError: a text init for a video-video model, or weights that do not fit the model
+      (`cmr_jax.convert.mapping.ConversionError`, naming each tensor).
+  """
+  init = config.get("init", {})
+  sources = {"video_encoder": init.get("video", ""), "text_encoder": init.get("text", "")}
+  sources = {group: path for group, path in sources.items() if path}
+  if not sources:
+    return None
+  if "text_encoder" in sources and "text_encoder" not in abstract_params:
+    raise ValueError("config.init.text is set but the model has no text tower "
+                     "(config.model.two_clips=True)")
+  out = {}
+  for group, path in sources.items():
+    out.update(converted.load_groups(path, {group: abstract_params[group]}))
+    logging.info("%s initialised from %s", group, path)
+  return out
 
 
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
@@ -216,8 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.make_optimizer(
       abstract_params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
       weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
-  state, state_shardings = common.create_train_state(init_params, tx, mesh,
-                                                     jax.random.key(config.seed))
+  state, state_shardings = common.create_train_state(
+      init_params, tx, mesh, jax.random.key(config.seed),
+      overrides=imported_params(config, abstract_params))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                      max_to_keep=config.checkpoint.keep_last,
                                      keep_period=config.checkpoint.keep_period,
