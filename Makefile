@@ -23,6 +23,10 @@ $(TORCH_STAMP): $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[test,torch]'
 	touch $@
 
+# Test files run in parallel worker processes (pytest-xdist), a whole file per worker so that its
+# module fixtures are built once: most of the suite is single-threaded XLA compilation.
+TEST_WORKERS ?= 2
+
 .PHONY: demo test install
 install: $(STAMP)
 
@@ -30,5 +34,6 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m cmr_jax.demo --workdir=runs/demo
 
 test: $(TORCH_STAMP) $(BEAM_STAMP)
-	CMR_JAX_REQUIRE_TORCH=1 $(VENV)/bin/python -m pytest -q tests --ignore=tests/test_beam_ingest.py
+	CMR_JAX_REQUIRE_TORCH=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	    tests --ignore=tests/test_beam_ingest.py
 	CMR_JAX_REQUIRE_BEAM=1 $(BEAM_VENV)/bin/python -m pytest -q tests/test_beam_ingest.py

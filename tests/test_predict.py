@@ -265,7 +265,8 @@ class _StubPredictor:
   best = {"step": 1, "val_mae": 3.0, "val_rmse": 4.0, "val_n": 100}
   preprocess = {}
 
-  def __call__(self, source):
+  def __call__(self, source, tta_sample=0):
+    del tta_sample  # the stub has no augmentation
     bags = [pipeline.bag_indices(r.views, r.slice_index, 4)
             for r in (source[i] for i in range(len(source)))]
     bad = [source[i].study_id == "bad" for i in range(len(source))]
