@@ -188,6 +188,18 @@ def make_predict_fn(model):
   return predict
 
 
+def eval_dataset(source, config: ml_collections.ConfigDict, tta_sample: int = 0):
+  """One pass over every study of `source` in this process's shard: deterministic (0), or
+  seeded by `tta_sample` > 0 with the training augmentation."""
+  d = config.data
+  return pipeline.finetune_dataset(
+      source, image_size=d.image_size, num_frames=d.num_frames,
+      batch_size=common.per_process_batch(config.eval_batch_size),
+      max_instances=d.max_instances, seed=tta_sample, train=False,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      eval_augment=tta_sample > 0)
+
+
 def predict_split(predict_fn, params, source, config, mesh, *,
                   tta_sample: int = 0) -> dict[str, np.ndarray]:
   """One pass over `source`: per-study predictions, labels and attention.
@@ -195,13 +207,7 @@ def predict_split(predict_fn, params, source, config, mesh, *,
   tta_sample 0 is the deterministic pass (centred crops); k > 0 samples every clip with the
   training augmentation, seeded by k (test-time augmentation).
   """
-  d = config.data
-  ds = pipeline.finetune_dataset(
-      source, image_size=d.image_size, num_frames=d.num_frames,
-      batch_size=common.per_process_batch(config.eval_batch_size),
-      max_instances=d.max_instances, seed=tta_sample, train=False,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
-      eval_augment=tta_sample > 0)
+  ds = eval_dataset(source, config, tta_sample)
   cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                        ("study_index", "lvef", "pred", "attention", "view")}
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
@@ -233,12 +239,8 @@ def _cache_features(model, params, train_ds, val_source, config, mesh, passes: i
   train_bank = feature_cache.build_bank(encode, params, train_ds, mesh,
                                         what=f"training ({passes} augmented passes)",
                                         expected_batches=passes * n_train // config.batch_size)
-  val_ds = pipeline.finetune_dataset(
-      val_source, image_size=d.image_size, num_frames=d.num_frames,
-      batch_size=common.per_process_batch(config.eval_batch_size),
-      max_instances=d.max_instances, seed=0, train=False, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
-  val_bank = feature_cache.build_bank(encode, params, val_ds, mesh, what="validation")
+  val_bank = feature_cache.build_bank(encode, params, eval_dataset(val_source, config), mesh,
+                                      what="validation")
   return train_bank, val_bank
 
 
