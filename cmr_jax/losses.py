@@ -44,6 +44,29 @@ def clip_loss(emb_a: jax.Array, emb_b: jax.Array,
   return 0.5 * (loss_a2b + loss_b2a), metrics
 
 
+def variance_floor(emb: jax.Array, eps: float = 1e-4) -> tuple[jax.Array, jax.Array]:
+  """VICReg's variance term (Bardes et al. 2022) on unit-norm embeddings, against collapse.
+
+  For N unit vectors spread evenly over E dimensions each dimension's standard deviation across
+  the batch is about 1 / sqrt(E); the penalty is mean_d relu(1 - sqrt(E) * std_d), zero for a
+  well-spread batch and 1 for a batch collapsed to one point. Contrastive training of randomly
+  initialised towers otherwise drifts into that collapse (InfoNCE = ln N with vanishing gradients),
+  which the data cannot pull it out of. Like `clip_loss` it takes the global batch.
+
+  Args:
+    emb: [N, E] unit-norm embeddings, N >= 2.
+    eps: added to the variance before the square root (VICReg's epsilon).
+
+  Returns:
+    (penalty [], mean over dimensions of sqrt(E) * std_d []), the latter about 1 when spread.
+  """
+  if emb.ndim != 2 or emb.shape[0] < 2:
+    raise ValueError(f"embeddings must be [N >= 2, E], got {emb.shape}")
+  e = emb.astype(jnp.float32)
+  spread = jnp.sqrt(e.var(axis=0) + eps / e.shape[1]) * math.sqrt(e.shape[1])
+  return jnp.mean(jax.nn.relu(1.0 - spread)), jnp.mean(spread)
+
+
 def huber_loss(predictions: jax.Array, targets: jax.Array, *, delta: float = 1.0,
                weights: jax.Array | None = None) -> jax.Array:
   """Mean Huber loss (optax.huber_loss) of `predictions` vs `targets`, both [B].

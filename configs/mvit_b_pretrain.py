@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 256  # global, over all processes
   c.eval_batch_size = 256
   c.total_steps = 30_000  # ~380 epochs of 20k studies
+  c.loss = dict(variance_weight=0.0)  # losses.variance_floor weight (see synthetic_pretrain)
   c.optim = dict(lr=1e-4, warmup_steps=1_500, weight_decay=0.05, grad_clip_norm=1.0)
   c.log_every = 50
   c.eval_every = 1_000

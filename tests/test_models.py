@@ -326,6 +326,30 @@ def _clip_loss_numpy(a, b, scale):
   return 0.5 * (cross_entropy(logits) + cross_entropy(logits.T))
 
 
+def test_variance_floor_known_answers():
+  floor = jax.jit(losses.variance_floor)
+  e = 8
+  # +-e_d for every dimension d: each dimension is +1, -1 and 2E - 2 zeros, variance 1 / E.
+  spread_batch = np.concatenate([np.eye(e), -np.eye(e)]).astype(np.float32)
+  penalty, spread = floor(spread_batch)
+  np.testing.assert_allclose(spread, np.sqrt(1.0 + 1e-4), rtol=1e-6)
+  assert float(penalty) == 0.0
+  # A batch collapsed to one point: zero variance, penalty 1 - sqrt(eps).
+  collapsed = np.tile(spread_batch[:1], (16, 1))
+  penalty, spread = floor(collapsed)
+  np.testing.assert_allclose(penalty, 1.0 - 0.01, rtol=1e-5)
+  np.testing.assert_allclose(spread, 0.01, rtol=1e-5)
+  # Half the spread: a batch using only the first E/2 dimensions.
+  half = np.concatenate([np.eye(e)[:e // 2], -np.eye(e)[:e // 2]] * 2).astype(np.float32)
+  penalty, _ = floor(half)
+  var = half.var(axis=0)
+  want = np.mean(np.maximum(0.0, 1.0 - np.sqrt(var + 1e-4 / e) * np.sqrt(e)))
+  np.testing.assert_allclose(penalty, want, rtol=1e-5)
+  assert 0.4 < float(penalty) < 0.6  # the unused half of the dimensions is collapsed
+  with pytest.raises(ValueError, match=r"\[N >= 2, E\]"):
+    losses.variance_floor(jnp.ones((1, 4)))
+
+
 def test_clip_loss_matches_hand_computed_value():
   a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
   b = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)

@@ -104,6 +104,10 @@ def test_clip_loss_on_eight_devices_equals_one_device():
   per_shard = np.mean([float(losses.clip_loss(a[i:i + 1], b[i:i + 1], scale)[0])
                        for i in range(GLOBAL_BATCH)])
   assert abs(per_shard - float(one)) > 0.1
+  # The variance floor's spread is over the global batch too.
+  one_floor = jax.jit(losses.variance_floor)(jax.device_put(a, jax.devices()[0]))
+  eight_floor = jax.jit(losses.variance_floor)(sharded["a"])
+  np.testing.assert_allclose(np.asarray(eight_floor), np.asarray(one_floor), rtol=1e-6)
 
 
 def _loss_and_grads(model):

@@ -66,6 +66,7 @@ def pretrain_config(data_dir: str, vocab: str):
   c.text.max_len = 24
   c.batch_size = c.eval_batch_size = 8  # one example per fake CPU device
   c.checkpoint.async_save = False
+  c.loss.variance_weight = 0.5  # the resume tests cover the variance floor's path too
   return c
 
 
@@ -89,6 +90,10 @@ def unbroken_pretrain(data_dir, vocab, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrain_a"))
   result = pretrain.train_and_evaluate(pretrain_config(data_dir, vocab), workdir)
   assert result["step"] == 6
+  # What is minimised is InfoNCE + 0.5 x the variance penalty; spreads are logged.
+  np.testing.assert_allclose(result["total_loss"],
+                             result["loss"] + 0.5 * result["variance_penalty"], rtol=1e-5)
+  assert 0 < result["spread_a"] and 0 < result["spread_b"]
   return workdir
 
 

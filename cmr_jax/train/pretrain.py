@@ -110,8 +110,14 @@ def _model_inputs(batch: dict[str, jax.Array], two_clips: bool) -> dict[str, jax
   return {"video": batch["video"], "text_ids": batch["text_ids"], "text_mask": batch["text_mask"]}
 
 
-def make_train_step(model, tx, two_clips: bool):
-  """(state, batch, base_key) -> (state, metrics): one InfoNCE step over the global batch."""
+def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
+  """(state, batch, base_key) -> (state, metrics): one InfoNCE step over the global batch.
+
+  `spread_a`, `spread_b` (`losses.variance_floor`'s spread of each tower's embeddings across the
+  batch: about 1 when spread, 0 when collapsed) are always reported; variance_weight > 0 adds the
+  mean of the two towers' variance penalties times that weight to the loss (`loss` stays the
+  InfoNCE alone, `total_loss` is what is minimised).
+  """
 
   def train_step(state: common.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
     rng = common.step_key(base_key, state.step)
@@ -119,12 +125,21 @@ def make_train_step(model, tx, two_clips: bool):
     def loss_fn(params):
       emb_a, emb_b, log_scale = model.apply({"params": params}, **_model_inputs(batch, two_clips),
                                             train=True, rngs={"dropout": rng})
-      return losses.clip_loss(emb_a, emb_b, log_scale)
+      loss, aux = losses.clip_loss(emb_a, emb_b, log_scale)
+      (pen_a, spread_a), (pen_b, spread_b) = (losses.variance_floor(e) for e in (emb_a, emb_b))
+      aux.update(loss=loss, spread_a=spread_a, spread_b=spread_b)
+      if not variance_weight:
+        return loss, aux
+      penalty = 0.5 * (pen_a + pen_b)
+      aux["variance_penalty"] = penalty
+      return loss + variance_weight * penalty, aux
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    out = {"loss": loss, "grad_norm": optim.global_norm(grads), **aux}
+    out = {"grad_norm": optim.global_norm(grads), **aux}
+    if variance_weight:
+      out["total_loss"] = total
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
   return train_step
@@ -262,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   base_key = jax.random.key(config.seed + 1)
   batch_sh = sharding.batch_sharding(mesh)
   with sharding.mesh_rules(mesh):
-    train_step = jax.jit(make_train_step(model, tx, two_clips),
+    train_step = jax.jit(make_train_step(model, tx, two_clips,
+                                         config.get("loss", {}).get("variance_weight", 0.0)),
                          in_shardings=(state_shardings, batch_sh, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     embed_fn = jax.jit(make_embed_fn(model, two_clips))
