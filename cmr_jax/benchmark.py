@@ -28,7 +28,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import matplotlib
 import numpy as np
 from ml_collections import config_flags
 
@@ -36,12 +35,10 @@ from cmr_jax import logs
 from cmr_jax import stages
 from cmr_jax.data import records
 from cmr_jax.eval import metrics
+from cmr_jax.eval import plots
 from cmr_jax.eval import report
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/benchmark", "where everything is written")
 _DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py:benchmark",
@@ -88,23 +85,7 @@ def tables(results: dict, splits: list[str]) -> str:
 
 def plot(results: dict, splits: list[str], path: str) -> None:
   """MAE against label fraction, one line per init, one panel per split."""
-  fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
-  for ax, split in zip(axes[0], splits):
-    for model, per_fraction in results.items():
-      fractions = sorted(per_fraction)
-      values = [per_fraction[f][split]["mae"]["value"] for f in fractions]
-      low = [per_fraction[f][split]["mae"]["ci"][0] for f in fractions]
-      high = [per_fraction[f][split]["mae"]["ci"][1] for f in fractions]
-      ax.plot([100 * f for f in fractions], values, marker="o", label=model)
-      ax.fill_between([100 * f for f in fractions], low, high, alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("label fraction (%)")
-    ax.set_ylabel("MAE (LVEF %)")
-    ax.set_title(f"{split} split")
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.data_efficiency(results, splits, path, title="frozen encoder + MIL head")
 
 
 def main(argv):

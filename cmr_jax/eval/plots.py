@@ -106,3 +106,33 @@ def calibration_plot(truth: np.ndarray, predictions: Mapping[str, np.ndarray], p
   ax.set_aspect("equal")
   ax.legend(loc="upper left", frameon=False, fontsize=8)
   return _save(fig, path)
+
+
+def data_efficiency(results: Mapping[str, Mapping[float, Mapping[str, Mapping]]],
+                    splits: Sequence[str], path: str, title: str = "") -> str:
+  """MAE [95% CI] against label fraction: one line per model, one panel per split.
+
+  Args:
+    results: model -> label fraction -> split -> `metrics.with_ci` output.
+    splits: the panels.
+    path: PNG to write.
+    title: figure title.
+  """
+  fig = figure.Figure(figsize=(5 * len(splits), 4), dpi=DPI, layout="constrained")
+  backend_agg.FigureCanvasAgg(fig)
+  for ax, split in zip(fig.subplots(1, len(splits), squeeze=False)[0], splits):
+    for model, per_fraction in results.items():
+      fractions = sorted(per_fraction)
+      x = [100 * float(f) for f in fractions]
+      ax.plot(x, [per_fraction[f][split]["mae"]["value"] for f in fractions], marker="o",
+              label=model)
+      ax.fill_between(x, [per_fraction[f][split]["mae"]["ci"][0] for f in fractions],
+                      [per_fraction[f][split]["mae"]["ci"][1] for f in fractions], alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("label fraction (%)")
+    ax.set_ylabel("MAE (LVEF %)")
+    ax.set_title(f"{split} split")
+    ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
