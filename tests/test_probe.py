@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from cmr_jax.data import pipeline
 from cmr_jax.data import records
+from cmr_jax.data import splits
 from cmr_jax.eval import probe
 from cmr_jax.train import feature_cache
 
@@ -81,6 +83,12 @@ def test_evaluate_scores_each_fraction_and_skips_those_without_two_subjects():
   lo, hi = row["test"]["mae"]["ci"]
   assert lo <= row["test"]["mae"]["value"] <= hi
   assert "| 1 | 100% | 80 |" in probe.table({"1": out}, ["test"])
+  # A label fraction keeps the subjects fine-tuning's pipeline keeps.
+  half = probe.evaluate(pooled, train_split="train", eval_splits=["test"], fractions=[0.5],
+                        n_boot=10)
+  kept = sum(splits.in_label_fraction(f"s{i}", 0.5, pipeline.LABEL_FRACTION_SALT)
+             for i in range(40))
+  assert half["results"]["0.5"]["n_train"] == 2 * kept
 
 
 def test_parse_inits():

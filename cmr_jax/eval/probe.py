@@ -26,6 +26,7 @@ from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
 from cmr_jax import sharding
+from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits as splits_lib
 from cmr_jax.eval import metrics
@@ -138,8 +139,10 @@ def fit(features: np.ndarray, lvef: np.ndarray, subjects: Sequence[str],
 
 def evaluate(pooled: dict[str, PooledSplit], *, train_split: str, eval_splits: Sequence[str],
              fractions: Sequence[float], n_boot: int = metrics.DEFAULT_BOOTSTRAP,
-             salt: str = "cmr-jax") -> dict[str, Any]:
+             salt: str = pipeline.LABEL_FRACTION_SALT) -> dict[str, Any]:
   """Probes fitted on each label fraction of `train_split`, scored on `eval_splits`.
+
+  The label fraction keeps the subjects fine-tuning keeps (`pipeline`'s salt by default).
 
   Returns:
     {"results": {fraction: {"alpha", "n_train", split: metrics.with_ci(...)}}, "skipped": [...]}
