@@ -17,7 +17,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from sklearn import linear_model
@@ -91,10 +90,7 @@ def encode_splits(init: str, data_dir: str, config: ml_collections.ConfigDict,
   """
   mesh = sharding.make_mesh(config.mesh.to_dict())
   model = finetune.build_model(config, 0.0)
-  d = config.data
-  example = (jnp.zeros((1, d.max_instances, d.num_frames, d.image_size, d.image_size), jnp.uint8),
-             jnp.ones((1, d.max_instances), bool))
-  init_params = lambda rng: model.init(rng, *example)["params"]  # noqa: E731
+  init_params = finetune.init_fn(model, config)
   abstract = common.unbox(jax.eval_shape(init_params, jax.random.key(0)))
   params = common.unbox(jax.jit(init_params)(jax.random.key(config.seed)))
   params = {**params, **(finetune.load_pretrained_encoder(init, abstract) or {})}

@@ -14,6 +14,7 @@ features once (that many augmented passes) and trains the head on them (`feature
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 import time
@@ -79,6 +80,14 @@ def build_model(config: ml_collections.ConfigDict, mean: float):
   return model_configs.lvef_regressor(
       m.video, label_mean=mean, train_encoder=config.mode == "transfer", proj_dim=m.embed_dim,
       dtype=m.dtype, remat=m.remat, **dict(m.get("video_overrides", {})))
+
+
+def init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:
+  """rng -> the (boxed) parameters of `model`, initialised on one example bag of `config.data`."""
+  d = config.data
+  video = jnp.zeros((1, d.max_instances, d.num_frames, d.image_size, d.image_size), jnp.uint8)
+  mask = jnp.ones((1, d.max_instances), bool)
+  return lambda rng: model.init(rng, video, mask)["params"]
 
 
 def load_pretrained_encoder(init: str, abstract_params: Any) -> dict[str, Any] | None:
@@ -264,9 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # no iterator state is checkpointed.
   data_iter = None if passes else iter(train_ds)
 
-  example = (jnp.zeros((1, d.max_instances, d.num_frames, d.image_size, d.image_size), jnp.uint8),
-             jnp.ones((1, d.max_instances), bool))
-  init_params = lambda rng: model.init(rng, *example)["params"]  # noqa: E731
+  init_params = init_fn(model, config)
   abstract_params = common.unbox(jax.eval_shape(init_params, jax.random.key(0)))
   o = config.optim
   tx, schedule = optim.make_optimizer(
@@ -413,13 +420,8 @@ def restore_params(workdir: str, *, which: str = BEST_DIR) -> tuple[ml_collectio
 
 def check_params(config: ml_collections.ConfigDict, params: Any, where: str) -> None:
   """Raises ValueError when checkpoint parameters do not fit the model `config` describes."""
-  d = config.data
-  example = (jax.ShapeDtypeStruct((1, d.max_instances, d.num_frames, d.image_size,
-                                   d.image_size), jnp.uint8),
-             jax.ShapeDtypeStruct((1, d.max_instances), jnp.bool_))
   model = build_model(config, mean=0.0)
-  abstract = common.unbox(jax.eval_shape(
-      lambda rng, *x: model.init(rng, *x)["params"], jax.random.key(0), *example))
+  abstract = common.unbox(jax.eval_shape(init_fn(model, config), jax.random.key(0)))
   want = jax.tree.map(lambda x: x.shape, abstract)
   got = jax.tree.map(np.shape, params)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
