@@ -1,22 +1,26 @@
 """tools/evaluate.py and cmr_jax.eval.evaluate on a tiny fine-tuned run: test-time augmentation,
-predictions CSV, metrics JSON, plots and report, an unlabelled split, rescans, and clear errors
-for a missing or empty split, a mismatched checkpoint or dataset; the CLI."""
+predictions CSV, metrics JSON, plots and report, the largest errors with their thumbnails, an
+unlabelled split, rescans, and clear errors for a missing or empty split, a mismatched checkpoint
+or dataset; the CLI."""
 
 import csv
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 
+from matplotlib import image as mpl_image
 import numpy as np
 import pytest
 
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.eval import evaluate
+from cmr_jax.eval import largest_errors
 from cmr_jax.eval import metrics
 from cmr_jax.eval import report
 from cmr_jax.train import finetune
@@ -30,7 +34,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPLIT_OF_SUBJECT = {**{i: "train" for i in range(8)}, 8: "val", 9: "val",
                     **{i: "test" for i in range(10, 16)}, 16: "unlabelled", 17: "unlabelled"}
 RESCANNED = (10, 11, 12, 16)
-OPTIONS = evaluate.Options(tta=2, n_boot=200, folds=3)
+OPTIONS = evaluate.Options(tta=2, n_boot=200, folds=3)  # worst: the default 8, of 9 test studies
+STRIP_PX = (2 * 180 + 90, 4 * 180)  # ED and ES rows of 180 px frames and a title band; K = 4
 
 
 def _split(record) -> str:
@@ -180,6 +185,81 @@ def test_report_embeds_plots_and_tables(result):
       assert f.read(8) == PNG_MAGIC
 
 
+def _largest_errors_table(text: str, split: str) -> list[list[str]]:
+  """The cells of the table rows of a split in the report's "Largest errors" section."""
+  section = text.split("\n## Largest errors\n", 1)[1]
+  block = section.split(f"\n### Split `{split}`", 1)[1].split("\n### ", 1)[0]
+  return [line.strip("| ").split(" | ") for line in block.splitlines()
+          if re.match(r"\| \d+ \| `", line)]
+
+
+def _largest_by_csv(rows: list[dict[str, str]], n: int) -> list[str]:
+  """Study ids of the n largest |predicted - reference| of the predictions CSV, largest first."""
+  error = {r["study_id"]: abs(float(r["lvef_predicted"]) - float(r["lvef_reference"]))
+           for r in rows if r["lvef_reference"]}
+  return sorted(error, key=error.get, reverse=True)[:n]
+
+
+def test_largest_errors_lists_the_worst_studies_with_bag_warnings_and_thumbnails(result):
+  res, out = result
+  assert res["options"]["worst"] == 8
+  rows = _rows(os.path.join(out, "test", evaluate.PREDICTIONS_CSV))
+  by_id = {r["study_id"]: r for r in rows}
+  with open(os.path.join(out, evaluate.REPORT_MD)) as f:
+    text = f.read()
+  assert "### Split `test`: 8 largest of 9 labelled studies" in text
+  table = _largest_errors_table(text, "test")
+  assert [cells[1] for cells in table] == [f"`{s}`" for s in _largest_by_csv(rows, 8)]
+  assert [cells[0] for cells in table] == [str(k) for k in range(1, 9)]
+  entries = res["splits"]["test"]["largest_errors"]
+  assert [e["study_id"] for e in entries] == [cells[1].strip("`") for cells in table]
+  for cells, entry in zip(table, entries):
+    row = by_id[entry["study_id"]]
+    assert cells[2] == f"`{row['subject']}`"
+    error = abs(float(row["lvef_predicted"]) - float(row["lvef_reference"]))
+    assert float(cells[5]) == pytest.approx(error, abs=0.006)
+    assert cells[6] == ", ".join(f"{row[f'instance_{k}_view']} "
+                                 f"({float(row[f'instance_{k}_attention']):.3f})"
+                                 for k in range(1, 5))
+    assert cells[7] == "few_sax_slices"  # 4 SAX slices; every view, pixels finer than 3 mm
+    # The fake disks are largest at frame 0 and smallest half a cycle later (8 frames).
+    assert (entry["ed_frame"], entry["es_frame"]) == (0, 4)
+    assert f"]({entry['thumbnail']})" in text
+    assert entry["thumbnail"] == os.path.join(
+        "worst", f"test_{entry['rank']:02d}_{entry['study_id']}.png")
+    pixels = mpl_image.imread(os.path.join(out, entry["thumbnail"]))  # [H, W, RGBA]
+    assert pixels.shape[:2] == STRIP_PX and pixels[..., :3].std() > 0.05
+  assert f"**1. `{entries[0]['study_id']}`**: only 4 short-axis slices" in text
+  assert sorted(os.listdir(os.path.join(out, "worst"))) == sorted(
+      os.path.basename(e["thumbnail"]) for e in entries)
+  section = text.split("\n## Largest errors\n", 1)[1]
+  assert section.split("### Split `unlabelled`", 1)[1].startswith(
+      "\n\nNo LVEF labels: no errors to rank.")
+  assert res["splits"]["unlabelled"]["largest_errors"] == []
+
+
+def test_largest_errors_lists_every_study_when_n_exceeds_the_split(run_dir, data_dir, tmp_path):
+  res = evaluate.evaluate(run_dir, data_dir, ["test"], str(tmp_path),
+                          options=evaluate.Options(n_boot=20, folds=2, worst=50))
+  rows = _rows(os.path.join(tmp_path, "test", evaluate.PREDICTIONS_CSV))
+  with open(tmp_path / evaluate.REPORT_MD) as f:
+    text = f.read()
+  assert "### Split `test`: 9 largest of 9 labelled studies" in text
+  expected = _largest_by_csv(rows, 50)
+  assert len(expected) == 9
+  assert [cells[1] for cells in _largest_errors_table(text, "test")] == [f"`{s}`"
+                                                                         for s in expected]
+  assert len(os.listdir(tmp_path / "worst")) == 9
+
+
+def test_largest_error_ranking_skips_unlabelled_studies_and_keeps_ties_in_order():
+  truth = np.array([50.0, np.nan, 40.0, 60.0, 45.0])
+  pred = np.array([55.0, 10.0, 30.0, 60.0, 40.0])
+  np.testing.assert_array_equal(largest_errors.ranking(truth, pred, 3), [2, 0, 4])
+  np.testing.assert_array_equal(largest_errors.ranking(truth, pred, 10), [2, 0, 4, 3])
+  assert largest_errors.ranking(truth[[1]], pred[[1]], 5).size == 0
+
+
 def test_missing_and_empty_splits_and_bad_options_give_clear_errors(run_dir, data_dir,
                                                                      tmp_path):
   with pytest.raises(ValueError, match=r"split 'tset' is not in .* \(it has \['test', "):
@@ -200,6 +280,8 @@ def test_missing_and_empty_splits_and_bad_options_give_clear_errors(run_dir, dat
     evaluate.evaluate(str(tmp_path / "nowhere"), data_dir, ["test"], str(tmp_path))
   with pytest.raises(ValueError, match="tta must be at least 1"):
     evaluate.Options(tta=0)
+  with pytest.raises(ValueError, match="worst must be 0 \\(none\\) or more, got -1"):
+    evaluate.Options(worst=-1)
 
 
 def test_mismatched_checkpoint_or_dataset_gives_clear_errors(run_dir, data_dir, tmp_path):
@@ -228,7 +310,7 @@ def test_cli_writes_the_report_and_prints_headlines(run_dir, data_dir, tmp_path)
   cli = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), f"--workdir={run_dir}",
        f"--data_dir={data_dir}", "--split=test,unlabelled", f"--out={tmp_path}",
-       "--bootstrap=50", "--which=checkpoints"],
+       "--bootstrap=50", "--which=checkpoints", "--worst=0"],
       capture_output=True, text=True, timeout=300, check=False,
       env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
   assert cli.returncode == 0, cli.stderr[-3000:]
@@ -238,7 +320,10 @@ def test_cli_writes_the_report_and_prints_headlines(run_dir, data_dir, tmp_path)
   mae = res["splits"]["test"]["metrics"]["mae"]
   assert f"- **test** (n=9): MAE {mae['value']:.2f} [{mae['ci'][0]:.2f}, " in cli.stdout
   assert "- **unlabelled**: 3 studies, no LVEF labels (predictions only)" in cli.stdout
-  assert os.path.exists(tmp_path / evaluate.REPORT_MD)
+  assert res["options"]["worst"] == 0 and "largest_errors" not in res["splits"]["test"]
+  with open(tmp_path / evaluate.REPORT_MD) as f:
+    assert "Largest errors" not in f.read()
+  assert not os.path.exists(tmp_path / "worst")
 
 
 def test_scoring_partly_labelled_split_with_ambiguous_visits_carries_on():

@@ -5,9 +5,10 @@ subject-bootstrap 95% intervals, PNG plots and a Markdown report.
       --split=test,external --out=runs/demo/eval_pretrained --tta=4
 
 Writes `{out}/report.md`, `{out}/metrics.json` and per split `{out}/{split}/predictions.csv`
-and the plots. A split without LVEF labels is predicted only (the report says so). See
-`cmr_jax.eval.evaluate` for test-time augmentation, the cross-fitted bias correction and
-repeatability.
+and the plots. A split without LVEF labels is predicted only (the report says so). The report's
+"Largest errors" section lists the `--worst` studies of largest absolute error per split, with
+thumbnail strips in `{out}/worst/`. See `cmr_jax.eval.evaluate` for test-time augmentation, the
+cross-fitted bias correction and repeatability.
 """
 
 from collections.abc import Sequence
@@ -33,6 +34,9 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap", evaluate.Options.n_boot,
 _FOLDS = flags.DEFINE_integer("folds", evaluate.Options.folds,
                               "Folds (over subjects) of the bias-correction cross-fitting.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap and the folds.")
+_WORST = flags.DEFINE_integer("worst", evaluate.Options.worst,
+                              "Studies of largest absolute error listed per split, with their "
+                              "bag, attention, warnings and ED/ES thumbnails (0: none).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -41,7 +45,7 @@ def main(argv: Sequence[str]) -> None:
   logs.setup()
   try:
     options = evaluate.Options(tta=_TTA.value, n_boot=_BOOTSTRAP.value, seed=_SEED.value,
-                               folds=_FOLDS.value)
+                               folds=_FOLDS.value, worst=_WORST.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   result = evaluate.evaluate(_WORKDIR.value, _DATA_DIR.value, _SPLIT.value, _OUT.value,

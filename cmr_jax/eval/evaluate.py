@@ -7,7 +7,9 @@ For each split, in `{out}/{split}/`:
                    its short-axis slice number) and attention weight;
   scatter.png, bland_altman.png, roc.png, calibration.png (labelled splits only);
 and in `{out}/`: metrics.json (every figure with its subject-bootstrap 95% interval) and
-report.md (embeds the plots).
+report.md (embeds the plots), whose "Largest errors" section lists each labelled split's
+`Options.worst` studies of largest absolute error with their bag, attention, quality warnings
+and an ED/ES thumbnail strip in `{out}/worst/` (`cmr_jax.eval.largest_errors`).
 
 Test-time augmentation (`tta` passes): pass 0 is the deterministic centred clip of every cine;
 passes 1..tta-1 sample each clip with the training augmentation (crop scale and shift, flip,
@@ -44,6 +46,7 @@ from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import types
 from cmr_jax.eval import calibration
+from cmr_jax.eval import largest_errors
 from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
 from cmr_jax.eval import repeatability
@@ -69,6 +72,7 @@ class Options:
     seed: seed of the bootstrap and of the cross-fitting folds.
     folds: K of the bias-correction cross-fitting.
     bins: equal-count bins of the calibration curve.
+    worst: studies of largest absolute error listed per split (0: none).
   """
 
   tta: int = 1
@@ -76,6 +80,7 @@ class Options:
   seed: int = 0
   folds: int = calibration.DEFAULT_FOLDS
   bins: int = calibration.DEFAULT_BINS
+  worst: int = largest_errors.DEFAULT_COUNT
 
   def __post_init__(self):
     if self.tta < 1:
@@ -84,6 +89,8 @@ class Options:
       raise ValueError(f"n_boot must be positive, got {self.n_boot}")
     if self.folds < 2:
       raise ValueError(f"folds must be at least 2, got {self.folds}")
+    if self.worst < 0:
+      raise ValueError(f"worst must be 0 (none) or more, got {self.worst}")
 
 
 def open_eval_split(data_dir: str, split: str) -> records.StudySource:
@@ -277,6 +284,11 @@ def evaluate_split(predictor: finetune.Predictor, data_dir: str, split: str, out
   else:
     logging.warning("split %s of %s has no LVEF label: predictions only (%s)", split, data_dir,
                     os.path.join(split_dir, PREDICTIONS_CSV))
+  if options.worst:
+    result["largest_errors"] = largest_errors.entries(
+        p, rows, source, preprocess.PreprocessConfig.from_dict(predictor.preprocess),
+        split=split, n=options.worst, max_instances=predictor.config.data.max_instances,
+        out=out, write=writer)
   result["tta"] = {"passes": options.tta, "mean_pred_sd": float(np.mean(p["pred_sd"]))}
   result["predict_s"] = predict_s
   if "metrics" in result:

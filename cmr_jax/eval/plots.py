@@ -1,4 +1,5 @@
-"""Evaluation plots (PNG): scatter with identity line, Bland-Altman, ROC, calibration curve.
+"""Evaluation plots (PNG): scatter with identity line, Bland-Altman, ROC, calibration curve, and
+a thumbnail strip of a study's bag (two cardiac phases of every cine).
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, thread-safe).
 """
@@ -19,6 +20,9 @@ from cmr_jax.eval import metrics
 FIGSIZE = (4.5, 4.5)
 DPI = 120
 LVEF_RANGE = (0.0, 100.0)
+STRIP_PANEL_INCHES = 1.5  # one frame of a bag strip: 180 px at DPI
+STRIP_TITLE_INCHES = 0.75  # the strip's title and column labels
+STRIP_MIN_COLUMNS = 3  # room for the title under small bags
 
 
 def _new() -> tuple[figure.Figure, axes.Axes]:
@@ -105,6 +109,41 @@ def calibration_plot(truth: np.ndarray, predictions: Mapping[str, np.ndarray], p
          ylabel="mean reference LVEF (%)", title=f"{title}\ncalibration")
   ax.set_aspect("equal")
   ax.legend(loc="upper left", frameon=False, fontsize=8)
+  return _save(fig, path)
+
+
+def strip_size(columns: int) -> tuple[float, float]:
+  """(width, height) in inches of a `bag_strip` of `columns` cines (two rows of frames)."""
+  return (STRIP_PANEL_INCHES * max(columns, STRIP_MIN_COLUMNS),
+          2 * STRIP_PANEL_INCHES + STRIP_TITLE_INCHES)
+
+
+def bag_strip(frames: np.ndarray, labels: Sequence[str], phases: Sequence[str], path: str,
+              title: str) -> str:
+  """Frames of a study's bag, one column per cine and one row per phase; returns `path`.
+
+  Args:
+    frames: uint8 [K, P, S, S]: P frames (phases) of each of K cines.
+    labels: [K] column titles (view, attention).
+    phases: [P] row names, written in each frame's corner.
+    path: PNG to write.
+    title: figure title.
+  """
+  k, num_phases = frames.shape[:2]
+  if len(labels) != k or len(phases) != num_phases:
+    raise ValueError(f"{len(labels)} labels and {len(phases)} phases for frames {frames.shape}")
+  fig = figure.Figure(figsize=strip_size(k), dpi=DPI, layout="constrained")
+  backend_agg.FigureCanvasAgg(fig)
+  grid = fig.subplots(num_phases, k, squeeze=False)  # [P, K] axes
+  for col, label in enumerate(labels):
+    grid[0, col].set_title(label, fontsize=8)
+    for row, phase in enumerate(phases):
+      ax = grid[row, col]
+      ax.imshow(frames[col, row], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+      ax.text(0.03, 0.97, phase, transform=ax.transAxes, ha="left", va="top", fontsize=6,
+              color="yellow")
+      ax.set_axis_off()
+  fig.suptitle(title, fontsize=8)
   return _save(fig, path)
 
 

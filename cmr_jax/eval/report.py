@@ -74,6 +74,14 @@ REPEATABILITY_ROWS = (("mean_abs_diff", "mean absolute difference", 2),
 CORRECTION_LABELS = {"shift": "mean shift", "linear": "linear recalibration"}
 PLOT_TITLES = {"scatter": "predicted vs reference", "bland_altman": "Bland-Altman",
                "roc": "ROC", "calibration": "calibration"}
+LARGEST_ERRORS_HEADER = ["rank", "study", "subject", "reference LVEF (%)", "predicted (%)",
+                         "absolute error", "bag: view (attention)", "warnings"]
+LARGEST_ERRORS_INTRO = (
+    "The studies of largest absolute error in each split (`--worst`), largest first. "
+    "Warnings: those `cmr_jax.predict` derives from a study's record (views, short-axis "
+    "slices, pixel size); its acquisition warnings need the DICOM. Thumbnails: the "
+    "end-diastolic (top) and end-systolic (bottom) frame of every cine of the bag, ED and ES "
+    "being the largest and smallest blood-pool signal of the short-axis cines.")
 
 
 def _metric_rows(thresholds: list[str]) -> list[tuple[str, str, int]]:
@@ -157,6 +165,40 @@ def _split_section(split: str, s: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _largest_error_rows(studies: list[Mapping[str, Any]]) -> list[list[str]]:
+  return [[str(e["rank"]), f"`{e['study_id']}`", f"`{e['subject']}`",
+           fmt_value(e["lvef_reference"]), fmt_value(e["lvef_predicted"]),
+           fmt_value(e["abs_error"]),
+           ", ".join(f"{i['view']} ({i['attention']:.3f})" for i in e["instances"]),
+           ", ".join(w["code"] for w in e["warnings"]) or "none"] for e in studies]
+
+
+def _largest_errors_split(split: str, s: Mapping[str, Any]) -> list[str]:
+  studies = s["largest_errors"]
+  if not studies:
+    return [f"### Split `{split}`", "", "No LVEF labels: no errors to rank.", ""]
+  lines = [f"### Split `{split}`: {len(studies)} largest of {s['n_labelled']} labelled studies",
+           "", markdown_table(LARGEST_ERRORS_HEADER, _largest_error_rows(studies)), ""]
+  for e in studies:
+    lines.append(f"**{e['rank']}. `{e['study_id']}`**: "
+                 + ("; ".join(w["message"] for w in e["warnings"]) or "no quality warning") + ".")
+    lines += ["", f"![{e['rank']}. {e['study_id']}: ED and ES frames of the bag]"
+              f"({e['thumbnail']})", ""]
+  return lines
+
+
+def largest_errors_section(splits: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """The "Largest errors" section: each split's entries (`cmr_jax.eval.largest_errors`); no
+  lines when no split has them (`--worst=0`)."""
+  listed = {split: s for split, s in splits.items() if "largest_errors" in s}
+  if not listed:
+    return []
+  lines = ["## Largest errors", "", LARGEST_ERRORS_INTRO, ""]
+  for split, s in listed.items():
+    lines += _largest_errors_split(split, s)
+  return lines
+
+
 def render(result: Mapping[str, Any]) -> str:
   """The Markdown report of an evaluation result (`cmr_jax.eval.evaluate.evaluate`)."""
   step = "" if result["step"] is None else f", step {result['step']}"
@@ -167,4 +209,5 @@ def render(result: Mapping[str, Any]) -> str:
   lines.append("")
   for split, s in result["splits"].items():
     lines += _split_section(split, s)
+  lines += largest_errors_section(result["splits"])
   return "\n".join(lines)
