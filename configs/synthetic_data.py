@@ -1,4 +1,5 @@
-r"""The embedded synthetic dataset: phantom studies at two internal sites, an external site, rescans.
+r"""The embedded synthetic dataset: phantom studies at two internal sites, an external site, rescans,
+and a disjoint pre-training archive.
 
 Make it (records, summary and PNG previews) with:
 
@@ -20,6 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sites=("ukbb_like", "kaggle_like"),
       num_external=48,  # the held-out protocol family: split "external"
       external_site="siteC",
+      # The pre-training archive: subjects in no other split (splits "archive", "archive_val"),
+      # scanned at the internal protocol families; contrastive pre-training reads only these.
+      num_archive=400,
+      archive_sites=(),
       rescan_fraction=0.1,
       frames=16,  # rendered frames per cycle
       matrix=112,  # rendered matrix
@@ -32,11 +37,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "small":
     config.spec.num_subjects = 12
     config.spec.num_external = 4
+    config.spec.num_archive = 12
     config.num_shards = 2
     config.num_previews = 1
   elif arg == "benchmark":  # the synthetic benchmark (python -m cmr_jax.benchmark)
     config.spec.num_subjects = 1000
     config.spec.num_external = 150
+    config.spec.num_archive = 2000
     config.num_previews = 8
   elif arg not in (None, ""):
     raise ValueError(f"unknown synthetic_data config argument {arg!r}")

@@ -19,7 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   # Stored 64 px at 2.75 mm; the tiny demo model sees 16 frames at 32 px (crops resized), so a
   # 2-core CPU pre-trains it in minutes. The real-size configs use 224 px (configs/mvit_b_*.py).
-  c.data = dict(dir="runs/synthetic", train_split="train", eval_split="val", image_size=32,
+  # Pre-training reads the archive only (subjects never fine-tuned on or scored); its validation
+  # slice gives the zero-shot retrieval check.
+  c.data = dict(dir="runs/synthetic", train_split="archive", eval_split="archive_val", image_size=32,
                 num_frames=16, worker_count=0)
   c.model = dict(video="mvit_tiny", text="bert_tiny", embed_dim=128, dtype="float32",
                  remat=False, two_clips=False, video_overrides=TINY_32,

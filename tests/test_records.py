@@ -13,6 +13,7 @@ import conftest
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
+from cmr_jax.data import synthetic
 from cmr_jax.data import types
 
 CFG = preprocess.PreprocessConfig(size=32, spacing_mm=4.0, num_frames=8)
@@ -180,8 +181,49 @@ def test_external_sites_and_fraction_validation():
   assert splitter(study) == "external"
   with pytest.raises(ValueError, match="sum to 1"):
     splits.SubjectSplitter(fractions=(("train", 0.5), ("test", 0.2)))
-  with pytest.raises(ValueError, match="not 'external'"):
+  with pytest.raises(ValueError, match="not among"):
     splits.SubjectSplitter(fractions=(("external", 1.0),))
+  with pytest.raises(ValueError, match="not among"):
+    splits.SubjectSplitter(fractions=(("archive", 1.0),))
+
+
+def test_archive_subjects_go_to_the_archive_splits_only():
+  archive = frozenset(f"sub{i}" for i in range(1000, 3000))
+  splitter = splits.SubjectSplitter(salt="s1", external_sites=frozenset({"siteC"}),
+                                    archive_subjects=archive)
+  studies = _subjects(3000)
+  studies += [types.Study(study_id="ext-arc", subject_id="sub1500", site="siteC", cines=[]),
+              types.Study(study_id="ext", subject_id="sub5", site="siteC", cines=[])]
+  by_split = collections.defaultdict(set)
+  for study in studies:
+    by_split[splitter(study)].add(study.subject_id)
+  archive_seen = by_split[splits.ARCHIVE] | by_split[splits.ARCHIVE_VAL]
+  assert archive_seen == archive  # every archive subject, at any site, and nobody else
+  others = set().union(*(v for k, v in by_split.items()
+                         if k not in (splits.ARCHIVE, splits.ARCHIVE_VAL)))
+  assert not others & archive
+  assert others == {f"sub{i}" for i in range(1000)}
+  assert by_split["external"] == {"sub5"}
+  assert len(by_split[splits.ARCHIVE_VAL]) / len(archive) == pytest.approx(0.1, abs=0.03)
+  # The other subjects keep the splits they get without an archive.
+  plain = splits.SubjectSplitter(salt="s1")
+  assert all(splitter(s) == plain(s) for s in studies[:2000])
+
+
+def test_synthetic_archive_is_disjoint_from_every_fine_tuning_and_scoring_split(tmp_path):
+  spec = synthetic.SyntheticSpec(num_subjects=6, num_external=2, num_archive=6,
+                                 rescan_fraction=0.5, frames=8, matrix=48)
+  synthetic.build_synthetic(spec, str(tmp_path), cfg=preprocess.PreprocessConfig(size=32),
+                            num_shards=1)
+  subjects = {split: {m["subject_id"] for m in records.load_index(str(tmp_path), split)}
+              for split in records.read_dataset_info(str(tmp_path))["splits"]}
+  archive = subjects.get(splits.ARCHIVE, set()) | subjects.get(splits.ARCHIVE_VAL, set())
+  assert archive == {synthetic.subject_id(0, i) for i in range(8, 14)}
+  scored = set().union(*(v for k, v in subjects.items()
+                         if k not in (splits.ARCHIVE, splits.ARCHIVE_VAL)))
+  assert scored == {synthetic.subject_id(0, i) for i in range(8)}
+  assert not archive & scored
+  assert "archive" in synthetic.summary_table(str(tmp_path))
 
 
 def test_label_fractions_are_nested_and_sized():

@@ -5,6 +5,10 @@ rescans included, lands in the same split, whatever order or machine builds the 
 Studies from designated external sites form the split "external" (held out from development);
 a subject seen at an internal and at an external site therefore has studies in both its hashed
 split and "external": external evaluation is about the site, not the subject.
+
+A pre-training archive (the paper pre-trained on institutional archives and fine-tuned on UK
+Biobank) is a set of subjects that appear in no other split: their studies go to "archive"
+(contrastive pre-training) or "archive_val" (its zero-shot retrieval check), by a keyed hash.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Protocol
 
 DEFAULT_FRACTIONS: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
 EXTERNAL = "external"
+ARCHIVE = "archive"
+ARCHIVE_VAL = "archive_val"
+DEFAULT_ARCHIVE_FRACTIONS: tuple[tuple[str, float], ...] = ((ARCHIVE, 0.9), (ARCHIVE_VAL, 0.1))
 _LABEL_FRACTION_PURPOSE = "label-fraction"
 
 
@@ -39,20 +46,29 @@ class SubjectSplitter:
     salt: hashing salt; a different salt gives an independent split.
     fractions: (split, fraction) pairs summing to 1, in order along [0, 1).
     external_sites: sites whose studies all go to split "external".
+    archive_subjects: subjects reserved for pre-training: every study of theirs goes to
+      "archive" or "archive_val" (by `archive_fractions`), at any site, and to no other split.
+    archive_fractions: (split, fraction) pairs of the archive, summing to 1.
   """
 
   salt: str = "cmr-jax"
   fractions: tuple[tuple[str, float], ...] = DEFAULT_FRACTIONS
   external_sites: frozenset[str] = frozenset()
+  archive_subjects: frozenset[str] = frozenset()
+  archive_fractions: tuple[tuple[str, float], ...] = DEFAULT_ARCHIVE_FRACTIONS
 
   def __post_init__(self):
     names = [name for name, _ in self.fractions]
-    values = [value for _, value in self.fractions]
-    if len(set(names)) != len(names) or EXTERNAL in names:
-      raise ValueError(f"split names must be unique and not {EXTERNAL!r}: {names}")
-    if any(v < 0 for v in values) or not math.isclose(sum(values), 1.0, abs_tol=1e-6):
-      raise ValueError(f"split fractions must be >= 0 and sum to 1: {dict(self.fractions)}")
+    archive = [name for name, _ in self.archive_fractions]
+    reserved = {EXTERNAL, *archive}
+    if len(set(names)) != len(names) or reserved & set(names) or len(set(archive)) != len(archive):
+      raise ValueError(f"split names must be unique and not among {sorted(reserved)}: {names}")
+    for fractions in (self.fractions, self.archive_fractions):
+      values = [value for _, value in fractions]
+      if any(v < 0 for v in values) or not math.isclose(sum(values), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions must be >= 0 and sum to 1: {dict(fractions)}")
     object.__setattr__(self, "external_sites", frozenset(self.external_sites))
+    object.__setattr__(self, "archive_subjects", frozenset(self.archive_subjects))
 
   @classmethod
   def from_mapping(cls, fractions: collections.abc.Mapping[str, float], *, salt: str,
@@ -62,18 +78,20 @@ class SubjectSplitter:
                external_sites=frozenset(external_sites))
 
   def split_of_subject(self, subject_id: str) -> str:
-    """The internal split of a subject."""
-    u = unit_hash(subject_id, self.salt)
+    """The internal split of a subject (an archive split for an archive subject)."""
+    archive = subject_id in self.archive_subjects
+    fractions = self.archive_fractions if archive else self.fractions
+    u = unit_hash(subject_id, self.salt, "archive" if archive else "split")
     edge = 0.0
-    for name, fraction in self.fractions:
+    for name, fraction in fractions:
       edge += fraction
       if u < edge:
         return name
-    return self.fractions[-1][0]  # u just below 1 with rounding in the sum
+    return fractions[-1][0]  # u just below 1 with rounding in the sum
 
   def __call__(self, study: HasSubject) -> str:
     """The split of a study or record."""
-    if study.site in self.external_sites:
+    if study.subject_id not in self.archive_subjects and study.site in self.external_sites:
       return EXTERNAL
     return self.split_of_subject(study.subject_id)
 

@@ -3,7 +3,10 @@
 Subjects `0 .. num_subjects-1` are scanned at the internal `sites` (round robin) and split by
 subject into train/val/test; subjects `num_subjects .. num_subjects+num_external-1` are scanned at
 `external_site` only and form the "external" split (another protocol family, for external-site
-tests). A deterministic `rescan_fraction` of subjects gets a second visit (same heart, new
+tests); the next `num_archive` subjects, scanned at `archive_sites` (round robin), are the
+pre-training archive (splits "archive" and "archive_val"): contrastive pre-training reads only
+them, so no subject it sees is fine-tuned on or scored, as the paper pre-trained on institutional
+archives and fine-tuned and tested on UK Biobank. A deterministic `rescan_fraction` of subjects gets a second visit (same heart, new
 acquisition) for scan-rescan repeatability; a rescan stays in its subject's split.
 """
 
@@ -34,6 +37,8 @@ class SyntheticSpec:
     sites: internal protocol families (keys of `phantom.SITES`), assigned round robin.
     num_external: subjects at `external_site` (split "external"); 0 for none.
     external_site: the held-out protocol family.
+    num_archive: pre-training archive subjects (splits "archive", "archive_val"); 0 for none.
+    archive_sites: protocol families of the archive (round robin); empty: the internal `sites`.
     rescan_fraction: fraction of subjects scanned twice.
     frames: rendered frames per cycle (the fast phantom protocol).
     matrix: rendered square matrix (the fast phantom protocol).
@@ -46,6 +51,8 @@ class SyntheticSpec:
   sites: tuple[str, ...] = ("ukbb_like", "kaggle_like")
   num_external: int = 60
   external_site: str = "siteC"
+  num_archive: int = 0
+  archive_sites: tuple[str, ...] = ()
   rescan_fraction: float = 0.1
   frames: int = 16
   matrix: int = 112
@@ -53,20 +60,24 @@ class SyntheticSpec:
   split_salt: str = "cmr-jax"
 
   def __post_init__(self):
-    unknown = [s for s in (*self.sites, self.external_site) if s not in phantom.SITES]
+    unknown = [s for s in (*self.sites, self.external_site, *self.archive_sites)
+               if s not in phantom.SITES]
     if unknown:
       raise ValueError(f"unknown phantom sites {unknown}; expected among {sorted(phantom.SITES)}")
     if self.external_site in self.sites and self.num_external:
       raise ValueError(f"external site {self.external_site!r} is also an internal site")
-    if self.num_subjects < 1 or self.num_external < 0:
-      raise ValueError("need num_subjects >= 1 and num_external >= 0")
+    if self.external_site in self.archive_sites and self.num_external and self.num_archive:
+      raise ValueError(f"external site {self.external_site!r} is also an archive site")
+    if self.num_subjects < 1 or self.num_external < 0 or self.num_archive < 0:
+      raise ValueError("need num_subjects >= 1, num_external >= 0 and num_archive >= 0")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> SyntheticSpec:
     """From a plain mapping (e.g. an ml_collections ConfigDict's `to_dict()`)."""
     values = dict(values)
-    if "sites" in values:
-      values["sites"] = tuple(values["sites"])
+    for key in ("sites", "archive_sites"):
+      if key in values:
+        values[key] = tuple(values[key])
     if "fractions" in values and isinstance(values["fractions"], Mapping):
       values["fractions"] = tuple((k, float(v)) for k, v in values["fractions"].items())
     return cls(**values)
@@ -74,17 +85,32 @@ class SyntheticSpec:
   def splitter(self) -> splits.SubjectSplitter:
     """The subject-grouped split rule of this dataset."""
     external = (self.external_site,) if self.num_external else ()
+    archive = frozenset(subject_id(self.seed, i) for i, _ in self.plan()[self.num_subjects
+                                                                          + self.num_external:])
     return splits.SubjectSplitter(salt=self.split_salt, fractions=self.fractions,
-                                  external_sites=frozenset(external))
+                                  external_sites=frozenset(external), archive_subjects=archive)
+
+  def plan(self) -> list[tuple[int, str]]:
+    """(subject index, site) of every subject: internal, then external, then archive."""
+    plan = [(i, self.sites[i % len(self.sites)]) for i in range(self.num_subjects)]
+    first = self.num_subjects
+    plan += [(first + j, self.external_site) for j in range(self.num_external)]
+    first += self.num_external
+    archive_sites = self.archive_sites or self.sites
+    plan += [(first + j, archive_sites[j % len(archive_sites)]) for j in range(self.num_archive)]
+    return plan
+
+
+def subject_id(seed: int, index: int) -> str:
+  """The subject id of phantom subject `index` of dataset `seed` (as `phantom.synthetic_study`)."""
+  return f"syn-{seed}-{index:06d}"
 
 
 def build_items(spec: SyntheticSpec) -> list[records.BuildItem]:
   """One build item per (subject, visit): picklable loaders of phantom studies."""
   items = []
-  plan = [(i, spec.sites[i % len(spec.sites)]) for i in range(spec.num_subjects)]
-  plan += [(spec.num_subjects + j, spec.external_site) for j in range(spec.num_external)]
-  for index, site in plan:
-    subject = f"syn-{spec.seed}-{index:06d}"
+  for index, site in spec.plan():
+    subject = subject_id(spec.seed, index)
     visits = 2 if splits.unit_hash(subject, spec.split_salt, _RESCAN_PURPOSE) < spec.rescan_fraction else 1
     for visit in range(visits):
       load = functools.partial(phantom.synthetic_study, spec.seed, index, site=site, visit=visit,
