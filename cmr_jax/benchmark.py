@@ -1,17 +1,19 @@
 r"""The synthetic benchmark: the paper's claims in shape, on the phantom.
 
   python -m cmr_jax.benchmark --workdir=runs/benchmark
-  # a GPU (minutes) or a long CPU run (hours); smaller: --fractions=0.1,1 --inits=pretrained,scratch
+  # a GPU (minutes) or a long CPU run (hours); smaller: --fractions=0.1,1 --arms=pretrained,scratch_full
 
 1. the dataset (`--data_config`, default configs/synthetic_data.py:benchmark: 1000 subjects at two
    internal protocol families, 150 at a third held out as the `external` split, 10% rescans);
 2. contrastive video-report pre-training (`--pretrain_config`, default
    configs/synthetic_pretrain.py:benchmark), keeping a checkpoint every `keep_period` steps for
    checkpoint sweeps (`tools/sweep.py`);
-3. LVEF fine-tuning with the encoder frozen for every init in `--inits` ("pretrained": the run of
-   step 2; "scratch": a random encoder; any `kinetics:PATH` / `cmr_transformer:PATH` /
-   `pretrain:DIR[:STEP]` init, e.g. converted Kinetics-400 MViT weights) at every label fraction
-   in `--fractions` (drawn by subject, nested), with the same budget;
+3. LVEF fine-tuning for every arm in `--arms` (`stages.ARMS`: "pretrained", the run of step 2
+   frozen; "random_frozen", a random encoder frozen; "scratch_full", the whole network from
+   random init, `--transfer_config`; "pretrained_transfer", the run of step 2 with every layer
+   trained; or any `kinetics:PATH` / `cmr_transformer:PATH` / `pretrain:DIR[:STEP]` init with the
+   encoder frozen, e.g. converted Kinetics-400 MViT weights) at every label fraction in
+   `--fractions` (drawn by subject, nested);
 4. every fine-tuned run scored on the test and external splits with subject-bootstrap 95%
    intervals, next to the training-mean predictor: `benchmark.json`, `benchmark.md` (one
    data-efficiency table per split and metric) and `data_efficiency.png` (names that do not
@@ -46,19 +48,33 @@ _DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.p
 _PRETRAIN = config_flags.DEFINE_config_file(
     "pretrain_config", "configs/synthetic_pretrain.py:benchmark", "pre-training")
 _FINETUNE = config_flags.DEFINE_config_file("finetune_config", "configs/synthetic_finetune.py",
-                                            "fine-tuning")
+                                            "fine-tuning with a frozen encoder")
+_TRANSFER = config_flags.DEFINE_config_file(
+    "transfer_config", "configs/synthetic_finetune.py:transfer",
+    "fine-tuning of the whole network (scratch_full, pretrained_transfer)")
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.1", "1"], "label fractions")
-_INITS = flags.DEFINE_list("inits", ["pretrained", "scratch"],
-                           "encoder inits: pretrained, scratch, or any config.init string")
+_ARMS = flags.DEFINE_list("arms", list(stages.ARMS),
+                          f"fine-tuning arms {sorted(stages.ARMS)}, or any config.init string "
+                          "(encoder frozen)")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "subject-bootstrap replicates")
 _METRICS = ("mae", "auc_lvef_below_40")
 EVAL_SPLITS = ("test", "external")
-MEAN_MODEL = "training mean"
+MEAN_MODEL = stages.TRAIN_MEAN
 
 
-def init_string(name: str, pretrain_dir: str) -> str:
-  """config.init for a benchmark init name."""
-  return {"pretrained": f"pretrain:{pretrain_dir}", "scratch": "random"}.get(name, name)
+def arm_config(name: str, data_dir: str, pretrain_dir: str):
+  """The fine-tuning config of an arm name, or of an init string with the encoder frozen."""
+  if name in stages.ARMS:
+    return stages.arm_config(stages.ARMS[name], _FINETUNE.value, _TRANSFER.value, data_dir,
+                             pretrain_dir)
+  config = _FINETUNE.value.copy_and_resolve_references()
+  config.data.dir, config.init = data_dir, name
+  return config
+
+
+def needs_pretraining(names: list[str]) -> bool:
+  """Whether any arm starts from this benchmark's pre-training run."""
+  return any(stages.ARMS[n].pretrained for n in names if n in stages.ARMS)
 
 
 def run_name(init: str, fraction: float) -> str:
@@ -85,7 +101,7 @@ def tables(results: dict, splits: list[str]) -> str:
 
 def plot(results: dict, splits: list[str], path: str) -> None:
   """MAE against label fraction, one line per init, one panel per split."""
-  plots.data_efficiency(results, splits, path, title="frozen encoder + MIL head")
+  plots.data_efficiency(results, splits, path, title="LVEF fine-tuning arms (MIL head)")
 
 
 def main(argv):
@@ -103,7 +119,7 @@ def main(argv):
   pre = _PRETRAIN.value
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  if "pretrained" in _INITS.value and not stages.finished(pretrain_dir, pre):
+  if needs_pretraining(_ARMS.value) and not stages.finished(pretrain_dir, pre):
     pretrain.train_and_evaluate(pre, pretrain_dir)
 
   available = records.read_dataset_info(data_dir)["splits"]
@@ -111,10 +127,9 @@ def main(argv):
   meta = {s: records.load_index(data_dir, s) for s in splits}
   results: dict[str, dict[float, dict[str, dict]]] = {}
   skipped: list[str] = []
-  for name in _INITS.value:
+  for name in _ARMS.value:
     for fraction in fractions:
-      ft = _FINETUNE.value.copy_and_resolve_references()
-      ft.data.dir, ft.init = data_dir, init_string(name, pretrain_dir)
+      ft = arm_config(name, data_dir, pretrain_dir)
       ft.data.label_fraction = fraction
       run_dir = os.path.join(work, run_name(name, fraction))
       try:

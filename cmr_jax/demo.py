@@ -2,14 +2,20 @@ r"""The main job on the embedded synthetic default: data, pre-training, fine-tun
 
   python -m cmr_jax.demo --workdir=runs/demo
 
-1. renders the synthetic phantom dataset (configs/synthetic_data.py) into `{workdir}/data`;
-2. pre-trains the tiny MViT against the reports (configs/synthetic_pretrain.py);
-3. fine-tunes LVEF with the encoder frozen (configs/synthetic_finetune.py) from (a) the
-   pre-trained encoder and (b) a random one, with the same budget;
-4. prints MAE and AUC (LVEF<40%) on the test and external-site splits for (a), (b) and (c) the
-   training-mean predictor, and writes them to `{workdir}/results.json` and `results.md`;
-5. links `{workdir}/model` to whichever of (a) and (b) has the lower validation MAE: the model
-   README's `tools/predict.py` commands use.
+1. renders the synthetic phantom dataset (configs/synthetic_data.py) into `{workdir}/data`: the
+   train/val/test subjects, a held-out protocol family (`external`) and a disjoint pre-training
+   archive (`archive`, `archive_val`);
+2. pre-trains the video encoder against the archive's reports (configs/synthetic_pretrain.py);
+   no subject it sees is fine-tuned on or scored;
+3. fine-tunes LVEF on the train split, validated on val, in three arms with the same head
+   (`stages.ARMS`): `pretrained` (the pre-trained encoder frozen, the paper's setting),
+   `random_frozen` (a random encoder frozen, same budget) and `scratch_full` (the whole network
+   trained from random initialisation, `--transfer_config`: a supervised baseline);
+4. prints MAE and AUC (LVEF<40%) on the test and external-site splits for each arm and for the
+   training-mean predictor (`train_mean`), and writes them to `{workdir}/results.json` and
+   `results.md`;
+5. links `{workdir}/model` to the arm with the lowest validation MAE: the model README's
+   `tools/predict.py` commands use.
 Each stage is skipped when its output is already complete (re-running resumes).
 """
 
@@ -20,6 +26,7 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
@@ -36,34 +43,46 @@ _DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.p
 _PRETRAIN = config_flags.DEFINE_config_file("pretrain_config", "configs/synthetic_pretrain.py",
                                             "pre-training")
 _FINETUNE = config_flags.DEFINE_config_file("finetune_config", "configs/synthetic_finetune.py",
-                                            "fine-tuning")
+                                            "fine-tuning with a frozen encoder")
+_TRANSFER = config_flags.DEFINE_config_file(
+    "transfer_config", "configs/synthetic_finetune.py:transfer",
+    "fine-tuning of the whole network (the scratch_full arm)")
 EVAL_SPLITS = ("test", "external")
 MODEL_LINK = "model"
+DEMO_ARMS = ("pretrained", "random_frozen", "scratch_full")
 
 
-def evaluate(workdir: str, data_dir: str, train_mean: float) -> dict[str, dict[str, dict]]:
-  """Metrics of each fine-tuned run and of the mean predictor on the evaluation splits."""
+def run_dir(workdir: str, arm: str) -> str:
+  """The fine-tuning run directory of `arm`."""
+  return os.path.join(workdir, f"finetune_{arm}")
+
+
+def evaluate(workdir: str, data_dir: str, train_mean: float,
+             arms=DEMO_ARMS) -> dict[str, dict[str, dict]]:
+  """Metrics of each arm's best checkpoint and of the training-mean predictor per split.
+
+  Each evaluation split is read once per arm (the deterministic pass).
+  """
   results: dict[str, dict[str, dict]] = {}
   available = records.read_dataset_info(data_dir)["splits"]
   for split in (s for s in EVAL_SPLITS if s in available):
-    for name in ("pretrained", "scratch"):
-      p = finetune.predict_run(os.path.join(workdir, f"finetune_{name}"), data_dir, split)
+    for name in arms:
+      p = finetune.predict_run(run_dir(workdir, name), data_dir, split)
       keep = ~np.isnan(p["lvef"])
       results.setdefault(name, {})[split] = metrics.summary(p["lvef"][keep], p["pred"][keep])
-    results.setdefault("train_mean", {})[split] = metrics.summary(
+    results.setdefault(stages.TRAIN_MEAN, {})[split] = metrics.summary(
         p["lvef"][keep], np.full(keep.sum(), train_mean))
   return results
 
 
-def select_model(work: str) -> str:
-  """Points `{work}/model` at the fine-tuned run with the lower validation MAE; returns its name.
+def select_model(work: str, arms=DEMO_ARMS) -> str:
+  """Points `{work}/model` at the arm with the lowest validation MAE; returns its run's name.
 
   The choice uses the validation split only (never test or external), so the reported test
   figures of the chosen run stay unbiased; README's predict command uses this link.
   """
-  runs = {name: finetune.read_best(os.path.join(work, f"finetune_{name}"))["val_mae"]
-          for name in ("pretrained", "scratch")}
-  best = f"finetune_{min(runs, key=runs.get)}"
+  runs = {name: finetune.read_best(run_dir(work, name))["val_mae"] for name in arms}
+  best = os.path.basename(run_dir(work, min(runs, key=runs.get)))
   link = os.path.join(work, MODEL_LINK)
   if os.path.lexists(link):
     os.remove(link)
@@ -74,43 +93,43 @@ def select_model(work: str) -> str:
 
 def table(results: dict[str, dict[str, dict]]) -> str:
   """A Markdown table: one row per model, MAE and AUC per split."""
-  labels = {"pretrained": "(a) contrastive pre-trained, frozen encoder",
-            "scratch": "(b) same architecture from scratch, same budget",
-            "train_mean": "(c) training-mean predictor"}
+  labels = {name: arm.label for name, arm in stages.ARMS.items()}
+  labels[stages.TRAIN_MEAN] = "training-mean predictor"
   splits = list(next(iter(results.values())))
-  head = "| model | " + " | ".join(f"{s} MAE | {s} AUC<40%" for s in splits) + " |"
-  rows = [head, "|---" * (1 + 2 * len(splits)) + "|"]
+  head = "| row | model | " + " | ".join(f"{s} MAE | {s} AUC<40%" for s in splits) + " |"
+  rows = [head, "|---" * (2 + 2 * len(splits)) + "|"]
   for name, per_split in results.items():
     cells = " | ".join(f"{per_split[s]['mae']:.2f} | {per_split[s]['auc_lvef_below_40']:.3f}"
                        for s in splits)
-    rows.append(f"| {labels[name]} | {cells} |")
+    rows.append(f"| `{name}` | {labels[name]} | {cells} |")
   return "\n".join(rows)
 
 
-def main(argv):
-  del argv
-  logs.setup()
+def run(work: str, data_config: ml_collections.ConfigDict,
+        pretrain_config: ml_collections.ConfigDict, frozen_config: ml_collections.ConfigDict,
+        transfer_config: ml_collections.ConfigDict) -> dict:
+  """Runs (or resumes) every stage in `work`; writes and returns the results.json content."""
   t0 = time.time()
-  work = _WORKDIR.value
   stages.use_compilation_cache(work)
   data_dir = os.path.join(work, "data")
-  stages.make_data(_DATA.value, data_dir)
+  stages.make_data(data_config, data_dir)
   t_data = time.time() - t0
 
-  pre = _PRETRAIN.value
+  pre = pretrain_config.copy_and_resolve_references()
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
   if not stages.finished(pretrain_dir, pre):
     pretrain.train_and_evaluate(pre, pretrain_dir)
   t_pre = time.time() - t0 - t_data
 
-  for name, init in (("pretrained", f"pretrain:{pretrain_dir}"), ("scratch", "random")):
-    ft = _FINETUNE.value.copy_and_resolve_references()
-    ft.data.dir, ft.init = data_dir, init
-    run_dir = os.path.join(work, f"finetune_{name}")
-    if not stages.finished(run_dir, ft):
-      finetune.train_and_evaluate(ft, run_dir)
-  t_ft = time.time() - t0 - t_data - t_pre
+  t_arms = {}
+  for name in DEMO_ARMS:
+    t_arm = time.time()
+    ft = stages.arm_config(stages.ARMS[name], frozen_config, transfer_config, data_dir,
+                           pretrain_dir)
+    if not stages.finished(run_dir(work, name), ft):
+      finetune.train_and_evaluate(ft, run_dir(work, name))
+    t_arms[name] = time.time() - t_arm
 
   model = select_model(work)
   train_mean = finetune.label_mean(data_dir, "train", 1.0)
@@ -118,17 +137,26 @@ def main(argv):
   md = table(results)
   wall = time.time() - t0
   timing = (f"wall time {wall / 60:.1f} min (data {t_data:.0f} s, pre-training {t_pre:.0f} s, "
-            f"fine-tuning x2 {t_ft:.0f} s)")
+            "fine-tuning " + ", ".join(f"{k} {v:.0f} s" for k, v in t_arms.items()) + ")")
+  out = {"results": results, "model": model, "wall_s": wall,
+         "stage_s": {"data": t_data, "pretrain": t_pre, **t_arms}}
   with open(os.path.join(work, "results.json"), "w") as f:
-    json.dump({"results": results, "wall_s": wall}, f, indent=1)
+    json.dump(out, f, indent=1)
   with open(os.path.join(work, "results.md"), "w") as f:
     f.write(md + "\n\n" + timing + "\n")
   print(synthetic.summary_table(data_dir))
   print()
   print(md)
   print(f"model for tools/predict.py: {os.path.join(work, MODEL_LINK)} -> {model} "
-        "(the lower validation MAE)")
+        "(the lowest validation MAE)")
   print(timing)
+  return out
+
+
+def main(argv):
+  del argv
+  logs.setup()
+  run(_WORKDIR.value, _DATA.value, _PRETRAIN.value, _FINETUNE.value, _TRANSFER.value)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-MAX_LOG_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: logit scale (inverse temperature) <= 100
+MAX_LOG_LOGIT_SCALE = math.log(100.0)  # CLIP's clip: logit scale (inverse temperature) <= 100
+LOGIT_SCALE = "logit_scale"  # the dual encoder's parameter name
 
 
 def clip_loss(emb_a: jax.Array, emb_b: jax.Array,
@@ -23,7 +24,8 @@ def clip_loss(emb_a: jax.Array, emb_b: jax.Array,
   Args:
     emb_a: [N, E] unit-norm embeddings (e.g. videos).
     emb_b: [N, E] unit-norm embeddings of the paired items (reports or second clips).
-    log_logit_scale: [] learnable log inverse temperature, clamped at ln(100) here.
+    log_logit_scale: [] learnable log inverse temperature (used as is: the training step clips
+      the parameter after each update, `clip_logit_scale`, so that its gradient never vanishes).
 
   Returns:
     (loss [], metrics) where loss is the mean of the a->b and b->a cross-entropies and metrics
@@ -31,7 +33,7 @@ def clip_loss(emb_a: jax.Array, emb_b: jax.Array,
   """
   if emb_a.ndim != 2 or emb_a.shape != emb_b.shape:
     raise ValueError(f"embeddings must both be [N, E], got {emb_a.shape} and {emb_b.shape}")
-  scale = jnp.exp(jnp.minimum(log_logit_scale.astype(jnp.float32), MAX_LOG_LOGIT_SCALE))
+  scale = jnp.exp(log_logit_scale.astype(jnp.float32))
   logits = scale * jnp.einsum("ne,me->nm", emb_a.astype(jnp.float32), emb_b.astype(jnp.float32))
   labels = jnp.arange(logits.shape[0])
   loss_a2b = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -42,6 +44,18 @@ def clip_loss(emb_a: jax.Array, emb_b: jax.Array,
       "logit_scale": scale,
   }
   return 0.5 * (loss_a2b + loss_b2a), metrics
+
+
+def clip_logit_scale(params: dict) -> dict:
+  """`params` with its log logit scale clipped to [0, ln 100] (temperature in [0.01, 1]).
+
+  CLIP clips the parameter after the optimizer's update. Clamping it inside the loss instead
+  (`exp(min(s, ln 100))`) would give it an exactly zero gradient once it passes ln 100, so it
+  could never come back down.
+  """
+  if LOGIT_SCALE not in params:
+    return params
+  return {**params, LOGIT_SCALE: jnp.clip(params[LOGIT_SCALE], 0.0, MAX_LOG_LOGIT_SCALE)}
 
 
 def variance_floor(emb: jax.Array, eps: float = 1e-4) -> tuple[jax.Array, jax.Array]:

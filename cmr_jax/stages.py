@@ -1,5 +1,12 @@
-"""Pipeline stages shared by the demo and the benchmark: skipped when done, restarted when stale."""
+"""Pipeline stages shared by the demo and the benchmark: skipped when done, restarted when stale.
 
+Also the fine-tuning arms both compare, named for what they are (`ARMS`): the pre-trained encoder
+frozen (the paper's setting), a random encoder frozen with the same head and budget, the whole
+network trained from random initialisation (a supervised baseline), and the pre-trained encoder
+with every layer trained (the paper found freezing better than unfreezing).
+"""
+
+import dataclasses
 import json
 import os
 import time
@@ -13,6 +20,46 @@ from cmr_jax.data import synthetic
 from cmr_jax.train import checkpoint
 
 XLA_CACHE_DIR = "xla_cache"
+TRAIN_MEAN = "train_mean"  # the training-mean predictor's row
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One fine-tuning arm.
+
+  Attributes:
+    name: its key in results files (and run directory `finetune_{name}`).
+    label: what it is, for tables.
+    pretrained: the encoder starts from the pre-training run (else from random).
+    transfer: every layer trains (the transfer config) instead of the head on a frozen encoder.
+  """
+
+  name: str
+  label: str
+  pretrained: bool
+  transfer: bool
+
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("pretrained", "contrastive pre-trained encoder, frozen (the paper's setting)", True, False),
+    Arm("random_frozen", "random encoder, frozen (same head and budget)", False, False),
+    Arm("scratch_full", "whole network trained from random init (supervised)", False, True),
+    Arm("pretrained_transfer", "contrastive pre-trained encoder, every layer trained", True,
+        True),
+)}
+
+
+def arm_config(arm: Arm, frozen: ml_collections.ConfigDict,
+               transfer: ml_collections.ConfigDict, data_dir: str,
+               pretrain_dir: str) -> ml_collections.ConfigDict:
+  """The fine-tuning config of `arm`: a copy of `frozen` or `transfer` on `data_dir`."""
+  config = (transfer if arm.transfer else frozen).copy_and_resolve_references()
+  if arm.transfer and config.mode != "transfer":
+    raise ValueError(f"arm {arm.name} needs a transfer config (mode 'transfer'), got mode "
+                     f"{config.mode!r}")
+  config.data.dir = data_dir
+  config.init = f"pretrain:{pretrain_dir}" if arm.pretrained else "random"
+  return config
 
 
 def use_compilation_cache(workdir: str) -> None:

@@ -28,8 +28,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown mvit_b_pretrain config argument {arg!r}")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(dir="/path/to/records", train_split="train", eval_split="val", image_size=224,
-                num_frames=16, worker_count=8)
+  # The pre-training archive: studies of subjects that fine-tuning and scoring never use (the
+  # paper pre-trained on institutional archives and fine-tuned on UK Biobank). bag_size None:
+  # clips drawn from every cine of a study.
+  c.data = dict(dir="/path/to/archive_records", train_split="train", eval_split="val",
+                image_size=224, num_frames=16, bag_size=None, worker_count=8)
   c.model = dict(video="mvit_b_16x4", text="bert_base", embed_dim=512, dtype="bfloat16",
                  remat=True, two_clips=False, video_overrides={},
                  # The paper's text tower: PubMedBERT's pooled [CLS]; CLIP's temperature start.
@@ -40,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Converted PyTorch weights for the towers (tools/convert_weights.py): video = Kinetics-400
   # MViT-B, text = a Hugging Face BERT such as PubMedBERT; "" starts from random.
   c.init = dict(video="", text="")
+  # Parameter groups kept at their initial values, e.g. ("text_encoder",) for a locked
+  # PubMedBERT (LiT-style).
+  c.frozen = ()
   c.mesh = dict(data=1, fsdp=-1, model=1)
   c.batch_size = 256  # global, over all processes
   c.eval_batch_size = 256

@@ -31,13 +31,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(dir="/path/to/ukbb_records", train_split="train", eval_split="val",
                 image_size=224, num_frames=16, max_instances=16, label_fraction=1.0,
                 worker_count=8)
-  c.model = dict(video="mvit_b_16x4", embed_dim=512, dtype="bfloat16", remat=True,
+  # head "paper": the reference implementation's head (cmr_jax/models/heads.py).
+  c.model = dict(video="mvit_b_16x4", embed_dim=512, head="paper", dtype="bfloat16", remat=True,
                  video_overrides={})
   c.mesh = dict(data=1, fsdp=-1, model=1)
   c.batch_size = 32  # studies (bags of up to 16 cines), global
   c.eval_batch_size = 64
   c.total_steps = 20_000
-  c.huber_delta = 5.0  # percent LVEF
+  c.huber_delta = 1.0  # percent LVEF, as the reference implementation
   c.optim = dict(lr=1e-3, warmup_steps=500, weight_decay=1e-4, grad_clip_norm=10.0)
   c.log_every = 50
   c.eval_every = 500

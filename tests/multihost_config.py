@@ -31,6 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size, c.data.num_frames = IMAGE_SIZE, NUM_FRAMES
   # One block, a non-overlapping patch embedding and 1-tap pooling: a third of the compile time
   # of the 3 x 7 x 7 patch and 3 x 3 x 3 pooling kernels, which this test does not need.
+  c.data.train_split, c.data.eval_split = "train", "val"  # its data have no archive split
+  c.model.video = "mvit_tiny"  # the multi-host path of the real-size encoder family
   c.model.video_overrides = {"num_frames": NUM_FRAMES, "image_size": IMAGE_SIZE, "depth": 1,
                              "stage_starts": (), "patch_kernel": (2, 4, 4),
                              "patch_stride": (2, 4, 4), "patch_padding": (0, 0, 0),

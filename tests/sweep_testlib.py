@@ -68,7 +68,8 @@ def pretrain_config(data_dir: str, vocab: str):
   c.data.dir = data_dir
   c.text.vocab = vocab
   c.data.image_size, c.data.num_frames = 32, 8
-  c.model.video_overrides = VIDEO
+  c.data.train_split, c.data.eval_split = "train", "val"  # its data have no archive split
+  c.model.video, c.model.video_overrides = "mvit_tiny", VIDEO
   c.model.embed_dim = 32
   c.text.max_len = 24
   c.batch_size = c.eval_batch_size = 8  # one example per fake CPU device
@@ -82,7 +83,7 @@ def finetune_config(data_dir: str):
   c = load_config("synthetic_finetune")
   c.data.dir = data_dir
   c.data.image_size, c.data.num_frames = 32, 8
-  c.model.video_overrides = VIDEO
+  c.model.video, c.model.video_overrides = "mvit_tiny", VIDEO
   c.model.embed_dim = 32
   c.batch_size = c.eval_batch_size = 8
   c.checkpoint.async_save = False

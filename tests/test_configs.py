@@ -29,7 +29,7 @@ DATA, PRETRAIN, FINETUNE = "data", "pretrain", "finetune"
 CONFIGS = {
     "synthetic_data": (DATA, (None, "small", "benchmark")),
     "synthetic_pretrain": (PRETRAIN, (None, "smoke", "benchmark")),
-    "synthetic_finetune": (FINETUNE, (None, "smoke")),
+    "synthetic_finetune": (FINETUNE, (None, "smoke", "transfer", "transfer_smoke")),
     "mvit_b_pretrain": (PRETRAIN, (None,)),
     "ukbb_finetune": (FINETUNE, (None,)),
     "kaggle_finetune": (FINETUNE, (None,)),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cmr_jax import losses
-from cmr_jax.models import configs, heads, layers, mvit
+from cmr_jax.models import configs, heads, layers, mvit, r2plus1d
 
 # torchvision documents mvit_v1_b (the same network as pytorchvideo's mvit_base_16x4) at
 # 36,610,672 parameters, 307,600 of which are its 400-class Kinetics head (768 * 400 + 400).
@@ -153,6 +153,53 @@ def test_depthwise_conv_and_max_pool_match_lax_reference():
   np.testing.assert_array_equal(pool(x, (1, 3, 3), (1, 2, 2)), want)
 
 
+def test_factorised_convolutions_match_lax_3d_convolutions():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 6, 9, 9, 3)).astype(np.float32)  # [B, T, H, W, C]
+  dims = ("NDHWC", "DHWIO", "NDHWC")
+  conv3d = lambda x, k, stride, pad: jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, stride, pad, dimension_numbers=dims)
+  spatial = r2plus1d.SpatialConv(4, 3, 2)
+  sp = spatial.init(_key(), x)
+  kernel = nn.meta.unbox(sp)["params"]["conv"]["kernel"]  # [3, 3, 3, 4]
+  np.testing.assert_allclose(spatial.apply(sp, x),
+                             conv3d(x, kernel[None], (1, 2, 2), [(0, 0), (1, 1), (1, 1)]),
+                             rtol=1e-5, atol=1e-5)
+  for stride in (1, 2):
+    temporal = r2plus1d.TemporalConv(4, 3, stride)
+    tp = temporal.init(_key(1), x)
+    kernel = nn.meta.unbox(tp)["params"]["kernel"]  # [3, 3, 4]
+    want = conv3d(x, kernel[:, None, None], (stride, 1, 1), [(1, 1), (0, 0), (0, 0)])
+    np.testing.assert_allclose(temporal.apply(tp, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_r2plus1d_clips_are_encoded_independently_of_their_batch():
+  rng = np.random.default_rng(4)
+  model = configs.video_encoder("r2plus1d_tiny", image_size=32, num_frames=8)
+  video = _uint8(rng, (3, 8, 32, 32))
+  variables = jax.jit(model.init)(_key(), video[:1])
+  encode = jax.jit(model.apply)
+  together = encode(variables, video)
+  alone = np.concatenate([encode(variables, video[i:i + 1]) for i in range(3)])
+  # GroupNorm, no batch statistics: a clip's features do not depend on its batch-mates.
+  np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+  assert together.shape == (3, 128) and not np.allclose(together[0], together[1])
+  with pytest.raises(ValueError, match="one entry per stage"):
+    configs.video_config("r2plus1d_tiny", blocks=(1, 1))
+
+
+def test_bag_of_words_ignores_padding_and_tells_reports_apart():
+  model = configs.text_encoder("bow_tiny", vocab_size=50)
+  ids = np.array([[5, 6, 7, 0, 0], [5, 6, 8, 0, 0]], np.int32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]], np.int32)
+  variables = jax.jit(model.init)(_key(), ids, mask)
+  out = model.apply(variables, ids, mask)
+  repadded = np.where(mask == 1, ids, 49)
+  np.testing.assert_allclose(model.apply(variables, repadded, mask), out, rtol=1e-6)
+  cosine = float(out[0] @ out[1] / np.linalg.norm(out[0]) / np.linalg.norm(out[1]))
+  assert cosine < 0.99  # one word apart is already a different embedding at initialisation
+
+
 def test_preprocess_video_normalises_and_copies_grey():
   video = jnp.array([[[[0, 255]]]], jnp.uint8)  # [1, T=1, H=1, W=2]
   out = mvit.preprocess_video(video)
@@ -242,10 +289,10 @@ def test_gated_attention_matches_numpy_reference():
   np.testing.assert_allclose(weights[2, 3], 1.0)  # a single valid instance takes all the weight
 
 
-def _small_lvef():
+def _small_lvef(head: str = "paper"):
   """The LVEF model around the shared small encoder; only its head is initialised here."""
   model = configs.lvef_regressor("mvit_tiny", label_mean=55.0, proj_dim=16, attention_dim=8,
-                                 **SMALL_VIDEO)
+                                 head=head, **SMALL_VIDEO)
   features = np.zeros((1, 2, model.video_encoder.config.width), np.float32)
   head = jax.jit(functools.partial(model.init, method="predict_from_features"))(
       _key(), features, np.ones((1, 2), bool))
@@ -253,10 +300,12 @@ def _small_lvef():
   return model, {"params": params}
 
 
-def test_lvef_model_ignores_padded_instances_and_freezes_the_encoder():
+@pytest.mark.parametrize("head", heads.HEADS)
+def test_lvef_model_ignores_padded_instances_and_freezes_the_encoder(head):
   rng = np.random.default_rng(5)
-  model, variables = _small_lvef()
-  assert float(variables["params"]["regressor"]["bias"][0]) == 55.0
+  model, variables = _small_lvef(head)
+  bias = 0.55 if head == "paper" else 55.0  # the paper's head regresses LVEF / 100
+  assert float(variables["params"]["regressor"]["bias"][0]) == pytest.approx(bias, rel=1e-6)
   abstract = jax.eval_shape(model.init, _key(), np.zeros((1, 2, 4, 32, 32), np.uint8),
                             np.ones((1, 2), bool))
   assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, nn.meta.unbox(abstract))
@@ -279,12 +328,46 @@ def test_lvef_model_ignores_padded_instances_and_freezes_the_encoder():
   np.testing.assert_array_equal(weights2, weights)
   np.testing.assert_array_equal(weights[~mask], 0.0)
   np.testing.assert_allclose(weights.sum(1), [1.0, 1.0, 0.0, 1.0], rtol=1e-6)
-  assert float(lvef[2]) == 55.0  # an empty bag pools to zero: the prediction is the bias
+  # An empty bag pools to zero: the prediction is the bias (in percent).
+  assert float(lvef[2]) == pytest.approx(55.0, rel=1e-6)
   assert float(lvef[3]) != float(lvef[0])  # a valid clip's content matters
   # The paper's frozen encoder: no gradient reaches it, the projection and head do learn.
   assert all(np.all(g == 0) for g in jax.tree.leaves(grads["video_encoder"]))
   assert np.any(grads["video_proj"]["kernel"] != 0)
   assert np.any(grads["mil"]["attention_V"]["kernel"] != 0)
+  if head == "paper":
+    assert np.any(grads["instance_mlp"]["fc2"]["kernel"] != 0)
+
+
+def test_paper_head_shapes_dropout_and_normalised_input():
+  rng = np.random.default_rng(6)
+  model, variables = _small_lvef("paper")
+  params = variables["params"]
+  # The reference: 512 -> 256 -> 256 per instance, gated attention L=256 D=128, 256 -> 1.
+  # Here proj_dim 16 and attention_dim 8: 16 -> 256 -> 256, attention 256 x 8, 256 -> 1.
+  shapes = {k: v["kernel"].shape for k, v in params["instance_mlp"].items()}
+  assert shapes == {"fc1": (16, 256), "fc2": (256, 256)}
+  assert params["mil"]["attention_V"]["kernel"].shape == (256, 8)
+  assert params["regressor"]["kernel"].shape == (256, 1)
+  width = model.video_encoder.config.width
+  features = rng.normal(size=(3, 4, width)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], bool)
+  head = jax.jit(functools.partial(model.apply, method="predict_from_features"),
+                 static_argnames="train")
+  eval_a, weights = head(variables, features, mask)
+  eval_b, _ = head(variables, features, mask)
+  np.testing.assert_array_equal(eval_a, eval_b)  # no dropout at inference
+  np.testing.assert_array_equal(weights[~mask], 0.0)
+  # video_proj's output is L2-normalised per instance: scaling an instance's features changes
+  # nothing.
+  scaled = features * np.array([3.0, 0.5, 7.0, 1.0], np.float32)[None, :, None]
+  np.testing.assert_allclose(head(variables, scaled, mask)[0], eval_a, rtol=1e-5, atol=1e-4)
+  train = [head(variables, features, mask, train=True, rngs={"dropout": _key(i)})[0]
+           for i in range(2)]
+  assert not np.allclose(train[0], train[1])  # dropout at training time
+  with pytest.raises(ValueError, match="unknown head"):
+    configs.lvef_regressor("mvit_tiny", label_mean=50.0, head="mlp", **SMALL_VIDEO).init(
+        _key(), np.zeros((1, 1, 4, 32, 32), np.uint8), np.ones((1, 1), bool))
 
 
 def test_dual_encoder_video_text_and_video_video():
@@ -350,6 +433,39 @@ def test_variance_floor_known_answers():
     losses.variance_floor(jnp.ones((1, 4)))
 
 
+def test_clip_logit_scale_clips_the_parameter_after_the_update():
+  params = {"logit_scale": jnp.asarray(5.0), "video_proj": {"kernel": jnp.full((2, 2), 7.0)}}
+  clipped = losses.clip_logit_scale(params)
+  np.testing.assert_allclose(clipped["logit_scale"], np.log(100.0), rtol=1e-6)
+  np.testing.assert_array_equal(clipped["video_proj"]["kernel"], params["video_proj"]["kernel"])
+  np.testing.assert_allclose(losses.clip_logit_scale({"logit_scale": jnp.asarray(-1.0)})
+                             ["logit_scale"], 0.0)
+  np.testing.assert_allclose(losses.clip_logit_scale({"logit_scale": jnp.asarray(2.5)})
+                             ["logit_scale"], 2.5)
+  assert losses.clip_logit_scale({"a": 1}) == {"a": 1}
+
+
+def test_pretraining_step_moves_the_temperature_and_clips_it_after_the_update():
+  from cmr_jax.train import common, optim, pretrain  # noqa: PLC0415 (a trainer, only here)
+  model, params = _small_dual()
+  rng = np.random.default_rng(9)
+  batch = {"video": _uint8(rng, (4, 4, 32, 32)),
+           "text_ids": rng.integers(0, 50, (4, 6)).astype(np.int32),
+           "text_mask": np.ones((4, 6), np.int32)}
+  tx, _ = optim.make_optimizer(params, base_lr=1e-2, total_steps=10, warmup_steps=0)
+  step = jax.jit(pretrain.make_train_step(model, tx, two_clips=False))
+  for start, clipped in ((3.0, False), (losses.MAX_LOG_LOGIT_SCALE + 0.5, True)):
+    p = {**params, "logit_scale": jnp.asarray(start, jnp.float32)}
+    state = common.TrainState(step=jnp.asarray(0), params=p, opt_state=tx.init(p))
+    state, out = step(state, batch, _key(2))
+    after = float(state.params["logit_scale"])
+    if clipped:  # past ln 100 the parameter is put back at ln 100 after the update
+      assert after == pytest.approx(losses.MAX_LOG_LOGIT_SCALE, abs=1e-6)
+    else:  # below it the gradient moves it
+      assert after != pytest.approx(start, abs=1e-4)
+    np.testing.assert_allclose(out["logit_scale"], np.exp(start), rtol=1e-5)
+
+
 def test_clip_loss_matches_hand_computed_value():
   a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
   b = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)
@@ -370,10 +486,12 @@ def test_clip_loss_matches_hand_computed_value():
   y /= np.linalg.norm(y, axis=1, keepdims=True)
   np.testing.assert_allclose(clip_loss(x, y, jnp.log(3.0))[0], _clip_loss_numpy(x, y, 3.0),
                              rtol=1e-5)
-  # The logit scale is clamped at 100.
-  clamped, metrics = clip_loss(x, y, jnp.asarray(10.0))
-  np.testing.assert_allclose(clamped, _clip_loss_numpy(x, y, 100.0), rtol=1e-5)
-  np.testing.assert_allclose(metrics["logit_scale"], 100.0, rtol=1e-6)
+  # The loss uses the scale as given (no clamp inside): above ln 100 it still has a gradient.
+  big, metrics = clip_loss(x, y, jnp.asarray(5.0))
+  np.testing.assert_allclose(big, _clip_loss_numpy(x, y, np.exp(5.0)), rtol=1e-5)
+  np.testing.assert_allclose(metrics["logit_scale"], np.exp(5.0), rtol=1e-6)
+  grad = jax.grad(lambda s: losses.clip_loss(x, y, s)[0])(jnp.asarray(5.0))
+  assert np.isfinite(grad) and abs(float(grad)) > 1e-4
   with pytest.raises(ValueError, match="both be"):
     losses.clip_loss(x, y[:3], jnp.asarray(0.0))
 

@@ -61,7 +61,8 @@ def pretrain_config(data_dir: str, vocab: str):
   c.data.dir = data_dir
   c.text.vocab = vocab
   c.data.image_size, c.data.num_frames = 32, 8
-  c.model.video_overrides = _VIDEO
+  c.data.train_split, c.data.eval_split = "train", "val"  # its data have no archive split
+  c.model.video, c.model.video_overrides = "mvit_tiny", _VIDEO
   c.model.embed_dim = 32
   c.text.max_len = 24
   c.batch_size = c.eval_batch_size = 8  # one example per fake CPU device
@@ -136,7 +137,7 @@ def finetune_config(data_dir: str, init: str):
   c = _config("synthetic_finetune")
   c.data.dir = data_dir
   c.data.image_size, c.data.num_frames = 32, 8
-  c.model.video_overrides = _VIDEO
+  c.model.video, c.model.video_overrides = "mvit_tiny", _VIDEO
   c.model.embed_dim = 32
   c.init = init
   c.batch_size = c.eval_batch_size = 8

@@ -202,7 +202,9 @@ class _IndexedSource:
 class PretrainExample:
   """(index, record) -> pre-training example: one random cine (two with two_clips) + report.
 
-  Without a tokenizer (the video-video variant) the example has no text fields.
+  The cine is drawn from the study's fine-tuning bag (`bag_indices` with `bag_size`) when
+  `bag_size` is set, else from all its cines. Without a tokenizer (the video-video variant) the
+  example has no text fields.
   """
 
   clips: ClipMaker
@@ -210,6 +212,7 @@ class PretrainExample:
   max_text_len: int
   max_sentences: int | None
   two_clips: bool
+  bag_size: int | None = None
 
   def __call__(self, element: tuple[int, types.StudyRecord | None],
                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -221,7 +224,9 @@ class PretrainExample:
       videos = [np.zeros(shape, np.uint8)] * count
     else:
       if rng is not None:
-        picks = rng.choice(record.num_cines, count, replace=record.num_cines < count)
+        pool = (np.arange(record.num_cines) if self.bag_size is None else
+                np.asarray(bag_indices(record.views, record.slice_index, self.bag_size)))
+        picks = rng.choice(pool, count, replace=len(pool) < count)
       else:  # fixed: the first cines in bag order (4CH first when present)
         order = bag_indices(record.views, record.slice_index, record.num_cines)
         picks = [order[k % len(order)] for k in range(count)]
@@ -336,6 +341,7 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
                      seed: int, train: bool = True, shard_index: int = 0, shard_count: int = 1,
                      num_epochs: int | None = None, worker_count: int = 0,
                      two_clips: bool = False, max_sentences: int | None = None,
+                     bag_size: int | None = None,
                      augment: AugmentConfig = AugmentConfig(), read_threads: int = 2,
                      prefetch_buffer_size: int = 4) -> grain.IterDataset:
   """Video-report pairs for contrastive pre-training (studies with a report).
@@ -358,6 +364,9 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
     worker_count: grain worker processes (0: threads in this process).
     two_clips: add "video2", a second random cine of the same study (video-video variant).
     max_sentences: use only the first sentences of each report.
+    bag_size: draw training cines from the study's fine-tuning bag of this size (the long-axis
+      views and every second SAX slice, `bag_indices`), the cines the LVEF head pools; None:
+      from all its cines (apical and basal SAX slices included).
     augment: augmentation settings.
     read_threads: threads per process applying the per-study transform.
     prefetch_buffer_size: examples read ahead per process.
@@ -373,7 +382,7 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
   indices = _shard_indices(keep, train=train, batch_size=batch_size, shard_index=shard_index,
                            shard_count=shard_count)
   example = PretrainExample(ClipMaker(image_size, num_frames, augment), tokenizer, max_text_len,
-                            max_sentences, two_clips)
+                            max_sentences, two_clips, bag_size)
   return _dataset(source, indices, example, batch_size=batch_size,
                   seed=_shard_seed(seed, shard_index), train=train, num_epochs=num_epochs,
                   worker_count=worker_count, read_threads=read_threads,

@@ -4,9 +4,15 @@ Video encoders:
   mvit_b_16x4    pytorchvideo's MViT-B 16x4 (the paper's encoder), 16x224x224, 36.3M parameters.
   mvit_tiny      1/6 width (16 -> 128), 5 blocks, 16x64x64: the CPU demo and test model.
   mvit_tiny_112  the same network at 16x112x112.
+  r2plus1d_tiny  a small R(2+1)D CNN (EchoNet-Dynamic's family; widths 16 -> 128, 4 blocks,
+                 0.4M parameters), 16x64x64: the CPU demo's encoder (the tiny MViT does not learn
+                 from a few hundred studies in CPU minutes; README, "Encoders").
+  r2plus1d_18    the R(2+1)D-18 geometry (widths 64 -> 512, 2 blocks per stage) at 16x112x112.
 Text encoders:
   bert_base      BERT-base / PubMedBERT geometry (12 layers, 768 wide, 12 heads, vocab 30522).
-  bert_tiny      2 layers, 64 wide, 2 heads, for CPU tests and the demo.
+  bert_tiny      2 layers, 64 wide, 2 heads, for CPU tests.
+  bow_tiny       a bag-of-words encoder (mean word embedding + MLP, 128 wide): the CPU demo's text
+                 tower (README, "Encoders").
 
 Any field can be overridden by keyword, e.g. `video_config("mvit_tiny", num_frames=8)`.
 """
@@ -22,21 +28,34 @@ import jax.numpy as jnp
 from cmr_jax.models.dual import CLIP_INIT_TEMPERATURE, DualEncoder
 from cmr_jax.models.heads import ATTENTION_DIM, PROJECTION_DIM, LVEFRegressor
 from cmr_jax.models.mvit import MViT, MViTConfig
-from cmr_jax.models.text import BertConfig, BertEncoder
+from cmr_jax.models.r2plus1d import R2Plus1D, R2Plus1DConfig
+from cmr_jax.models.text import BagOfWordsConfig, BagOfWordsEncoder, BertConfig, BertEncoder
 
 _TINY_MVIT = MViTConfig(num_frames=16, image_size=64, embed_dim=16, depth=5, num_heads=1,
                         stage_starts=(1, 2, 4), kv_pool_stride=(1, 4, 4))
 
-VIDEO_CONFIGS: dict[str, MViTConfig] = {
+VideoConfig = MViTConfig | R2Plus1DConfig
+VideoEncoder = MViT | R2Plus1D
+# The encoder class of each geometry type.
+_VIDEO_ENCODERS: dict[type, type] = {MViTConfig: MViT, R2Plus1DConfig: R2Plus1D}
+
+VIDEO_CONFIGS: dict[str, VideoConfig] = {
     "mvit_b_16x4": MViTConfig(),
     "mvit_tiny": _TINY_MVIT,
     "mvit_tiny_112": dataclasses.replace(_TINY_MVIT, image_size=112, kv_pool_stride=(1, 8, 8)),
+    "r2plus1d_tiny": R2Plus1DConfig(),
+    "r2plus1d_18": R2Plus1DConfig(image_size=112, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
+                                  groups=32),
 }
 
-TEXT_CONFIGS: dict[str, BertConfig] = {
+TextConfig = BertConfig | BagOfWordsConfig
+_TEXT_ENCODERS: dict[type, type] = {BertConfig: BertEncoder, BagOfWordsConfig: BagOfWordsEncoder}
+
+TEXT_CONFIGS: dict[str, TextConfig] = {
     "bert_base": BertConfig(),
     "bert_tiny": BertConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
                             max_len=128),
+    "bow_tiny": BagOfWordsConfig(hidden_size=128, max_len=128),
 }
 
 
@@ -46,30 +65,34 @@ def _lookup(table: Mapping[str, Any], kind: str, name: str, overrides: Mapping[s
   return dataclasses.replace(table[name], **overrides)
 
 
-def video_config(name: str, **overrides: Any) -> MViTConfig:
-  """The named MViT geometry with `overrides` applied."""
+def video_config(name: str, **overrides: Any) -> VideoConfig:
+  """The named video encoder geometry with `overrides` applied."""
   return _lookup(VIDEO_CONFIGS, "video", name, overrides)
 
 
-def text_config(name: str, **overrides: Any) -> BertConfig:
-  """The named BERT geometry with `overrides` applied."""
+def text_config(name: str, **overrides: Any) -> TextConfig:
+  """The named text encoder geometry with `overrides` applied."""
   return _lookup(TEXT_CONFIGS, "text", name, overrides)
 
 
 def video_encoder(name: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                  remat: bool = False, attention_impl: str = "einsum", **overrides: Any) -> MViT:
-  """Builds the named MViT; `dtype` is the compute dtype (e.g. "bfloat16")."""
-  return MViT(video_config(name, **overrides), dtype=jnp.dtype(dtype),
-              param_dtype=jnp.dtype(param_dtype), remat=remat, attention_impl=attention_impl)
+                  remat: bool = False, attention_impl: str = "einsum",
+                  **overrides: Any) -> VideoEncoder:
+  """Builds the named video encoder; `dtype` is the compute dtype (e.g. "bfloat16")."""
+  config = video_config(name, **overrides)
+  return _VIDEO_ENCODERS[type(config)](config, dtype=jnp.dtype(dtype),
+                                       param_dtype=jnp.dtype(param_dtype), remat=remat,
+                                       attention_impl=attention_impl)
 
 
 def text_encoder(name: str, *, dtype: str = "float32", param_dtype: str = "float32",
                  remat: bool = False, attention_impl: str = "einsum",
-                 **overrides: Any) -> BertEncoder:
-  """Builds the named BERT encoder."""
-  return BertEncoder(text_config(name, **overrides), dtype=jnp.dtype(dtype),
-                     param_dtype=jnp.dtype(param_dtype), remat=remat,
-                     attention_impl=attention_impl)
+                 **overrides: Any) -> BertEncoder | BagOfWordsEncoder:
+  """Builds the named text encoder."""
+  config = text_config(name, **overrides)
+  return _TEXT_ENCODERS[type(config)](config, dtype=jnp.dtype(dtype),
+                                      param_dtype=jnp.dtype(param_dtype), remat=remat,
+                                      attention_impl=attention_impl)
 
 
 def dual_encoder(video: str, text: str | None, *, embed_dim: int = PROJECTION_DIM,
@@ -88,11 +111,12 @@ def dual_encoder(video: str, text: str | None, *, embed_dim: int = PROJECTION_DI
 
 def lvef_regressor(video: str, *, label_mean: float, train_encoder: bool = False,
                    proj_dim: int = PROJECTION_DIM, attention_dim: int = ATTENTION_DIM,
-                   dtype: str = "float32", param_dtype: str = "float32", remat: bool = False,
-                   attention_impl: str = "einsum", **video_overrides: Any) -> LVEFRegressor:
-  """Builds the fine-tuning model (encoder -> video_proj -> gated attention MIL -> LVEF)."""
+                   head: str = "paper", dtype: str = "float32", param_dtype: str = "float32",
+                   remat: bool = False, attention_impl: str = "einsum",
+                   **video_overrides: Any) -> LVEFRegressor:
+  """Builds the fine-tuning model (encoder -> video_proj -> `head` (gated attention MIL) -> LVEF)."""
   encoder = video_encoder(video, dtype=dtype, param_dtype=param_dtype, remat=remat,
                           attention_impl=attention_impl, **video_overrides)
   return LVEFRegressor(encoder, label_mean=label_mean, proj_dim=proj_dim,
-                       attention_dim=attention_dim, train_encoder=train_encoder,
+                       attention_dim=attention_dim, train_encoder=train_encoder, head=head,
                        dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))

@@ -2,7 +2,8 @@
 
 Both towers end in a bias-free linear projection to a shared `embed_dim` (512) followed by L2
 normalisation. The learnable temperature is stored as a log logit scale (`logit_scale`,
-initialised at ln(1 / 0.07) as in CLIP); `cmr_jax.losses.clip_loss` clamps it at ln(100).
+initialised at ln(1 / 0.07) as in CLIP); the pre-training step clips it to [0, ln 100] after each
+update (`cmr_jax.losses.clip_logit_scale`).
 In the video-video variant (no text encoder) two clips of one study pass through the same video
 tower. Parameter groups: `video_encoder`, `video_proj`, `text_encoder`, `text_proj`,
 `logit_scale`; `video_encoder` and `video_proj` are what `LVEFRegressor` reuses.
@@ -18,8 +19,6 @@ import jax.numpy as jnp
 
 from cmr_jax.models import layers
 from cmr_jax.models.heads import PROJECTION_DIM, video_projection
-from cmr_jax.models.mvit import MViT
-from cmr_jax.models.text import BertEncoder
 
 Dtype = layers.Dtype
 
@@ -45,8 +44,8 @@ class DualEncoder(nn.Module):
       lets the temperature fall as the towers align.
   """
 
-  video_encoder: MViT
-  text_encoder: BertEncoder | None = None
+  video_encoder: nn.Module  # uint8 clips [B, T, H, W] -> features [B, width] (MViT, R2Plus1D)
+  text_encoder: nn.Module | None = None  # ids, mask [B, L] -> [B, width] (BERT, bag of words)
   embed_dim: int = PROJECTION_DIM
   init_temperature: float = CLIP_INIT_TEMPERATURE
   dtype: Dtype = jnp.float32

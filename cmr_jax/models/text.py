@@ -243,3 +243,46 @@ class _Pooler(nn.Module):
     y = layers.dense(self.config.hidden_size, ("embed", "mlp"), name="dense", dtype=self.dtype,
                      param_dtype=self.param_dtype)(cls_hidden)
     return jnp.tanh(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class BagOfWordsConfig:
+  """Geometry of a bag-of-words report encoder."""
+
+  vocab_size: int = 1000
+  hidden_size: int = 128
+  max_len: int = 128
+
+
+class BagOfWordsEncoder(nn.Module):
+  """Masked mean of token embeddings, then a two-layer MLP: ids [B, L] -> [B, hidden].
+
+  A cheap text tower for CPU runs from scratch: unlike a randomly initialised BERT, whose pooled
+  outputs start nearly identical for every report, its outputs differ from the first step
+  wherever the reports' words differ (numbers, grades), so contrastive training has a signal to
+  follow at once. Word order is lost; a report's key facts here are in its words.
+  """
+
+  config: BagOfWordsConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False  # accepted for a common builder signature; nothing to rematerialise
+  attention_impl: str = "einsum"  # likewise unused
+
+  @nn.compact
+  def __call__(self, ids: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
+    """Encodes `ids: int [B, L]` with `mask: [B, L]` (nonzero = real token) into [B, hidden]."""
+    del train
+    c = self.config
+    if ids.ndim != 2 or ids.shape != mask.shape:
+      raise ValueError(f"text ids and mask must both be [B, L], got {ids.shape} and {mask.shape}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype,
+                     dtype=self.dtype, name="word_embeddings",
+                     embedding_init=layers.partitioned(nn.initializers.normal(1.0),
+                                                       ("vocab", "embed")))
+    weights = mask.astype(self.dtype)[..., None]
+    x = (embed(ids) * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+    x = nn.gelu(layers.dense(c.hidden_size, ("embed", "mlp"), name="fc1", **kw)(x),
+                approximate=False)
+    return layers.dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(x)

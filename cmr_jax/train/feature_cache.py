@@ -112,12 +112,11 @@ def batch_at(bank: Bank, step: int, batch_size: int, seed: int) -> dict[str, np.
 
 
 def head_forward(model):
-  """(params, feature batch, rng) -> LVEF [B]: the head alone (no dropout in it)."""
+  """(params, feature batch, rng) -> LVEF [B]: the head alone, in training mode (dropout)."""
 
   def forward(params, batch, rng):
-    del rng
-    pred, _ = model.apply({"params": params}, batch["features"], batch["mask"],
-                          method="predict_from_features")
+    pred, _ = model.apply({"params": params}, batch["features"], batch["mask"], train=True,
+                          rngs={"dropout": rng}, method="predict_from_features")
     return pred
 
   return forward

@@ -49,8 +49,8 @@ ENCODER_PARAMS = ("video_encoder", "video_proj")
 # Parameter groups each imported-weights init kind provides (see load_pretrained_encoder).
 IMPORTED_PARAMS = {"kinetics": ("video_encoder",), "cmr_transformer": ENCODER_PARAMS}
 TRAINABLE_BY_MODE = {
-    "linear": (r"^mil/", r"^regressor/"),
-    "finetune": (r"^mil/", r"^regressor/", r"^video_proj/"),
+    "linear": (r"^instance_mlp/", r"^mil/", r"^regressor/"),
+    "finetune": (r"^instance_mlp/", r"^mil/", r"^regressor/", r"^video_proj/"),
     "transfer": (r".*",),
 }
 
@@ -79,7 +79,7 @@ def build_model(config: ml_collections.ConfigDict, mean: float):
                      f"{sorted(TRAINABLE_BY_MODE)}")
   return model_configs.lvef_regressor(
       m.video, label_mean=mean, train_encoder=config.mode == "transfer", proj_dim=m.embed_dim,
-      dtype=m.dtype, remat=m.remat, **dict(m.get("video_overrides", {})))
+      head=m.get("head", "paper"), dtype=m.dtype, remat=m.remat, **dict(m.get("video_overrides", {})))
 
 
 def init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:

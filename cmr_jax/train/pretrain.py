@@ -80,6 +80,22 @@ def imported_params(config: ml_collections.ConfigDict,
   return out
 
 
+def trainable_patterns(params: Any, frozen: Any) -> tuple[str, ...]:
+  """Regexes of the trainable top-level parameter groups: all but those named in `frozen`.
+
+  Locking a tower (LiT, Zhai et al. 2022, locked the image tower) keeps its initial features:
+  e.g. `frozen=("text_encoder",)` trains the video tower and both projections against a text
+  tower whose random bag-of-words features already separate the reports, so it cannot drift to a
+  constant while the video tower has not yet learnt to match it.
+  """
+  frozen = tuple(frozen or ())
+  unknown = sorted(set(frozen) - set(params))
+  if unknown:
+    raise ValueError(f"config.frozen names {unknown}, not parameter groups of the model "
+                     f"({sorted(params)})")
+  return tuple(f"^{name}(/|$)" for name in params if name not in frozen) if frozen else ()
+
+
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                   train_source: records.StudySource) -> tokenizer_lib.TextTokenizer:
   """The run's tokenizer: a given vocab.txt, the one saved in workdir, or trained on train reports."""
@@ -136,7 +152,7 @@ def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
 
     (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params = losses.clip_logit_scale(jax.tree.map(lambda p, u: p + u, state.params, updates))
     out = {"grad_norm": optim.global_norm(grads), **aux}
     if variance_weight:
       out["total_loss"] = total
@@ -245,7 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_source, image_size=d.image_size, num_frames=d.num_frames, batch_size=batch,
       tokenizer=tok, max_text_len=config.text.max_len, seed=config.seed, train=True,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      worker_count=d.worker_count, two_clips=two_clips, max_sentences=config.text.max_sentences)
+      worker_count=d.worker_count, two_clips=two_clips, max_sentences=config.text.max_sentences,
+      bag_size=d.get("bag_size"))
   data_iter = iter(train_ds)
 
   example = {"video": jnp.zeros((1, d.num_frames, d.image_size, d.image_size), jnp.uint8)}
@@ -259,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   o = config.optim
   tx, schedule = optim.make_optimizer(
       abstract_params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
-      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
+      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
+      trainable_patterns=trainable_patterns(abstract_params, config.get("frozen", ())))
   state, state_shardings = common.create_train_state(
       init_params, tx, mesh, jax.random.key(config.seed),
       overrides=imported_params(config, abstract_params))
