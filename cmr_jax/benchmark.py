@@ -119,7 +119,8 @@ def main(argv):
   pre = _PRETRAIN.value
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  if needs_pretraining(_ARMS.value) and not stages.finished(pretrain_dir, pre):
+  if needs_pretraining(_ARMS.value) and not stages.finished(
+      pretrain_dir, pre, upstream=[stages.data_stamp(data_dir)]):
     pretrain.train_and_evaluate(pre, pretrain_dir)
 
   available = records.read_dataset_info(data_dir)["splits"]
@@ -138,7 +139,10 @@ def main(argv):
         logging.warning("skipped %s at label fraction %g: %s", name, fraction, e)
         skipped.append(f"{name} at label fraction {fraction:g}: {e}")
         continue
-      if not stages.finished(run_dir, ft):
+      upstream = [stages.data_stamp(data_dir)]
+      if name in stages.ARMS and stages.ARMS[name].pretrained:
+        upstream.append(stages.final_checkpoint(pretrain_dir, pre))
+      if not stages.finished(run_dir, ft, upstream):
         logging.info("fine-tuning %s at label fraction %g", name, fraction)
         finetune.train_and_evaluate(ft, run_dir)
       predictor = finetune.Predictor(run_dir)

@@ -118,7 +118,7 @@ def run(work: str, data_config: ml_collections.ConfigDict,
   pre = pretrain_config.copy_and_resolve_references()
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  if not stages.finished(pretrain_dir, pre):
+  if not stages.finished(pretrain_dir, pre, upstream=[stages.data_stamp(data_dir)]):
     pretrain.train_and_evaluate(pre, pretrain_dir)
   t_pre = time.time() - t0 - t_data
 
@@ -127,7 +127,10 @@ def run(work: str, data_config: ml_collections.ConfigDict,
     t_arm = time.time()
     ft = stages.arm_config(stages.ARMS[name], frozen_config, transfer_config, data_dir,
                            pretrain_dir)
-    if not stages.finished(run_dir(work, name), ft):
+    upstream = [stages.data_stamp(data_dir)]
+    if stages.ARMS[name].pretrained:
+      upstream.append(stages.final_checkpoint(pretrain_dir, pre))
+    if not stages.finished(run_dir(work, name), ft, upstream):
       finetune.train_and_evaluate(ft, run_dir(work, name))
     t_arms[name] = time.time() - t_arm
 

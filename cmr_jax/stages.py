@@ -6,6 +6,7 @@ network trained from random initialisation (a supervised baseline), and the pre-
 with every layer trained (the paper found freezing better than unfreezing).
 """
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
@@ -70,7 +71,7 @@ def use_compilation_cache(workdir: str) -> None:
 
 def make_data(config: ml_collections.ConfigDict, out: str) -> None:
   """Builds the dataset unless `out` already holds one made from the same config."""
-  stamp = os.path.join(out, "demo_config.json")
+  stamp = data_stamp(out)
   wanted = config.to_json(sort_keys=True)
   if os.path.exists(stamp) and open(stamp).read() == wanted:
     logging.info("dataset %s is up to date", out)
@@ -82,21 +83,36 @@ def make_data(config: ml_collections.ConfigDict, out: str) -> None:
     f.write(wanted)
 
 
-def finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+def data_stamp(data_dir: str) -> str:
+  """The file `make_data` writes when a dataset is complete (its time is the dataset's)."""
+  return os.path.join(data_dir, "demo_config.json")
+
+
+def final_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """The directory of a run's final checkpoint (its time is when the run finished)."""
+  return os.path.join(workdir, "checkpoints", str(config.total_steps))
+
+
+def finished(workdir: str, config: ml_collections.ConfigDict,
+             upstream: Sequence[str] = ()) -> bool:
   """Whether a run of `config` in `workdir` already saved its final step (the stage is skipped).
 
-  A run left by another config (e.g. an older version of the demo) is moved aside to
-  `{workdir}.stale-{time}`, with a warning, so that the stage starts afresh instead of resuming
-  from it.
+  A run left by another config (e.g. an older version of the demo), or started before any of
+  its `upstream` inputs was last written (a dataset rebuilt, a pre-training run redone since:
+  `data_stamp`, `final_checkpoint`), is moved aside to `{workdir}.stale-{time}`, with a warning,
+  so that the stage starts afresh instead of resuming from or reusing it.
   """
   saved = os.path.join(workdir, "config.json")
   if os.path.exists(saved):
     with open(saved) as f:
       same = json.load(f) == json.loads(config.to_json_best_effort())
-    if not same:
+    started = os.path.getmtime(saved)
+    newer = [p for p in upstream if os.path.exists(p) and os.path.getmtime(p) > started]
+    if not same or newer:
       aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-      logging.warning("%s was made with another config: moved to %s; the stage starts afresh",
-                      workdir, aside)
+      why = "another config" if not same else f"inputs written since it started ({newer})"
+      logging.warning("%s was made with %s: moved to %s; the stage starts afresh", workdir, why,
+                      aside)
       os.rename(workdir, aside)
       return False
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)

@@ -70,3 +70,17 @@ def test_demo_end_to_end_names_its_four_rows_and_links_the_validation_pick(tmp_p
   assert os.readlink(os.path.join(work, demo.MODEL_LINK)) == f"finetune_{min(val, key=val.get)}"
   printed = capsys.readouterr().out
   assert "`scratch_full`" in printed and "archive" in printed
+
+
+def test_a_run_older_than_its_inputs_is_moved_aside(tmp_path):
+  run, upstream = str(tmp_path / "finetune"), str(tmp_path / "pretrain_final")
+  os.makedirs(upstream)
+  common.save_config(_config(10), run)
+  old = os.path.getmtime(os.path.join(run, "config.json"))
+  os.utime(upstream, (old - 60, old - 60))  # written before the run started: still valid
+  assert not stages.finished(run, _config(10), [upstream])
+  assert os.path.exists(run)
+  os.utime(upstream, (old + 60, old + 60))  # e.g. pre-training redone since: stale
+  assert not stages.finished(run, _config(10), [upstream, str(tmp_path / "missing")])
+  assert not os.path.exists(run)
+  assert any(d.startswith("finetune.stale-") for d in os.listdir(tmp_path))
