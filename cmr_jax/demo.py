@@ -38,15 +38,23 @@ from cmr_jax.eval import metrics
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where everything is written")
-_DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py", "dataset")
-_PRETRAIN = config_flags.DEFINE_config_file("pretrain_config", "configs/synthetic_pretrain.py",
-                                            "pre-training")
-_FINETUNE = config_flags.DEFINE_config_file("finetune_config", "configs/synthetic_finetune.py",
-                                            "fine-tuning with a frozen encoder")
-_TRANSFER = config_flags.DEFINE_config_file(
-    "transfer_config", "configs/synthetic_finetune.py:transfer",
-    "fine-tuning of the whole network (the scratch_full arm)")
+
+def _define_flags() -> dict:
+  """The program's flags, defined only when the module runs as a program (tests import it)."""
+  return {
+      "workdir": flags.DEFINE_string("workdir", "runs/demo", "where everything is written"),
+      "data": config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py",
+                                              "dataset"),
+      "pretrain": config_flags.DEFINE_config_file(
+          "pretrain_config", "configs/synthetic_pretrain.py", "pre-training"),
+      "frozen": config_flags.DEFINE_config_file(
+          "finetune_config", "configs/synthetic_finetune.py", "fine-tuning, frozen encoder"),
+      "transfer": config_flags.DEFINE_config_file(
+          "transfer_config", "configs/synthetic_finetune.py:transfer",
+          "fine-tuning of the whole network (the scratch_full arm)"),
+  }
+
+
 EVAL_SPLITS = ("test", "external")
 MODEL_LINK = "model"
 DEMO_ARMS = ("pretrained", "random_frozen", "scratch_full")
@@ -156,11 +164,13 @@ def run(work: str, data_config: ml_collections.ConfigDict,
   return out
 
 
-def main(argv):
+def main(argv, program_flags: dict):
   del argv
   logs.setup()
-  run(_WORKDIR.value, _DATA.value, _PRETRAIN.value, _FINETUNE.value, _TRANSFER.value)
+  f = {name: flag.value for name, flag in program_flags.items()}
+  run(f["workdir"], f["data"], f["pretrain"], f["frozen"], f["transfer"])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))

@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "small":
     config.spec.num_subjects = 12
     config.spec.num_external = 4
-    config.spec.num_archive = 12
+    config.spec.num_archive = 20  # 2 of them in archive_val
     config.num_shards = 2
     config.num_previews = 1
   elif arg == "benchmark":  # the synthetic benchmark (python -m cmr_jax.benchmark)

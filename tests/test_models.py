@@ -466,6 +466,18 @@ def test_pretraining_step_moves_the_temperature_and_clips_it_after_the_update():
     np.testing.assert_allclose(out["logit_scale"], np.exp(start), rtol=1e-5)
 
 
+def test_chunked_validation_infonce_equals_the_training_loss_per_chunk():
+  from cmr_jax.train import pretrain  # noqa: PLC0415 (a trainer, only here)
+  rng = np.random.default_rng(10)
+  a, b = (rng.normal(size=(11, 8)).astype(np.float32) for _ in range(2))
+  a /= np.linalg.norm(a, axis=1, keepdims=True)
+  b /= np.linalg.norm(b, axis=1, keepdims=True)
+  want = np.mean([float(losses.clip_loss(a[i:i + 4], b[i:i + 4], jnp.log(7.0))[0])
+                  for i in (0, 4)])  # the last 3 pairs do not fill a chunk
+  assert pretrain.chunked_infonce(a, b, np.log(7.0), 4) == pytest.approx(want, rel=1e-5)
+  assert np.isnan(pretrain.chunked_infonce(a[:3], b[:3], 0.0, 4))
+
+
 def test_clip_loss_matches_hand_computed_value():
   a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
   b = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)

@@ -143,9 +143,12 @@ def test_outputs_and_cli_logs_hold_no_identifier(result, inputs, run_dir, tmp_pa
   with open(tmp_path / "cli.csv") as f:
     cli_rows = list(csv.DictReader(f))
   assert [r["input"] for r in cli_rows] == paths
-  # A random per-run salt: other pseudonyms, the same predictions.
+  # A random per-run salt: other pseudonyms, the same predictions. The tolerance: another process
+  # reads and resamples the DICOM with float differences of ~1e-4 in the encoder's features, and
+  # the paper's head at (near) initialisation (x100 output, PyTorch-default init) turns them into
+  # up to ~0.1 LVEF points (this project's first head, `simple`, into < 0.01).
   assert cli_rows[0]["study"] != result["studies"][0]["study"]
-  assert float(cli_rows[0]["lvef"]) == pytest.approx(result["studies"][0]["lvef"], abs=0.01)
+  assert float(cli_rows[0]["lvef"]) == pytest.approx(result["studies"][0]["lvef"], abs=0.25)
 
   secrets = set(pseudonym.identifier_strings([
       v for who in identities for v in (who.patient_name, who.patient_id, who.birth_date,

@@ -212,9 +212,34 @@ def embed_split(embed_fn, params, source, config, tok,
   return np.concatenate(video), np.concatenate(paired)
 
 
+def chunked_infonce(emb_a: np.ndarray, emb_b: np.ndarray, log_logit_scale: float,
+                    batch_size: int) -> float:
+  """Mean symmetric InfoNCE over consecutive chunks of `batch_size` pairs (a last, smaller
+  chunk is dropped), comparable with the training loss at that batch size; NaN if no chunk."""
+  n = len(emb_a) // batch_size
+  if n == 0:
+    return float("nan")
+  scale = np.exp(np.float64(log_logit_scale))
+  values = []
+  for i in range(n):
+    a, b = (e[i * batch_size:(i + 1) * batch_size].astype(np.float64) for e in (emb_a, emb_b))
+    logits = scale * a @ b.T  # [N, N]
+    lse_rows = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    lse_cols = np.log(np.exp(logits - logits.max(0, keepdims=True)).sum(0)) + logits.max(0)
+    diag = np.diag(logits)
+    values.append(0.5 * (np.mean(lse_rows - diag) + np.mean(lse_cols - diag)))
+  return float(np.mean(values))
+
+
 def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, float]:
-  """Recall@k of video -> report retrieval over one pass of `source` (eval clips)."""
-  return recall_at_k(*embed_split(embed_fn, params, source, config, tok, mesh))
+  """Recall@k of video -> report retrieval over one pass of `source` (eval clips), and the
+  InfoNCE of the same pairs in chunks of the training batch size (`infonce`)."""
+  emb_a, emb_b = embed_split(embed_fn, params, source, config, tok, mesh)
+  out = recall_at_k(emb_a, emb_b)
+  # The scale is replicated: this process's copy is the value (also on multi-host meshes).
+  scale = float(np.asarray(params["logit_scale"].addressable_data(0)))
+  out["infonce"] = chunked_infonce(emb_a, emb_b, scale, config.batch_size)
+  return out
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
