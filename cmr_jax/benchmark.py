@@ -1,7 +1,7 @@
 r"""The synthetic benchmark: the paper's claims in shape, on the phantom.
 
   python -m cmr_jax.benchmark --workdir=runs/benchmark
-  # a GPU (minutes) or a long CPU run (hours); smaller: --fractions=0.1,1 --arms=pretrained,scratch_full
+  # a GPU (minutes) or a CPU (about an hour); smaller: --fractions=0.1,1 --arms=pretrained
 
 1. the dataset (`--data_config`, default configs/synthetic_data.py:benchmark: 1000 subjects at two
    internal protocol families, 150 at a third held out as the `external` split, 10% rescans);

@@ -1,5 +1,5 @@
-r"""The embedded synthetic dataset: phantom studies at two internal sites, an external site, rescans,
-and a disjoint pre-training archive.
+r"""The embedded synthetic dataset: phantom studies at two internal sites, an external site,
+rescans, and a disjoint pre-training archive.
 
 Make it (records, summary and PNG previews) with:
 

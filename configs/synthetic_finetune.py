@@ -1,4 +1,4 @@
-r"""LVEF fine-tuning on the synthetic phantom: frozen encoder, trainable projection + the paper's head.
+r"""LVEF fine-tuning on the synthetic phantom: frozen encoder, trainable projection + paper head.
 
   python -m cmr_jax.main --mode=finetune --config=configs/synthetic_finetune.py \
       --workdir=runs/finetune --config.data.dir=runs/synthetic --config.init=pretrain:runs/pretrain

@@ -46,7 +46,8 @@ def test_demo_end_to_end_names_its_four_rows_and_links_the_validation_pick(tmp_p
   data.num_workers = 0
   data.spec.rescan_fraction = 0.0
   work = str(tmp_path / "demo")
-  configs = [_load_config("synthetic_pretrain", "smoke"), _load_config("synthetic_finetune", "smoke"),
+  configs = [_load_config("synthetic_pretrain", "smoke"),
+             _load_config("synthetic_finetune", "smoke"),
              _load_config("synthetic_finetune", "transfer_smoke")]
   for c in configs:  # one example per fake CPU device (conftest: 8 devices)
     c.batch_size = c.eval_batch_size = 8

@@ -6,13 +6,14 @@ Video encoders:
   mvit_tiny_112  the same network at 16x112x112.
   r2plus1d_tiny  a small R(2+1)D CNN (EchoNet-Dynamic's family; widths 16 -> 128, 4 blocks,
                  0.4M parameters), 16x64x64: the CPU demo's encoder (the tiny MViT does not learn
-                 from a few hundred studies in CPU minutes; README, "Encoders").
+                 from a few hundred studies in CPU minutes; README, "Encoders, heads and
+                 pre-training").
   r2plus1d_18    the R(2+1)D-18 geometry (widths 64 -> 512, 2 blocks per stage) at 16x112x112.
 Text encoders:
   bert_base      BERT-base / PubMedBERT geometry (12 layers, 768 wide, 12 heads, vocab 30522).
   bert_tiny      2 layers, 64 wide, 2 heads, for CPU tests.
   bow_tiny       a bag-of-words encoder (mean word embedding + MLP, 128 wide): the CPU demo's text
-                 tower (README, "Encoders").
+                 tower (README, "Encoders, heads and pre-training").
 
 Any field can be overridden by keyword, e.g. `video_config("mvit_tiny", num_frames=8)`.
 """
@@ -114,7 +115,7 @@ def lvef_regressor(video: str, *, label_mean: float, train_encoder: bool = False
                    head: str = "paper", dtype: str = "float32", param_dtype: str = "float32",
                    remat: bool = False, attention_impl: str = "einsum",
                    **video_overrides: Any) -> LVEFRegressor:
-  """Builds the fine-tuning model (encoder -> video_proj -> `head` (gated attention MIL) -> LVEF)."""
+  """Builds the fine-tuning model (encoder -> video_proj -> `head` with gated attention -> LVEF)."""
   encoder = video_encoder(video, dtype=dtype, param_dtype=param_dtype, remat=remat,
                           attention_impl=attention_impl, **video_overrides)
   return LVEFRegressor(encoder, label_mean=label_mean, proj_dim=proj_dim,

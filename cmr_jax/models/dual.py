@@ -18,17 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from cmr_jax.models import layers
-from cmr_jax.models.heads import PROJECTION_DIM, video_projection
+from cmr_jax.models.heads import PROJECTION_DIM, l2_normalize, video_projection
 
 Dtype = layers.Dtype
 
 CLIP_INIT_TEMPERATURE = 0.07
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-  """Normalises `x: [B, E]` to unit length along the last axis, in float32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 class DualEncoder(nn.Module):
@@ -64,13 +58,15 @@ class DualEncoder(nn.Module):
 
   def encode_video(self, video: jax.Array, *, train: bool = False) -> jax.Array:
     """Maps `video: uint8 [B, T, H, W]` to unit-norm embeddings [B, embed_dim] (float32)."""
-    return l2_normalize(self.video_proj(self.video_encoder(video, train=train)))
+    features = self.video_encoder(video, train=train)
+    return l2_normalize(self.video_proj(features).astype(jnp.float32))
 
   def encode_text(self, ids: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
     """Maps `ids, mask: [B, L]` to unit-norm embeddings [B, embed_dim] (float32)."""
     if self.text_encoder is None:
       raise ValueError("this dual encoder has no text tower (video-video variant)")
-    return l2_normalize(self.text_proj(self.text_encoder(ids, mask, train=train)))
+    features = self.text_encoder(ids, mask, train=train)
+    return l2_normalize(self.text_proj(features).astype(jnp.float32))
 
   def __call__(self, video: jax.Array, text_ids: jax.Array | None = None,
                text_mask: jax.Array | None = None, video2: jax.Array | None = None, *,

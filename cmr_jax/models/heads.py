@@ -13,7 +13,7 @@ encoder's, so its pre-trained weights carry over), then one of two heads (`head`
           PyTorch's default initialisation, as in the reference.
   simple  the projected features straight into the gated attention (D = 128) and a linear
           regressor in percent with its bias at the training-label mean (this project's first
-          head; kept for comparison: README, "Heads").
+          head; kept for comparison: README, "Encoders, heads and pre-training").
 
 The gated attention pooling is
 
@@ -101,7 +101,7 @@ def _torch_dense(features: int, axes: tuple[str | None, str | None], *, name: st
 
 
 class InstanceMLP(nn.Module):
-  """The reference head's per-instance MLP: (Linear -> ReLU -> Dropout) x 2, [..., D] -> [..., L]."""
+  """The reference head's per-instance MLP: (Linear, ReLU, Dropout) x 2, [..., D] -> [..., L]."""
 
   hidden_dim: int = PAPER_HIDDEN_DIM
   dropout_rate: float = PAPER_DROPOUT

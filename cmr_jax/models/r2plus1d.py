@@ -4,7 +4,8 @@ A small residual network of factorised convolutions: every 3D convolution is a s
 convolution followed by a temporal k x 1 x 1 one, with a normalisation and ReLU between them. It
 is the CPU demo's encoder: a tiny vision transformer trained from scratch on a few hundred
 studies learns little in CPU minutes, where this convolutional network, with its locality and
-translation priors, learns both LVEF and the contrastive task (README, "Encoders").
+translation priors, learns both LVEF and the contrastive task (README, "Encoders, heads and
+pre-training").
 
   stem      spatial conv 1 x 7 x 7 (stride 1, 2, 2) -> norm -> ReLU -> temporal conv 3 x 1 x 1
             -> norm -> ReLU                                              [B, T, H/2, W/2, widths[0]]
