@@ -139,9 +139,7 @@ def main(argv):
         logging.warning("skipped %s at label fraction %g: %s", name, fraction, e)
         skipped.append(f"{name} at label fraction {fraction:g}: {e}")
         continue
-      upstream = [stages.data_stamp(data_dir)]
-      if name in stages.ARMS and stages.ARMS[name].pretrained:
-        upstream.append(stages.final_checkpoint(pretrain_dir, pre))
+      upstream = stages.upstream_of(name, data_dir, pretrain_dir, pre)
       if not stages.finished(run_dir, ft, upstream):
         logging.info("fine-tuning %s at label fraction %g", name, fraction)
         finetune.train_and_evaluate(ft, run_dir)

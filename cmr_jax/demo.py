@@ -69,17 +69,22 @@ def evaluate(workdir: str, data_dir: str, train_mean: float,
              arms=DEMO_ARMS) -> dict[str, dict[str, dict]]:
   """Metrics of each arm's best checkpoint and of the training-mean predictor per split.
 
-  Each evaluation split is read once per arm (the deterministic pass).
+  Each arm's checkpoint is restored once and reads each evaluation split once (the
+  deterministic pass).
   """
   results: dict[str, dict[str, dict]] = {}
+  reference: dict[str, dict] = {}
   available = records.read_dataset_info(data_dir)["splits"]
-  for split in (s for s in EVAL_SPLITS if s in available):
-    for name in arms:
-      p = finetune.predict_run(run_dir(workdir, name), data_dir, split)
-      keep = ~np.isnan(p["lvef"])
-      results.setdefault(name, {})[split] = metrics.summary(p["lvef"][keep], p["pred"][keep])
-    results.setdefault(stages.TRAIN_MEAN, {})[split] = metrics.summary(
-        p["lvef"][keep], np.full(keep.sum(), train_mean))
+  splits = [s for s in EVAL_SPLITS if s in available]
+  for name in arms:
+    predictor = finetune.Predictor(run_dir(workdir, name))
+    for split in splits:
+      p = predictor(records.open_split(data_dir, split))
+      truth = p["lvef"][~np.isnan(p["lvef"])]
+      results.setdefault(name, {})[split] = metrics.summary(truth, p["pred"][~np.isnan(p["lvef"])])
+      if split not in reference:  # every arm reads the same labels
+        reference[split] = metrics.summary(truth, np.full(truth.shape, train_mean))
+  results[stages.TRAIN_MEAN] = reference  # the reference row last
   return results
 
 
@@ -135,9 +140,7 @@ def run(work: str, data_config: ml_collections.ConfigDict,
     t_arm = time.time()
     ft = stages.arm_config(stages.ARMS[name], frozen_config, transfer_config, data_dir,
                            pretrain_dir)
-    upstream = [stages.data_stamp(data_dir)]
-    if stages.ARMS[name].pretrained:
-      upstream.append(stages.final_checkpoint(pretrain_dir, pre))
+    upstream = stages.upstream_of(name, data_dir, pretrain_dir, pre)
     if not stages.finished(run_dir(work, name), ft, upstream):
       finetune.train_and_evaluate(ft, run_dir(work, name))
     t_arms[name] = time.time() - t_arm

@@ -93,6 +93,15 @@ def final_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> str:
   return os.path.join(workdir, "checkpoints", str(config.total_steps))
 
 
+def upstream_of(arm: str, data_dir: str, pretrain_dir: str,
+                pretrain_config: ml_collections.ConfigDict) -> list[str]:
+  """The inputs a fine-tuning run of `arm` (an `ARMS` name or an init string) is made from."""
+  inputs = [data_stamp(data_dir)]
+  if arm in ARMS and ARMS[arm].pretrained:
+    inputs.append(final_checkpoint(pretrain_dir, pretrain_config))
+  return inputs
+
+
 def finished(workdir: str, config: ml_collections.ConfigDict,
              upstream: Sequence[str] = ()) -> bool:
   """Whether a run of `config` in `workdir` already saved its final step (the stage is skipped).

@@ -6,8 +6,9 @@ subject into train/val/test; subjects `num_subjects .. num_subjects+num_external
 tests); the next `num_archive` subjects, scanned at `archive_sites` (round robin), are the
 pre-training archive (splits "archive" and "archive_val"): contrastive pre-training reads only
 them, so no subject it sees is fine-tuned on or scored, as the paper pre-trained on institutional
-archives and fine-tuned and tested on UK Biobank. A deterministic `rescan_fraction` of subjects gets a second visit (same heart, new
-acquisition) for scan-rescan repeatability; a rescan stays in its subject's split.
+archives and fine-tuned and tested on UK Biobank. A deterministic `rescan_fraction` of subjects
+gets a second visit (same heart, new acquisition) for scan-rescan repeatability; a rescan stays in
+its subject's split.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def build_model(config: ml_collections.ConfigDict, mean: float):
                      f"{sorted(TRAINABLE_BY_MODE)}")
   return model_configs.lvef_regressor(
       m.video, label_mean=mean, train_encoder=config.mode == "transfer", proj_dim=m.embed_dim,
-      head=m.get("head", "paper"), dtype=m.dtype, remat=m.remat, **dict(m.get("video_overrides", {})))
+      head=m.get("head", "paper"), dtype=m.dtype, remat=m.remat,
+      **dict(m.get("video_overrides", {})))
 
 
 def init_fn(model, config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:

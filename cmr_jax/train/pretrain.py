@@ -219,16 +219,10 @@ def chunked_infonce(emb_a: np.ndarray, emb_b: np.ndarray, log_logit_scale: float
   n = len(emb_a) // batch_size
   if n == 0:
     return float("nan")
-  scale = np.exp(np.float64(log_logit_scale))
-  values = []
-  for i in range(n):
-    a, b = (e[i * batch_size:(i + 1) * batch_size].astype(np.float64) for e in (emb_a, emb_b))
-    logits = scale * a @ b.T  # [N, N]
-    lse_rows = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
-    lse_cols = np.log(np.exp(logits - logits.max(0, keepdims=True)).sum(0)) + logits.max(0)
-    diag = np.diag(logits)
-    values.append(0.5 * (np.mean(lse_rows - diag) + np.mean(lse_cols - diag)))
-  return float(np.mean(values))
+  scale = jnp.asarray(log_logit_scale, jnp.float32)
+  return float(np.mean([losses.clip_loss(jnp.asarray(emb_a[i * batch_size:(i + 1) * batch_size]),
+                                         jnp.asarray(emb_b[i * batch_size:(i + 1) * batch_size]),
+                                         scale)[0] for i in range(n)]))
 
 
 def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, float]:
