@@ -31,7 +31,7 @@ TEST_WORKERS ?= 2
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m cmr_jax.demo --workdir=runs/demo
+	$(VENV)/bin/python tools/demo.py --workdir=runs/demo
 
 test: $(TORCH_STAMP) $(BEAM_STAMP)
 	CMR_JAX_REQUIRE_TORCH=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \

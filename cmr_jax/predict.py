@@ -40,9 +40,9 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from cmr_jax.data import dicom_io
-from cmr_jax.data import ingest
-from cmr_jax.data import layouts
+from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import ingest
+from cmr_jax.dicom import layouts
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
 from cmr_jax.data import records

@@ -6,7 +6,7 @@ The data are Kaggle records written by tools/ingest.py (`--layout=kaggle`, LVEF 
 end-diastolic and end-systolic volumes; subject-grouped train/val/test splits), at the image
 size of pre-training. With about 800 training studies, the run is short and evaluates often:
 
-  python -m cmr_jax.main --mode=finetune --config=configs/kaggle_finetune.py \
+  python tools/train.py --mode=finetune --config=configs/kaggle_finetune.py \
       --workdir=runs/kaggle_finetune --config.data.dir=/data/kaggle_records \
       --config.init=pretrain:/shared/runs/mvit_b_pretrain
 

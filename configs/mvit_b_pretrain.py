@@ -7,7 +7,7 @@ upsampling). The report tokenizer is PubMedBERT's uncased WordPiece vocabulary: 
 (30522 tokens) must be given with --config.text.vocab (the default is a placeholder that fails
 with a clear message). On a TPU slice or a multi-node GPU job (see launch/):
 
-  python -m cmr_jax.main --mode=pretrain --config=configs/mvit_b_pretrain.py \
+  python tools/train.py --mode=pretrain --config=configs/mvit_b_pretrain.py \
       --workdir=/shared/runs/mvit_b_pretrain --config.data.dir=/shared/data/ukbb \
       --config.text.vocab=/shared/models/pubmedbert/vocab.txt [--distributed=auto]
 

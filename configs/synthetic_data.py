@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.spec.num_archive = 20  # 2 of them in archive_val
     config.num_shards = 2
     config.num_previews = 1
-  elif arg == "benchmark":  # the synthetic benchmark (python -m cmr_jax.benchmark)
+  elif arg == "benchmark":  # the synthetic benchmark (python tools/benchmark.py)
     config.spec.num_subjects = 1000
     config.spec.num_external = 150
     config.spec.num_archive = 2000

@@ -1,6 +1,6 @@
 r"""LVEF fine-tuning on the synthetic phantom: frozen encoder, trainable projection + paper head.
 
-  python -m cmr_jax.main --mode=finetune --config=configs/synthetic_finetune.py \
+  python tools/train.py --mode=finetune --config=configs/synthetic_finetune.py \
       --workdir=runs/finetune --config.data.dir=runs/synthetic --config.init=pretrain:runs/pretrain
 
 `--config.init=random` with the encoder frozen is the `random_frozen` baseline;

@@ -1,7 +1,7 @@
 r"""Contrastive video-report pre-training of the demo's encoder on the synthetic archive.
 
   python tools/make_synthetic.py --out=runs/synthetic
-  python -m cmr_jax.main --mode=pretrain --config=configs/synthetic_pretrain.py \
+  python tools/train.py --mode=pretrain --config=configs/synthetic_pretrain.py \
       --workdir=runs/pretrain --config.data.dir=runs/synthetic
 
 `:smoke` gives a seconds-long variant for tests. Override anything with --config.a.b=value.
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
     c.checkpoint.every = 2
     c.checkpoint.keep_period = None
-  elif arg == "benchmark":  # the synthetic benchmark (python -m cmr_jax.benchmark)
+  elif arg == "benchmark":  # the synthetic benchmark (python tools/benchmark.py)
     c.total_steps = 2000  # ~32 passes over its ~2000-study archive
     c.eval_every = 500
     c.checkpoint.every = 250

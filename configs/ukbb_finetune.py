@@ -5,7 +5,7 @@ The data are UK Biobank records written by tools/ingest.py (`--layout=ukbb`, LVE
 22420; subject-grouped train/val/test splits), at the image size of pre-training. The encoder
 comes from a pre-training run (configs/mvit_b_pretrain.py):
 
-  python -m cmr_jax.main --mode=finetune --config=configs/ukbb_finetune.py \
+  python tools/train.py --mode=finetune --config=configs/ukbb_finetune.py \
       --workdir=/shared/runs/ukbb_finetune --config.data.dir=/shared/data/ukbb \
       --config.init=pretrain:/shared/runs/mvit_b_pretrain [--distributed=auto]
 

@@ -7,7 +7,7 @@
 #   MODE     pretrain | finetune
 #   CONFIG   a config file, optionally with its argument (configs/synthetic_pretrain.py:smoke)
 #   WORKDIR  the run directory (checkpoints, metrics, logs)
-#   FLAG     further cmr_jax.main flags, e.g. --config.data.dir=runs/synthetic
+#   FLAG     further tools/train.py flags, e.g. --config.data.dir=runs/synthetic
 # Environment: PYTHON, the interpreter with cmr_jax installed (default: the repository's .venv).
 #
 # Examples:
@@ -44,5 +44,5 @@ fi
 
 mkdir -p "${WORKDIR}"
 # tee -i ignores the Ctrl-C meant for the trainer, so the log keeps the checkpoint message.
-"${PYTHON}" -m cmr_jax.main --mode="${MODE}" --config="${CONFIG}" --workdir="${WORKDIR}" "$@" \
+"${PYTHON}" "${REPO}/tools/train.py" --mode="${MODE}" --config="${CONFIG}" --workdir="${WORKDIR}" "$@" \
   2>&1 | tee -i -a "${WORKDIR}/train.log"

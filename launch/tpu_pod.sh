@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cmr-jax on a Cloud TPU VM slice (e.g. a v4-32: 4 workers x 4 chips). Every worker runs the
-# same `python -m cmr_jax.main --distributed=auto ...`; JAX finds the other workers from the TPU
+# same `python tools/train.py --distributed=auto ...`; JAX finds the other workers from the TPU
 # metadata. The data and the run directory live on a Cloud Storage bucket that every worker
 # mounts with Cloud Storage FUSE at the same path (the trainers write metrics, configs and the
 # tokenizer with ordinary file I/O, so WORKDIR must be such a mounted path, not a gs:// URL).
@@ -10,7 +10,7 @@
 #   setup      copy this checkout's HEAD to every worker, install Python PYTHON_VERSION, cmr_jax
 #              and jax[tpu] in a venv there, and mount gs://BUCKET at MOUNT
 #   run MODE CONFIG WORKDIR [FLAG...]
-#              start `cmr_jax.main --mode=MODE --config=CONFIG --workdir=WORKDIR FLAG...` on
+#              start `tools/train.py --mode=MODE --config=CONFIG --workdir=WORKDIR FLAG...` on
 #              every worker in the background; each worker logs to WORKDIR/logs/HOSTNAME.log
 #   status     show whether the trainer runs on each worker
 #   stop       send SIGTERM to the trainers: they save a checkpoint and exit (`run` resumes)
@@ -126,7 +126,7 @@ run() {
   logs="$(printf '%q' "${workdir}/logs")"
   # nohup and full redirection: the trainers outlive this ssh session; $! is the trainer's pid.
   on_all_workers "set -e; cd ~/${REMOTE_SRC}; mkdir -p ${logs}; \
-    nohup ~/${REMOTE_VENV}/bin/python -m cmr_jax.main ${args} \
+    nohup ~/${REMOTE_VENV}/bin/python tools/train.py ${args} \
       > ${logs}/\$(hostname).log 2>&1 < /dev/null & echo \$! > ~/${REMOTE_PID}"
   echo "started on every worker of ${TPU_NAME}; logs in ${workdir}/logs/"
 }

@@ -5,8 +5,8 @@ import functools
 import os
 import shutil
 
-from cmr_jax.data import dicom_writer
-from cmr_jax.data import phantom
+from cmr_jax.testing import dicom_writer
+from cmr_jax.phantom import simulator
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
 
@@ -22,7 +22,7 @@ def phantom_study(index: int, site: str = "kaggle_like", visit: int = 0,
 
   Cached: callers must not modify it.
   """
-  study = phantom.synthetic_study(0, index, site=site, visit=visit, fast=True, frames=frames,
+  study = simulator.synthetic_study(0, index, site=site, visit=visit, fast=True, frames=frames,
                                   matrix=MATRIX)
   if num_sax is None:
     return study

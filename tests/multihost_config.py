@@ -4,7 +4,7 @@ The smoke config of configs/synthetic_pretrain.py, shrunk so that a cold compile
 with a global batch of 4 on a 2-device mesh whose fsdp axis shards the parameters (and the
 optimizer state) across the two processes of the multi-process run:
 
-  python -m cmr_jax.main --config=tests/multihost_config.py --workdir=WORKDIR \
+  python tools/train.py --config=tests/multihost_config.py --workdir=WORKDIR \
       --config.data.dir=DATA --config.text.vocab=VOCAB_TXT
 """
 

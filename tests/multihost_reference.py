@@ -1,12 +1,12 @@
-r"""The one-process reference of tests/test_multihost.py: `cmr_jax.main` reading N shards at once.
+r"""The one-process reference of tests/test_multihost.py: `tools/train.py` reading N shards at once.
 
-  python tests/multihost_reference.py --reference_shards=2 <the flags of cmr_jax.main>
+  python -m tests.multihost_reference --reference_shards=2 <the flags of tools/train.py>
 
 A run of N processes feeds each step the concatenation, in process order, of the per-process
 batches of its N data shards (`pipeline.pretrain_dataset(shard_index=i, shard_count=N)`). Here
 one process builds those N shards itself, zips them and concatenates each step's batches, so its
 global batches (train and eval) are exactly those of the N-process run; everything else is
-`cmr_jax.main` unchanged.
+`tools/train.py` unchanged.
 """
 
 from collections.abc import Callable, Sequence
@@ -17,8 +17,8 @@ from absl import flags
 import grain
 import numpy as np
 
-from cmr_jax import main as cmr_main
 from cmr_jax.data import pipeline
+from tools import train as train_program
 
 _SHARDS = flags.DEFINE_integer("reference_shards", 2, "processes of the run to reproduce")
 
@@ -45,7 +45,7 @@ def side_by_side(build: Callable[..., grain.IterDataset], shards: int) -> Callab
 
 def main(argv: Sequence[str]) -> None:
   pipeline.pretrain_dataset = side_by_side(pipeline.pretrain_dataset, _SHARDS.value)
-  cmr_main.main(argv)
+  train_program.main(argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import os
 
 import pytest
 
-from cmr_jax.data import beam_ingest
-from cmr_jax.data import dicom_writer
-from cmr_jax.data import ingest
-from cmr_jax.data import layouts
+from cmr_jax.dicom import beam_pipeline
+from cmr_jax.testing import dicom_writer
+from cmr_jax.dicom import ingest
+from cmr_jax.dicom import layouts
 from cmr_jax.data import records
 from cmr_jax.data import splits
 
@@ -65,7 +65,7 @@ def test_convert_study_is_the_local_per_study_function(local_run):
   local = _records(local_run.output)
   rows = []
   for spec in layouts.discover(layouts.KAGGLE, local_run.input).specs:
-    converted = beam_ingest.convert_study(spec, salt=SALT, root=local_run.input,
+    converted = beam_pipeline.convert_study(spec, salt=SALT, root=local_run.input,
                                           cfg=local_run.preprocess,
                                           split_fn=splits.SubjectSplitter())
     rows += [tuple(getattr(r, c) for c in ingest.MANIFEST_COLUMNS) for r in converted.rows]
@@ -80,7 +80,7 @@ def test_convert_study_is_the_local_per_study_function(local_run):
 def test_beam_direct_runner_writes_the_same_dataset(local_run, tmp_path):
   _require_beam()
   opts = dataclasses.replace(local_run, output=str(tmp_path / "beam"), num_shards=2)
-  summary = beam_ingest.run_beam_ingest(opts)
+  summary = beam_pipeline.run_beam_ingest(opts)
   assert (summary.num_studies, summary.converted, summary.skipped_studies) == (3, 2, 1)
   assert summary.files_in == summary.files_used + summary.files_skipped
   beam, local = _records(opts.output), _records(local_run.output)

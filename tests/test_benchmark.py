@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from cmr_jax import benchmark
-from cmr_jax import stages
+from cmr_jax.experiments import benchmark
+from cmr_jax.experiments import stages
 from cmr_jax.eval import metrics
 
 
@@ -35,7 +35,7 @@ def _results():
 def test_tables_and_plot(tmp_path):
   results = _results()
   md = benchmark.tables(results, ["test", "external"])
-  assert md.count("### ") == 2 * len(benchmark._METRICS)
+  assert md.count("### ") == 2 * len(benchmark.METRICS)
   row = next(line for line in md.splitlines() if line.startswith("| 100% |"))
   mae = results["pretrained"][1.0]["test"]["mae"]["value"]
   assert f"{mae:.2f}" in row

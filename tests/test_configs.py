@@ -16,7 +16,7 @@ import ml_collections
 import pytest
 
 from cmr_jax import sharding
-from cmr_jax.models import configs as model_configs
+from cmr_jax.models import registry
 from cmr_jax.train import common
 from cmr_jax.train import finetune
 from cmr_jax.train import optim
@@ -103,10 +103,10 @@ def test_unknown_argument_is_refused(name):
 def test_models_exist_and_fit_the_data(name):
   config = _get_config(name)
   m, d = config.model, config.data
-  video = model_configs.video_config(m.video, **dict(m.video_overrides))
+  video = registry.video_config(m.video, **dict(m.video_overrides))
   assert (video.num_frames, video.image_size) == (d.num_frames, d.image_size)
   if CONFIGS[name][0] == PRETRAIN and not m.two_clips:
-    assert config.text.max_len <= model_configs.text_config(m.text).max_len
+    assert config.text.max_len <= registry.text_config(m.text).max_len
 
 
 @pytest.mark.parametrize("name", TRAINING)
@@ -130,7 +130,7 @@ def test_parameters_build_and_shard_on_the_mesh(name):
 def test_real_size_models_have_the_published_parameter_counts():
   params = common.unbox(_abstract_params("mvit_b_pretrain"))
   assert optim.count_params(params["text_encoder"]) == BERT_BASE_PARAMS
-  width = model_configs.video_config("mvit_b_16x4").width
+  width = registry.video_config("mvit_b_16x4").width
   head = width * KINETICS_CLASSES + KINETICS_CLASSES
   assert round((optim.count_params(params["video_encoder"]) + head) / 1e6, 1) == (
       MVIT_B_PARAMS_MILLIONS)

@@ -23,7 +23,7 @@ import pytest
 from cmr_jax.convert import converted
 from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit as convert_mvit
-from cmr_jax.models import configs
+from cmr_jax.models import registry
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViT, MViTConfig
 from cmr_jax.models.text import BertEncoder
 from cmr_jax.train import common
@@ -35,7 +35,7 @@ TOLERANCE = 1e-4  # relative error of the encoder outputs, float32
 REQUIRE_ENV = "CMR_JAX_REQUIRE_TORCH"  # set by `make test`: the comparisons must run, not skip
 SKIP_REASON = "needs the optional torch extra: pip install -e '.[torch]'"
 # The tiny MViT of the fine-tuning demo (configs/synthetic_finetune.py).
-TINY = configs.video_config("mvit_tiny", image_size=32, kv_pool_stride=(1, 2, 2))
+TINY = registry.video_config("mvit_tiny", image_size=32, kv_pool_stride=(1, 2, 2))
 PROJ_DIM = 24
 COMPARE_FRAMES, COMPARE_SIZE = 16, 64  # reduced input of the full MViT-B forward comparisons
 
@@ -127,7 +127,7 @@ def _relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
 
 @functools.cache
 def _compare_config() -> MViTConfig:
-  return configs.video_config("mvit_b_16x4", num_frames=COMPARE_FRAMES, image_size=COMPARE_SIZE)
+  return registry.video_config("mvit_b_16x4", num_frames=COMPARE_FRAMES, image_size=COMPARE_SIZE)
 
 
 @functools.cache
@@ -204,7 +204,7 @@ def test_cmr_transformer_names_and_converted_folder_as_finetune_init(tmp_path):
   state = {f"model.video_encoder.{k}": v for k, v in _as_pytorchvideo(encoder).items()}
   state.update({"model.video_proj.weight": proj,
                 "model.video_proj.bias": np.ones(PROJ_DIM, np.float32)})
-  model = configs.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
+  model = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
                                  image_size=TINY.image_size, kv_pool_stride=TINY.kv_pool_stride)
   example = (jnp.zeros((1, 2, TINY.num_frames, TINY.image_size, TINY.image_size), jnp.uint8),
              jnp.ones((1, 2), bool))
@@ -235,7 +235,7 @@ def test_full_size_pytorchvideo_and_torchvision_state_dicts_convert_completely(t
   torch = _torch()
   hub = _import_or_skip("pytorchvideo.models.hub.vision_transformers", reason=SKIP_REASON)
   torchvision = _import_or_skip("torchvision", reason=SKIP_REASON)
-  mvit_b = configs.video_config("mvit_b_16x4")
+  mvit_b = registry.video_config("mvit_b_16x4")
   files = {  # as published: pytorchvideo's .pyth keeps the weights under "model_state"
       "MVIT_B_16x4.pyth": {"model_state": hub.mvit_base_16x4().state_dict(), "epoch": 1},
       "mvit_v1_b.pth": torchvision.models.video.mvit_v1_b().state_dict(),
@@ -405,7 +405,7 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
               "hyper_parameters": {"config": _TrainingConfig(1e-4)}}, ckpt)
   vocab = _vocab_file(tmp_path / "vocab.txt", hf_config.vocab_size)
   result = converted.convert_file(ckpt, video_config=TINY,
-                                  text_config=configs.text_config("bert_tiny", num_heads=4),
+                                  text_config=registry.text_config("bert_tiny", num_heads=4),
                                   vocab=vocab)
   assert result.report.layout == converted.CMR_TRANSFORMER
   assert sorted(result.params) == ["text_encoder", "text_proj", "video_encoder", "video_proj"]
@@ -415,7 +415,7 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
                                 state["model.video_proj.weight"].numpy().T)
   folder = converted.save_converted(str(tmp_path / "converted"), result)
 
-  model = configs.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
+  model = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
                                  image_size=TINY.image_size, kv_pool_stride=TINY.kv_pool_stride)
   example = (jnp.zeros((1, 2, TINY.num_frames, TINY.image_size, TINY.image_size), jnp.uint8),
              jnp.ones((1, 2), bool))
@@ -435,7 +435,7 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
   with pytest.raises(mapping.ConversionError, match=r"video_proj/kernel"):
     finetune.load_pretrained_encoder(f"cmr_transformer:{kinetics}", abstract)
   # A model at another input size: the error names the tensors and the file's input size.
-  other = configs.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
+  other = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
                                  kv_pool_stride=TINY.kv_pool_stride)
   example64 = (jnp.zeros((1, 2, TINY.num_frames, 64, 64), jnp.uint8), jnp.ones((1, 2), bool))
   abstract64 = common.unbox(jax.eval_shape(lambda r: other.init(r, *example64)["params"],

@@ -7,8 +7,8 @@ import os
 import ml_collections
 import numpy as np
 
-from cmr_jax import demo
-from cmr_jax import stages
+from cmr_jax.experiments import demo
+from cmr_jax.experiments import stages
 from cmr_jax.train import common
 from cmr_jax.train import finetune
 

@@ -13,8 +13,8 @@ import pydicom
 from pydicom.data import get_testdata_file
 import pytest
 
-from cmr_jax.data import dicom_io
-from cmr_jax.data import dicom_writer
+from cmr_jax.dicom import dicom_io
+from cmr_jax.testing import dicom_writer
 from cmr_jax.data import types
 
 import dicom_testlib

@@ -21,9 +21,9 @@ import pytest
 from scipy.spatial import transform
 
 from cmr_jax import predict
-from cmr_jax.data import dicom_io
-from cmr_jax.data import dicom_writer
-from cmr_jax.data import layouts
+from cmr_jax.dicom import dicom_io
+from cmr_jax.testing import dicom_writer
+from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
 

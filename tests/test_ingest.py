@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from cmr_jax.data import dicom_io
-from cmr_jax.data import dicom_writer
-from cmr_jax.data import ingest
-from cmr_jax.data import layouts
+from cmr_jax.dicom import dicom_io
+from cmr_jax.testing import dicom_writer
+from cmr_jax.dicom import ingest
+from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
-from cmr_jax.data import pseudonym
+from cmr_jax.dicom import pseudonym
 from cmr_jax.data import records
 from cmr_jax.data import types
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cmr_jax import losses
-from cmr_jax.models import configs, heads, layers, mvit, r2plus1d
+from cmr_jax.models import registry, heads, layers, mvit, r2plus1d
 
 # torchvision documents mvit_v1_b (the same network as pytorchvideo's mvit_base_16x4) at
 # 36,610,672 parameters, 307,600 of which are its 400-class Kinetics head (768 * 400 + 400).
@@ -30,7 +30,7 @@ def _key(seed: int = 0) -> jax.Array:
 @functools.cache
 def _small_dual():
   """A small video-text dual encoder and its parameters, shared by the tests below."""
-  model = configs.dual_encoder("mvit_tiny", "bert_tiny", embed_dim=16,
+  model = registry.dual_encoder("mvit_tiny", "bert_tiny", embed_dim=16,
                                video_overrides=SMALL_VIDEO, text_overrides=SMALL_TEXT)
   video = np.zeros((1, 4, 32, 32), np.uint8)
   ids = np.zeros((1, 6), np.int32)
@@ -51,7 +51,7 @@ def _uint8(rng: np.random.Generator, shape) -> np.ndarray:
 
 @functools.cache
 def _abstract_video_variables(name: str):
-  model = configs.video_encoder(name)
+  model = registry.video_encoder(name)
   c = model.config
   video = jax.ShapeDtypeStruct((2, c.num_frames, c.image_size, c.image_size), jnp.uint8)
   return model, video, jax.eval_shape(model.init, jax.random.key(0), video)
@@ -73,7 +73,7 @@ def test_mvit_b_parameter_count_and_layouts_match_pytorchvideo():
 
 
 def test_mvit_b_geometry_follows_pytorchvideo_builder():
-  plan = configs.video_config("mvit_b_16x4").blocks()
+  plan = registry.video_config("mvit_b_16x4").blocks()
   assert [b.dim for b in plan] == [96] + [192] * 2 + [384] * 11 + [768] * 2
   assert [b.num_heads for b in plan] == [1] + [2] * 2 + [4] * 11 + [8] * 2
   assert [i for i, b in enumerate(plan) if b.dim != b.dim_out] == [0, 2, 13]
@@ -84,7 +84,7 @@ def test_mvit_b_geometry_follows_pytorchvideo_builder():
   assert plan[0].thw_in == (8, 56, 56) and plan[-1].thw_out == (8, 7, 7)
 
 
-@pytest.mark.parametrize("name", sorted(configs.VIDEO_CONFIGS))
+@pytest.mark.parametrize("name", sorted(registry.VIDEO_CONFIGS))
 def test_video_config_output_shapes(name):
   model, video, variables = _abstract_video_variables(name)
   out = jax.eval_shape(model.apply, variables, video)
@@ -93,15 +93,15 @@ def test_video_config_output_shapes(name):
 
 def test_remat_and_dtype_options_keep_the_parameter_tree():
   _, video, variables = _abstract_video_variables("mvit_tiny")
-  fast = configs.video_encoder("mvit_tiny", dtype="bfloat16", remat=True)
+  fast = registry.video_encoder("mvit_tiny", dtype="bfloat16", remat=True)
   other = jax.eval_shape(fast.init, jax.random.key(0), video)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), nn.meta.unbox(other)) == jax.tree.map(
       lambda x: (x.shape, x.dtype), nn.meta.unbox(variables))  # float32 parameters either way
 
 
-@pytest.mark.parametrize("name", sorted(configs.TEXT_CONFIGS))
+@pytest.mark.parametrize("name", sorted(registry.TEXT_CONFIGS))
 def test_text_config_output_shapes(name):
-  model = configs.text_encoder(name)
+  model = registry.text_encoder(name)
   ids = jax.ShapeDtypeStruct((2, 24), jnp.int32)
   variables = jax.eval_shape(model.init, jax.random.key(0), ids, ids)
   assert jax.eval_shape(model.apply, variables, ids, ids).shape == (2, model.config.hidden_size)
@@ -109,20 +109,20 @@ def test_text_config_output_shapes(name):
 
 def test_bert_base_parameter_count_matches_bert_base():
   # BERT-base-uncased (HF BertModel, with pooler) has 109,482,240 parameters.
-  params = _abstract_params(configs.text_encoder("bert_base"),
+  params = _abstract_params(registry.text_encoder("bert_base"),
                             *[jax.ShapeDtypeStruct((1, 8), jnp.int32)] * 2)
   assert _count(params) == 109_482_240
 
 
 def test_unknown_config_and_bad_input_raise():
   with pytest.raises(ValueError, match="unknown video config 'mvit_huge'"):
-    configs.video_config("mvit_huge")
+    registry.video_config("mvit_huge")
   with pytest.raises(ValueError, match="stage_starts"):
-    configs.video_config("mvit_tiny", depth=2)
-  model = configs.video_encoder("mvit_tiny")
+    registry.video_config("mvit_tiny", depth=2)
+  model = registry.video_encoder("mvit_tiny")
   with pytest.raises(ValueError, match=r"\(T, H, W\) = \(16, 64, 64\)"):
     jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 32, 32), jnp.uint8))
-  text = configs.text_encoder("bert_tiny")
+  text = registry.text_encoder("bert_tiny")
   too_long = jax.ShapeDtypeStruct((1, 200), jnp.int32)
   with pytest.raises(ValueError, match="exceeds the encoder's max_len 128"):
     jax.eval_shape(text.init, jax.random.key(0), too_long, too_long)
@@ -175,7 +175,7 @@ def test_factorised_convolutions_match_lax_3d_convolutions():
 
 def test_r2plus1d_clips_are_encoded_independently_of_their_batch():
   rng = np.random.default_rng(4)
-  model = configs.video_encoder("r2plus1d_tiny", image_size=32, num_frames=8)
+  model = registry.video_encoder("r2plus1d_tiny", image_size=32, num_frames=8)
   video = _uint8(rng, (3, 8, 32, 32))
   variables = jax.jit(model.init)(_key(), video[:1])
   encode = jax.jit(model.apply)
@@ -185,11 +185,11 @@ def test_r2plus1d_clips_are_encoded_independently_of_their_batch():
   np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
   assert together.shape == (3, 128) and not np.allclose(together[0], together[1])
   with pytest.raises(ValueError, match="one entry per stage"):
-    configs.video_config("r2plus1d_tiny", blocks=(1, 1))
+    registry.video_config("r2plus1d_tiny", blocks=(1, 1))
 
 
 def test_bag_of_words_ignores_padding_and_tells_reports_apart():
-  model = configs.text_encoder("bow_tiny", vocab_size=50)
+  model = registry.text_encoder("bow_tiny", vocab_size=50)
   ids = np.array([[5, 6, 7, 0, 0], [5, 6, 8, 0, 0]], np.int32)
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]], np.int32)
   variables = jax.jit(model.init)(_key(), ids, mask)
@@ -212,7 +212,7 @@ def test_mvit_variants_agree_and_dropout_acts_only_in_training():
   rng = np.random.default_rng(1)
   video = _uint8(rng, (2, 4, 32, 32))
   variables = {"params": _small_dual()[1]["video_encoder"]}
-  model = configs.video_encoder("mvit_tiny", dropout_rate=0.3, droppath_rate=0.5, **SMALL_VIDEO)
+  model = registry.video_encoder("mvit_tiny", dropout_rate=0.3, droppath_rate=0.5, **SMALL_VIDEO)
   apply = jax.jit(model.apply, static_argnames="train")
   ref = apply(variables, video)
   assert ref.shape == (2, model.config.width) and np.all(np.isfinite(ref))
@@ -220,7 +220,7 @@ def test_mvit_variants_agree_and_dropout_acts_only_in_training():
   a = apply(variables, video, train=True, rngs={"dropout": _key(1)})
   b = apply(variables, video, train=True, rngs={"dropout": _key(2)})
   assert not np.allclose(a, b) and not np.allclose(a, ref)
-  fast = configs.video_encoder("mvit_tiny", dtype="bfloat16", attention_impl="dot_product",
+  fast = registry.video_encoder("mvit_tiny", dtype="bfloat16", attention_impl="dot_product",
                                **SMALL_VIDEO)
   out = jax.jit(fast.apply)(variables, video)
   assert out.dtype == jnp.bfloat16
@@ -254,7 +254,7 @@ def test_bert_ignores_padding_and_pools_as_configured():
   variables = {"params": _small_dual()[1]["text_encoder"]}
   outputs = {}
   for pooling in ("pooler", "mean"):
-    model = configs.text_encoder("bert_tiny", pooling=pooling, **SMALL_TEXT)
+    model = registry.text_encoder("bert_tiny", pooling=pooling, **SMALL_TEXT)
     apply = jax.jit(model.apply)
     out = outputs[pooling] = apply(variables, np.concatenate([ids, other_padding, changed]),
                                    np.concatenate([mask] * 3))
@@ -291,7 +291,7 @@ def test_gated_attention_matches_numpy_reference():
 
 def _small_lvef(head: str = "paper"):
   """The LVEF model around the shared small encoder; only its head is initialised here."""
-  model = configs.lvef_regressor("mvit_tiny", label_mean=55.0, proj_dim=16, attention_dim=8,
+  model = registry.lvef_regressor("mvit_tiny", label_mean=55.0, proj_dim=16, attention_dim=8,
                                  head=head, **SMALL_VIDEO)
   features = np.zeros((1, 2, model.video_encoder.config.width), np.float32)
   head = jax.jit(functools.partial(model.init, method="predict_from_features"))(
@@ -366,7 +366,7 @@ def test_paper_head_shapes_dropout_and_normalised_input():
            for i in range(2)]
   assert not np.allclose(train[0], train[1])  # dropout at training time
   with pytest.raises(ValueError, match="unknown head"):
-    configs.lvef_regressor("mvit_tiny", label_mean=50.0, head="mlp", **SMALL_VIDEO).init(
+    registry.lvef_regressor("mvit_tiny", label_mean=50.0, head="mlp", **SMALL_VIDEO).init(
         _key(), np.zeros((1, 1, 4, 32, 32), np.uint8), np.ones((1, 1), bool))
 
 
@@ -377,7 +377,7 @@ def test_dual_encoder_video_text_and_video_video():
   mask = np.ones((2, 6), np.int32)
   model, params = _small_dual()
   assert set(params) == {"video_encoder", "video_proj", "text_encoder", "text_proj", "logit_scale"}
-  video_video = configs.dual_encoder("mvit_tiny", None, embed_dim=16, video_overrides=SMALL_VIDEO)
+  video_video = registry.dual_encoder("mvit_tiny", None, embed_dim=16, video_overrides=SMALL_VIDEO)
   vv_params = {k: params[k] for k in ("video_encoder", "video_proj", "logit_scale")}
 
   @jax.jit

@@ -25,7 +25,7 @@ from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
 from cmr_jax.data import tokenizer as tokenizer_lib
-from cmr_jax.train import checkpoint as checkpoint_lib
+from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.train import pretrain
 
 import conftest
@@ -134,12 +134,12 @@ def test_two_processes_train_exactly_like_one(data_and_vocab, tmp_path):
   multi, single = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
   port = _free_port()
   commands = {
-      f"process{i}": ([sys.executable, "-m", "cmr_jax.main", f"--workdir={multi}", *flags,
+      f"process{i}": ([sys.executable, "-m", "tools.train", f"--workdir={multi}", *flags,
                        "--distributed=manual", f"--coordinator_address=127.0.0.1:{port}",
                        f"--num_processes={_NUM_PROCESSES}", f"--process_id={i}"],
                       _env(multihost_config.NUM_DEVICES // _NUM_PROCESSES))
       for i in range(_NUM_PROCESSES)}
-  commands["reference"] = ([sys.executable, os.path.join(_TESTS, "multihost_reference.py"),
+  commands["reference"] = ([sys.executable, "-m", "tests.multihost_reference",
                             f"--reference_shards={_NUM_PROCESSES}", f"--workdir={single}",
                             *flags], _env(multihost_config.NUM_DEVICES))
   _run_all(commands, str(tmp_path))

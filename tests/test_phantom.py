@@ -12,40 +12,40 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cmr_jax.data import phantom
-from cmr_jax.data import phantom_heart
-from cmr_jax.data import phantom_scan
-from cmr_jax.data import preview
+from cmr_jax.phantom import simulator
+from cmr_jax.phantom import cardiac
+from cmr_jax.phantom import scanner
+from cmr_jax.eval import preview
 from cmr_jax.data import types
 
 SEED = 0
 SITE = "ukbb_like"
 
 
-def _heart(rwma: bool) -> phantom.Heart:
+def _heart(rwma: bool) -> simulator.Heart:
   """The first subject of SEED with (or without) a regional wall-motion abnormality."""
   for index in range(500):
-    heart = phantom.subject_heart(SEED, index)
+    heart = simulator.subject_heart(SEED, index)
     if bool(heart.rwma_territory) == rwma and (not rwma or heart.rwma_severity > 0.5):
       return heart
   raise AssertionError("no such heart in 500 subjects")
 
 
-def _clean_protocol() -> phantom.Protocol:
+def _clean_protocol() -> simulator.Protocol:
   """The fast ukbb_like protocol without noise or breath-hold offsets."""
-  return dataclasses.replace(phantom.fast_protocol(phantom.SITES[SITE]), noise=0.0,
+  return dataclasses.replace(simulator.fast_protocol(simulator.SITES[SITE]), noise=0.0,
                              misregistration_mm=0.0)
 
 
 @pytest.fixture(scope="module")
 def study() -> types.Study:
-  return phantom.synthetic_study(SEED, 3, site=SITE)
+  return simulator.synthetic_study(SEED, 3, site=SITE)
 
 
 @pytest.fixture(scope="module")
 def clean_study() -> types.Study:
   heart = _heart(rwma=False)
-  return phantom.simulate_study(heart, _clean_protocol(), np.random.default_rng(5),
+  return simulator.simulate_study(heart, _clean_protocol(), np.random.default_rng(5),
                                 study_id="clean", subject_id="clean")
 
 
@@ -53,8 +53,8 @@ def clean_study() -> types.Study:
 def test_voxel_volume_matches_closed_form(rwma):
   heart = _heart(rwma)
   phases = np.arange(5) / 5
-  numeric = phantom.cavity_volumes_ml(heart, num_phases=5)
-  analytic = np.array([phantom.analytic_cavity_volume_ml(heart, p) for p in phases])
+  numeric = simulator.cavity_volumes_ml(heart, num_phases=5)
+  analytic = np.array([simulator.analytic_cavity_volume_ml(heart, p) for p in phases])
   error = np.abs(numeric / analytic - 1.0)
   print(f"\nvolume error vs closed form (rwma={rwma}): max {100 * error.max():.3f}% over "
         f"{analytic.round(1)} mL")
@@ -64,7 +64,7 @@ def test_voxel_volume_matches_closed_form(rwma):
 
 def test_rwma_volume_against_fine_grid():
   heart = _heart(rwma=True)
-  model = phantom_heart.model_of(heart)
+  model = cardiac.model_of(heart)
   states = np.array([1.0, heart.es_state])
   coarse = model.voxel_volumes_mm3(states, 1.25)["lv_cavity"]
   fine = model.voxel_volumes_mm3(states, 0.6)["lv_cavity"]
@@ -78,7 +78,7 @@ def test_rwma_volume_against_fine_grid():
 
 def test_rwma_territory_moves_less():
   heart = _heart(rwma=True)
-  model = phantom_heart.model_of(heart)
+  model = cardiac.model_of(heart)
   angle = math.radians(heart.rwma_angle_deg)
   ed, es = model.state(np.array([1.0])), model.state(np.array([heart.es_state]))
 
@@ -94,26 +94,26 @@ def test_rwma_territory_moves_less():
 
 def test_band_shortcut_paints_like_full_evaluation():
   heart = _heart(rwma=True)
-  model = phantom_heart.model_of(heart)
+  model = cardiac.model_of(heart)
   lo = np.min([layer.box_lo for layer in model.layers], axis=0) - 5.0
   hi = np.max([layer.box_hi for layer in model.layers], axis=0) + 5.0
   points = model.points(*np.random.default_rng(0).uniform(lo, hi, (30000, 3)).T)
   states = model.state(model.volume_state(np.arange(16) / 16))
-  signals = dataclasses.asdict(phantom.Contrast())
+  signals = dataclasses.asdict(simulator.Contrast())
   full, banded = np.zeros((2, 16, 30000), np.float32)
-  phantom_scan.paint(model.layers, points, full, signals, 2.0, states)
-  phantom_scan.paint(model.layers, points, banded, signals, 2.0, states, model.extremes)
+  scanner.paint(model.layers, points, full, signals, 2.0, states)
+  scanner.paint(model.layers, points, banded, signals, 2.0, states, model.extremes)
   assert np.ptp(full) > 0.5
   np.testing.assert_allclose(banded, full, atol=1e-5)
 
 
 def test_myocardial_volume_conserved():
-  heart = phantom.subject_heart(SEED, 1)
-  model = phantom_heart.model_of(heart)
+  heart = simulator.subject_heart(SEED, 1)
+  model = cardiac.model_of(heart)
   states = np.linspace(heart.es_state, 1.0, 5)
   myo = model.voxel_volumes_mm3(states, 1.25, ("lv_myocardium",))["lv_myocardium"]
   cavity = model.cavity_volume_mm3(states)
-  print(f"\nmyocardial volume over the cycle: {(myo * phantom_heart.ML_PER_MM3).round(1)} mL")
+  print(f"\nmyocardial volume over the cycle: {(myo * cardiac.ML_PER_MM3).round(1)} mL")
   assert myo.max() / myo.min() - 1.0 < 0.02
   assert cavity.max() / cavity.min() > 1.5  # while the cavity changes a lot
 
@@ -121,9 +121,9 @@ def test_myocardial_volume_conserved():
 def test_study_labels(study):
   assert study.lvef == pytest.approx(100.0 * (study.edv - study.esv) / study.edv)
   assert 10.0 <= study.lvef <= 85.0
-  heart = phantom.subject_heart(SEED, 3)
-  assert study.lvef == pytest.approx(phantom.analytic_lvef(heart), abs=1.0)
-  model = phantom_heart.model_of(heart)
+  heart = simulator.subject_heart(SEED, 3)
+  assert study.lvef == pytest.approx(simulator.analytic_lvef(heart), abs=1.0)
+  model = cardiac.model_of(heart)
   assert study.edv == pytest.approx(model.cavity_volume_mm3(np.array([1.0]))[0] / 1000, rel=0.01)
   assert study.subject_id == f"syn-{SEED}-000003"
   assert study.study_id == f"syn-{SEED}-000003-v0"
@@ -131,7 +131,7 @@ def test_study_labels(study):
 
 
 def test_ef_distribution():
-  ef = np.array([phantom.analytic_lvef(phantom.subject_heart(SEED, i)) for i in range(400)])
+  ef = np.array([simulator.analytic_lvef(simulator.subject_heart(SEED, i)) for i in range(400)])
   counts, edges = np.histogram(ef, bins=np.arange(0, 101, 10))
   print("\nLVEF histogram (400 hearts):",
         {f"{int(a)}-{int(b)}": int(c) for a, b, c in zip(edges, edges[1:], counts) if c})
@@ -143,8 +143,8 @@ def test_ef_distribution():
 
 
 def test_population_varies():
-  hearts = [phantom.subject_heart(SEED, i) for i in range(200)]
-  edv = np.array([phantom_heart.model_of(h).cavity_volume_mm3(np.array([1.0]))[0] for h in hearts])
+  hearts = [simulator.subject_heart(SEED, i) for i in range(200)]
+  edv = np.array([cardiac.model_of(h).cavity_volume_mm3(np.array([1.0]))[0] for h in hearts])
   walls = np.array([h.wall_thickness_mm for h in hearts])
   rates = np.array([h.heart_rate_bpm for h in hearts])
   azimuth = np.array([h.apex_azimuth_deg for h in hearts])
@@ -159,17 +159,17 @@ def _arrays(study: types.Study) -> list[np.ndarray]:
 
 
 def test_deterministic_from_seed(study):
-  again = phantom.synthetic_study(SEED, 3, site=SITE)
+  again = simulator.synthetic_study(SEED, 3, site=SITE)
   assert again.report == study.report and again.lvef == study.lvef
   for a, b in zip(_arrays(again), _arrays(study), strict=True):
     np.testing.assert_array_equal(a, b)
-  other = phantom.synthetic_study(SEED + 1, 3, site=SITE)
+  other = simulator.synthetic_study(SEED + 1, 3, site=SITE)
   assert other.lvef != study.lvef
   assert not np.array_equal(other.cines[0].frames, study.cines[0].frames)
 
 
 def test_rescan_same_heart_new_acquisition(study):
-  rescan = phantom.synthetic_study(SEED, 3, site=SITE, visit=1)
+  rescan = simulator.synthetic_study(SEED, 3, site=SITE, visit=1)
   assert rescan.subject_id == study.subject_id and rescan.study_id.endswith("-v1")
   assert rescan.visit == 1
   assert (rescan.lvef, rescan.edv, rescan.esv) == (study.lvef, study.edv, study.esv)
@@ -180,8 +180,8 @@ def test_rescan_same_heart_new_acquisition(study):
 
 
 def test_sites_share_subjects_but_not_protocols():
-  a = phantom.synthetic_study(SEED, 4, site="kaggle_like", frames=8, matrix=64)
-  b = phantom.synthetic_study(SEED, 4, site="siteC", frames=8, matrix=64)
+  a = simulator.synthetic_study(SEED, 4, site="kaggle_like", frames=8, matrix=64)
+  b = simulator.synthetic_study(SEED, 4, site="siteC", frames=8, matrix=64)
   assert (a.lvef, a.edv) == (b.lvef, b.edv)
   assert a.site == "kaggle_like" and b.site == "siteC"
   assert all(c.frames.shape == (8, 64, 64) for c in a.cines + b.cines)
@@ -191,19 +191,19 @@ def test_sites_share_subjects_but_not_protocols():
 
 def test_fast_protocol_scales_the_field_of_view():
   spacings = set()
-  for name, site in phantom.SITES.items():
-    fast = phantom.fast_protocol(site)
+  for name, site in simulator.SITES.items():
+    fast = simulator.fast_protocol(site)
     assert fast.name == name and fast.matrix == (112, 112) and fast.frames_per_cycle == 16
     fov = 112 * fast.pixel_spacing_mm
     assert fov == pytest.approx(0.6 * max(site.matrix) * site.pixel_spacing_mm)
     assert 170.0 < fov < 240.0
     spacings.add(round(fast.pixel_spacing_mm, 2))
-    whole = phantom.fast_protocol(site, 8, 64, fov_fraction=1.0)
+    whole = simulator.fast_protocol(site, 8, 64, fov_fraction=1.0)
     assert 64 * whole.pixel_spacing_mm == pytest.approx(max(site.matrix) * site.pixel_spacing_mm)
-  assert len(spacings) == len(phantom.SITES) >= 3
-  assert phantom.SITES["ukbb_like"].frames_per_cycle == 50
+  assert len(spacings) == len(simulator.SITES) >= 3
+  assert simulator.SITES["ukbb_like"].frames_per_cycle == 50
   with pytest.raises(ValueError, match="fov_fraction"):
-    phantom.fast_protocol(phantom.SITES[SITE], fov_fraction=0.0)
+    simulator.fast_protocol(simulator.SITES[SITE], fov_fraction=0.0)
 
 
 def test_cines_well_formed(study):
@@ -302,7 +302,7 @@ def test_lax_and_sax_agree_on_their_intersection(clean_study, view):
 def test_brightness_does_not_encode_ef():
   raw, normalised, ef = [], [], []
   for index in range(100):
-    s = phantom.synthetic_study(SEED + 7, index, site=SITE, frames=8, matrix=64)
+    s = simulator.synthetic_study(SEED + 7, index, site=SITE, frames=8, matrix=64)
     ef.append(s.lvef)
     raw.append(np.mean([c.frames.mean() for c in s.cines]))
     per_cine = []
@@ -320,7 +320,7 @@ def test_brightness_does_not_encode_ef():
 
 def test_preview_png_and_ed_es(clean_study, tmp_path):
   heart = _heart(rwma=False)
-  model = phantom_heart.model_of(heart)
+  model = cardiac.model_of(heart)
   frames = clean_study.cines[0].num_frames
   es_expected = model.end_systolic_phase(clean_study.heart_rate_bpm) * frames
   ed, es = preview.ed_es_frames(clean_study)
@@ -332,23 +332,23 @@ def test_preview_png_and_ed_es(clean_study, tmp_path):
 
 
 def test_missing_views_and_pickling():
-  protocol = dataclasses.replace(phantom.fast_protocol(phantom.SITES["kaggle_like"], 8, 48),
+  protocol = dataclasses.replace(simulator.fast_protocol(simulator.SITES["kaggle_like"], 8, 48),
                                  lax_missing_prob=0.99)
-  heart = phantom.subject_heart(SEED, 2)
-  s = phantom.simulate_study(heart, protocol, np.random.default_rng(0), study_id="a",
+  heart = simulator.subject_heart(SEED, 2)
+  s = simulator.simulate_study(heart, protocol, np.random.default_rng(0), study_id="a",
                              subject_id="b")
   assert {c.view for c in s.cines} == {types.SAX}
-  make = pickle.loads(pickle.dumps(functools.partial(phantom.synthetic_study, SEED, 2,
+  make = pickle.loads(pickle.dumps(functools.partial(simulator.synthetic_study, SEED, 2,
                                                      site="siteD", frames=4, matrix=32)))
   assert pickle.loads(pickle.dumps(make())).lvef == s.lvef
 
 
 def test_bad_input_is_named():
   with pytest.raises(ValueError, match="nope"):
-    phantom.synthetic_study(SEED, 0, site="nope")
+    simulator.synthetic_study(SEED, 0, site="nope")
   with pytest.raises(ValueError, match=">= 0"):
-    phantom.synthetic_study(SEED, -1, site=SITE)
+    simulator.synthetic_study(SEED, -1, site=SITE)
   with pytest.raises(ValueError, match="'broken'.*frames_per_cycle"):
-    dataclasses.replace(phantom.SITES[SITE], name="broken", frames_per_cycle=1)
+    dataclasses.replace(simulator.SITES[SITE], name="broken", frames_per_cycle=1)
   with pytest.raises(ValueError, match="num_phases"):
-    phantom.cavity_volumes_ml(phantom.subject_heart(SEED, 0), num_phases=0)
+    simulator.cavity_volumes_ml(simulator.subject_heart(SEED, 0), num_phases=0)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from cmr_jax import predict
-from cmr_jax.data import dicom_io
-from cmr_jax.data import dicom_writer
+from cmr_jax.dicom import dicom_io
+from cmr_jax.testing import dicom_writer
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
-from cmr_jax.data import pseudonym
+from cmr_jax.dicom import pseudonym
 from cmr_jax.data import records
 from cmr_jax.data import types
 from cmr_jax.train import finetune

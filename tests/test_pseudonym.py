@@ -2,7 +2,7 @@
 
 import pytest
 
-from cmr_jax.data import pseudonym
+from cmr_jax.dicom import pseudonym
 
 
 def test_resolve_salt_refuses_without_a_salt(monkeypatch):

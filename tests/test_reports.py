@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from cmr_jax.data import phantom_heart
-from cmr_jax.data import reports
+from cmr_jax.phantom import cardiac
+from cmr_jax.phantom import reports
 
 NORMAL = reports.Findings(wall_thickness_mm=9.0, rvef=60.0, la_radius_mm=18.0)
 # Phrases of each LV systolic grade, written out here so the test does not trust the module.
@@ -85,7 +85,7 @@ def test_wall_motion_follows_territory():
       assert ("akine" in text) == (severity >= 0.75), text
   text = reports.write_report(NORMAL, 60.0, 150.0, 60.0, rng)
   assert "territory" not in text and "akine" not in text
-  assert set(reports.TERRITORY_WALLS) == set(phantom_heart.TERRITORIES)
+  assert set(reports.TERRITORY_WALLS) == set(cardiac.TERRITORIES)
 
 
 def test_wording_varies_and_is_deterministic():

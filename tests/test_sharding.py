@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cmr_jax import losses, sharding
-from cmr_jax.models import configs
+from cmr_jax.models import registry
 
 # A dual encoder with every parameter kind (pooling convs, norms, embeddings) that compiles fast:
 # 1x1x1 pooling kernels keep the backward of the strided-tap pooling small to compile.
@@ -124,7 +124,7 @@ def _loss_and_grads(model):
 
 def test_dual_encoder_loss_and_grads_match_one_device_under_data_and_fsdp_sharding():
   # remat=True: the rematerialised backward must give the same gradients too.
-  model = configs.dual_encoder("mvit_tiny", "bert_tiny", embed_dim=16, remat=True,
+  model = registry.dual_encoder("mvit_tiny", "bert_tiny", embed_dim=16, remat=True,
                                video_overrides=TINY_VIDEO, text_overrides=TINY_TEXT)
   rng = np.random.default_rng(1)
   batch = {"video": rng.integers(0, 256, (GLOBAL_BATCH, 4, 16, 16), dtype=np.uint8),

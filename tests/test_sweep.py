@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cmr_jax.eval import sweep
+from cmr_jax.experiments import sweep
 from cmr_jax.train import finetune
 
 import sweep_testlib

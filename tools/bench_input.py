@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from cmr_jax.data import phantom
+from cmr_jax.phantom import simulator
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
@@ -46,7 +46,7 @@ def phantom_rate(num: int, site: str) -> float:
   """Phantom studies per second rendered in this process (16 frames of 112x112)."""
   start = time.perf_counter()
   for i in range(num):
-    phantom.synthetic_study(0, i, site=site, fast=True, frames=16, matrix=112)
+    simulator.synthetic_study(0, i, site=site, fast=True, frames=16, matrix=112)
   return _rate(num, time.perf_counter() - start)
 
 
@@ -78,7 +78,7 @@ def main(argv):
                                     num_frames=_NUM_FRAMES.value)
   with tempfile.TemporaryDirectory() as data_dir:
     items = [records.BuildItem(f"bench-{i}", functools.partial(
-        phantom.synthetic_study, 0, i, site=_SITE.value, fast=True, frames=16, matrix=112))
+        simulator.synthetic_study, 0, i, site=_SITE.value, fast=True, frames=16, matrix=112))
              for i in range(_NUM_STUDIES.value)]
     summary = records.build_dataset(items, data_dir, cfg=cfg, split_fn=lambda r: "train",
                                     num_workers=_BUILD_WORKERS.value)

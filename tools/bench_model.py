@@ -30,11 +30,12 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from cmr_jax.models import configs, layers
+from cmr_jax.models import layers
+from cmr_jax.models import registry
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViTConfig
 
 _CONFIG = flags.DEFINE_string("config", "mvit_tiny",
-                              f"video config: {sorted(configs.VIDEO_CONFIGS)}")
+                              f"video config: {sorted(registry.VIDEO_CONFIGS)}")
 _BATCH = flags.DEFINE_integer("batch", 2, "clips per step")
 _FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: the config's)")
 _SIZE = flags.DEFINE_integer("size", None, "clip height and width (default: the config's)")
@@ -107,7 +108,7 @@ class JaxStep:
   """A compiled AdamW step of the JAX encoder + head on a fixed random batch."""
 
   def __init__(self, name: str, config: MViTConfig, video: np.ndarray, labels: np.ndarray):
-    encoder = configs.video_encoder(name, dtype=_DTYPE.value, remat=_REMAT.value,
+    encoder = registry.video_encoder(name, dtype=_DTYPE.value, remat=_REMAT.value,
                                     attention_impl=_ATTENTION.value,
                                     num_frames=config.num_frames, image_size=config.image_size)
     self.model = _Classifier(encoder)
@@ -168,7 +169,7 @@ class TorchStep:
     try:
       from pytorchvideo.models import vision_transformers  # pylint: disable=g-import-not-at-top
     except ImportError:
-      if config != configs.video_config("mvit_b_16x4"):
+      if config != registry.video_config("mvit_b_16x4"):
         raise
       import torchvision  # pylint: disable=g-import-not-at-top
       return torchvision.models.video.mvit_v1_b(num_classes=NUM_CLASSES), "torchvision.mvit_v1_b"
@@ -200,7 +201,7 @@ def main(argv: list[str]) -> None:
   del argv
   overrides = {k: v for k, v in (("num_frames", _FRAMES.value), ("image_size", _SIZE.value))
                if v is not None}
-  config = configs.video_config(_CONFIG.value, **overrides)
+  config = registry.video_config(_CONFIG.value, **overrides)
   batch = _BATCH.value
   device = jax.devices()[0]
   rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ from absl import logging
 
 from cmr_jax.convert import converted as converted_lib
 from cmr_jax.convert import mapping
-from cmr_jax.models import configs
+from cmr_jax.models import registry
 
 _SRC = flags.DEFINE_string("src", None, "PyTorch weight file or Hugging Face model folder",
                            required=True)
@@ -46,10 +46,10 @@ _OUT = flags.DEFINE_string("out", None, "output folder (must be empty or absent)
 _LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", *converted_lib.LAYOUTS],
                             "state dict layout; auto recognises it by its names")
 _VIDEO_CONFIG = flags.DEFINE_enum(
-    "video_config", converted_lib.DEFAULT_VIDEO_CONFIG, sorted(configs.VIDEO_CONFIGS),
+    "video_config", converted_lib.DEFAULT_VIDEO_CONFIG, sorted(registry.VIDEO_CONFIGS),
     "MViT geometry of the weights (frames and size are read off the position embeddings)")
 _TEXT_CONFIG = flags.DEFINE_enum(
-    "text_config", converted_lib.DEFAULT_TEXT_CONFIG, sorted(configs.TEXT_CONFIGS),
+    "text_config", converted_lib.DEFAULT_TEXT_CONFIG, sorted(registry.TEXT_CONFIGS),
     "BERT geometry when the source has no config.json (sizes are read off the tensors; the "
     "head count comes from here)")
 _VOCAB = flags.DEFINE_string("vocab", None,
@@ -69,8 +69,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     result = converted_lib.convert_file(
-        _SRC.value, layout=_LAYOUT.value, video_config=configs.video_config(_VIDEO_CONFIG.value),
-        text_config=configs.text_config(_TEXT_CONFIG.value), vocab=_VOCAB.value,
+        _SRC.value, layout=_LAYOUT.value, video_config=registry.video_config(_VIDEO_CONFIG.value),
+        text_config=registry.text_config(_TEXT_CONFIG.value), vocab=_VOCAB.value,
         allow_missing=_ALLOW_MISSING.value, allow_unexpected=_ALLOW_UNEXPECTED.value,
         allow_mismatch=_ALLOW_MISMATCH.value, seed=_SEED.value)
   except mapping.ConversionError as e:

@@ -7,7 +7,7 @@ Writes records (ArrayRecord shards read by `cmr_jax.data.records.open_split`), d
 and manifest.csv (every input file: used, or skipped with the reason) under --output; reruns
 resume. Identifiers never reach the outputs or logs: studies, subjects and files are keyed
 HMAC-SHA256 pseudonyms under --salt (or $CMR_JAX_SALT). Predicting on one study: point
---layout=generic --input at its folder or zip. See `cmr_jax.data.ingest` for the details.
+--layout=generic --input at its folder or zip. See `cmr_jax.dicom.ingest` for the details.
 """
 
 from collections.abc import Sequence
@@ -18,10 +18,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from cmr_jax.data import ingest
-from cmr_jax.data import layouts
+from cmr_jax.dicom import ingest
+from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
-from cmr_jax.data import pseudonym
+from cmr_jax.dicom import pseudonym
 
 _DEFAULTS = preprocess.PreprocessConfig()
 _LAYOUT = flags.DEFINE_enum("layout", None, layouts.LAYOUTS, "Archive layout.", required=True)
@@ -74,8 +74,8 @@ def main(argv: Sequence[str]) -> None:
       workers=_WORKERS.value, chunk_studies=_CHUNK.value, num_shards=_SHARDS.value,
       preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value)
   if _ENGINE.value == "beam":
-    from cmr_jax.data import beam_ingest  # pylint: disable=import-outside-toplevel
-    summary = beam_ingest.run_beam_ingest(options, _BEAM_ARGS.value.split())
+    from cmr_jax.dicom import beam_pipeline  # pylint: disable=import-outside-toplevel
+    summary = beam_pipeline.run_beam_ingest(options, _BEAM_ARGS.value.split())
   else:
     summary = ingest.run_ingest(options)
   print(f"files: {summary.files_in} in = {summary.files_used} used + {summary.files_skipped} "

@@ -27,8 +27,8 @@ from absl import logging
 
 from cmr_jax import logs
 from cmr_jax import predict
-from cmr_jax.data import layouts
-from cmr_jax.data import pseudonym
+from cmr_jax.dicom import layouts
+from cmr_jax.dicom import pseudonym
 from cmr_jax.train import finetune
 
 RANDOM_SALT_BYTES = 16

@@ -25,7 +25,7 @@ import jax
 from ml_collections import config_flags
 
 from cmr_jax import logs
-from cmr_jax.eval import sweep
+from cmr_jax.experiments import sweep
 
 _PRETRAIN_DIR = flags.DEFINE_string("pretrain_dir", None, "Pre-training run folder.",
                                     required=True)

@@ -37,10 +37,10 @@ from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit
 from cmr_jax.convert import torch_io
 from cmr_jax.data import tokenizer as tokenizer_lib
-from cmr_jax.models import configs as model_configs
+from cmr_jax.models import registry
 from cmr_jax.models.mvit import MViT, MViTConfig
 from cmr_jax.models.text import BertConfig, BertEncoder
-from cmr_jax.train import checkpoint as checkpoint_lib
+from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.train import common
 
 PYTORCHVIDEO = "pytorchvideo"
@@ -150,7 +150,7 @@ def convert_file(src: str, *, layout: str = "auto", video_config: MViTConfig | N
   modules: dict[str, tuple[Any, tuple[Any, ...]]] = {}
   out = Converted(params={}, report=mapping.ConversionReport(src, layout))
   if mvit.VIDEO_ENCODER in groups:
-    base = video_config or model_configs.video_config(DEFAULT_VIDEO_CONFIG)
+    base = video_config or registry.video_config(DEFAULT_VIDEO_CONFIG)
     out.video_config = dataclasses.replace(base, **mvit.input_size(renamed, base))
     modules[mvit.VIDEO_ENCODER] = (MViT(out.video_config), (_video_example(out.video_config),))
   if mvit.TEXT_ENCODER in groups:
@@ -158,7 +158,7 @@ def convert_file(src: str, *, layout: str = "auto", video_config: MViTConfig | N
     if folder and os.path.isfile(os.path.join(folder, bert.HF_CONFIG_FILE)):
       out.text_config = bert.read_hf_config(folder)
     else:
-      base = text_config or model_configs.text_config(DEFAULT_TEXT_CONFIG)
+      base = text_config or registry.text_config(DEFAULT_TEXT_CONFIG)
       out.text_config = bert.config_from_shapes(renamed, base, mvit.TEXT_ENCODER)
     modules[mvit.TEXT_ENCODER] = (BertEncoder(out.text_config), _text_example())
     out.vocab = vocab or _folder_vocab(folder)

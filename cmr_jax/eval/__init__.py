@@ -1,1 +1,2 @@
-"""Evaluation: metrics, evaluators, plots, reports."""
+"""Evaluation: metrics, evaluators of a trained run, calibration, repeatability, linear probes,
+zero-shot retrieval, plots and reports. Imports no trainer."""

@@ -51,7 +51,7 @@ from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
 from cmr_jax.eval import repeatability
 from cmr_jax.eval import report
-from cmr_jax.train import checkpoint as checkpoint_lib
+from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.train import finetune
 
 PREDICTIONS_CSV = "predictions.csv"

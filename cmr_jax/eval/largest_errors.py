@@ -10,7 +10,7 @@ and from its record, found by its study index (no model call):
   frames per cycle, no trigger times, unknown heart rate) need the DICOM: records do not keep it.
 - a thumbnail strip `{out}/worst/{split}_{rank:02d}_{study_id}.png`: the end-diastolic (top) and
   end-systolic (bottom) frame of every cine in the bag, ED and ES read from the images as the
-  dataset previews do (`cmr_jax.data.preview.ed_es_frames`: the largest and smallest summed
+  dataset previews do (`cmr_jax.eval.preview.ed_es_frames`: the largest and smallest summed
   intensity of the moving region of the SAX cines, the bright blood pool).
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from cmr_jax import predict as predict_lib
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
-from cmr_jax.data import preview
+from cmr_jax.eval import preview
 from cmr_jax.data import types
 from cmr_jax.eval import plots
 

@@ -432,7 +432,7 @@ class MViT(nn.Module):
   """MViT video encoder: uint8 grey clips [B, T, H, W] -> CLS features [B, width].
 
   Attributes:
-    config: the geometry (see `MViTConfig`; named configs in `cmr_jax.models.configs`).
+    config: the geometry (see `MViTConfig`; named configs in `cmr_jax.models.registry`).
     dtype: computation dtype (bfloat16 for accelerators); parameters stay in `param_dtype`.
     param_dtype: parameter dtype.
     remat: rematerialise each block's activations in the backward pass (`nn.remat`).

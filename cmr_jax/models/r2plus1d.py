@@ -191,7 +191,7 @@ class R2Plus1D(nn.Module):
   """R(2+1)D video encoder: uint8 grey clips [B, T, H, W] -> pooled features [B, width].
 
   Attributes:
-    config: the geometry (named configs in `cmr_jax.models.configs`).
+    config: the geometry (named configs in `cmr_jax.models.registry`).
     dtype: computation dtype; parameters stay in `param_dtype`.
     param_dtype: parameter dtype.
     remat: rematerialise each residual block in the backward pass.

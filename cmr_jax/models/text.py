@@ -199,7 +199,7 @@ class BertEncoder(nn.Module):
   """BERT text encoder: token ids [B, L] and mask [B, L] -> pooled features [B, hidden_size].
 
   Attributes:
-    config: the geometry (named configs in `cmr_jax.models.configs`).
+    config: the geometry (named configs in `cmr_jax.models.registry`).
     dtype: computation dtype; parameters stay in `param_dtype`.
     param_dtype: parameter dtype.
     remat: rematerialise each layer's activations in the backward pass.

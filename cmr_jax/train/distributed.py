@@ -1,7 +1,8 @@
-"""Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
+"""Multi-host start-up: `jax.distributed.initialize` from a mode or the environment.
 
-`--distributed=auto` lets JAX detect the cluster (TPU VM pods, SLURM, Open MPI); `manual` takes
-`--coordinator_address`, `--num_processes`, `--process_id`; `off` (the default) runs one process.
+Driven by tools/train.py's flags: `--distributed=auto` lets JAX detect the cluster (TPU VM pods,
+SLURM, Open MPI); `manual` takes `--coordinator_address`, `--num_processes`, `--process_id`; `off`
+(the default) runs one process.
 On CPU, several local processes can be joined for tests with `--distributed=manual` and CPU
 collectives (gloo).
 
@@ -13,17 +14,8 @@ with one task per node (all its GPUs in one process) pass them all, e.g.
 
 from collections.abc import Sequence
 
-from absl import flags
 from absl import logging
 import jax
-
-_MODE = flags.DEFINE_enum("distributed", "off", ["off", "auto", "manual"],
-                          "how to join the processes of a multi-host run")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
-_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None,
-                                      "this process's GPUs (default: JAX's choice)")
 
 
 def initialize(mode: str, coordinator_address: str | None = None,
@@ -47,10 +39,3 @@ def initialize(mode: str, coordinator_address: str | None = None,
   else:
     raise ValueError(f"unknown distributed mode {mode!r}")
   logging.info("joined as process %d of %d", jax.process_index(), jax.process_count())
-
-
-def initialize_from_flags() -> None:
-  """`initialize` with the values of the --distributed flags."""
-  ids = _LOCAL_DEVICE_IDS.value
-  initialize(_MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-             None if ids is None else [int(i) for i in ids])

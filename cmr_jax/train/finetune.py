@@ -33,11 +33,11 @@ from cmr_jax.convert import converted
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits
-from cmr_jax.models import configs as model_configs
-from cmr_jax.train import checkpoint as checkpoint_lib
+from cmr_jax.models import registry
+from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.train import common
 from cmr_jax.train import feature_cache
-from cmr_jax.train import metrics as metrics_lib
+from cmr_jax.train import metric_writer
 from cmr_jax.train import optim
 from cmr_jax.train import pretrain
 
@@ -77,7 +77,7 @@ def build_model(config: ml_collections.ConfigDict, mean: float):
   if config.mode not in TRAINABLE_BY_MODE:
     raise ValueError(f"unknown fine-tuning mode {config.mode!r}; expected one of "
                      f"{sorted(TRAINABLE_BY_MODE)}")
-  return model_configs.lvef_regressor(
+  return registry.lvef_regressor(
       m.video, label_mean=mean, train_encoder=config.mode == "transfer", proj_dim=m.embed_dim,
       head=m.get("head", "paper"), dtype=m.dtype, remat=m.remat,
       **dict(m.get("video_overrides", {})))
@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       validate = lambda params: predict_split(  # noqa: E731
           predict_fn, params, val_source, config, mesh)
       next_batch = lambda step: next(data_iter)  # noqa: E731
-  writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps,
+  writer = metric_writer.MetricWriter(workdir, total_steps=config.total_steps,
                                     enabled=jax.process_index() == 0, name="finetune")
   preemption = common.Preemption()
   step = int(state.step)

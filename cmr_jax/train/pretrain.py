@@ -27,11 +27,11 @@ from cmr_jax.convert import converted
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
-from cmr_jax.models import configs as model_configs
+from cmr_jax.models import registry
 from cmr_jax.models import dual
-from cmr_jax.train import checkpoint as checkpoint_lib
+from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.train import common
-from cmr_jax.train import metrics as metrics_lib
+from cmr_jax.train import metric_writer
 from cmr_jax.train import optim
 
 TOKENIZER_DIR = "tokenizer"
@@ -45,7 +45,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None):
   text_overrides = dict(m.get("text_overrides", {}))
   if vocab_size:
     text_overrides["vocab_size"] = vocab_size
-  return model_configs.dual_encoder(
+  return registry.dual_encoder(
       m.video, None if m.two_clips else m.text, embed_dim=m.embed_dim, dtype=m.dtype,
       remat=m.remat, video_overrides=dict(m.get("video_overrides", {})),
       text_overrides=text_overrides,
@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          in_shardings=(state_shardings, batch_sh, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     embed_fn = jax.jit(make_embed_fn(model, two_clips))
-  writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps,
+  writer = metric_writer.MetricWriter(workdir, total_steps=config.total_steps,
                                     enabled=jax.process_index() == 0, name="pretrain")
   preemption = common.Preemption()
   eval_source = (records.open_split(config.data.dir, config.data.eval_split)

@@ -1,7 +1,7 @@
-r"""The cmr-jax entry point: pre-train, fine-tune or evaluate, driven by an ml_collections config.
+r"""Pre-train or fine-tune, driven by an ml_collections config (the trainers' program).
 
-  python -m cmr_jax.main --mode=pretrain --config=configs/synthetic_pretrain.py --workdir=runs/pt
-  python -m cmr_jax.main --mode=finetune --config=configs/synthetic_finetune.py --workdir=runs/ft \
+  python tools/train.py --mode=pretrain --config=configs/synthetic_pretrain.py --workdir=runs/pt
+  python tools/train.py --mode=finetune --config=configs/synthetic_finetune.py --workdir=runs/ft \
       --config.init=pretrain:runs/pt
 
 Multi-host: `--distributed=auto` joins the processes of a TPU pod or a SLURM job through
@@ -23,6 +23,13 @@ from cmr_jax.train import pretrain
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, logs)")
 _MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune"], "what to run")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto", "manual"],
+                                 "how to join the processes of a multi-host run")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None,
+                                      "this process's GPUs (default: JAX's choice)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 TRAINERS = {"pretrain": pretrain.train_and_evaluate, "finetune": finetune.train_and_evaluate}
@@ -32,7 +39,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.setup()
-  distributed.initialize_from_flags()
+  ids = _LOCAL_DEVICE_IDS.value
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, None if ids is None else [int(i) for i in ids])
   logging.info("process %d of %d, %d devices (%d local): %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(),
                jax.devices()[0].device_kind)

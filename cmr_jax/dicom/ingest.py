@@ -38,10 +38,10 @@ from collections.abc import Sequence
 from absl import logging
 import numpy as np
 
-from cmr_jax.data import dicom_io
-from cmr_jax.data import layouts
+from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
-from cmr_jax.data import pseudonym
+from cmr_jax.dicom import pseudonym
 from cmr_jax.data import records
 from cmr_jax.data import splits
 from cmr_jax.data import types

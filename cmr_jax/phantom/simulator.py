@@ -18,11 +18,11 @@ import zlib
 
 import numpy as np
 
-from cmr_jax.data import reports
+from cmr_jax.phantom import reports
 from cmr_jax.data import types
-from cmr_jax.data.phantom_heart import (ML_PER_MM3, Heart, Torso, analytic_cavity_volume_ml,
+from cmr_jax.phantom.cardiac import (ML_PER_MM3, Heart, Torso, analytic_cavity_volume_ml,
                                         analytic_lvef, cavity_volumes_ml, model_of, sample_heart)
-from cmr_jax.data.phantom_scan import (SITES, Contrast, Protocol, fast_protocol, plan_planes,
+from cmr_jax.phantom.scanner import (SITES, Contrast, Protocol, fast_protocol, plan_planes,
                                        render_cine, sample_acquisition)
 
 __all__ = [

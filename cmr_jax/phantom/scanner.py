@@ -19,8 +19,8 @@ import numpy as np
 from scipy import special
 from scipy.spatial import transform
 
-from cmr_jax.data import phantom_body
-from cmr_jax.data import phantom_heart
+from cmr_jax.phantom import thorax
+from cmr_jax.phantom import cardiac
 from cmr_jax.data import types
 
 TISSUES = ("blood", "myocardium", "fat", "liver", "muscle", "lung", "tissue", "marrow", "csf")
@@ -223,7 +223,7 @@ class Acquisition:
   fov_offset_mm: np.ndarray  # (2,) heart offset from the image centre along rows, columns
 
 
-def sample_acquisition(heart: phantom_heart.Heart, protocol: Protocol,
+def sample_acquisition(heart: cardiac.Heart, protocol: Protocol,
                        rng: np.random.Generator) -> Acquisition:
   """Draws the study-level acquisition parameters of one scan."""
   p = protocol
@@ -250,9 +250,9 @@ def sample_acquisition(heart: phantom_heart.Heart, protocol: Protocol,
 class Anatomy:
   """What rendering needs of a heart, computed once: model, torso, heart pose in the body."""
 
-  model: phantom_heart.HeartModel
-  torso: list[phantom_heart.Layer]
-  texture: phantom_body.Texture
+  model: cardiac.HeartModel
+  torso: list[cardiac.Layer]
+  texture: thorax.Texture
   axes: np.ndarray  # [3, 3] heart-frame axes (rows) in body coordinates
   origin: np.ndarray  # (3,) heart-frame origin in body coordinates
   box_lo: np.ndarray  # (3,) heart-frame box around every heart layer
@@ -260,12 +260,12 @@ class Anatomy:
 
 
 @functools.lru_cache(maxsize=64)
-def anatomy_of(heart: phantom_heart.Heart) -> Anatomy:
+def anatomy_of(heart: cardiac.Heart) -> Anatomy:
   """The (cached) Anatomy of a heart."""
-  model = phantom_heart.model_of(heart)
-  return Anatomy(model, phantom_body.torso_layers(heart, model),
-                 phantom_body.Texture(heart.torso.texture_seed), phantom_body.heart_axes(heart),
-                 phantom_body.heart_origin(heart, model),
+  model = cardiac.model_of(heart)
+  return Anatomy(model, thorax.torso_layers(heart, model),
+                 thorax.Texture(heart.torso.texture_seed), thorax.heart_axes(heart),
+                 thorax.heart_origin(heart, model),
                  np.min([layer.box_lo for layer in model.layers], axis=0),
                  np.max([layer.box_hi for layer in model.layers], axis=0))
 
@@ -276,7 +276,7 @@ def _jitter(rng: np.random.Generator, sd_deg: float) -> np.ndarray:
                                         ).as_matrix()
 
 
-def plan_planes(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition,
+def plan_planes(heart: cardiac.Heart, protocol: Protocol, acq: Acquisition,
                 rng: np.random.Generator) -> list[Plane]:
   """Plans the SAX stack (base to apex) and the 2CH, 3CH and 4CH planes, as a scanner would.
 
@@ -313,7 +313,7 @@ def plan_planes(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
   across = {types.LAX_2CH: ey, types.LAX_3CH: math.cos(angle) * ex + math.sin(angle) * ey,
             types.LAX_4CH: ex}
   # Long-axis images are centred between the apex and the top of the left atrium.
-  atrium_top = base_height + phantom_heart.ATRIUM_TOP_IN_RADII * heart.la_radius_mm
+  atrium_top = base_height + cardiac.ATRIUM_TOP_IN_RADII * heart.la_radius_mm
   mid = origin + 0.5 * atrium_top * ez
   for view, description in zip(types.LONG_AXIS_VIEWS, protocol.lax_descriptions):
     jitter = _jitter(rng, protocol.planning_jitter_deg)
@@ -342,15 +342,15 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
   return np.take(_normal_quantiles(), words.view(np.uint16)[:count]).reshape(shape)
 
 
-def _inside(points: phantom_heart.Points, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _inside(points: cardiac.Points, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
   """Boolean [P]: points inside the box [lo, hi]."""
   return ((points.x >= lo[0]) & (points.x <= hi[0]) & (points.y >= lo[1]) & (points.y <= hi[1])
           & (points.z >= lo[2]) & (points.z <= hi[2]))
 
 
-def paint(layers: list[phantom_heart.Layer], points: phantom_heart.Points, image: np.ndarray,
-          signals: dict[str, float], width_mm: float, states: phantom_heart.State | None = None,
-          extremes: phantom_heart.State | None = None) -> None:
+def paint(layers: list[cardiac.Layer], points: cardiac.Points, image: np.ndarray,
+          signals: dict[str, float], width_mm: float, states: cardiac.State | None = None,
+          extremes: cardiac.State | None = None) -> None:
   """Paints layers over `image` [S, P] in order, in place: image += f * (signal - image).
 
   Each layer is evaluated only at the points inside its bounding box (grown by the edge width).
@@ -402,13 +402,13 @@ def paint(layers: list[phantom_heart.Layer], points: phantom_heart.Points, image
     d = distance(layer, states, p)
     current = image[:, index]
     for offset, tissue in layer.walls:
-      fraction = phantom_heart.soft_fraction(d - offset, width_mm)
+      fraction = cardiac.soft_fraction(d - offset, width_mm)
       current += fraction * (signals[tissue] - current)
-    fraction = phantom_heart.soft_fraction(d, width_mm)
+    fraction = cardiac.soft_fraction(d, width_mm)
     image[:, index] = current + fraction * (signal - current)
 
 
-def render_cine(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition, plane: Plane,
+def render_cine(heart: cardiac.Heart, protocol: Protocol, acq: Acquisition, plane: Plane,
                 rng: np.random.Generator) -> types.Cine:
   """Renders one cine of `plane`: [T, rows, cols] float32 in scanner units, with its geometry."""
   anatomy = anatomy_of(heart)
@@ -440,7 +440,7 @@ def render_cine(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
     return out
 
   # Torso (body coordinates, textured), central sub-plane only.
-  body = phantom_heart.Points(*grid(rot.T, rot.T @ (ipp - shift - acq.pose_shift)), None, None)
+  body = cardiac.Points(*grid(rot.T, rot.T @ (ipp - shift - acq.pose_shift)), None, None)
   static = np.zeros((1, pixels), np.float32)
   paint(anatomy.torso, body, static, acq.signals, spacing)
   static = static[0] * anatomy.texture(body.x, body.y, body.z)
@@ -449,7 +449,7 @@ def render_cine(heart: phantom_heart.Heart, protocol: Protocol, acq: Acquisition
   origin = acq.pose_shift + rot @ anatomy.origin
   k = protocol.profile_samples
   depth = acq.slice_thickness_mm * ((np.arange(k) + 0.5) / k - 0.5)
-  every = phantom_heart.Points(*grid(to_heart, to_heart @ (ipp - shift - origin), depth), None,
+  every = cardiac.Points(*grid(to_heart, to_heart @ (ipp - shift - origin), depth), None,
                                None)
   margin = spacing + BOX_MARGIN_MM
   union = np.flatnonzero(_inside(every, anatomy.box_lo - margin, anatomy.box_hi + margin))

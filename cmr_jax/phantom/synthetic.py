@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cmr_jax.data import phantom
+from cmr_jax.phantom import simulator
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
@@ -35,7 +35,7 @@ class SyntheticSpec:
   Attributes:
     seed: dataset seed: fixes every subject and acquisition.
     num_subjects: subjects at the internal sites (train/val/test).
-    sites: internal protocol families (keys of `phantom.SITES`), assigned round robin.
+    sites: internal protocol families (keys of `simulator.SITES`), assigned round robin.
     num_external: subjects at `external_site` (split "external"); 0 for none.
     external_site: the held-out protocol family.
     num_archive: pre-training archive subjects (splits "archive", "archive_val"); 0 for none.
@@ -62,9 +62,9 @@ class SyntheticSpec:
 
   def __post_init__(self):
     unknown = [s for s in (*self.sites, self.external_site, *self.archive_sites)
-               if s not in phantom.SITES]
+               if s not in simulator.SITES]
     if unknown:
-      raise ValueError(f"unknown phantom sites {unknown}; expected among {sorted(phantom.SITES)}")
+      raise ValueError(f"unknown phantom sites {unknown}; expected among {sorted(simulator.SITES)}")
     if self.external_site in self.sites and self.num_external:
       raise ValueError(f"external site {self.external_site!r} is also an internal site")
     if self.external_site in self.archive_sites and self.num_external and self.num_archive:
@@ -103,7 +103,7 @@ class SyntheticSpec:
 
 
 def subject_id(seed: int, index: int) -> str:
-  """The subject id of phantom subject `index` of dataset `seed` (as `phantom.synthetic_study`)."""
+  """The subject id of phantom subject `index` of dataset `seed` (as `simulator.synthetic_study`)."""
   return f"syn-{seed}-{index:06d}"
 
 
@@ -114,7 +114,7 @@ def build_items(spec: SyntheticSpec) -> list[records.BuildItem]:
     subject = subject_id(spec.seed, index)
     visits = 2 if splits.unit_hash(subject, spec.split_salt, _RESCAN_PURPOSE) < spec.rescan_fraction else 1
     for visit in range(visits):
-      load = functools.partial(phantom.synthetic_study, spec.seed, index, site=site, visit=visit,
+      load = functools.partial(simulator.synthetic_study, spec.seed, index, site=site, visit=visit,
                                fast=True, frames=spec.frames, matrix=spec.matrix)
       items.append(records.BuildItem(f"{subject}-v{visit}@{site}", load))
   return items

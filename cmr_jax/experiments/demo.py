@@ -1,6 +1,6 @@
 r"""The main job on the embedded synthetic default: data, pre-training, fine-tuning, evaluation.
 
-  python -m cmr_jax.demo --workdir=runs/demo
+  python tools/demo.py --workdir=runs/demo   # = make demo
 
 1. renders the synthetic phantom dataset (configs/synthetic_data.py) into `{workdir}/data`: the
    train/val/test subjects, a held-out protocol family (`external`) and a disjoint pre-training
@@ -23,36 +23,16 @@ import json
 import os
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 import ml_collections
 import numpy as np
-from ml_collections import config_flags
 
-from cmr_jax import logs
-from cmr_jax import stages
+from cmr_jax.experiments import stages
 from cmr_jax.data import records
-from cmr_jax.data import synthetic
+from cmr_jax.phantom import synthetic
 from cmr_jax.eval import metrics
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
-
-
-def _define_flags() -> dict:
-  """The program's flags, defined only when the module runs as a program (tests import it)."""
-  return {
-      "workdir": flags.DEFINE_string("workdir", "runs/demo", "where everything is written"),
-      "data": config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py",
-                                              "dataset"),
-      "pretrain": config_flags.DEFINE_config_file(
-          "pretrain_config", "configs/synthetic_pretrain.py", "pre-training"),
-      "frozen": config_flags.DEFINE_config_file(
-          "finetune_config", "configs/synthetic_finetune.py", "fine-tuning, frozen encoder"),
-      "transfer": config_flags.DEFINE_config_file(
-          "transfer_config", "configs/synthetic_finetune.py:transfer",
-          "fine-tuning of the whole network (the scratch_full arm)"),
-  }
 
 
 EVAL_SPLITS = ("test", "external")
@@ -165,15 +145,3 @@ def run(work: str, data_config: ml_collections.ConfigDict,
         "(the lowest validation MAE)")
   print(timing)
   return out
-
-
-def main(argv, program_flags: dict):
-  del argv
-  logs.setup()
-  f = {name: flag.value for name, flag in program_flags.items()}
-  run(f["workdir"], f["data"], f["pretrain"], f["frozen"], f["transfer"])
-
-
-if __name__ == "__main__":
-  _FLAGS = _define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))

@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from absl import logging
 from array_record.python import array_record_module
 
-from cmr_jax.data import dicom_io
-from cmr_jax.data import ingest
-from cmr_jax.data import layouts
+from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import ingest
+from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 

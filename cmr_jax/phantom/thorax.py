@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from cmr_jax.data import phantom_heart
+from cmr_jax.phantom import cardiac
 
 RV_REFERENCE_DIRECTION = (-0.6, -0.8, 0.0)  # right-anterior: where the RV lies from the LV
 ANTERIOR = (0.0, -1.0, 0.0)
@@ -32,7 +32,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
   return v / np.linalg.norm(v)
 
 
-def heart_axes(heart: phantom_heart.Heart) -> np.ndarray:
+def heart_axes(heart: cardiac.Heart) -> np.ndarray:
   """Heart-frame axes in body coordinates, [3, 3]: rows are x (septal), y (anterior), z (to base).
 
   The long axis points from the apex (left, anterior, inferior) to the base; the septal
@@ -52,7 +52,7 @@ def heart_axes(heart: phantom_heart.Heart) -> np.ndarray:
   return np.stack([ex, ey, ez])
 
 
-def heart_origin(heart: phantom_heart.Heart, model: phantom_heart.HeartModel) -> np.ndarray:
+def heart_origin(heart: cardiac.Heart, model: cardiac.HeartModel) -> np.ndarray:
   """Body position (3,) of the heart-frame origin (the epicardial apex)."""
   z_mid = 0.5 * float(model.state(np.array([1.0])).zb[0, 0])
   return -z_mid * heart_axes(heart)[2]
@@ -62,8 +62,8 @@ def _static_box(lo, hi) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
 
 
-def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
-                 ) -> list[phantom_heart.Layer]:
+def torso_layers(heart: cardiac.Heart, model: cardiac.HeartModel
+                 ) -> list[cardiac.Layer]:
   """The torso's structures in painter's order (body coordinates; painted over air)."""
   t = heart.torso
   bx, by = -t.centre_right_mm, t.centre_posterior_mm
@@ -80,7 +80,7 @@ def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
   big = 1e4
 
   def ellipsoid(cx, cy, cz, ax, ay, az, grow=0.0):  # (distance, box grown by `grow` for walls)
-    distance = lambda st, p: phantom_heart.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax,
+    distance = lambda st, p: cardiac.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax,
                                                                ay, az)
     lo = [cx - ax - grow, cy - ay - grow, max(cz - az - grow, -big)]
     hi = [cx + ax + grow, cy + ay + grow, min(cz + az + grow, big)]
@@ -90,7 +90,7 @@ def torso_layers(heart: phantom_heart.Heart, model: phantom_heart.HeartModel
     return ellipsoid(cx, cy, 0.0, ax, ay, math.inf, grow)
 
   lung_h = LUNG_HEIGHT_MM * t.lung_scale
-  Layer = phantom_heart.Layer
+  Layer = cardiac.Layer
   return [
       Layer("body", "tissue", *cylinder(bx, by, inner_w, inner_d, t.fat_mm + t.muscle_mm),
             walls=((t.fat_mm + t.muscle_mm, "fat"), (t.muscle_mm, "muscle"))),

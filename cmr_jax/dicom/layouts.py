@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from cmr_jax.data import dicom_io
+from cmr_jax.dicom import dicom_io
 
 KAGGLE = "kaggle"
 UKBB = "ukbb"

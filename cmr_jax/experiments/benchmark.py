@@ -1,6 +1,6 @@
 r"""The synthetic benchmark: the paper's claims in shape, on the phantom.
 
-  python -m cmr_jax.benchmark --workdir=runs/benchmark
+  python tools/benchmark.py --workdir=runs/benchmark
   # a GPU (minutes) or a CPU (about an hour); smaller: --fractions=0.1,1 --arms=pretrained
 
 1. the dataset (`--data_config`, default configs/synthetic_data.py:benchmark: 1000 subjects at two
@@ -27,14 +27,11 @@ import json
 import os
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 import numpy as np
-from ml_collections import config_flags
+import ml_collections
 
-from cmr_jax import logs
-from cmr_jax import stages
+from cmr_jax.experiments import stages
 from cmr_jax.data import records
 from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
@@ -42,32 +39,17 @@ from cmr_jax.eval import report
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/benchmark", "where everything is written")
-_DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py:benchmark",
-                                        "dataset")
-_PRETRAIN = config_flags.DEFINE_config_file(
-    "pretrain_config", "configs/synthetic_pretrain.py:benchmark", "pre-training")
-_FINETUNE = config_flags.DEFINE_config_file("finetune_config", "configs/synthetic_finetune.py",
-                                            "fine-tuning with a frozen encoder")
-_TRANSFER = config_flags.DEFINE_config_file(
-    "transfer_config", "configs/synthetic_finetune.py:transfer",
-    "fine-tuning of the whole network (scratch_full, pretrained_transfer)")
-_FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.1", "1"], "label fractions")
-_ARMS = flags.DEFINE_list("arms", list(stages.ARMS),
-                          f"fine-tuning arms {sorted(stages.ARMS)}, or any config.init string "
-                          "(encoder frozen)")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "subject-bootstrap replicates")
-_METRICS = ("mae", "auc_lvef_below_40")
+METRICS = ("mae", "auc_lvef_below_40")
 EVAL_SPLITS = ("test", "external")
 MEAN_MODEL = stages.TRAIN_MEAN
 
 
-def arm_config(name: str, data_dir: str, pretrain_dir: str):
+def arm_config(name: str, frozen: ml_collections.ConfigDict,
+               transfer: ml_collections.ConfigDict, data_dir: str, pretrain_dir: str):
   """The fine-tuning config of an arm name, or of an init string with the encoder frozen."""
   if name in stages.ARMS:
-    return stages.arm_config(stages.ARMS[name], _FINETUNE.value, _TRANSFER.value, data_dir,
-                             pretrain_dir)
-  config = _FINETUNE.value.copy_and_resolve_references()
+    return stages.arm_config(stages.ARMS[name], frozen, transfer, data_dir, pretrain_dir)
+  config = frozen.copy_and_resolve_references()
   config.data.dir, config.init = data_dir, name
   return config
 
@@ -83,16 +65,16 @@ def run_name(init: str, fraction: float) -> str:
   return f"finetune_{safe}_{fraction:g}"
 
 
-def score(truth: np.ndarray, pred: np.ndarray, subjects: list[str]) -> dict:
+def score(truth: np.ndarray, pred: np.ndarray, subjects: list[str], n_boot: int) -> dict:
   """Point metrics with subject-bootstrap intervals."""
-  return metrics.with_ci(truth, pred, subjects, n_boot=_BOOTSTRAP.value)
+  return metrics.with_ci(truth, pred, subjects, n_boot=n_boot)
 
 
 def tables(results: dict, splits: list[str]) -> str:
   """One Markdown data-efficiency table per split and metric (model x label fraction)."""
   sections = []
   for split in splits:
-    for metric in _METRICS:
+    for metric in METRICS:
       table = report.data_efficiency_table(
           {m: {f: r[split] for f, r in per.items()} for m, per in results.items()}, metric)
       sections.append(f"### {split}: {metric}\n\n{table}")
@@ -104,22 +86,22 @@ def plot(results: dict, splits: list[str], path: str) -> None:
   plots.data_efficiency(results, splits, path, title="LVEF fine-tuning arms (MIL head)")
 
 
-def main(argv):
-  del argv
-  logs.setup()
+def run(work: str, data_config: ml_collections.ConfigDict,
+        pretrain_config: ml_collections.ConfigDict, frozen_config: ml_collections.ConfigDict,
+        transfer_config: ml_collections.ConfigDict, *, fractions: list[float], arms: list[str],
+        bootstrap: int = 1000) -> dict:
+  """Runs (or resumes) every stage in `work`; writes and returns the benchmark.json content."""
   t0 = time.time()
-  work = _WORKDIR.value
   stages.use_compilation_cache(work)
-  fractions = [float(f) for f in _FRACTIONS.value]
   if not fractions or any(not 0 < f <= 1 for f in fractions):
-    raise app.UsageError(f"--fractions must lie in (0, 1], got {_FRACTIONS.value}")
+    raise ValueError(f"label fractions must lie in (0, 1], got {fractions}")
   data_dir = os.path.join(work, "data")
-  stages.make_data(_DATA.value, data_dir)
+  stages.make_data(data_config, data_dir)
 
-  pre = _PRETRAIN.value
+  pre = pretrain_config.copy_and_resolve_references()
   pre.data.dir = data_dir
   pretrain_dir = os.path.join(work, "pretrain")
-  if needs_pretraining(_ARMS.value) and not stages.finished(
+  if needs_pretraining(arms) and not stages.finished(
       pretrain_dir, pre, upstream=[stages.data_stamp(data_dir)]):
     pretrain.train_and_evaluate(pre, pretrain_dir)
 
@@ -128,9 +110,9 @@ def main(argv):
   meta = {s: records.load_index(data_dir, s) for s in splits}
   results: dict[str, dict[float, dict[str, dict]]] = {}
   skipped: list[str] = []
-  for name in _ARMS.value:
+  for name in arms:
     for fraction in fractions:
-      ft = arm_config(name, data_dir, pretrain_dir)
+      ft = arm_config(name, frozen_config, transfer_config, data_dir, pretrain_dir)
       ft.data.label_fraction = fraction
       run_dir = os.path.join(work, run_name(name, fraction))
       try:
@@ -150,9 +132,9 @@ def main(argv):
         subjects = [meta[split][i]["subject_id"] for i in p["study_index"][keep]]
         truth = p["lvef"][keep]
         results.setdefault(name, {}).setdefault(fraction, {})[split] = score(
-            truth, p["pred"][keep], subjects)
+            truth, p["pred"][keep], subjects, bootstrap)
         results.setdefault(MEAN_MODEL, {}).setdefault(fraction, {})[split] = score(
-            truth, np.full(truth.shape, mean), subjects)
+            truth, np.full(truth.shape, mean), subjects, bootstrap)
 
   if not results:
     raise ValueError(f"nothing to report: every run was skipped ({'; '.join(skipped)})")
@@ -160,14 +142,12 @@ def main(argv):
   wall = time.time() - t0
   md = tables(results, splits) + "".join(f"\n\nskipped: {s}" for s in skipped)
   md += f"\n\nwall time {wall / 60:.1f} min\n"
+  out = {"results": {m: {str(k): v for k, v in per.items()} for m, per in results.items()},
+         "skipped": skipped, "wall_s": wall}
   with open(os.path.join(work, "benchmark.json"), "w") as f:
-    json.dump({"results": {m: {str(k): v for k, v in per.items()} for m, per in results.items()},
-               "skipped": skipped, "wall_s": wall}, f, indent=1)
+    json.dump(out, f, indent=1)
   with open(os.path.join(work, "benchmark.md"), "w") as f:
     f.write(md)
   plot(results, splits, os.path.join(work, "data_efficiency.png"))
   print(md)
-
-
-if __name__ == "__main__":
-  app.run(main)
+  return out

@@ -17,8 +17,8 @@ import jax
 import ml_collections
 
 from cmr_jax.data import preprocess
-from cmr_jax.data import synthetic
-from cmr_jax.train import checkpoint
+from cmr_jax.phantom import synthetic
+from cmr_jax import checkpoint
 
 XLA_CACHE_DIR = "xla_cache"
 TRAIN_MEAN = "train_mean"  # the training-mean predictor's row
