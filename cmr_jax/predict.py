@@ -3,7 +3,7 @@
 Each input (a study folder, a zip, a folder holding several studies, or one DICOM file) is read
 the way ingestion reads it: studies found by StudyInstanceUID (`layouts.discover`), files read
 and pseudonymised (`ingest.load_study`), cines preprocessed as the model's training data was
-(`finetune.Predictor.preprocess`), then scored by a fine-tuning run's best checkpoint. Nothing
+(`inference.Predictor.preprocess`), then scored by a fine-tuning run's best checkpoint. Nothing
 needs a training set. An input or study that cannot be read gets a row with the reason and the
 others carry on.
 
@@ -40,14 +40,15 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import assemble
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
+from cmr_jax.dicom import parse
+from cmr_jax import inference
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import types
-from cmr_jax.train import finetune
 
 Z_95 = 1.96  # two-sided 95% normal quantile
 REDUCED_EF_PERCENT = 40.0  # LVEF below this is flagged (heart failure with reduced EF)
@@ -181,7 +182,7 @@ def _prepare_spec(path: str, root: str, spec: layouts.StudySpec,
   if loaded.study is None:
     out.error = loaded.reason
     return out
-  skipped = collections.Counter(r.reason for r in loaded.rows if r.status == dicom_io.SKIPPED)
+  skipped = collections.Counter(r.reason for r in loaded.rows if r.status == assemble.SKIPPED)
   if skipped:
     out.warnings.append(QualityWarning(
         "files_skipped", f"{sum(skipped.values())} of {_files(len(loaded.rows))} not used "
@@ -231,7 +232,7 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   if not discovery.specs:
     return [Prepared(path, error="no DICOM study found (" + (_counts(orphans) or "no files")
                      + ")")]
-  del orphans[dicom_io.DICOMDIR_REASON]  # an index of the files: expected, not a problem
+  del orphans[parse.DICOMDIR_REASON]  # an index of the files: expected, not a problem
   common = []
   if orphans:
     common.append(QualityWarning("files_outside_studies", f"{_files(sum(orphans.values()))} "
@@ -242,22 +243,10 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   return [_prepare_spec(path, root, spec, cfg, salt, common) for spec in discovery.specs]
 
 
-def check_preprocess(data_dir: str, cfg: preprocess.PreprocessConfig) -> None:
-  """Raises ValueError when a dataset's records were made with another preprocessing."""
-  stored = records.read_dataset_info(data_dir)["preprocess"]
-  wanted = cfg.to_dict()
-  diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-  if diff:
-    raise ValueError(
-        f"{data_dir} was preprocessed differently from the model's training data ("
-        + ", ".join(f"{k}: {stored.get(k)} vs model {wanted.get(k)}" for k in diff)
-        + "): ingest the DICOM again with the model's settings, or predict from the DICOM")
-
-
 def prepare_split(data_dir: str, split: str,
                   cfg: preprocess.PreprocessConfig) -> Iterator[Prepared]:
   """The records of an ingested dataset split with their quality warnings (checked geometry)."""
-  check_preprocess(data_dir, cfg)
+  records.check_preprocess(data_dir, cfg)
   source = records.open_split(data_dir, split)
   for i in range(len(source)):
     record = source[i]
@@ -417,7 +406,7 @@ def _row(item: Prepared, out: dict[str, np.ndarray] | None, model: ModelInfo) ->
   return row
 
 
-def score(predictor: finetune.Predictor, prepared: Iterable[Prepared], *, loo: bool = True,
+def score(predictor: inference.Predictor, prepared: Iterable[Prepared], *, loo: bool = True,
           workdir: str = "", tta: int = 1) -> list[dict[str, Any]]:
   """One row per prepared study, in order; studies are scored in groups of a few batches.
 
@@ -468,7 +457,7 @@ def score(predictor: finetune.Predictor, prepared: Iterable[Prepared], *, loo: b
   return rows
 
 
-def model_info(predictor: finetune.Predictor, workdir: str = "") -> ModelInfo:
+def model_info(predictor: inference.Predictor, workdir: str = "") -> ModelInfo:
   """The interval's basis and the preprocessing of a predictor."""
   return ModelInfo(workdir, predictor.best, dict(predictor.preprocess),
                    int(predictor.config.data.max_instances))
@@ -487,14 +476,14 @@ def _progress(groups: Iterable[list[Prepared]], total: int, what: str) -> Iterat
       last = now
 
 
-def predict(predictor: finetune.Predictor, *, inputs: Sequence[str] = (), data_dir: str = "",
+def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_dir: str = "",
             split: str = "test", salt: str = "", layout: str = layouts.GENERIC,
             labels: str = "", loo: bool = True, workdir: str = "",
             tta: int = 1) -> dict[str, Any]:
   """Predicts LVEF for DICOM inputs or for the records of a dataset split.
 
   Args:
-    predictor: the fine-tuned model (`finetune.Predictor(workdir)`).
+    predictor: the fine-tuned model (`inference.Predictor(workdir)`).
     inputs: study folders, zips or DICOM files (one or more rows each).
     data_dir: instead of inputs, an ingested dataset (records with the model's preprocessing).
     split: the dataset split to score.

@@ -161,3 +161,18 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
                        f"{ways} local data-parallel shards")
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+def global_batches(iterator: Iterator[Mapping[str, np.ndarray]],
+                   mesh: jax.sharding.Mesh) -> Iterator[dict[str, jax.Array]]:
+  """Process-local batches -> global arrays sharded over the batch axes."""
+  for batch in iterator:
+    yield shard_batch(batch, mesh)
+
+
+def per_process_batch(global_batch_size: int) -> int:
+  """This process's share of the global batch."""
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                     f"{jax.process_count()} processes")
+  return global_batch_size // jax.process_count()

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import os
 
+from cmr_jax import runs
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
@@ -105,5 +106,5 @@ def tiny_pretrain(root: str) -> tuple[str, str]:
   workdir = os.path.join(root, "pretrain")
   result = pretrain.train_and_evaluate(pretrain_config(data_dir, vocab), workdir)
   assert result["step"] == KEPT_STEPS[-1]
-  assert pretrain.checkpoint_steps(workdir) == KEPT_STEPS
+  assert runs.checkpoint_steps(workdir) == KEPT_STEPS
   return data_dir, workdir

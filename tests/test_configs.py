@@ -18,9 +18,7 @@ import pytest
 from cmr_jax import sharding
 from cmr_jax.models import registry
 from cmr_jax.train import common
-from cmr_jax.train import finetune
 from cmr_jax.train import optim
-from cmr_jax.train import pretrain
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
@@ -68,11 +66,11 @@ def _abstract_params(name: str):
   d = config.data
   video = jnp.zeros((1, d.num_frames, d.image_size, d.image_size), jnp.uint8)
   if CONFIGS[name][0] == PRETRAIN:
-    model = pretrain.build_model(config, config.text.vocab_size)
+    model = registry.pretrain_model(config, config.text.vocab_size)
     inputs = {"video": video, "text_ids": jnp.zeros((1, config.text.max_len), jnp.int32),
               "text_mask": jnp.ones((1, config.text.max_len), jnp.int32)}
   else:  # one instance per bag: the parameters do not depend on the bag size
-    model = finetune.build_model(config, mean=60.0)
+    model = registry.lvef_model(config, mean=60.0)
     inputs = {"video": video[:, None], "mask": jnp.ones((1, 1), bool)}
   return jax.eval_shape(lambda rng: model.init(rng, **inputs)["params"], jax.random.key(0))
 

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cmr_jax import runs
 from cmr_jax.convert import converted
 from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit as convert_mvit
@@ -27,7 +28,6 @@ from cmr_jax.models import registry
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViT, MViTConfig
 from cmr_jax.models.text import BertEncoder
 from cmr_jax.train import common
-from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,22 +210,22 @@ def test_cmr_transformer_names_and_converted_folder_as_finetune_init(tmp_path):
              jnp.ones((1, 2), bool))
   abstract = common.unbox(jax.eval_shape(lambda r: model.init(r, *example)["params"],
                                          jax.random.key(0)))
-  target = mapping.flatten({k: abstract[k] for k in finetune.ENCODER_PARAMS})
+  target = mapping.flatten({k: abstract[k] for k in registry.ENCODER_PARAMS})
   flat, report = mapping.convert(state, convert_mvit.cmr_transformer_renamer(), target,
                                  source="cmr.ckpt", layout="cmr_transformer")
   report.check()
   assert report.dropped == {"model.video_proj.bias": convert_mvit.PROJ_BIAS_REASON}
   folder = converted.save_converted(
       str(tmp_path / "cmr"), converted.Converted(mapping.unflatten(flat), report, TINY))
-  for kind, groups in finetune.IMPORTED_PARAMS.items():
-    loaded = finetune.load_pretrained_encoder(f"{kind}:{folder}", abstract)
+  for kind, groups in runs.IMPORTED_PARAMS.items():
+    loaded = runs.encoder_init(f"{kind}:{folder}", abstract)
     assert sorted(loaded) == sorted(groups)
     assert jax.tree.map(np.shape, loaded) == jax.tree.map(lambda s: s.shape,
                                                           {g: abstract[g] for g in groups})
   jax.tree.map(np.testing.assert_array_equal, loaded["video_encoder"], encoder)
   np.testing.assert_array_equal(loaded["video_proj"]["kernel"], proj.T)
   with pytest.raises(ValueError, match="unknown init 'imagenet:"):
-    finetune.load_pretrained_encoder(f"imagenet:{folder}", abstract)
+    runs.encoder_init(f"imagenet:{folder}", abstract)
 
 
 # --- PyTorch models (optional torch extra) -----------------------------------------------------
@@ -422,18 +422,18 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
   abstract = common.unbox(jax.eval_shape(lambda r: model.init(r, *example)["params"],
                                          jax.random.key(0)))
   # The torch file directly (converted in memory) and the converted folder give the same.
-  direct = finetune.load_pretrained_encoder(f"cmr_transformer:{ckpt}", abstract)
-  stored = finetune.load_pretrained_encoder(f"cmr_transformer:{folder}", abstract)
+  direct = runs.encoder_init(f"cmr_transformer:{ckpt}", abstract)
+  stored = runs.encoder_init(f"cmr_transformer:{folder}", abstract)
   jax.tree.map(np.testing.assert_array_equal, direct, stored)
   jax.tree.map(np.testing.assert_array_equal, direct["video_encoder"],
                result.params["video_encoder"])
 
   kinetics = str(tmp_path / "kinetics.pyth")
   torch.save({"model_state": video.state_dict()}, kinetics)
-  loaded = finetune.load_pretrained_encoder(f"kinetics:{kinetics}", abstract)
+  loaded = runs.encoder_init(f"kinetics:{kinetics}", abstract)
   assert sorted(loaded) == ["video_encoder"]
   with pytest.raises(mapping.ConversionError, match=r"video_proj/kernel"):
-    finetune.load_pretrained_encoder(f"cmr_transformer:{kinetics}", abstract)
+    runs.encoder_init(f"cmr_transformer:{kinetics}", abstract)
   # A model at another input size: the error names the tensors and the file's input size.
   other = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
                                  kv_pool_stride=TINY.kv_pool_stride)
@@ -441,7 +441,7 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
   abstract64 = common.unbox(jax.eval_shape(lambda r: other.init(r, *example64)["params"],
                                            jax.random.key(0)))
   with pytest.raises(mapping.ConversionError, match=r"pos_embed_spatial.*16 frames of 32x32"):
-    finetune.load_pretrained_encoder(f"kinetics:{kinetics}", abstract64)
+    runs.encoder_init(f"kinetics:{kinetics}", abstract64)
 
 
 def test_safetensors_file_and_tool_stops_on_a_missing_tensor(tmp_path):

@@ -7,10 +7,9 @@ import os
 import ml_collections
 import numpy as np
 
+from cmr_jax import runs
 from cmr_jax.experiments import demo
 from cmr_jax.experiments import stages
-from cmr_jax.train import common
-from cmr_jax.train import finetune
 
 
 def _config(steps: int) -> ml_collections.ConfigDict:
@@ -20,7 +19,7 @@ def _config(steps: int) -> ml_collections.ConfigDict:
 
 def test_a_run_of_another_config_is_moved_aside_and_the_same_config_resumes(tmp_path):
   run = str(tmp_path / "pretrain")
-  common.save_config(_config(10), run)
+  runs.save_config(_config(10), run)
   # Same config, no checkpoint yet: not finished, left in place (the stage resumes it).
   assert not stages.finished(run, _config(10))
   assert os.path.exists(os.path.join(run, "config.json"))
@@ -60,15 +59,15 @@ def test_demo_end_to_end_names_its_four_rows_and_links_the_validation_pick(tmp_p
     assert set(per_split) == {"test", "external"}
     assert all(np.isfinite(m["mae"]) for m in per_split.values())
   # Pre-training read the archive only; the three arms trained what their names say.
-  pre = common.load_config(os.path.join(work, "pretrain"))
+  pre = runs.load_config(os.path.join(work, "pretrain"))
   assert (pre.data.train_split, pre.data.eval_split) == ("archive", "archive_val")
-  modes = {name: common.load_config(os.path.join(work, f"finetune_{name}"))
+  modes = {name: runs.load_config(os.path.join(work, f"finetune_{name}"))
            for name in demo.DEMO_ARMS}
   assert {n: (c.init.split(":")[0], c.mode) for n, c in modes.items()} == {
       "pretrained": ("pretrain", "finetune"), "random_frozen": ("random", "finetune"),
       "scratch_full": ("random", "transfer")}
   # The model link follows the lowest validation MAE (never test or external).
-  val = {n: finetune.read_best(os.path.join(work, f"finetune_{n}"))["val_mae"]
+  val = {n: runs.read_best(os.path.join(work, f"finetune_{n}"))["val_mae"]
          for n in demo.DEMO_ARMS}
   assert os.readlink(os.path.join(work, demo.MODEL_LINK)) == f"finetune_{min(val, key=val.get)}"
   printed = capsys.readouterr().out
@@ -78,7 +77,7 @@ def test_demo_end_to_end_names_its_four_rows_and_links_the_validation_pick(tmp_p
 def test_a_run_older_than_its_inputs_is_moved_aside(tmp_path):
   run, upstream = str(tmp_path / "finetune"), str(tmp_path / "pretrain_final")
   os.makedirs(upstream)
-  common.save_config(_config(10), run)
+  runs.save_config(_config(10), run)
   old = os.path.getmtime(os.path.join(run, "config.json"))
   os.utime(upstream, (old - 60, old - 60))  # written before the run started: still valid
   assert not stages.finished(run, _config(10), [upstream])

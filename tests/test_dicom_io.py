@@ -13,7 +13,11 @@ import pydicom
 from pydicom.data import get_testdata_file
 import pytest
 
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import assemble
+from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import geometry
+from cmr_jax.dicom import parse
+from cmr_jax.dicom import views as dicom_views
 from cmr_jax.testing import dicom_writer
 from cmr_jax.data import types
 
@@ -28,11 +32,11 @@ import dicom_testlib
     ("CINE_segmented_LAX_3Ch", types.LAX_3CH), ("LVOT", types.LAX_3CH),
     ("3 chamber", types.LAX_3CH), ("sax_5", types.SAX), ("CINE_segmented_SAX_b3", types.SAX),
     ("FIESTA CINE SAX", types.SAX), ("sBTFE_SA slice 4", types.SAX), ("short axis", types.SAX),
-    ("trufi_cine_sa_retro", types.SAX), ("cine LAX", dicom_io.LAX),
+    ("trufi_cine_sa_retro", types.SAX), ("cine LAX", dicom_views.LAX),
     ("cine_trufi_retro", ""), ("bTFE", ""),
 ])
 def test_classify_name_views(name, view):
-  result = dicom_io.classify_name(name)
+  result = dicom_views.classify_name(name)
   assert (result.view, result.non_cine) == (view, "")
 
 
@@ -42,13 +46,13 @@ def test_classify_name_views(name, view):
     "LGE PSIR sa", "DE_SAX", "perfusion", "CINE_segmented_Ao_dist", "RVOT cine", "haste_tra",
 ])
 def test_classify_name_non_cine(name):
-  result = dicom_io.classify_name(name)
+  result = dicom_views.classify_name(name)
   assert result.non_cine and not result.view, (name, result)
 
 
-def _read(path: str) -> dicom_io.ParsedFile:
+def _read(path: str) -> parse.ParsedFile:
   with open(path, "rb") as f:
-    return dicom_io.parse_file(dicom_io.FileRef(path), f.read())
+    return parse.parse_file(dicom_files.FileRef(path), f.read())
 
 
 def test_compressed_pydicom_files_decode_like_the_uncompressed_one():
@@ -72,17 +76,17 @@ def test_unusable_files_are_skipped_with_reasons():
   colour.PhotometricInterpretation = "PALETTE COLOR"
   buffer = io.BytesIO()
   colour.save_as(buffer)
-  assert dicom_io.parse_file(dicom_io.FileRef("c.dcm"), buffer.getvalue()).reason == (
+  assert parse.parse_file(dicom_files.FileRef("c.dcm"), buffer.getvalue()).reason == (
       "not a greyscale image (PhotometricInterpretation PALETTE COLOR)")
   assert reasons["CT_small.dcm"] == "not an MR image (Modality CT)"
   assert reasons["rtplan.dcm"] == "no pixel data (not an image)"
-  assert dicom_io.parse_file(dicom_io.FileRef("x.txt"), b"plain text " * 50).reason == (
+  assert parse.parse_file(dicom_files.FileRef("x.txt"), b"plain text " * 50).reason == (
       "not a DICOM file")
-  assert dicom_io.parse_file(dicom_io.FileRef("gone"), OSError("missing")).reason == (
+  assert parse.parse_file(dicom_files.FileRef("gone"), OSError("missing")).reason == (
       "unreadable file (OSError)")
 
 
-def _cine_of_test_files(names: list[str], trigger_order: list[int]) -> list[dicom_io.ParsedFile]:
+def _cine_of_test_files(names: list[str], trigger_order: list[int]) -> list[parse.ParsedFile]:
   """One 4CH series of pydicom test files (any transfer syntax), frame k at TriggerTime 40 k."""
   parsed = []
   for i, (name, k) in enumerate(zip(names, trigger_order)):
@@ -94,7 +98,7 @@ def _cine_of_test_files(names: list[str], trigger_order: list[int]) -> list[dico
     ds.RescaleSlope, ds.RescaleIntercept = 2, -10
     buffer = io.BytesIO()
     ds.save_as(buffer)
-    parsed.append(dicom_io.parse_file(dicom_io.FileRef(f"f{i}.dcm"), buffer.getvalue()))
+    parsed.append(parse.parse_file(dicom_files.FileRef(f"f{i}.dcm"), buffer.getvalue()))
   return parsed
 
 
@@ -102,7 +106,7 @@ def test_compressed_cine_assembles_in_trigger_order_with_rescale():
   names = ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
            "MR_small.dcm"] * 2 + ["MR_truncated.dcm"]
   order = [5, 2, 7, 0, 3, 6, 1, 4, 8]
-  assembled = dicom_io.assemble_study(_cine_of_test_files(names, order))
+  assembled = assemble.assemble_study(_cine_of_test_files(names, order))
   (cine,) = assembled.cines
   assert cine.view == types.LAX_4CH and cine.frames.dtype == np.float32
   assert cine.frames.shape == (8, 64, 64)
@@ -110,16 +114,16 @@ def test_compressed_cine_assembles_in_trigger_order_with_rescale():
   reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array * 2.0 - 10.0
   np.testing.assert_array_equal(cine.frames, np.broadcast_to(reference, (8, 64, 64)))
   statuses = collections.Counter(s for s, _, _ in assembled.file_status.values())
-  assert statuses == {dicom_io.USED: 8, dicom_io.SKIPPED: 1}
-  truncated = assembled.file_status[dicom_io.FileRef("f8.dcm")]
+  assert statuses == {assemble.USED: 8, assemble.SKIPPED: 1}
+  truncated = assembled.file_status[dicom_files.FileRef("f8.dcm")]
   assert truncated[1].startswith("pixel data not decodable")
 
 
 def _assemble_written(study, tmp_path, **options):
   dicom_writer.write_study(study, str(tmp_path), options=dicom_writer.WriteOptions(**options))
-  files, problems = dicom_io.list_input_files(str(tmp_path))
+  files, problems = dicom_files.list_input_files(str(tmp_path))
   assert not problems
-  return dicom_io.assemble_study(dicom_io.read_files(files))
+  return assemble.assemble_study(parse.read_files(files))
 
 
 @pytest.mark.parametrize("site, options", [
@@ -142,7 +146,7 @@ def test_round_trip_views_sax_order_and_pixels(site, options, tmp_path):
     np.testing.assert_allclose(read.image_position, original.image_position, atol=1e-3)
     np.testing.assert_allclose(read.trigger_times_ms, original.trigger_times_ms, atol=1e-3)
     assert read.pixel_spacing == pytest.approx(original.pixel_spacing, rel=1e-5)
-  assert all(s == dicom_io.USED for s, _, _ in assembled.file_status.values())
+  assert all(s == assemble.USED for s, _, _ in assembled.file_status.values())
 
 
 def test_sax_order_ignores_series_numbers_and_follows_anatomy(tmp_path):
@@ -167,7 +171,7 @@ def _plain_cine(position, orientation, seed, view=types.SAX):
 def test_sax_order_falls_back_to_acquisition_order_when_anatomy_is_ambiguous(tmp_path):
   # Stack normal (1, 1, 0)/sqrt(2) is perpendicular to the apex direction (1, -1, -1)/sqrt(3).
   orientation = [0, 0, 1, 1 / math.sqrt(2), -1 / math.sqrt(2), 0]  # rows along z
-  normal = dicom_io.plane_normal(np.asarray(orientation, float))
+  normal = geometry.plane_normal(np.asarray(orientation, float))
   cines = [_plain_cine(-10.0 * k * normal, orientation, k) for k in range(3)]  # first is base
   study = types.Study(study_id="s", subject_id="p", site="x", cines=cines)
   assembled = _assemble_written(study, tmp_path, style="siemens")
@@ -178,14 +182,14 @@ def test_sax_order_falls_back_to_acquisition_order_when_anatomy_is_ambiguous(tmp
 def test_lax_views_from_geometry_alone_and_calibrated_by_named_views():
   study = dicom_testlib.phantom_study(3, site="siteC")
   sax = next(c for c in study.cines if c.view == types.SAX)
-  n = dicom_io.plane_normal(sax.image_orientation)
-  lax = {c.view: dicom_io.plane_normal(c.image_orientation) for c in study.cines
+  n = geometry.plane_normal(sax.image_orientation)
+  lax = {c.view: geometry.plane_normal(c.image_orientation) for c in study.cines
          if c.view != types.SAX}
   views = list(types.LONG_AXIS_VIEWS)
-  assert dicom_io.classify_lax_geometry(n, [lax[v] for v in views]) == views
+  assert geometry.classify_lax_geometry(n, [lax[v] for v in views]) == views
   for view in views:  # one unnamed plane, the other two named
     known = [(v, lax[v]) for v in views if v != view]
-    assert dicom_io.classify_lax_geometry(n, [lax[view]], known) == [view]
+    assert geometry.classify_lax_geometry(n, [lax[view]], known) == [view]
 
 
 def test_faults_are_skipped_with_reasons_and_the_rest_converted(tmp_path):
@@ -197,15 +201,15 @@ def test_faults_are_skipped_with_reasons_and_the_rest_converted(tmp_path):
   paths = dicom_writer.write_study(study, str(tmp_path), faults=faults)
   os.makedirs(tmp_path / "copy")
   shutil.copy(paths[0], tmp_path / "copy")  # the same instance twice
-  files, _ = dicom_io.list_input_files(str(tmp_path))
-  assembled = dicom_io.assemble_study(dicom_io.read_files(files))
+  files, _ = dicom_files.list_input_files(str(tmp_path))
+  assembled = assemble.assemble_study(parse.read_files(files))
   assert len(assembled.file_status) == dicom_testlib.count_files(str(tmp_path)) == len(files)
   reasons = collections.Counter(r for s, r, _ in assembled.file_status.values() if s != "used")
   assert reasons == {
       "not a DICOM file": 1,
       "no pixel data (not an image)": 1,
       "non-cine series (scout/localiser)": 3,
-      f"too few frames (1 < {dicom_io.MIN_CINE_FRAMES}): not a cine": 1,
+      f"too few frames (1 < {assemble.MIN_CINE_FRAMES}): not a cine": 1,
       "duplicate SAX position: superseded by series 100": frames,
       "inconsistent geometry: mixed matrix sizes 28x28, 32x32": frames,
       "pixel data not decodable (Explicit VR Little Endian: ValueError)": 1,
@@ -228,8 +232,8 @@ def test_repeated_cycle_at_one_position_keeps_the_last(tmp_path):
   for i, ds in enumerate(datasets):
     buffer = pydicom.filebase.DicomBytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    parsed.append(dicom_io.parse_file(dicom_io.FileRef(f"{i}.dcm"), buffer.getvalue()))
-  assembled = dicom_io.assemble_study(parsed)
+    parsed.append(parse.parse_file(dicom_files.FileRef(f"{i}.dcm"), buffer.getvalue()))
+  assembled = assemble.assemble_study(parsed)
   (read,) = assembled.cines
   np.testing.assert_allclose(read.frames, repeat.frames, atol=1e-3 * repeat.frames.max())
   reasons = collections.Counter(r for _, r, _ in assembled.file_status.values())
@@ -271,6 +275,6 @@ def test_reading_emits_no_pydicom_warnings_or_logs(caplog):
   ds.save_as(buffer)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    parsed = dicom_io.parse_file(dicom_io.FileRef("a.dcm"), buffer.getvalue())
-    dicom_io.assemble_study([parsed])
+    parsed = parse.parse_file(dicom_files.FileRef("a.dcm"), buffer.getvalue())
+    assemble.assemble_study([parsed])
   assert not caught and not [r for r in caplog.records if r.name.startswith("pydicom")]

@@ -21,7 +21,11 @@ import pytest
 from scipy.spatial import transform
 
 from cmr_jax import predict
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import assemble
+from cmr_jax.dicom import cycles
+from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import parse
+from cmr_jax.dicom import views as dicom_views
 from cmr_jax.testing import dicom_writer
 from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
@@ -54,9 +58,9 @@ def _bytes(ds: Dataset) -> bytes:
   return buffer.getvalue()
 
 
-def _assemble(items: list[Item]) -> dicom_io.AssembledStudy:
-  return dicom_io.assemble_study([dicom_io.parse_file(dicom_io.FileRef(f"{folder}/{name}"),
-                                                      _bytes(ds)) for folder, name, ds in items])
+def _assemble(items: list[Item]) -> assemble.AssembledStudy:
+  return assemble.assemble_study([parse.parse_file(dicom_files.FileRef(f"{folder}/{name}"),
+                                                   _bytes(ds)) for folder, name, ds in items])
 
 
 def _write(items: list[Item], root) -> str:
@@ -79,11 +83,11 @@ def _series(items: list[Item], description: str) -> list[Dataset]:
                 key=lambda ds: int(ds.InstanceNumber))
 
 
-def _reasons(assembled: dicom_io.AssembledStudy) -> collections.Counter:
+def _reasons(assembled: assemble.AssembledStudy) -> collections.Counter:
   return assembled.skipped_reasons
 
 
-def _cine(assembled: dicom_io.AssembledStudy, view: str) -> types.Cine:
+def _cine(assembled: assemble.AssembledStudy, view: str) -> types.Cine:
   (cine,) = [c for c in assembled.cines if c.view == view]
   return cine
 
@@ -153,8 +157,8 @@ def _second_cycle(items: list[Item], *, instance_offset: int, jitter_ms: float,
 
 
 @pytest.mark.parametrize("instance_offset, jitter_ms, reason", [
-    (1000, 0.4, dicom_io.REPEATED_CYCLE),  # numbering continues, times jitter
-    (0, 0.0, dicom_io.REPEATED_TRIGGER),  # the same InstanceNumbers and TriggerTimes again
+    (1000, 0.4, cycles.REPEATED_CYCLE),  # numbering continues, times jitter
+    (0, 0.0, cycles.REPEATED_TRIGGER),  # the same InstanceNumbers and TriggerTimes again
 ])
 def test_a_plane_imaged_over_two_cycles_keeps_one(study, instance_offset, jitter_ms, reason):
   items = _items(study)
@@ -175,7 +179,7 @@ def test_two_cycles_without_trigger_times_keep_cardiac_number_of_images(study):
     del ds.TriggerTime
   assembled = _assemble(_second_cycle(items, instance_offset=1000, jitter_ms=0.0,
                                       with_trigger=False))
-  assert _reasons(assembled) == {dicom_io.REPEATED_CYCLE: len(items)}
+  assert _reasons(assembled) == {cycles.REPEATED_CYCLE: len(items)}
   for original, read in zip(study.cines, assembled.cines):
     assert _close(read.frames, 2 * original.frames)
 
@@ -260,7 +264,7 @@ def test_pixel_spacing_anisotropic_single_valued_from_imager_or_missing(study):
     ("CINE SAX MULTISLICE 12 PH25", types.SAX), ("Cine_ShortAxis", types.SAX),
 ])
 def test_vendor_series_names(name, view):
-  assert dicom_io.classify_name(name) == dicom_io.NameClass(view=view)
+  assert dicom_views.classify_name(name) == dicom_views.NameClass(view=view)
 
 
 VENDOR_NAMES = {types.SAX: "B-TFE_BH SA", types.LAX_2CH: "LAX 2ch",
@@ -417,7 +421,7 @@ def test_file_names_dicomdir_and_nested_folders(study, tmp_path):
     assert not _codes(prepared) & {"files_skipped", "files_outside_studies", "several_studies"}
   dicomdir = str(tmp_path / "media" / "DICOMDIR")
   discovery = layouts.discover(layouts.GENERIC, str(tmp_path / "media"))
-  assert discovery.orphans == [(dicom_io.FileRef(dicomdir), dicom_io.DICOMDIR_REASON)]
+  assert discovery.orphans == [(dicom_files.FileRef(dicomdir), parse.DICOMDIR_REASON)]
   prepared = _prepare(dicomdir)  # the DICOMDIR itself as the input: its folder is read
   assert prepared.input == dicomdir and not prepared.error
   assert prepared.record.views == [c.view for c in study.cines]

@@ -17,6 +17,8 @@ from matplotlib import image as mpl_image
 import numpy as np
 import pytest
 
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.eval import evaluate
@@ -67,7 +69,7 @@ def run_dir(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(run_dir):
-  return finetune.Predictor(run_dir)
+  return inference.Predictor(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_tta_later_passes_are_seeded_augmentations_of_the_default_pass(predictor
   np.testing.assert_array_equal(one["view"], default["view"])
   # The first pass of the evaluation is the default pass.
   stub = _StubPredictor({0: default, 1: one})
-  mean = evaluate.tta_predictions(stub, source, 2)
+  mean = inference.tta_predictions(stub, source, 2)
   assert stub.calls == [0, 1]
   np.testing.assert_allclose(mean["pred"], (default["pred"] + one["pred"]) / 2, rtol=1e-6)
   np.testing.assert_allclose(mean["pred_sd"], np.abs(default["pred"] - one["pred"]) / 2,
@@ -297,10 +299,10 @@ def test_mismatched_checkpoint_or_dataset_gives_clear_errors(run_dir, data_dir, 
     evaluate.evaluate(bad_config, data_dir, ["test"], str(tmp_path / "a"))
   bad_data = str(tmp_path / "preprocess_run")
   shutil.copytree(run_dir, bad_data)
-  with open(os.path.join(bad_data, finetune.PREPROCESS_JSON)) as f:
+  with open(os.path.join(bad_data, runs.PREPROCESS_JSON)) as f:
     pre = json.load(f)
   pre["spacing_mm"] = 2.0
-  with open(os.path.join(bad_data, finetune.PREPROCESS_JSON), "w") as f:
+  with open(os.path.join(bad_data, runs.PREPROCESS_JSON), "w") as f:
     json.dump(pre, f)
   with pytest.raises(ValueError, match="preprocessed differently.*spacing_mm: 3.0 vs model 2.0"):
     evaluate.evaluate(bad_data, data_dir, ["test"], str(tmp_path / "b"))

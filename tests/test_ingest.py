@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import assemble
+from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import parse
 from cmr_jax.testing import dicom_writer
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
@@ -86,18 +88,18 @@ def test_manifest_accounts_for_every_file(kaggle_run):
   rows = ingest.read_manifest(os.path.join(opts.output, ingest.MANIFEST))
   assert len(rows) == summary.files_in == dicom_testlib.count_files(base)
   assert summary.files_in == summary.files_used + summary.files_skipped
-  assert sum(r["status"] == dicom_io.USED for r in rows) == summary.files_used
+  assert sum(r["status"] == assemble.USED for r in rows) == summary.files_used
   assert len({r["file"] for r in rows}) == len(rows)
   faulty = [r for r in rows if r["study"] == ids[str(KAGGLE_IDS[FAULTY])]]
-  reasons = {r["reason"] for r in faulty if r["status"] == dicom_io.SKIPPED}
+  reasons = {r["reason"] for r in faulty if r["status"] == assemble.SKIPPED}
   assert reasons == {
       "not a DICOM file", "no pixel data (not an image)", "non-cine series (scout/localiser)",
-      f"too few frames (1 < {dicom_io.MIN_CINE_FRAMES}): not a cine",
+      f"too few frames (1 < {assemble.MIN_CINE_FRAMES}): not a cine",
       "duplicate SAX position: superseded by series 100",
       "inconsistent geometry: mixed matrix sizes 28x28, 32x32",
       "pixel data not decodable (Explicit VR Little Endian: ValueError)"}
   others = [r for r in rows if r["study"] != ids[str(KAGGLE_IDS[FAULTY])]]
-  assert all(r["status"] == dicom_io.USED for r in others)
+  assert all(r["status"] == assemble.USED for r in others)
   info = records.read_dataset_info(opts.output)
   assert info["ingest"]["files_in"] == summary.files_in
   assert sum(s["num_records"] for s in info["splits"].values()) == len(KAGGLE_IDS)
@@ -194,8 +196,8 @@ def test_no_identifier_reaches_records_manifest_info_or_logs(tmp_path):
     secrets.update(pseudonym.identifier_strings([
         who.patient_name, who.patient_id, who.birth_date, who.study_date, who.accession,
         who.institution, who.referring_physician]))
-  files, _ = dicom_io.list_input_files(images)
-  for parsed in dicom_io.read_files(files):
+  files, _ = dicom_files.list_input_files(images)
+  for parsed in parse.read_files(files):
     if parsed.dataset is not None:
       secrets.update({parsed.study_uid, parsed.sop_uid, parsed.series.key})
   secrets.discard("Alice")  # a name part shared by all identities: checked below anyway

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from cmr_jax import runs
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
@@ -167,7 +168,7 @@ def test_every_process_tokenizes_with_the_vocabulary_process_0_saved(data_and_vo
   config.data.dir = data_dir
   config.text.vocab = ""  # trained by the run
   workdir = str(tmp_path / "run")
-  saved = os.path.join(workdir, pretrain.TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
+  saved = os.path.join(workdir, runs.TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
   source = records.open_split(data_dir, "train")
   reports = [source[i].report for i in range(len(source))]
   barrier = []

@@ -13,7 +13,8 @@ import pytest
 from scipy import ndimage
 
 from cmr_jax.phantom import simulator
-from cmr_jax.phantom import cardiac
+from cmr_jax.phantom import heart_geometry
+from cmr_jax.phantom import heart_params
 from cmr_jax.phantom import scanner
 from cmr_jax.eval import preview
 from cmr_jax.data import types
@@ -64,7 +65,7 @@ def test_voxel_volume_matches_closed_form(rwma):
 
 def test_rwma_volume_against_fine_grid():
   heart = _heart(rwma=True)
-  model = cardiac.model_of(heart)
+  model = heart_geometry.model_of(heart)
   states = np.array([1.0, heart.es_state])
   coarse = model.voxel_volumes_mm3(states, 1.25)["lv_cavity"]
   fine = model.voxel_volumes_mm3(states, 0.6)["lv_cavity"]
@@ -78,7 +79,7 @@ def test_rwma_volume_against_fine_grid():
 
 def test_rwma_territory_moves_less():
   heart = _heart(rwma=True)
-  model = cardiac.model_of(heart)
+  model = heart_geometry.model_of(heart)
   angle = math.radians(heart.rwma_angle_deg)
   ed, es = model.state(np.array([1.0])), model.state(np.array([heart.es_state]))
 
@@ -94,7 +95,7 @@ def test_rwma_territory_moves_less():
 
 def test_band_shortcut_paints_like_full_evaluation():
   heart = _heart(rwma=True)
-  model = cardiac.model_of(heart)
+  model = heart_geometry.model_of(heart)
   lo = np.min([layer.box_lo for layer in model.layers], axis=0) - 5.0
   hi = np.max([layer.box_hi for layer in model.layers], axis=0) + 5.0
   points = model.points(*np.random.default_rng(0).uniform(lo, hi, (30000, 3)).T)
@@ -109,11 +110,11 @@ def test_band_shortcut_paints_like_full_evaluation():
 
 def test_myocardial_volume_conserved():
   heart = simulator.subject_heart(SEED, 1)
-  model = cardiac.model_of(heart)
+  model = heart_geometry.model_of(heart)
   states = np.linspace(heart.es_state, 1.0, 5)
   myo = model.voxel_volumes_mm3(states, 1.25, ("lv_myocardium",))["lv_myocardium"]
   cavity = model.cavity_volume_mm3(states)
-  print(f"\nmyocardial volume over the cycle: {(myo * cardiac.ML_PER_MM3).round(1)} mL")
+  print(f"\nmyocardial volume over the cycle: {(myo * heart_params.ML_PER_MM3).round(1)} mL")
   assert myo.max() / myo.min() - 1.0 < 0.02
   assert cavity.max() / cavity.min() > 1.5  # while the cavity changes a lot
 
@@ -123,7 +124,7 @@ def test_study_labels(study):
   assert 10.0 <= study.lvef <= 85.0
   heart = simulator.subject_heart(SEED, 3)
   assert study.lvef == pytest.approx(simulator.analytic_lvef(heart), abs=1.0)
-  model = cardiac.model_of(heart)
+  model = heart_geometry.model_of(heart)
   assert study.edv == pytest.approx(model.cavity_volume_mm3(np.array([1.0]))[0] / 1000, rel=0.01)
   assert study.subject_id == f"syn-{SEED}-000003"
   assert study.study_id == f"syn-{SEED}-000003-v0"
@@ -144,7 +145,7 @@ def test_ef_distribution():
 
 def test_population_varies():
   hearts = [simulator.subject_heart(SEED, i) for i in range(200)]
-  edv = np.array([cardiac.model_of(h).cavity_volume_mm3(np.array([1.0]))[0] for h in hearts])
+  edv = np.array([heart_geometry.model_of(h).cavity_volume_mm3(np.array([1.0]))[0] for h in hearts])
   walls = np.array([h.wall_thickness_mm for h in hearts])
   rates = np.array([h.heart_rate_bpm for h in hearts])
   azimuth = np.array([h.apex_azimuth_deg for h in hearts])
@@ -320,7 +321,7 @@ def test_brightness_does_not_encode_ef():
 
 def test_preview_png_and_ed_es(clean_study, tmp_path):
   heart = _heart(rwma=False)
-  model = cardiac.model_of(heart)
+  model = heart_geometry.model_of(heart)
   frames = clean_study.cines[0].num_frames
   es_expected = model.end_systolic_phase(clean_study.heart_rate_bpm) * frames
   ed, es = preview.ed_es_frames(clean_study)

@@ -15,8 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cmr_jax import inference
 from cmr_jax import predict
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import parse
 from cmr_jax.testing import dicom_writer
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
@@ -48,7 +50,7 @@ def run_dir(data_dir, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def predictor(run_dir):
-  return finetune.Predictor(run_dir)
+  return inference.Predictor(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +157,8 @@ def test_outputs_and_cli_logs_hold_no_identifier(result, inputs, run_dir, tmp_pa
                                         who.study_date, who.accession, who.institution,
                                         who.referring_physician)]))
   for path in paths[:2]:
-    files, _ = dicom_io.list_input_files(path)
-    for parsed in dicom_io.read_files(files):
+    files, _ = dicom_files.list_input_files(path)
+    for parsed in parse.read_files(files):
       if parsed.dataset is not None:
         secrets.update({parsed.study_uid, parsed.sop_uid, parsed.series.key})
   texts = {name: (tmp_path / name).read_text() for name in ("rows.json", "rows.csv", "cli.csv")}
@@ -189,7 +191,7 @@ def test_split_scores_match_the_runs_validation_errors(predictor, data_dir, run_
   assert out["summary"]["bias"] == pytest.approx(predictor.best["val_bias"], abs=1e-3)
   other = preprocess.PreprocessConfig.from_dict(dict(predictor.preprocess, spacing_mm=2.0))
   with pytest.raises(ValueError, match=r"spacing_mm: 3.0 vs model 2.0"):
-    predict.check_preprocess(data_dir, other)
+    records.check_preprocess(data_dir, other)
   # Test-time augmentation: each row is the mean of the deterministic and the seeded passes.
   tta = predict.predict(predictor, data_dir=data_dir, split="val", loo=False, workdir=run_dir,
                         tta=2)

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+from cmr_jax import inference
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits
 from cmr_jax.eval import probe
-from cmr_jax.train import feature_cache
 
 import sweep_testlib
 
@@ -27,7 +27,7 @@ def test_pool_averages_the_valid_instances_only():
   features[0] = [[1, 2], [3, 4], [100, 100]]  # the third instance is padding
   features[1] = [[5, 7], [0, 0], [0, 0]]
   mask = np.array([[True, True, False], [True, False, False]])
-  bank = feature_cache.Bank(features=features, mask=mask, lvef=np.zeros(2, np.float32),
+  bank = inference.Bank(features=features, mask=mask, lvef=np.zeros(2, np.float32),
                             study_index=np.arange(2, dtype=np.int32),
                             view=np.zeros((2, 3), np.int32))
   np.testing.assert_allclose(probe.pool(bank), [[2, 3], [5, 7]])

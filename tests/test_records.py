@@ -2,7 +2,6 @@
 
 import collections
 import functools
-import json
 import math
 import os
 

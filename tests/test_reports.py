@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from cmr_jax.phantom import cardiac
+from cmr_jax.phantom import heart_params
 from cmr_jax.phantom import reports
 
 NORMAL = reports.Findings(wall_thickness_mm=9.0, rvef=60.0, la_radius_mm=18.0)
@@ -85,7 +85,7 @@ def test_wall_motion_follows_territory():
       assert ("akine" in text) == (severity >= 0.75), text
   text = reports.write_report(NORMAL, 60.0, 150.0, 60.0, rng)
   assert "territory" not in text and "akine" not in text
-  assert set(reports.TERRITORY_WALLS) == set(cardiac.TERRITORIES)
+  assert set(reports.TERRITORY_WALLS) == set(heart_params.TERRITORIES)
 
 
 def test_wording_varies_and_is_deterministic():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from cmr_jax import runs
 from cmr_jax.experiments import sweep
 from cmr_jax.train import finetune
 
@@ -66,10 +67,10 @@ def test_sweep_fine_tunes_every_kept_checkpoint_then_resumes_only_the_missing(
     with open(os.path.join(step_dir, "config.json")) as f:
       assert json.load(f)["init"] == f"pretrain:{os.path.abspath(pretrain_dir)}:{row['step']}"
     assert row["pretrain_loss"] == losses[row["step"]] and row["pretrain_loss_step"] == row["step"]
-    assert row["n_val"] == finetune.read_best(step_dir)["val_n"]
+    assert row["n_val"] == runs.read_best(step_dir)["val_n"]
     assert row["n_test"] == sweep_testlib.NUM_TEST
     # The validation MAE is the fine-tune's own best-checkpoint figure.
-    assert row["val_mae"] == pytest.approx(finetune.read_best(step_dir)["val_mae"], rel=1e-6)
+    assert row["val_mae"] == pytest.approx(runs.read_best(step_dir)["val_mae"], rel=1e-6)
     assert np.isfinite([row["test_mae"], row["test_mse"], row["val_mse"]]).all()
     assert row["val_mse"] >= row["val_mae"] ** 2 * (1 - 1e-6)  # Jensen
   # Spearman equals scipy's on the table's columns.
@@ -168,7 +169,7 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, monkeypatch):
   data_dir, pretrain_dir = tiny
   config = sweep_testlib.finetune_config(data_dir)
   os.makedirs(tmp_path / "empty_run")
-  with pytest.raises(FileNotFoundError, match="not a pre-training run directory"):
+  with pytest.raises(FileNotFoundError, match="is not a run directory with checkpoints"):
     sweep.run_sweep(str(tmp_path / "empty_run"), config, str(tmp_path / "a"))
   with pytest.raises(ValueError, match="split 'unlabelled' .* no study with an LVEF label"):
     sweep.run_sweep(pretrain_dir, config, str(tmp_path / "b"), test_split="unlabelled")

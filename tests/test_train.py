@@ -10,6 +10,9 @@ import jax
 import numpy as np
 import pytest
 
+from cmr_jax import inference
+from cmr_jax import runs
+from cmr_jax.models import registry
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
@@ -164,7 +167,7 @@ def test_finetune_keeps_frozen_encoder_and_gives_it_no_optimizer_state(data_dir,
   jax.tree.map(np.testing.assert_array_equal, tuned["video_encoder"], pre["video_encoder"])
   assert not np.allclose(tuned["video_proj"]["kernel"], pre["video_proj"]["kernel"])
   # Optimizer state holds AdamW moments for trainable leaves only.
-  labels = optim.trainable_labels(tuned, finetune.TRAINABLE_BY_MODE["finetune"])
+  labels = optim.trainable_labels(tuned, registry.TRAINABLE_BY_MODE["finetune"])
   n_trainable = sum(int(np.size(p)) for p, l in zip(jax.tree.leaves(tuned), jax.tree.leaves(labels))
                     if l == optim.TRAINABLE)
   n_state = sum(int(np.size(x)) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0)
@@ -233,8 +236,8 @@ def test_cached_feature_finetune_resumes_exactly_and_matches_the_full_model(
   pre = _restored_params(unbroken_pretrain, "checkpoints", 6)["params"]
   tuned = _restored_params(unbroken, "checkpoints", 8)["params"]
   jax.tree.map(np.testing.assert_array_equal, tuned["video_encoder"], pre["video_encoder"])
-  p = finetune.predict_run(unbroken, data_dir, "val")
-  best = finetune.read_best(unbroken)
+  p = inference.predict_run(unbroken, data_dir, "val")
+  best = runs.read_best(unbroken)
   np.testing.assert_allclose(np.mean(np.abs(p["pred"] - p["lvef"])), best["val_mae"], rtol=1e-4)
 
 

@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 
 from cmr_jax import logs
+from cmr_jax import runs
 from cmr_jax.eval import evaluate
 from cmr_jax.eval import report
 
@@ -25,7 +26,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset (same preproces
                                 required=True)
 _SPLIT = flags.DEFINE_list("split", ["test"], "Split(s) to evaluate, comma-separated.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
-_WHICH = flags.DEFINE_enum("which", "best", evaluate.CHECKPOINT_KINDS,
+_WHICH = flags.DEFINE_enum("which", "best", runs.CHECKPOINT_KINDS,
                            "The best validation checkpoint, or the latest of 'checkpoints'.")
 _TTA = flags.DEFINE_integer("tta", 1, "Prediction passes per study (1: deterministic only; more: "
                             "augmented clip samplings, averaged).")

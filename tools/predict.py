@@ -25,11 +25,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cmr_jax import inference
 from cmr_jax import logs
 from cmr_jax import predict
 from cmr_jax.dicom import layouts
 from cmr_jax.dicom import pseudonym
-from cmr_jax.train import finetune
 
 RANDOM_SALT_BYTES = 16
 _MODEL = flags.DEFINE_string("model", None, "Fine-tuning run folder (its best checkpoint).",
@@ -68,7 +68,7 @@ def main(argv: Sequence[str]) -> int:
   elif inputs:
     salt = secrets.token_hex(RANDOM_SALT_BYTES)
     logging.info("no salt given: study pseudonyms use a random salt for this run")
-  predictor = finetune.Predictor(_MODEL.value)
+  predictor = inference.Predictor(_MODEL.value)
   if predictor.best:
     logging.info("model %s: step %d, validation MAE %.2f, RMSE %.2f (%d studies)", _MODEL.value,
                  predictor.best["step"], predictor.best["val_mae"], predictor.best["val_rmse"],

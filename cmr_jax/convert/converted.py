@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +42,6 @@ from cmr_jax.models import registry
 from cmr_jax.models.mvit import MViT, MViTConfig
 from cmr_jax.models.text import BertConfig, BertEncoder
 from cmr_jax import checkpoint as checkpoint_lib
-from cmr_jax.train import common
 
 PYTORCHVIDEO = "pytorchvideo"
 TORCHVISION = "torchvision"
@@ -97,11 +97,11 @@ class Converted:
 
 def _abstract(module, *example) -> dict[str, Any]:
   init = lambda rng: module.init(rng, *example)["params"]  # noqa: E731
-  return common.unbox(jax.eval_shape(init, jax.random.key(0)))
+  return nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))
 
 
 def _initialised(module, seed: int, *example) -> dict[str, Any]:
-  return common.unbox(jax.jit(module.init)(jax.random.key(seed), *example))["params"]
+  return nn.meta.unbox(jax.jit(module.init)(jax.random.key(seed), *example))["params"]
 
 
 def _video_example(config: MViTConfig) -> jax.Array:

@@ -440,3 +440,15 @@ class StudySource(grain.sources.RandomAccessDataSource):
 def open_split(data_dir: str, split: str) -> StudySource:
   """Opens one split of a built dataset for random access (decoded `StudyRecord`s)."""
   return StudySource(data_dir, split)
+
+
+def check_preprocess(data_dir: str, cfg: preprocess.PreprocessConfig) -> None:
+  """Raises ValueError when a dataset's records were made with another preprocessing."""
+  stored = read_dataset_info(data_dir)["preprocess"]
+  wanted = cfg.to_dict()
+  diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+  if diff:
+    raise ValueError(
+        f"{data_dir} was preprocessed differently from the model's training data ("
+        + ", ".join(f"{k}: {stored.get(k)} vs model {wanted.get(k)}" for k in diff)
+        + "): ingest the DICOM again with the model's settings, or predict from the DICOM")

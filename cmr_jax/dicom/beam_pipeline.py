@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from absl import logging
 from array_record.python import array_record_module
 
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import assemble
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
@@ -135,7 +135,7 @@ def build_pipeline(pipeline, discovery: layouts.Discovery, opts: ingest.IngestOp
                                  output=output, cfg=opts.preprocess,
                                  num_items=len(discovery.specs), extra=extra))
   orphans = [ingest.FileRow(ingest.file_pseudonym(r, opts.input, opts.salt), "", "",
-                            dicom_io.SKIPPED, reason) for r, reason in discovery.orphans]
+                            assemble.SKIPPED, reason) for r, reason in discovery.orphans]
   rows = ((converted | "Rows" >> beam.FlatMap(lambda c: c.rows),
            pipeline | "Orphans" >> beam.Create(orphans))
           | "AllRows" >> beam.Flatten())
@@ -161,7 +161,7 @@ def run_beam_ingest(opts: ingest.IngestOptions,
     build_pipeline(p, discovery, opts)
   elapsed = time.monotonic() - start
   rows = ingest.read_manifest(os.path.join(opts.output, ingest.MANIFEST))
-  used = sum(r["status"] == dicom_io.USED for r in rows)
+  used = sum(r["status"] == assemble.USED for r in rows)
   info = records.read_dataset_info(opts.output)
   counts = {s: i["num_records"] for s, i in info["splits"].items()}
   summary = ingest.IngestSummary(

@@ -38,8 +38,10 @@ from collections.abc import Sequence
 from absl import logging
 import numpy as np
 
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import assemble
+from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import layouts
+from cmr_jax.dicom import parse
 from cmr_jax.data import preprocess
 from cmr_jax.dicom import pseudonym
 from cmr_jax.data import records
@@ -63,7 +65,7 @@ class FileRow:
   file: str  # pseudonym of the path relative to the input
   study: str  # study pseudonym ("" for files outside every study)
   series: str
-  status: str  # dicom_io.USED or dicom_io.SKIPPED
+  status: str  # assemble.USED or assemble.SKIPPED
   reason: str
   cine: str = ""  # the cine (preprocess.cine_name) a used file went into; not written out
 
@@ -84,13 +86,13 @@ def study_pseudonyms(spec: layouts.StudySpec, salt: str) -> tuple[str, str]:
           pseudonym.pseudonym(salt, pseudonym.SUBJECT, f"{spec.layout}:{spec.subject_key}"))
 
 
-def file_pseudonym(ref: dicom_io.FileRef, root: str, salt: str) -> str:
+def file_pseudonym(ref: dicom_files.FileRef, root: str, salt: str) -> str:
   """Pseudonym of an input file: keyed hash of its path relative to the input."""
   return pseudonym.pseudonym(salt, pseudonym.FILE, ref.relative(root))
 
 
 def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
-               min_frames: int = dicom_io.MIN_CINE_FRAMES) -> LoadedStudy:
+               min_frames: int = assemble.MIN_CINE_FRAMES) -> LoadedStudy:
   """Reads one study's DICOM files into a pseudonymised `Study`; never raises.
 
   Args:
@@ -104,7 +106,7 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
   """
   study_id, subject_id = study_pseudonyms(spec, salt)
   try:
-    assembled = dicom_io.assemble_study(dicom_io.read_files(spec.files, spec.hints),
+    assembled = assemble.assemble_study(parse.read_files(spec.files, spec.hints),
                                         min_frames=min_frames)
   except Exception as e:  # a bug or unforeseen input must cost one study, not the run  # pylint: disable=broad-except
     reason = f"study unreadable ({type(e).__name__})"
@@ -112,7 +114,7 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
     logging.error("study %s: %s at\n%s", study_id, reason,
                   "".join(traceback.format_tb(e.__traceback__)))
     return LoadedStudy(None, [FileRow(file_pseudonym(r, root, salt), study_id, "",
-                                      dicom_io.SKIPPED, reason) for r in spec.files], reason)
+                                      assemble.SKIPPED, reason) for r in spec.files], reason)
   identifiers = assembled.identifiers + (spec.key, spec.subject_key, assembled.study_uid)
   scrub = pseudonym.make_scrubber(identifiers)
   cines = [dataclasses.replace(c, series_description=scrub(c.series_description))
@@ -160,7 +162,7 @@ class StudyLoader:
   salt: str
   root: str
   rows_path: str
-  min_frames: int = dicom_io.MIN_CINE_FRAMES
+  min_frames: int = assemble.MIN_CINE_FRAMES
 
   def __call__(self) -> types.Study:
     loaded = load_study(self.spec, salt=self.salt, root=self.root, min_frames=self.min_frames)
@@ -284,8 +286,8 @@ def mark_unconverted(rows: list[FileRow], *, failed: dict[str, str] | None = Non
       reason = f"study not converted: same pixels as study {duplicates[r.study]}"
     elif (r.study, r.cine) in left_out:
       reason = f"cine left out by preprocessing: {left_out[(r.study, r.cine)]}"
-    if reason and r.status == dicom_io.USED:
-      r = dataclasses.replace(r, status=dicom_io.SKIPPED, reason=reason)
+    if reason and r.status == assemble.USED:
+      r = dataclasses.replace(r, status=assemble.SKIPPED, reason=reason)
     out.append(r)
   return out
 
@@ -326,7 +328,7 @@ def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOpti
       rows += _read_rows(path)
     else:  # the loader died before reporting (e.g. a worker crash): the files were not used
       rows += [FileRow(file_pseudonym(r, opts.input, opts.salt), study_id, "",
-                       dicom_io.SKIPPED, "study not converted: loader failed") for r in spec.files]
+                       assemble.SKIPPED, "study not converted: loader failed") for r in spec.files]
   rows = mark_unconverted(rows, failed={s["item"]: s["reason"] for s in summary.skipped},
                           duplicates={d["item"]: d["duplicate_of"] for d in summary.duplicates},
                           skipped_cines=summary.skipped_cines)
@@ -473,15 +475,15 @@ def run_ingest(opts: IngestOptions) -> IngestSummary:
                  len(chunks), processed, len(todo), rate, (len(todo) - processed) / rate)
   convert_s = time.monotonic() - convert_start
   part_indices = sorted([i for i, _ in finished] + [next_index + k for k in range(len(chunks))])
-  rows = [FileRow(file_pseudonym(r, opts.input, opts.salt), "", "", dicom_io.SKIPPED, reason)
+  rows = [FileRow(file_pseudonym(r, opts.input, opts.salt), "", "", assemble.SKIPPED, reason)
           for r, reason in discovery.orphans]
   studies_with_records = 0
   for index in part_indices:
     part_rows = read_manifest(_part_dir(output, index) + MANIFEST_SUFFIX)
     rows += [FileRow(**r) for r in part_rows]
-    studies_with_records += len({r["study"] for r in part_rows if r["status"] == dicom_io.USED})
+    studies_with_records += len({r["study"] for r in part_rows if r["status"] == assemble.USED})
   _write_manifest(os.path.join(output, MANIFEST), rows)
-  used = sum(r.status == dicom_io.USED for r in rows)
+  used = sum(r.status == assemble.USED for r in rows)
   counts = _merge_parts(output, part_indices, opts.preprocess, {"ingest": {
       "layout": opts.layout, "studies_found": len(discovery.specs), "files_in": len(rows),
       "files_used": used, "files_skipped": len(rows) - used}})

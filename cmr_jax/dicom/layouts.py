@@ -36,7 +36,8 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from cmr_jax.dicom import dicom_io
+from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import parse
 
 KAGGLE = "kaggle"
 UKBB = "ukbb"
@@ -84,7 +85,7 @@ class StudySpec:
   layout: str
   key: str
   subject_key: str
-  files: list[dicom_io.FileRef]
+  files: list[dicom_files.FileRef]
   site: str
   visit: int = 0
   lvef: float = NAN
@@ -92,7 +93,7 @@ class StudySpec:
   esv: float = NAN
   report: str = ""
   study_uid: str = ""
-  hints: dict[dicom_io.FileRef, str] = dataclasses.field(default_factory=dict)
+  hints: dict[dicom_files.FileRef, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -102,7 +103,7 @@ class Discovery:
   layout: str
   root: str
   specs: list[StudySpec]
-  orphans: list[tuple[dicom_io.FileRef, str]]  # (file, why it belongs to no study)
+  orphans: list[tuple[dicom_files.FileRef, str]]  # (file, why it belongs to no study)
 
   @property
   def num_files(self) -> int:
@@ -171,8 +172,8 @@ def discover_kaggle(root: str, *, label_files: Sequence[str] | None = None,
   """
   label_files = find_kaggle_label_files(root) if label_files is None else label_files
   labels = read_kaggle_labels(label_files)
-  files, problems = dicom_io.list_input_files(root)
-  by_id: dict[str, list[dicom_io.FileRef]] = collections.defaultdict(list)
+  files, problems = dicom_files.list_input_files(root)
+  by_id: dict[str, list[dicom_files.FileRef]] = collections.defaultdict(list)
   orphans = list(problems)
   root_abs = os.path.abspath(root)
   for ref in files:
@@ -232,10 +233,10 @@ def read_ukbb_labels(path: str) -> dict[tuple[str, int], tuple[float, float, flo
 def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB) -> Discovery:
   """Studies of a folder of UK Biobank bulk zips: one per (eid, instance) with 20208/20209 zips."""
   labels = read_ukbb_labels(labels_path) if labels_path else {}
-  files, problems = dicom_io.list_input_files(root)
+  files, problems = dicom_files.list_input_files(root)
   orphans = list(problems)
-  groups: dict[tuple[str, int], list[dicom_io.FileRef]] = collections.defaultdict(list)
-  hints: dict[dicom_io.FileRef, str] = {}
+  groups: dict[tuple[str, int], list[dicom_files.FileRef]] = collections.defaultdict(list)
+  hints: dict[dicom_files.FileRef, str] = {}
   for zip_path, members in _by_archive(files):
     match = UKBB_ZIP.match(os.path.basename(zip_path))
     if not match or not members[0].member:
@@ -266,16 +267,16 @@ def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB) -> Disc
   return Discovery(UKBB, root, specs, orphans)
 
 
-def _by_archive(files: Sequence[dicom_io.FileRef]):
+def _by_archive(files: Sequence[dicom_files.FileRef]):
   """(path, files) groups: the members of each zip, or single plain files."""
-  groups: dict[str, list[dicom_io.FileRef]] = collections.defaultdict(list)
+  groups: dict[str, list[dicom_files.FileRef]] = collections.defaultdict(list)
   for ref in files:
     groups[ref.path].append(ref)
   return sorted(groups.items())
 
 
-def _manifest_hints(manifest: dicom_io.FileRef,
-                    members: Sequence[dicom_io.FileRef]) -> dict[dicom_io.FileRef, str]:
+def _manifest_hints(manifest: dicom_files.FileRef,
+                    members: Sequence[dicom_files.FileRef]) -> dict[dicom_files.FileRef, str]:
   """Series descriptions from a zip's manifest, by member; {} when it cannot be parsed."""
   try:
     with zipfile.ZipFile(manifest.path) as zf:
@@ -293,16 +294,16 @@ def _manifest_hints(manifest: dicom_io.FileRef,
 # Generic archives.
 
 
-def _scan_chunk(refs: list[dicom_io.FileRef]) -> list[dicom_io.HeaderSummary]:
-  return [dicom_io.scan_header(r) for r in refs]
+def _scan_chunk(refs: list[dicom_files.FileRef]) -> list[parse.HeaderSummary]:
+  return [parse.scan_header(r) for r in refs]
 
 
-def scan_headers(files: Sequence[dicom_io.FileRef], *, workers: int = 0,
-                 log_every_s: float = SCAN_LOG_EVERY_S) -> list[dicom_io.HeaderSummary]:
+def scan_headers(files: Sequence[dicom_files.FileRef], *, workers: int = 0,
+                 log_every_s: float = SCAN_LOG_EVERY_S) -> list[parse.HeaderSummary]:
   """Reads every file's header (no pixel data), over `workers` processes, logging progress."""
   chunks = [list(files[i:i + SCAN_FILES_PER_TASK])
             for i in range(0, len(files), SCAN_FILES_PER_TASK)]
-  out: list[dicom_io.HeaderSummary] = []
+  out: list[parse.HeaderSummary] = []
   start = last = time.monotonic()
 
   def progress():
@@ -368,9 +369,9 @@ def discover_generic(root: str, *, labels_path: str = "", reports_path: str = ""
   """One study per StudyInstanceUID below `root` (a folder, a zip, or one file)."""
   labels = read_generic_labels(labels_path) if labels_path else {}
   reports = read_generic_reports(reports_path) if reports_path else {}
-  files, problems = dicom_io.list_input_files(root)
+  files, problems = dicom_files.list_input_files(root)
   orphans = list(problems)
-  studies: dict[str, list[dicom_io.HeaderSummary]] = collections.defaultdict(list)
+  studies: dict[str, list[parse.HeaderSummary]] = collections.defaultdict(list)
   for header in scan_headers(files, workers=workers):
     if header.reason:
       orphans.append((header.ref, header.reason))
@@ -399,7 +400,7 @@ def discover_generic(root: str, *, labels_path: str = "", reports_path: str = ""
   return Discovery(GENERIC, root, specs, orphans)
 
 
-def _study_key(header: dicom_io.HeaderSummary) -> str:
+def _study_key(header: parse.HeaderSummary) -> str:
   """The study a file belongs to: its StudyInstanceUID. Files without one (some exporters and
   simulators) group by PatientID and study date and time, which makes all such files of an
   anonymous input one study."""
@@ -408,12 +409,12 @@ def _study_key(header: dicom_io.HeaderSummary) -> str:
   return f"{NO_STUDY_UID}{header.patient_id}|{header.study_datetime}"
 
 
-def _folder_names(root: str, refs: Sequence[dicom_io.FileRef]) -> list[str]:
+def _folder_names(root: str, refs: Sequence[dicom_files.FileRef]) -> list[str]:
   """Names a study may be labelled by: the folders holding all its files, deepest first, up to
   the input itself, and the name (without .zip) of the zip holding them all."""
   root_abs = os.path.abspath(root)
   paths = {os.path.abspath(r.path) for r in refs}
-  names = [os.path.splitext(os.path.basename(p))[0] for p in paths if dicom_io.is_zip(p)][:1]
+  names = [os.path.splitext(os.path.basename(p))[0] for p in paths if dicom_files.is_zip(p)][:1]
   names = names if len(paths) == 1 else []
   folder = os.path.commonpath(list(paths))
   if not os.path.isdir(folder):

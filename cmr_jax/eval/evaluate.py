@@ -40,7 +40,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from cmr_jax import predict as predict_lib
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
@@ -51,13 +52,10 @@ from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
 from cmr_jax.eval import repeatability
 from cmr_jax.eval import report
-from cmr_jax import checkpoint as checkpoint_lib
-from cmr_jax.train import finetune
 
 PREDICTIONS_CSV = "predictions.csv"
 METRICS_JSON = "metrics.json"
 REPORT_MD = "report.md"
-CHECKPOINT_KINDS = (finetune.BEST_DIR, finetune.CHECKPOINT_DIR)
 PLOTS = ("scatter", "bland_altman", "roc", "calibration")
 CROSS_FIT_SCHEME = "{folds}-fold cross-fitting over subjects (seed {seed})"
 
@@ -101,33 +99,6 @@ def open_eval_split(data_dir: str, split: str) -> records.StudySource:
   if not records.load_index(data_dir, split):
     raise ValueError(f"split {split!r} of {data_dir} holds no study: nothing to evaluate")
   return records.open_split(data_dir, split)
-
-
-def tta_predictions(predictor: finetune.Predictor, source: pipeline.Source,
-                    passes: int) -> dict[str, np.ndarray]:
-  """Per-study means over `passes` prediction passes (see the module docstring).
-
-  Returns:
-    study_index [N], lvef [N] (NaN if unlabelled), pred [N], pred_sd [N] (SD over passes, 0 for
-    one pass), attention [N, K] and view [N, K] (VIEW_CODES, -1 at padding).
-  """
-  runs = []
-  start = time.monotonic()
-  for k in range(passes):
-    runs.append(predictor(source, tta_sample=k))
-    done = time.monotonic() - start
-    logging.info("prediction pass %d/%d: %d studies, %.1f studies/s, ETA %.0f s", k + 1, passes,
-                 len(runs[-1]["pred"]), (k + 1) * len(runs[-1]["pred"]) / max(done, 1e-9),
-                 done / (k + 1) * (passes - k - 1))
-  first = runs[0]
-  for run in runs[1:]:
-    if not (np.array_equal(run["study_index"], first["study_index"])
-            and np.array_equal(run["view"], first["view"])):
-      raise RuntimeError("test-time augmentation passes disagree on the studies or their bags")
-  preds = np.stack([r["pred"] for r in runs])  # [passes, N]
-  return {"study_index": first["study_index"], "lvef": first["lvef"], "view": first["view"],
-          "pred": preds.mean(axis=0), "pred_sd": preds.std(axis=0),
-          "attention": np.mean([r["attention"] for r in runs], axis=0)}
 
 
 def instance_labels(meta: dict[str, Any], max_instances: int) -> list[str]:
@@ -261,13 +232,13 @@ def write_plots(p: dict[str, np.ndarray], corrected: dict[str, np.ndarray], spli
   plots.calibration_plot(truth, curves, path("calibration"), title, bins)
 
 
-def evaluate_split(predictor: finetune.Predictor, data_dir: str, split: str, out: str,
+def evaluate_split(predictor: inference.Predictor, data_dir: str, split: str, out: str,
                    options: Options) -> dict[str, Any]:
   """Predicts and scores one split, writing `{out}/{split}/`; returns its (JSON-safe) result."""
   source = open_eval_split(data_dir, split)
   meta = pipeline.study_metadata(source)
   start = time.monotonic()
-  p = tta_predictions(predictor, source, options.tta)
+  p = inference.tta_predictions(predictor, source, options.tta)
   predict_s = time.monotonic() - start
   result, corrected = score_split(p, meta, options)
   split_dir = os.path.join(out, split)
@@ -298,16 +269,8 @@ def evaluate_split(predictor: finetune.Predictor, data_dir: str, split: str, out
   return _clean(result)
 
 
-def checkpoint_step(workdir: str, which: str) -> int | None:
-  """The step of the checkpoint `which` ("best" or "checkpoints": the latest) of a run."""
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, which), async_save=False)
-  step = ckpt.latest_step()
-  ckpt.close()
-  return step
-
-
 def evaluate(workdir: str, data_dir: str, splits: Sequence[str], out: str, *,
-             which: str = finetune.BEST_DIR, options: Options = Options()) -> dict[str, Any]:
+             which: str = runs.BEST_DIR, options: Options = Options()) -> dict[str, Any]:
   """Evaluates a fine-tuning run's checkpoint on `splits` of a dataset; writes everything to out.
 
   Args:
@@ -326,8 +289,8 @@ def evaluate(workdir: str, data_dir: str, splits: Sequence[str], out: str, *,
       preprocessing than the run's, or a checkpoint that does not fit the run's config.
     FileNotFoundError: a missing run, checkpoint or dataset.
   """
-  if which not in CHECKPOINT_KINDS:
-    raise ValueError(f"unknown checkpoint {which!r}; expected one of {CHECKPOINT_KINDS}")
+  if which not in runs.CHECKPOINT_KINDS:
+    raise ValueError(f"unknown checkpoint {which!r}; expected one of {runs.CHECKPOINT_KINDS}")
   splits = list(dict.fromkeys(splits))
   if not splits:
     raise ValueError("no split to evaluate")
@@ -335,12 +298,12 @@ def evaluate(workdir: str, data_dir: str, splits: Sequence[str], out: str, *,
     raise FileNotFoundError(f"run directory {workdir} not found")
   for split in splits:  # fail before loading the model
     open_eval_split(data_dir, split)
-  predictor = finetune.Predictor(workdir, which=which)
-  predict_lib.check_preprocess(data_dir, preprocess.PreprocessConfig.from_dict(
+  predictor = inference.Predictor(workdir, which=which)
+  records.check_preprocess(data_dir, preprocess.PreprocessConfig.from_dict(
       predictor.preprocess))
   result: dict[str, Any] = {
       "workdir": os.path.abspath(workdir), "checkpoint": which,
-      "step": checkpoint_step(workdir, which), "data_dir": os.path.abspath(data_dir),
+      "step": runs.latest_step(workdir, which), "data_dir": os.path.abspath(data_dir),
       "options": dataclasses.asdict(options),
       "bootstrap": f"subject-level percentile bootstrap, {options.n_boot} replicates, "
                    f"{100 * metrics.CI_LEVEL:g}% intervals",

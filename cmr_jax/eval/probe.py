@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import dataclasses
 from typing import Any
 
+from flax import linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -24,14 +25,14 @@ from sklearn import model_selection
 from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax import sharding
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits as splits_lib
 from cmr_jax.eval import metrics
-from cmr_jax.train import common
-from cmr_jax.train import feature_cache
-from cmr_jax.train import finetune
+from cmr_jax.models import registry
 
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 MAX_FOLDS = 5
@@ -70,7 +71,7 @@ def parse_inits(values: Sequence[str]) -> dict[str, str]:
   return out
 
 
-def pool(bank: feature_cache.Bank) -> np.ndarray:
+def pool(bank: inference.Bank) -> np.ndarray:
   """[N, K, D] bank features -> [N, D], the mean over each bag's valid instances."""
   mask = bank.mask[..., None].astype(np.float64)
   return (bank.features * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
@@ -82,25 +83,25 @@ def encode_splits(init: str, data_dir: str, config: ml_collections.ConfigDict,
 
   Args:
     init: "random", "pretrain:WORKDIR[:STEP]", "kinetics:PATH" or "cmr_transformer:PATH"
-      (`finetune.load_pretrained_encoder`).
+      (`runs.encoder_init`).
     data_dir: the ingested dataset.
     config: a fine-tuning config giving the encoder geometry, crop and bag size (`config.model`,
       `config.data`); its `seed` seeds a random encoder.
     split_names: splits to encode.
   """
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  model = finetune.build_model(config, 0.0)
-  init_params = finetune.init_fn(model, config)
-  abstract = common.unbox(jax.eval_shape(init_params, jax.random.key(0)))
-  params = common.unbox(jax.jit(init_params)(jax.random.key(config.seed)))
-  params = {**params, **(finetune.load_pretrained_encoder(init, abstract) or {})}
+  model = registry.lvef_model(config, 0.0)
+  init_params = registry.lvef_init_fn(model, config)
+  abstract = registry.abstract_params(init_params)
+  params = nn.meta.unbox(jax.jit(init_params)(jax.random.key(config.seed)))
+  params = {**params, **(runs.encoder_init(init, abstract) or {})}
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  encode = jax.jit(feature_cache.make_encode_fn(model))
+  encode = jax.jit(inference.make_encode_fn(model))
   out = {}
   for name in split_names:
     source = records.open_split(data_dir, name)
     with sharding.mesh_rules(mesh):
-      bank = feature_cache.build_bank(encode, params, finetune.eval_dataset(source, config), mesh,
+      bank = inference.build_bank(encode, params, inference.eval_dataset(source, config), mesh,
                                       what=f"{name} (probe)")
     order = np.argsort(bank.study_index, kind="stable")
     subjects = [source.metadata[int(i)]["subject_id"] for i in bank.study_index[order]]

@@ -15,15 +15,14 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax import sharding
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
-from cmr_jax.train import common
-from cmr_jax.train import finetune
-from cmr_jax.train import pretrain
+from cmr_jax.models import registry
 
 KS = (1, 5, 10)
 DIRECTIONS = ("video_to_report", "report_to_video")
@@ -49,8 +48,8 @@ def retrieval_metrics(emb_video: np.ndarray, emb_text: np.ndarray,
   n = len(emb_video)
   out: dict[str, Any] = {"n": n}
   for name, (query, target) in zip(DIRECTIONS, ((emb_video, emb_text), (emb_text, emb_video))):
-    ranks = pretrain.retrieval_ranks(query, target)  # [N], 0 = best
-    out[name] = {**pretrain.recall_at_k(query, target, ks),
+    ranks = inference.retrieval_ranks(query, target)  # [N], 0 = best
+    out[name] = {**inference.recall_at_k(query, target, ks),
                  "median_rank": float(np.median(ranks + 1))}
   out["chance"] = {**{f"recall_at_{k}": min(k, n) / n for k in ks},
                    "median_rank": (n + 1) / 2}
@@ -58,8 +57,7 @@ def retrieval_metrics(emb_video: np.ndarray, emb_text: np.ndarray,
 
 
 def _tokenizer(config, workdir: str) -> tokenizer_lib.TextTokenizer:
-  path = config.text.vocab or os.path.join(workdir, pretrain.TOKENIZER_DIR,
-                                           tokenizer_lib.VOCAB_FILE)
+  path = runs.tokenizer_path(config, workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: the pre-training run {workdir} kept no tokenizer")
   return tokenizer_lib.load_tokenizer(path)
@@ -96,34 +94,25 @@ def embed_checkpoint(workdir: str, *, step: int | None = None, data_dir: str | N
       parameters do not match the run's config.
     FileNotFoundError: for a directory without config, tokenizer or checkpoints.
   """
-  config = common.load_config(workdir)
+  config = runs.load_config(workdir)
   if config.model.two_clips:
     raise ValueError(f"{workdir} pre-trained video against video (config.model.two_clips): it "
                      "has no report encoder for video-report retrieval")
   data_dir = data_dir or config.data.dir
   _check_reports(data_dir, split)
   tok = _tokenizer(config, workdir)
-  model = pretrain.build_model(config, tok.vocab_size)
-  step, params = pretrain.restore_params(workdir, step)
-  d = config.data
-  example = {"video": jax.ShapeDtypeStruct((1, d.num_frames, d.image_size, d.image_size),
-                                           jnp.uint8),
-             "text_ids": jax.ShapeDtypeStruct((1, config.text.max_len), jnp.int32),
-             "text_mask": jax.ShapeDtypeStruct((1, config.text.max_len), jnp.int32)}
-  want = jax.tree.map(lambda x: x.shape, common.unbox(jax.eval_shape(
-      lambda r, x: model.init(r, **x)["params"], jax.random.key(0), example)))
-  got = jax.tree.map(np.shape, params)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    raise ValueError(f"the step-{step} checkpoint of {workdir} does not match its config.json "
-                     f"({finetune.config_mismatch(want, got)})")
+  model = registry.pretrain_model(config, tok.vocab_size)
+  step, params = runs.restore_params(workdir, step=step)
+  runs.check_fit(registry.abstract_params(registry.pretrain_init_fn(model, config)), params,
+                 f"the step-{step} checkpoint of {workdir} does not match its config.json")
   config.eval_batch_size = batch_size or config.eval_batch_size
   mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  embed_fn = jax.jit(pretrain.make_embed_fn(model, two_clips=False))
+  embed_fn = jax.jit(inference.make_embed_fn(model, two_clips=False))
   logging.info("embedding split %s of %s with step %d of %s", split, data_dir, step, workdir)
   with sharding.mesh_rules(mesh):
-    video, text = pretrain.embed_split(embed_fn, params, records.open_split(data_dir, split),
-                                       config, tok, mesh)
+    video, text = inference.embed_split(embed_fn, params, records.open_split(data_dir, split),
+                                        config, tok, mesh)
   return step, video, text
 
 
@@ -131,7 +120,7 @@ def evaluate(workdir: str, *, step: int | None = None, data_dir: str | None = No
              split: str = "test", batch_size: int | None = None,
              ks: tuple[int, ...] = KS) -> dict[str, Any]:
   """Zero-shot retrieval metrics (see `retrieval_metrics`) of one checkpoint on one split."""
-  data_dir = data_dir or common.load_config(workdir).data.dir
+  data_dir = data_dir or runs.load_config(workdir).data.dir
   step, video, text = embed_checkpoint(workdir, step=step, data_dir=data_dir, split=split,
                                        batch_size=batch_size)
   out = {"workdir": workdir, "step": step, "split": split, "data_dir": data_dir}

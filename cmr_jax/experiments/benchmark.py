@@ -31,6 +31,7 @@ from absl import logging
 import numpy as np
 import ml_collections
 
+from cmr_jax import inference
 from cmr_jax.experiments import stages
 from cmr_jax.data import records
 from cmr_jax.eval import metrics
@@ -125,7 +126,7 @@ def run(work: str, data_config: ml_collections.ConfigDict,
       if not stages.finished(run_dir, ft, upstream):
         logging.info("fine-tuning %s at label fraction %g", name, fraction)
         finetune.train_and_evaluate(ft, run_dir)
-      predictor = finetune.Predictor(run_dir)
+      predictor = inference.Predictor(run_dir)
       for split in splits:
         p = predictor(records.open_split(data_dir, split))
         keep = ~np.isnan(p["lvef"])

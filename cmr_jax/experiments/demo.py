@@ -27,6 +27,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax.experiments import stages
 from cmr_jax.data import records
 from cmr_jax.phantom import synthetic
@@ -57,7 +59,7 @@ def evaluate(workdir: str, data_dir: str, train_mean: float,
   available = records.read_dataset_info(data_dir)["splits"]
   splits = [s for s in EVAL_SPLITS if s in available]
   for name in arms:
-    predictor = finetune.Predictor(run_dir(workdir, name))
+    predictor = inference.Predictor(run_dir(workdir, name))
     for split in splits:
       p = predictor(records.open_split(data_dir, split))
       truth = p["lvef"][~np.isnan(p["lvef"])]
@@ -74,13 +76,13 @@ def select_model(work: str, arms=DEMO_ARMS) -> str:
   The choice uses the validation split only (never test or external), so the reported test
   figures of the chosen run stay unbiased; README's predict command uses this link.
   """
-  runs = {name: finetune.read_best(run_dir(work, name))["val_mae"] for name in arms}
-  best = os.path.basename(run_dir(work, min(runs, key=runs.get)))
+  val = {name: runs.read_best(run_dir(work, name))["val_mae"] for name in arms}
+  best = os.path.basename(run_dir(work, min(val, key=val.get)))
   link = os.path.join(work, MODEL_LINK)
   if os.path.lexists(link):
     os.remove(link)
   os.symlink(best, link)
-  logging.info("validation MAE %s: %s is the demo's model (%s)", runs, best, link)
+  logging.info("validation MAE %s: %s is the demo's model (%s)", val, best, link)
   return best
 
 

@@ -18,7 +18,7 @@ import ml_collections
 
 from cmr_jax.data import preprocess
 from cmr_jax.phantom import synthetic
-from cmr_jax import checkpoint
+from cmr_jax import runs
 
 XLA_CACHE_DIR = "xla_cache"
 TRAIN_MEAN = "train_mean"  # the training-mean predictor's row
@@ -90,7 +90,7 @@ def data_stamp(data_dir: str) -> str:
 
 def final_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> str:
   """The directory of a run's final checkpoint (its time is when the run finished)."""
-  return os.path.join(workdir, "checkpoints", str(config.total_steps))
+  return os.path.join(workdir, runs.CHECKPOINT_DIR, str(config.total_steps))
 
 
 def upstream_of(arm: str, data_dir: str, pretrain_dir: str,
@@ -111,7 +111,7 @@ def finished(workdir: str, config: ml_collections.ConfigDict,
   `data_stamp`, `final_checkpoint`), is moved aside to `{workdir}.stale-{time}`, with a warning,
   so that the stage starts afresh instead of resuming from or reusing it.
   """
-  saved = os.path.join(workdir, "config.json")
+  saved = os.path.join(workdir, runs.CONFIG_JSON)
   if os.path.exists(saved):
     with open(saved) as f:
       same = json.load(f) == json.loads(config.to_json_best_effort())
@@ -124,7 +124,4 @@ def finished(workdir: str, config: ml_collections.ConfigDict,
                       aside)
       os.rename(workdir, aside)
       return False
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  done = ckpt.latest_step() == config.total_steps
-  ckpt.close()
-  return done
+  return runs.latest_step(workdir) == config.total_steps

@@ -33,10 +33,11 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax.data import records
 from cmr_jax.eval import metrics
 from cmr_jax.train import finetune
-from cmr_jax.train import pretrain
 
 RESULT_JSON = "sweep_result.json"
 SETTINGS_JSON = "sweep_settings.json"
@@ -45,7 +46,6 @@ TABLE_CSV = "sweep.csv"
 TABLE_MD = "sweep.md"
 SUMMARY_JSON = "sweep.json"
 PLOT_PNG = "sweep.png"
-METRICS_JSONL = "metrics.jsonl"
 COLUMNS = ("step", "pretrain_loss", "pretrain_loss_step", "val_mae", "val_mse", "test_mae",
            "test_mse", "n_val", "n_test", "finetune_best_step", "finetune_s")
 # Spearman correlations reported: downstream metric against a pre-training quantity.
@@ -89,7 +89,7 @@ def shard_from_environment(environ: Mapping[str, str] = os.environ) -> tuple[int
 
 def pretrain_losses(pretrain_dir: str) -> dict[int, float]:
   """Training loss per logged step of a pre-training run (a re-run step keeps its last value)."""
-  path = os.path.join(pretrain_dir, METRICS_JSONL)
+  path = os.path.join(pretrain_dir, runs.METRICS_JSONL)
   out: dict[int, float] = {}
   if not os.path.exists(path):
     logging.warning("%s not found: the sweep has no pre-training losses", path)
@@ -159,17 +159,17 @@ def _check_settings(out_dir: str, settings: dict[str, Any]) -> None:
 
 def checkpoint_stamp(pretrain_dir: str, step: int) -> int:
   """Modification time (ns) of a pre-training checkpoint: changes if the step is written anew."""
-  return os.stat(os.path.join(pretrain_dir, pretrain.CHECKPOINT_DIR, str(step))).st_mtime_ns
+  return os.stat(os.path.join(pretrain_dir, runs.CHECKPOINT_DIR, str(step))).st_mtime_ns
 
 
 def stale_steps(out_dir: str, pretrain_dir: str) -> list[int]:
   """Done steps whose pre-training checkpoint was rewritten after their fine-tune started."""
-  kept = set(pretrain.checkpoint_steps(pretrain_dir))
+  kept = set(runs.checkpoint_steps(pretrain_dir))
   return [r["step"] for r in read_results(out_dir) if r["step"] in kept
           and r.get("checkpoint_stamp") not in (None, checkpoint_stamp(pretrain_dir, r["step"]))]
 
 
-def _split_errors(data_dir: str, split: str, predictor: finetune.Predictor) -> dict[str, float]:
+def _split_errors(data_dir: str, split: str, predictor: inference.Predictor) -> dict[str, float]:
   p = predictor(records.open_split(data_dir, split))
   labelled = ~np.isnan(p["lvef"])
   truth, pred = p["lvef"][labelled], p["pred"][labelled]
@@ -186,7 +186,7 @@ def finetune_one(pretrain_dir: str, step: int, config: ml_collections.ConfigDict
   stamp = checkpoint_stamp(pretrain_dir, step)
   t0 = time.time()
   finetune.train_and_evaluate(config, workdir)
-  predictor = finetune.Predictor(workdir)
+  predictor = inference.Predictor(workdir)
   d = config.data
   val = _split_errors(d.dir, d.eval_split, predictor)
   test = _split_errors(d.dir, test_split, predictor)
@@ -224,7 +224,7 @@ def run_sweep(pretrain_dir: str, finetune_config: ml_collections.ConfigDict, out
   config = ml_collections.ConfigDict(finetune_config.to_dict())
   if label_fraction is not None:
     config.data.label_fraction = label_fraction
-  steps = pretrain.checkpoint_steps(pretrain_dir)
+  steps = runs.checkpoint_steps(pretrain_dir)
   d = config.data
   for split in (d.train_split, d.eval_split, test_split):
     if not _labelled_count(d.dir, split):
@@ -364,7 +364,7 @@ def merge(out_dir: str) -> dict[str, Any]:
   with open(path, encoding="utf-8") as f:
     settings = json.load(f)
   rows = read_results(out_dir)
-  kept = pretrain.checkpoint_steps(settings["pretrain_dir"])
+  kept = runs.checkpoint_steps(settings["pretrain_dir"])
   done = {r["step"] for r in rows}
   stale = stale_steps(out_dir, settings["pretrain_dir"])
   if stale:

@@ -1,4 +1,4 @@
-"""Named model configurations and builders.
+"""Named model configurations and builders, and the models of a run's config.
 
 Video encoders:
   mvit_b_16x4    pytorchvideo's MViT-B 16x4 (the paper's encoder), 16x224x224, 36.3M parameters.
@@ -24,7 +24,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from flax import linen as nn
+import jax
 import jax.numpy as jnp
+import ml_collections
 
 from cmr_jax.models.dual import CLIP_INIT_TEMPERATURE, DualEncoder
 from cmr_jax.models.heads import ATTENTION_DIM, PROJECTION_DIM, LVEFRegressor
@@ -121,3 +124,64 @@ def lvef_regressor(video: str, *, label_mean: float, train_encoder: bool = False
   return LVEFRegressor(encoder, label_mean=label_mean, proj_dim=proj_dim,
                        attention_dim=attention_dim, train_encoder=train_encoder, head=head,
                        dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+
+
+# The parameter groups each fine-tuning mode trains (regexes over parameter paths); the others
+# are frozen and carry no optimizer state.
+TRAINABLE_BY_MODE = {
+    "linear": (r"^instance_mlp/", r"^mil/", r"^regressor/"),
+    "finetune": (r"^instance_mlp/", r"^mil/", r"^regressor/", r"^video_proj/"),
+    "transfer": (r".*",),
+}
+# The groups an encoder init (pre-training run or imported weights) provides.
+ENCODER_PARAMS = ("video_encoder", "video_proj")
+
+
+def lvef_model(config: ml_collections.ConfigDict, mean: float) -> LVEFRegressor:
+  """The LVEF regressor of a fine-tuning config (`config.model`, `config.mode`), bias at `mean`."""
+  m = config.model
+  if config.mode not in TRAINABLE_BY_MODE:
+    raise ValueError(f"unknown fine-tuning mode {config.mode!r}; expected one of "
+                     f"{sorted(TRAINABLE_BY_MODE)}")
+  return lvef_regressor(
+      m.video, label_mean=mean, train_encoder=config.mode == "transfer", proj_dim=m.embed_dim,
+      head=m.get("head", "paper"), dtype=m.dtype, remat=m.remat,
+      **dict(m.get("video_overrides", {})))
+
+
+def lvef_init_fn(model: LVEFRegressor, config: ml_collections.ConfigDict):
+  """rng -> the (boxed) parameters of `model`, initialised on one example bag of `config.data`."""
+  d = config.data
+  video = jnp.zeros((1, d.max_instances, d.num_frames, d.image_size, d.image_size), jnp.uint8)
+  mask = jnp.ones((1, d.max_instances), bool)
+  return lambda rng: model.init(rng, video, mask)["params"]
+
+
+def pretrain_model(config: ml_collections.ConfigDict, vocab_size: int | None) -> DualEncoder:
+  """The dual encoder of a pre-training config (text vocabulary sized to the tokenizer)."""
+  m = config.model
+  text_overrides = dict(m.get("text_overrides", {}))
+  if vocab_size:
+    text_overrides["vocab_size"] = vocab_size
+  return dual_encoder(
+      m.video, None if m.two_clips else m.text, embed_dim=m.embed_dim, dtype=m.dtype,
+      remat=m.remat, video_overrides=dict(m.get("video_overrides", {})),
+      text_overrides=text_overrides,
+      init_temperature=m.get("init_temperature", CLIP_INIT_TEMPERATURE))
+
+
+def pretrain_init_fn(model: DualEncoder, config: ml_collections.ConfigDict):
+  """rng -> the (boxed) parameters of `model`, initialised on one example of `config`."""
+  d = config.data
+  example = {"video": jnp.zeros((1, d.num_frames, d.image_size, d.image_size), jnp.uint8)}
+  if config.model.two_clips:
+    example["video2"] = example["video"]
+  else:
+    example["text_ids"] = jnp.zeros((1, config.text.max_len), jnp.int32)
+    example["text_mask"] = jnp.ones((1, config.text.max_len), jnp.int32)
+  return lambda rng: model.init(rng, **example)["params"]
+
+
+def abstract_params(init_fn) -> Any:
+  """The shapes and dtypes of the parameters `init_fn` makes, without computing them."""
+  return nn.meta.unbox(jax.eval_shape(init_fn, jax.random.key(0)))

@@ -20,7 +20,8 @@ from scipy import special
 from scipy.spatial import transform
 
 from cmr_jax.phantom import thorax
-from cmr_jax.phantom import cardiac
+from cmr_jax.phantom import heart_geometry
+from cmr_jax.phantom import heart_params
 from cmr_jax.data import types
 
 TISSUES = ("blood", "myocardium", "fat", "liver", "muscle", "lung", "tissue", "marrow", "csf")
@@ -223,7 +224,7 @@ class Acquisition:
   fov_offset_mm: np.ndarray  # (2,) heart offset from the image centre along rows, columns
 
 
-def sample_acquisition(heart: cardiac.Heart, protocol: Protocol,
+def sample_acquisition(heart: heart_params.Heart, protocol: Protocol,
                        rng: np.random.Generator) -> Acquisition:
   """Draws the study-level acquisition parameters of one scan."""
   p = protocol
@@ -250,8 +251,8 @@ def sample_acquisition(heart: cardiac.Heart, protocol: Protocol,
 class Anatomy:
   """What rendering needs of a heart, computed once: model, torso, heart pose in the body."""
 
-  model: cardiac.HeartModel
-  torso: list[cardiac.Layer]
+  model: heart_geometry.HeartModel
+  torso: list[heart_geometry.Layer]
   texture: thorax.Texture
   axes: np.ndarray  # [3, 3] heart-frame axes (rows) in body coordinates
   origin: np.ndarray  # (3,) heart-frame origin in body coordinates
@@ -260,9 +261,9 @@ class Anatomy:
 
 
 @functools.lru_cache(maxsize=64)
-def anatomy_of(heart: cardiac.Heart) -> Anatomy:
+def anatomy_of(heart: heart_params.Heart) -> Anatomy:
   """The (cached) Anatomy of a heart."""
-  model = cardiac.model_of(heart)
+  model = heart_geometry.model_of(heart)
   return Anatomy(model, thorax.torso_layers(heart, model),
                  thorax.Texture(heart.torso.texture_seed), thorax.heart_axes(heart),
                  thorax.heart_origin(heart, model),
@@ -276,7 +277,7 @@ def _jitter(rng: np.random.Generator, sd_deg: float) -> np.ndarray:
                                         ).as_matrix()
 
 
-def plan_planes(heart: cardiac.Heart, protocol: Protocol, acq: Acquisition,
+def plan_planes(heart: heart_params.Heart, protocol: Protocol, acq: Acquisition,
                 rng: np.random.Generator) -> list[Plane]:
   """Plans the SAX stack (base to apex) and the 2CH, 3CH and 4CH planes, as a scanner would.
 
@@ -313,7 +314,7 @@ def plan_planes(heart: cardiac.Heart, protocol: Protocol, acq: Acquisition,
   across = {types.LAX_2CH: ey, types.LAX_3CH: math.cos(angle) * ex + math.sin(angle) * ey,
             types.LAX_4CH: ex}
   # Long-axis images are centred between the apex and the top of the left atrium.
-  atrium_top = base_height + cardiac.ATRIUM_TOP_IN_RADII * heart.la_radius_mm
+  atrium_top = base_height + heart_geometry.ATRIUM_TOP_IN_RADII * heart.la_radius_mm
   mid = origin + 0.5 * atrium_top * ez
   for view, description in zip(types.LONG_AXIS_VIEWS, protocol.lax_descriptions):
     jitter = _jitter(rng, protocol.planning_jitter_deg)
@@ -342,15 +343,15 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
   return np.take(_normal_quantiles(), words.view(np.uint16)[:count]).reshape(shape)
 
 
-def _inside(points: cardiac.Points, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _inside(points: heart_geometry.Points, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
   """Boolean [P]: points inside the box [lo, hi]."""
   return ((points.x >= lo[0]) & (points.x <= hi[0]) & (points.y >= lo[1]) & (points.y <= hi[1])
           & (points.z >= lo[2]) & (points.z <= hi[2]))
 
 
-def paint(layers: list[cardiac.Layer], points: cardiac.Points, image: np.ndarray,
-          signals: dict[str, float], width_mm: float, states: cardiac.State | None = None,
-          extremes: cardiac.State | None = None) -> None:
+def paint(layers: list[heart_geometry.Layer], points: heart_geometry.Points, image: np.ndarray,
+          signals: dict[str, float], width_mm: float, states: heart_geometry.State | None = None,
+          extremes: heart_geometry.State | None = None) -> None:
   """Paints layers over `image` [S, P] in order, in place: image += f * (signal - image).
 
   Each layer is evaluated only at the points inside its bounding box (grown by the edge width).
@@ -402,13 +403,13 @@ def paint(layers: list[cardiac.Layer], points: cardiac.Points, image: np.ndarray
     d = distance(layer, states, p)
     current = image[:, index]
     for offset, tissue in layer.walls:
-      fraction = cardiac.soft_fraction(d - offset, width_mm)
+      fraction = heart_geometry.soft_fraction(d - offset, width_mm)
       current += fraction * (signals[tissue] - current)
-    fraction = cardiac.soft_fraction(d, width_mm)
+    fraction = heart_geometry.soft_fraction(d, width_mm)
     image[:, index] = current + fraction * (signal - current)
 
 
-def render_cine(heart: cardiac.Heart, protocol: Protocol, acq: Acquisition, plane: Plane,
+def render_cine(heart: heart_params.Heart, protocol: Protocol, acq: Acquisition, plane: Plane,
                 rng: np.random.Generator) -> types.Cine:
   """Renders one cine of `plane`: [T, rows, cols] float32 in scanner units, with its geometry."""
   anatomy = anatomy_of(heart)
@@ -440,7 +441,7 @@ def render_cine(heart: cardiac.Heart, protocol: Protocol, acq: Acquisition, plan
     return out
 
   # Torso (body coordinates, textured), central sub-plane only.
-  body = cardiac.Points(*grid(rot.T, rot.T @ (ipp - shift - acq.pose_shift)), None, None)
+  body = heart_geometry.Points(*grid(rot.T, rot.T @ (ipp - shift - acq.pose_shift)), None, None)
   static = np.zeros((1, pixels), np.float32)
   paint(anatomy.torso, body, static, acq.signals, spacing)
   static = static[0] * anatomy.texture(body.x, body.y, body.z)
@@ -449,8 +450,8 @@ def render_cine(heart: cardiac.Heart, protocol: Protocol, acq: Acquisition, plan
   origin = acq.pose_shift + rot @ anatomy.origin
   k = protocol.profile_samples
   depth = acq.slice_thickness_mm * ((np.arange(k) + 0.5) / k - 0.5)
-  every = cardiac.Points(*grid(to_heart, to_heart @ (ipp - shift - origin), depth), None,
-                               None)
+  every = heart_geometry.Points(*grid(to_heart, to_heart @ (ipp - shift - origin), depth), None,
+                                None)
   margin = spacing + BOX_MARGIN_MM
   union = np.flatnonzero(_inside(every, anatomy.box_lo - margin, anatomy.box_hi + margin))
   pixel = union % pixels

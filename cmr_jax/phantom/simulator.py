@@ -7,8 +7,9 @@ integration of the rendered 3D cavity and a radiology-style report. LVEF is read
 the mean brightness of the images is dominated by a random gain, contrast, coil shading, body
 habitus and field of view (as in patients, though, dilated hearts tend to have a lower LVEF).
 
-Modules: `phantom_heart` (anatomy, motion, volumes), `phantom_body` (pose and torso),
-`phantom_scan` (protocols, planning, rendering); this module puts a study together.
+Modules: `heart_params` (parameters, cycle, closed-form volumes, sampling), `heart_geometry`
+(shapes in space, voxel volumes), `thorax` (pose and torso), `scanner` (protocols, planning,
+rendering); this module puts a study together.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import numpy as np
 
 from cmr_jax.phantom import reports
 from cmr_jax.data import types
-from cmr_jax.phantom.cardiac import (ML_PER_MM3, Heart, Torso, analytic_cavity_volume_ml,
-                                        analytic_lvef, cavity_volumes_ml, model_of, sample_heart)
+from cmr_jax.phantom.heart_geometry import cavity_volumes_ml, model_of
+from cmr_jax.phantom.heart_params import (ML_PER_MM3, Heart, Torso, analytic_cavity_volume_ml,
+                                          analytic_lvef, sample_heart)
 from cmr_jax.phantom.scanner import (SITES, Contrast, Protocol, fast_protocol, plan_planes,
                                        render_cine, sample_acquisition)
 

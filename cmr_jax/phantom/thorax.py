@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-from cmr_jax.phantom import cardiac
+from cmr_jax.phantom import heart_geometry
+from cmr_jax.phantom import heart_params
 
 RV_REFERENCE_DIRECTION = (-0.6, -0.8, 0.0)  # right-anterior: where the RV lies from the LV
 ANTERIOR = (0.0, -1.0, 0.0)
@@ -32,7 +33,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
   return v / np.linalg.norm(v)
 
 
-def heart_axes(heart: cardiac.Heart) -> np.ndarray:
+def heart_axes(heart: heart_params.Heart) -> np.ndarray:
   """Heart-frame axes in body coordinates, [3, 3]: rows are x (septal), y (anterior), z (to base).
 
   The long axis points from the apex (left, anterior, inferior) to the base; the septal
@@ -52,7 +53,7 @@ def heart_axes(heart: cardiac.Heart) -> np.ndarray:
   return np.stack([ex, ey, ez])
 
 
-def heart_origin(heart: cardiac.Heart, model: cardiac.HeartModel) -> np.ndarray:
+def heart_origin(heart: heart_params.Heart, model: heart_geometry.HeartModel) -> np.ndarray:
   """Body position (3,) of the heart-frame origin (the epicardial apex)."""
   z_mid = 0.5 * float(model.state(np.array([1.0])).zb[0, 0])
   return -z_mid * heart_axes(heart)[2]
@@ -62,8 +63,8 @@ def _static_box(lo, hi) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
 
 
-def torso_layers(heart: cardiac.Heart, model: cardiac.HeartModel
-                 ) -> list[cardiac.Layer]:
+def torso_layers(heart: heart_params.Heart, model: heart_geometry.HeartModel
+                 ) -> list[heart_geometry.Layer]:
   """The torso's structures in painter's order (body coordinates; painted over air)."""
   t = heart.torso
   bx, by = -t.centre_right_mm, t.centre_posterior_mm
@@ -80,7 +81,7 @@ def torso_layers(heart: cardiac.Heart, model: cardiac.HeartModel
   big = 1e4
 
   def ellipsoid(cx, cy, cz, ax, ay, az, grow=0.0):  # (distance, box grown by `grow` for walls)
-    distance = lambda st, p: cardiac.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax,
+    distance = lambda st, p: heart_geometry.ellipsoid_distance(p.x - cx, p.y - cy, p.z - cz, ax,
                                                                ay, az)
     lo = [cx - ax - grow, cy - ay - grow, max(cz - az - grow, -big)]
     hi = [cx + ax + grow, cy + ay + grow, min(cz + az + grow, big)]
@@ -90,7 +91,7 @@ def torso_layers(heart: cardiac.Heart, model: cardiac.HeartModel
     return ellipsoid(cx, cy, 0.0, ax, ay, math.inf, grow)
 
   lung_h = LUNG_HEIGHT_MM * t.lung_scale
-  Layer = cardiac.Layer
+  Layer = heart_geometry.Layer
   return [
       Layer("body", "tissue", *cylinder(bx, by, inner_w, inner_d, t.fat_mm + t.muscle_mm),
             walls=((t.fat_mm + t.muscle_mm, "fat"), (t.muscle_mm, "muscle"))),

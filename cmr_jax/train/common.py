@@ -8,12 +8,10 @@ is one `jax.jit` with explicit in/out shardings; the random key of step `s` is
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging
@@ -21,7 +19,6 @@ import flax
 from flax import struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -108,38 +105,6 @@ def check_finite(step: int, loss: float, checkpoint_dir: str, last_good: int | N
     raise NonFiniteLossError(
         f"non-finite loss {loss} at step {step}: stopping; {kept}. Lower the learning rate, "
         f"check the inputs, or enable gradient clipping (config.optim.grad_clip_norm).")
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the run's config as JSON (process 0 only) so evaluators can rebuild the model."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run saved with `save_config`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a cmr-jax run directory")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def global_batches(iterator: Iterator[Mapping[str, np.ndarray]],
-                   mesh: jax.sharding.Mesh) -> Iterator[dict[str, jax.Array]]:
-  """Process-local batches -> global arrays sharded over the batch axes."""
-  for batch in iterator:
-    yield sharding.shard_batch(batch, mesh)
-
-
-def per_process_batch(global_batch_size: int) -> int:
-  """This process's share of the global batch."""
-  if global_batch_size % jax.process_count():
-    raise ValueError(f"global batch {global_batch_size} is not divisible by "
-                     f"{jax.process_count()} processes")
-  return global_batch_size // jax.process_count()
 
 
 def tree_to_numpy(tree: Any) -> Any:

@@ -18,95 +18,20 @@ Biobank studies x 16 cines x 768 features = 3.9 GB); use fewer passes or the str
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from typing import Any, Callable
+from typing import Any
 
-from absl import logging
 import jax
-from jax.experimental import multihost_utils
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from cmr_jax.train import common
+from cmr_jax import inference
+from cmr_jax import sharding
 
-LOG_EVERY_S = 30.0
-
-
-@dataclasses.dataclass
-class Bank:
-  """Encoder features of study bags.
-
-  Attributes:
-    features: [N, K, D] float32 encoder outputs per instance (zeros at padding).
-    mask: [N, K] bool, the valid instances.
-    lvef: [N] float32 labels (NaN when unlabelled).
-    study_index: [N] int32 index of each study in its split.
-    view: [N, K] int32 view codes.
-  """
-
-  features: np.ndarray
-  mask: np.ndarray
-  lvef: np.ndarray
-  study_index: np.ndarray
-  view: np.ndarray
-
-  def __len__(self) -> int:
-    return int(self.lvef.shape[0])
-
-  @property
-  def nbytes(self) -> int:
-    return int(self.features.nbytes)
-
-
-def make_encode_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
-  """(params, video uint8 [B, K, T, H, W]) -> frozen encoder features [B, K, D] (float32)."""
-
-  def encode(params, video):
-    bags, instances = video.shape[:2]
-    feats = model.apply({"params": params}, video.reshape(bags * instances, *video.shape[2:]),
-                        method=lambda m, v: m.video_encoder(v, train=False))
-    return feats.reshape(bags, instances, -1).astype(jnp.float32)
-
-  return encode
-
-
-def build_bank(encode_fn, params, dataset, mesh: jax.sharding.Mesh, *, what: str,
-               expected_batches: int | None = None) -> Bank:
-  """Encodes every batch of `dataset` (global batches over `mesh`); keeps the valid rows.
-
-  Every process ends up with the whole bank (features are gathered across processes).
-  """
-  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
-  cols: dict[str, list[np.ndarray]] = {k: [] for k in
-                                       ("features", "mask", "lvef", "study_index", "view")}
-  t0 = last = time.time()
-  for i, batch in enumerate(common.global_batches(iter(dataset), mesh)):
-    feats = encode_fn(params, batch["video"])
-    valid = gather(batch["valid"])
-    cols["features"].append(gather(feats)[valid])
-    for key in ("mask", "lvef", "study_index", "view"):
-      cols[key].append(gather(batch[key])[valid])
-    if time.time() - last > LOG_EVERY_S:
-      last = time.time()
-      rate = (i + 1) / (last - t0)
-      eta = (f", ETA {(expected_batches - i - 1) / rate / 60:.1f} min"
-             if expected_batches else "")
-      logging.info("caching %s features: %d batches, %.2f batches/s%s", what, i + 1, rate, eta)
-  if not cols["features"]:
-    raise ValueError(f"no {what} study to cache features of")
-  bank = Bank(**{k: np.concatenate(v) for k, v in cols.items()})
-  bank.mask = bank.mask.astype(bool)
-  logging.info("cached %s features of %d bags (%.1f MB) in %.0f s", what, len(bank),
-               bank.nbytes / 2**20, time.time() - t0)
-  return bank
-
-
-def batch_at(bank: Bank, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+def batch_at(bank: inference.Bank, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
   """This process's slice of the global batch of `step`: a function of (seed, step) only."""
   rng = np.random.default_rng([seed, step])
   rows = rng.choice(len(bank), size=batch_size, replace=len(bank) < batch_size)
-  local = common.per_process_batch(batch_size)
+  local = sharding.per_process_batch(batch_size)
   rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
   return {"features": bank.features[rows], "mask": bank.mask[rows], "lvef": bank.lvef[rows]}
 
@@ -131,9 +56,9 @@ def make_predict_fn(model):
   return predict
 
 
-def predict_bank(predict_fn, params, bank: Bank, mesh: jax.sharding.Mesh,
+def predict_bank(predict_fn, params, bank: inference.Bank, mesh: jax.sharding.Mesh,
                  batch_size: int) -> dict[str, np.ndarray]:
-  """Per-study predictions on a bank, as `finetune.predict_split` returns them."""
+  """Per-study predictions on a bank, as `inference.predict_split` returns them."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   preds, attention = [], []
   for start in range(0, len(bank), batch_size):
@@ -146,3 +71,30 @@ def predict_bank(predict_fn, params, bank: Bank, mesh: jax.sharding.Mesh,
   return {"study_index": bank.study_index, "lvef": bank.lvef, "pred": np.concatenate(preds),
           "attention": np.concatenate(attention), "view": bank.view}
 
+
+class CachedFeatures:
+  """The frozen encoder's features of `passes` augmented passes over the labelled training bags
+  and of one deterministic validation pass, computed once; the head trains on them (a fine-tuning
+  `Feed`)."""
+
+  iterator = None  # batches are a function of the step: no input state to checkpoint
+
+  def __init__(self, model, params: Any, train_ds, val_source,
+               config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, passes: int, *,
+               n_bags: int):
+    encode = jax.jit(inference.make_encode_fn(model))
+    self._train = inference.build_bank(
+        encode, params, train_ds, mesh, what=f"training ({passes} augmented passes)",
+        expected_batches=passes * n_bags // config.batch_size)
+    self._val = inference.build_bank(encode, params, inference.eval_dataset(val_source, config),
+                                     mesh, what="validation")
+    self.forward = head_forward(model)
+    self._predict = jax.jit(make_predict_fn(model))
+    self._config, self._mesh = config, mesh
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    return batch_at(self._train, step, self._config.batch_size, self._config.seed)
+
+  def validate(self, params: Any) -> dict[str, np.ndarray]:
+    return predict_bank(self._predict, params, self._val, self._mesh,
+                        self._config.eval_batch_size)

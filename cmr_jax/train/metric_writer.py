@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from absl import logging
 import numpy as np
 
+from cmr_jax import runs
+
 
 def _scalar(v) -> float:
   return float(np.asarray(v))
@@ -34,10 +36,10 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._jsonl = open(os.path.join(workdir, runs.METRICS_JSONL), "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+      self._tb = SummaryWriter(os.path.join(workdir, runs.TENSORBOARD_DIR), flush_secs=30)
 
   def write(self, step: int, scalars: Mapping[str, float], *, log: bool = True) -> None:
     """Records `scalars` at `step`; logs them with throughput and ETA when `log`."""

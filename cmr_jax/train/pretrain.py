@@ -9,7 +9,6 @@ and a stop with a clear message on a non-finite loss.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any
@@ -21,35 +20,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cmr_jax import checkpoint as checkpoint_lib
+from cmr_jax import inference
 from cmr_jax import losses
+from cmr_jax import runs
 from cmr_jax import sharding
 from cmr_jax.convert import converted
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
 from cmr_jax.models import registry
-from cmr_jax.models import dual
-from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.train import common
 from cmr_jax.train import metric_writer
 from cmr_jax.train import optim
 
-TOKENIZER_DIR = "tokenizer"
-CHECKPOINT_DIR = "checkpoints"
 _MAX_TOKENIZER_TEXTS = 50_000
-
-
-def build_model(config: ml_collections.ConfigDict, vocab_size: int | None):
-  """The dual encoder of `config.model` (text vocabulary sized to the tokenizer)."""
-  m = config.model
-  text_overrides = dict(m.get("text_overrides", {}))
-  if vocab_size:
-    text_overrides["vocab_size"] = vocab_size
-  return registry.dual_encoder(
-      m.video, None if m.two_clips else m.text, embed_dim=m.embed_dim, dtype=m.dtype,
-      remat=m.remat, video_overrides=dict(m.get("video_overrides", {})),
-      text_overrides=text_overrides,
-      init_temperature=m.get("init_temperature", dual.CLIP_INIT_TEMPERATURE))
 
 
 def imported_params(config: ml_collections.ConfigDict,
@@ -99,7 +84,7 @@ def trainable_patterns(params: Any, frozen: Any) -> tuple[str, ...]:
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                   train_source: records.StudySource) -> tokenizer_lib.TextTokenizer:
   """The run's tokenizer: a given vocab.txt, the one saved in workdir, or trained on train reports."""
-  saved = os.path.join(workdir, TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
+  saved = os.path.join(workdir, runs.TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
   if config.text.vocab:
     return tokenizer_lib.load_tokenizer(config.text.vocab)
   # WordPiece training breaks ties differently in every process: process 0 trains and saves the
@@ -120,12 +105,6 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return tokenizer_lib.load_tokenizer(saved)
 
 
-def _model_inputs(batch: dict[str, jax.Array], two_clips: bool) -> dict[str, jax.Array]:
-  if two_clips:
-    return {"video": batch["video"], "video2": batch["video2"]}
-  return {"video": batch["video"], "text_ids": batch["text_ids"], "text_mask": batch["text_mask"]}
-
-
 def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
   """(state, batch, base_key) -> (state, metrics): one InfoNCE step over the global batch.
 
@@ -139,7 +118,7 @@ def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
     rng = common.step_key(base_key, state.step)
 
     def loss_fn(params):
-      emb_a, emb_b, log_scale = model.apply({"params": params}, **_model_inputs(batch, two_clips),
+      emb_a, emb_b, log_scale = model.apply({"params": params}, **inference.model_inputs(batch, two_clips),
                                             train=True, rngs={"dropout": rng})
       loss, aux = losses.clip_loss(emb_a, emb_b, log_scale)
       (pen_a, spread_a), (pen_b, spread_b) = (losses.variance_floor(e) for e in (emb_a, emb_b))
@@ -161,57 +140,6 @@ def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
   return train_step
 
 
-def make_embed_fn(model, two_clips: bool):
-  """(params, batch) -> (video embeddings, paired embeddings) at eval."""
-
-  def embed(params, batch):
-    emb_a, emb_b, _ = model.apply({"params": params}, **_model_inputs(batch, two_clips),
-                                  train=False)
-    return emb_a, emb_b
-
-  return embed
-
-
-def retrieval_ranks(emb_query: np.ndarray, emb_target: np.ndarray) -> np.ndarray:
-  """Rank (0 = best) of each query's own target (same row) among all targets, by dot product.
-
-  Args:
-    emb_query: [N, D] query embeddings.
-    emb_target: [N, D] target embeddings; row i is the match of query i.
-
-  Returns:
-    [N] integer ranks: how many targets score strictly higher than the own one.
-  """
-  sims = emb_query @ emb_target.T  # [N, N]
-  own = np.diag(sims)
-  return (sims > own[:, None]).sum(axis=1)
-
-
-def recall_at_k(emb_video: np.ndarray, emb_text: np.ndarray, ks=(1, 5)) -> dict[str, float]:
-  """Video -> report retrieval: fraction of videos whose own report ranks within the top k."""
-  rank = retrieval_ranks(emb_video, emb_text)
-  return {f"recall_at_{k}": float(np.mean(rank < k)) for k in ks}
-
-
-def embed_split(embed_fn, params, source, config, tok,
-                mesh) -> tuple[np.ndarray, np.ndarray]:
-  """(video [N, D], paired [N, D]) embeddings of one eval pass of `source`, on every process."""
-  d = config.data
-  ds = pipeline.pretrain_dataset(
-      source, image_size=d.image_size, num_frames=d.num_frames,
-      batch_size=common.per_process_batch(config.eval_batch_size), tokenizer=tok,
-      max_text_len=config.text.max_len, seed=0, train=False,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
-      two_clips=config.model.two_clips, max_sentences=config.text.max_sentences)
-  video, paired = [], []
-  for batch in common.global_batches(iter(ds), mesh):
-    a, b = embed_fn(params, batch)
-    valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
-    video.append(np.asarray(multihost_utils.process_allgather(a, tiled=True))[valid])
-    paired.append(np.asarray(multihost_utils.process_allgather(b, tiled=True))[valid])
-  return np.concatenate(video), np.concatenate(paired)
-
-
 def chunked_infonce(emb_a: np.ndarray, emb_b: np.ndarray, log_logit_scale: float,
                     batch_size: int) -> float:
   """Mean symmetric InfoNCE over consecutive chunks of `batch_size` pairs (a last, smaller
@@ -228,54 +156,25 @@ def chunked_infonce(emb_a: np.ndarray, emb_b: np.ndarray, log_logit_scale: float
 def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, float]:
   """Recall@k of video -> report retrieval over one pass of `source` (eval clips), and the
   InfoNCE of the same pairs in chunks of the training batch size (`infonce`)."""
-  emb_a, emb_b = embed_split(embed_fn, params, source, config, tok, mesh)
-  out = recall_at_k(emb_a, emb_b)
+  emb_a, emb_b = inference.embed_split(embed_fn, params, source, config, tok, mesh)
+  out = inference.recall_at_k(emb_a, emb_b)
   # The scale is replicated: this process's copy is the value (also on multi-host meshes).
   scale = float(np.asarray(params["logit_scale"].addressable_data(0)))
   out["infonce"] = chunked_infonce(emb_a, emb_b, scale, config.batch_size)
   return out
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The steps of the finished checkpoints a pre-training run keeps, ascending.
-
-  Raises:
-    FileNotFoundError: when `workdir` holds no checkpoint.
-  """
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory} not found: {workdir} is not a pre-training run "
-                            "directory (or has not saved a checkpoint yet)")
-  ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
-  steps = ckpt.all_steps()
-  ckpt.close()
-  if not steps:
-    raise FileNotFoundError(f"no finished checkpoint in {directory}")
-  return steps
-
-
-def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
-  """(step, parameters) of a pre-training checkpoint (default: the latest) on this host."""
-  steps = checkpoint_steps(workdir)
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"no checkpoint of step {step} in {workdir}/{CHECKPOINT_DIR}; it "
-                            f"keeps steps {steps}")
-  path = os.path.join(workdir, CHECKPOINT_DIR, str(step), checkpoint_lib.STATE)
-  return step, checkpoint_lib.restore_on_this_host(path)["params"]
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs or resumes pre-training in `workdir`; returns the final metrics."""
-  common.save_config(config, workdir)
+  runs.save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   train_source = records.open_split(config.data.dir, config.data.train_split)
   two_clips = config.model.two_clips
   tok = None if two_clips else get_tokenizer(config, workdir, train_source)
-  model = build_model(config, None if tok is None else tok.vocab_size)
+  model = registry.pretrain_model(config, None if tok is None else tok.vocab_size)
 
   d = config.data
-  batch = common.per_process_batch(config.batch_size)
+  batch = sharding.per_process_batch(config.batch_size)
   train_ds = pipeline.pretrain_dataset(
       train_source, image_size=d.image_size, num_frames=d.num_frames, batch_size=batch,
       tokenizer=tok, max_text_len=config.text.max_len, seed=config.seed, train=True,
@@ -284,14 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bag_size=d.get("bag_size"))
   data_iter = iter(train_ds)
 
-  example = {"video": jnp.zeros((1, d.num_frames, d.image_size, d.image_size), jnp.uint8)}
-  if two_clips:
-    example["video2"] = example["video"]
-  else:
-    example["text_ids"] = jnp.zeros((1, config.text.max_len), jnp.int32)
-    example["text_mask"] = jnp.ones((1, config.text.max_len), jnp.int32)
-  init_params = lambda rng: model.init(rng, **example)["params"]  # noqa: E731
-  abstract_params = common.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+  init_params = registry.pretrain_init_fn(model, config)
+  abstract_params = registry.abstract_params(init_params)
   o = config.optim
   tx, schedule = optim.make_optimizer(
       abstract_params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
@@ -300,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, state_shardings = common.create_train_state(
       init_params, tx, mesh, jax.random.key(config.seed),
       overrides=imported_params(config, abstract_params))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
                                      max_to_keep=config.checkpoint.keep_last,
                                      keep_period=config.checkpoint.keep_period,
                                      async_save=config.checkpoint.async_save)
@@ -318,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          config.get("loss", {}).get("variance_weight", 0.0)),
                          in_shardings=(state_shardings, batch_sh, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
-    embed_fn = jax.jit(make_embed_fn(model, two_clips))
+    embed_fn = jax.jit(inference.make_embed_fn(model, two_clips))
   writer = metric_writer.MetricWriter(workdir, total_steps=config.total_steps,
                                     enabled=jax.process_index() == 0, name="pretrain")
   preemption = common.Preemption()

@@ -1,0 +1,411 @@
+"""Parsing DICOM files: headers, frames and series facts, or why a file cannot be used.
+
+`parse_file` turns one file's bytes into a `ParsedFile` (the dataset, its `Frame`s and its
+`SeriesInfo`) or a skip reason: not DICOM, truncated, no pixel data, a DICOMDIR, not MR, not
+greyscale. Multi-frame files (enhanced MR, a cine or a whole stack per file, or one frame per
+file) are expanded into frames from their functional groups (position, orientation, spacing,
+trigger delay, rescale); legacy multi-frame files without them are one cine with frame times from
+FrameTimeVector/FrameTime. Pixel spacing is PixelSpacing, else ImagerPixelSpacing (one value:
+square pixels). `scan_header` reads only what study discovery needs. Pixels are decoded later,
+by `assemble`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import re
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from cmr_jax.dicom import files as dicom_files
+
+DICOMDIR_REASON = "DICOMDIR (the index of a DICOM file set, not an image)"
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_PHASE_IMAGE_TYPES = {"P", "PHASE", "VELOCITY", "PHASE MAP"}
+IDENTIFYING_KEYWORDS = (
+    "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
+    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstitutionName",
+    "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+    "StudyID")
+
+
+def _number(value, default: float = math.nan) -> float:
+  """A DICOM numeric value (DS/IS/str) as float; `default` when absent or unparsable."""
+  try:
+    return float(value) if value is not None and value != "" else default
+  except (TypeError, ValueError):
+    return default
+
+
+def _vector(value, size: int) -> np.ndarray | None:
+  """A multi-valued numeric tag as a float64 [size] vector, None when absent or malformed."""
+  try:
+    vec = np.asarray([float(v) for v in value], dtype=np.float64)
+  except (TypeError, ValueError):
+    return None
+  return vec if vec.shape == (size,) and np.all(np.isfinite(vec)) else None
+
+
+def _seconds_of_day(tm) -> float:
+  """A DICOM TM value (HHMMSS.frac) as seconds since midnight; nan when absent."""
+  text = str(tm or "").strip()
+  m = re.match(r"^(\d{2})(\d{2})?(\d{2}(?:\.\d*)?)?", text)
+  if not m:
+    return math.nan
+  return 3600 * int(m.group(1)) + 60 * int(m.group(2) or 0) + float(m.group(3) or 0)
+
+
+class UnsupportedFileError(ValueError):
+  """A DICOM image this reader cannot use; the message holds no tag values."""
+
+
+@dataclasses.dataclass
+class Frame:
+  """Header facts of one image frame: a single-frame file, or one frame of a multi-frame file."""
+
+  ref: dicom_files.FileRef
+  index: int  # frame index within its file
+  series_key: str
+  instance_number: float  # ordering key within the cine
+  trigger_time_ms: float  # TriggerTime (nan when absent)
+  position: np.ndarray | None  # (3,) ImagePositionPatient, mm
+  orientation: np.ndarray | None  # (6,) ImageOrientationPatient
+  pixel_spacing: tuple[float, float] | None  # (row, column) spacing, mm
+  shape: tuple[int, int]  # (rows, columns)
+  slice_thickness_mm: float
+  slice_location: float
+  rescale: tuple[float, float]  # (slope, intercept)
+  acquisition_time_s: float = math.nan  # AcquisitionDateTime/AcquisitionTime, seconds of the day
+  cardiac_images: int = 0  # CardiacNumberOfImages: frames per cycle (0 when absent)
+  rr_interval_ms: float = math.nan  # NominalInterval, else from HeartRate
+
+  def order_key(self) -> tuple:
+    """Acquisition order: InstanceNumber, then acquisition time, then file and frame."""
+    time = self.acquisition_time_s if math.isfinite(self.acquisition_time_s) else math.inf
+    return (self.instance_number, time, self.ref, self.index)
+
+
+@dataclasses.dataclass
+class SeriesInfo:
+  """What a series says about itself (shared by its frames)."""
+
+  key: str
+  number: int
+  time_s: float  # SeriesTime (else AcquisitionTime) in seconds of the day; nan when absent
+  description: str
+  protocol: str
+  folder: str  # naming hint: the folder holding its files (e.g. Kaggle `sax_5`) or a manifest
+  is_phase: bool  # ImageType marks phase/velocity images
+
+  @property
+  def label(self) -> str:
+    """Short name for messages and the manifest: `<number> <description>`."""
+    return f"{self.number} {self.description or self.protocol}".strip()
+
+
+@dataclasses.dataclass
+class ParsedFile:
+  """A read DICOM file: its dataset and frames, or the reason it cannot be used."""
+
+  ref: dicom_files.FileRef
+  reason: str = ""  # non-empty when the file is skipped
+  dataset: Dataset | None = None
+  frames: list[Frame] = dataclasses.field(default_factory=list)
+  series: SeriesInfo | None = None
+  study_uid: str = ""
+  patient_id: str = ""
+  accession: str = ""
+  sop_uid: str = ""
+  heart_rate_bpm: float = math.nan
+
+
+def _first(seq_item: Dataset | None, sequence: str, keyword: str):
+  """`seq_item.<sequence>[0].<keyword>`, or None."""
+  if seq_item is None or sequence not in seq_item or not seq_item[sequence].value:
+    return None
+  return seq_item[sequence].value[0].get(keyword)
+
+
+def _group_value(ds: Dataset, per_frame: Dataset | None, sequence: str, keyword: str):
+  """A functional-group value: the per-frame item first, then the shared one."""
+  value = _first(per_frame, sequence, keyword)
+  if value is None and "SharedFunctionalGroupsSequence" in ds and ds.SharedFunctionalGroupsSequence:
+    value = _first(ds.SharedFunctionalGroupsSequence[0], sequence, keyword)
+  return value
+
+
+def _spacing(value) -> tuple[float, float] | None:
+  """(row, column) spacing from a PixelSpacing-like value; one number means square pixels."""
+  if value is None:
+    return None
+  values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [
+      value]
+  vec = _vector(values * 2 if len(values) == 1 else values, 2)
+  return (float(vec[0]), float(vec[1])) if vec is not None and np.all(vec > 0) else None
+
+
+def _time_of_day_s(ds: Dataset) -> float:
+  """When the frame was acquired (AcquisitionDateTime, else AcquisitionTime), seconds of the day;
+  nan when absent."""
+  stamp = str(ds.get("AcquisitionDateTime", "") or "")
+  return _seconds_of_day(stamp[8:]) if len(stamp) > 8 else _seconds_of_day(
+      ds.get("AcquisitionTime"))
+
+
+def _rr_interval_ms(ds: Dataset) -> float:
+  """The RR interval in ms: NominalInterval, else 60000 / HeartRate; nan when unknown."""
+  interval, rate = _number(ds.get("NominalInterval")), _number(ds.get("HeartRate"))
+  return interval if interval > 0 else (60000.0 / rate if rate > 0 else math.nan)
+
+
+def _frames_of(ref: dicom_files.FileRef, ds: Dataset, series_key: str) -> list[Frame]:
+  """The frames of a dataset: one for a single-frame image, else from the functional groups."""
+  shape = (int(ds.Rows), int(ds.Columns))
+  base = dict(
+      ref=ref, series_key=series_key, shape=shape,
+      position=_vector(ds.get("ImagePositionPatient"), 3),
+      orientation=_vector(ds.get("ImageOrientationPatient"), 6),
+      pixel_spacing=_spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing")),
+      slice_thickness_mm=_number(ds.get("SliceThickness")),
+      slice_location=_number(ds.get("SliceLocation")),
+      rescale=(_number(ds.get("RescaleSlope"), 1.0), _number(ds.get("RescaleIntercept"), 0.0)),
+      acquisition_time_s=_time_of_day_s(ds),
+      cardiac_images=max(0, int(_number(ds.get("CardiacNumberOfImages"), 0.0))),
+      rr_interval_ms=_rr_interval_ms(ds))
+  instance = _number(ds.get("InstanceNumber"), 0.0)
+  num_frames = int(_number(ds.get("NumberOfFrames"), 1.0))
+  per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+  has_groups = bool(per_frame) or "SharedFunctionalGroupsSequence" in ds
+  if num_frames <= 1 and not has_groups:
+    return [Frame(index=0, instance_number=instance,
+                  trigger_time_ms=_number(ds.get("TriggerTime")), **base)]
+  if per_frame and len(per_frame) != num_frames:
+    raise UnsupportedFileError(
+        f"{len(per_frame)} per-frame functional groups for {num_frames} frames")
+  if not has_groups:
+    # Legacy multi-frame: one plane over time; frame times from FrameTimeVector or FrameTime.
+    vector = ds.get("FrameTimeVector")
+    if vector is not None and len(vector) == num_frames:
+      times = np.cumsum([_number(v, 0.0) for v in vector])
+    else:
+      times = np.arange(num_frames) * _number(ds.get("FrameTime"))
+    return [Frame(index=i, instance_number=float(i), trigger_time_ms=float(times[i]),
+                  **{**base, "acquisition_time_s": math.nan}) for i in range(num_frames)]
+  frames = []
+  for i in range(num_frames):
+    item = per_frame[i] if per_frame else None
+    position = _vector(_group_value(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3)
+    orientation = _vector(
+        _group_value(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+    spacing = _spacing(_group_value(ds, item, "PixelMeasuresSequence", "PixelSpacing"))
+    thickness = _number(_group_value(ds, item, "PixelMeasuresSequence", "SliceThickness"))
+    trigger = _number(_group_value(ds, item, "CardiacSynchronizationSequence",
+                                   "NominalCardiacTriggerDelayTime"))
+    temporal = _number(_group_value(ds, item, "FrameContentSequence", "TemporalPositionIndex"))
+    stamp = str(_group_value(ds, item, "FrameContentSequence", "FrameAcquisitionDateTime") or "")
+    slope = _group_value(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _group_value(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
+    frames.append(Frame(
+        ref=ref, index=i, series_key=series_key, shape=shape,
+        # One frame per file (some exporters): the files' InstanceNumbers order the frames.
+        instance_number=temporal if math.isfinite(temporal) else (
+            instance if num_frames <= 1 else float(i)),
+        trigger_time_ms=trigger if math.isfinite(trigger) else (
+            _number(ds.get("TriggerTime")) if num_frames <= 1 else math.nan),
+        position=position if position is not None else base["position"],
+        orientation=orientation if orientation is not None else base["orientation"],
+        pixel_spacing=spacing or base["pixel_spacing"],
+        slice_thickness_mm=thickness if math.isfinite(thickness) else base["slice_thickness_mm"],
+        slice_location=base["slice_location"],
+        rescale=(_number(slope, base["rescale"][0]), _number(intercept, base["rescale"][1])),
+        acquisition_time_s=(_seconds_of_day(stamp[8:]) if len(stamp) > 8
+                            else base["acquisition_time_s"] if num_frames <= 1 else math.nan),
+        cardiac_images=base["cardiac_images"], rr_interval_ms=base["rr_interval_ms"]))
+  return frames
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+  """No value validation while reading: pydicom's validation messages quote tag values
+  (names, dates) into warnings and logs."""
+  with pydicom.config.disable_value_validation(), warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    yield
+
+
+def read_dataset(source: bytes | BinaryIO, *, stop_before_pixels: bool = False) -> Dataset:
+  """Parses DICOM bytes or a seekable binary file; files without the preamble need `force`.
+
+  Raises:
+    InvalidDicomError: for data that is not DICOM even when forced (no image dimensions or
+      SOP class found).
+  """
+  fp = io.BytesIO(source) if isinstance(source, bytes) else source
+  try:
+    return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+  except InvalidDicomError:
+    # Old files (ACR-NEMA style, some PACS exports) lack the preamble; only accept the forced
+    # read if it looks like an image or at least carries a SOP class.
+    fp.seek(0)
+    with warnings.catch_warnings():  # forced reads of non-DICOM files warn about VRs
+      warnings.simplefilter("ignore")
+      ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+    if "SOPClassUID" not in ds and "Rows" not in ds:
+      raise InvalidDicomError("no DICOM preamble and no DICOM elements found") from None
+    if "TransferSyntaxUID" not in ds.file_meta:
+      ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    return ds
+
+
+def _parse_problem(e: Exception) -> str:
+  """The skip reason for bytes that pydicom could not parse."""
+  if isinstance(e, InvalidDicomError):
+    return "not a DICOM file"
+  return f"corrupt or truncated DICOM ({type(e).__name__})"
+
+
+def _read_problem(e: Exception) -> str:
+  """The skip reason for a file whose bytes could not be read."""
+  return f"unreadable file ({type(e).__name__})"
+
+
+def _is_dicomdir(ds: Dataset) -> bool:
+  """A DICOMDIR: the media directory index of a DICOM file set, not an image."""
+  meta = getattr(ds, "file_meta", None)
+  return ((meta is not None and meta.get("MediaStorageSOPClassUID")
+           == pydicom.uid.MediaStorageDirectoryStorage) or "DirectoryRecordSequence" in ds)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeaderSummary:
+  """What discovery needs from a file: its study and patient (identifying: memory only)."""
+
+  ref: dicom_files.FileRef
+  reason: str = ""  # non-empty when the file is not a readable DICOM file
+  study_uid: str = ""
+  patient_id: str = ""
+  accession: str = ""
+  study_datetime: str = ""  # StudyDate + StudyTime, for ordering a patient's visits
+
+
+def scan_header(ref: dicom_files.FileRef) -> HeaderSummary:
+  """Reads a file's header only (stops before the pixel data); never raises."""
+  try:
+    if ref.member:
+      with zipfile.ZipFile(ref.path) as zf:
+        source = zf.read(ref.member)
+    else:
+      source = open(ref.path, "rb")  # pylint: disable=consider-using-with
+  except (OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    return HeaderSummary(ref, reason=_read_problem(e))
+  with quiet_pydicom():
+    try:
+      ds = read_dataset(source, stop_before_pixels=True)
+    except Exception as e:  # pydicom raises many types on corrupt input  # pylint: disable=broad-except
+      return HeaderSummary(ref, reason=_parse_problem(e))
+    finally:
+      if not isinstance(source, bytes):
+        source.close()
+    if _is_dicomdir(ds):
+      return HeaderSummary(ref, reason=DICOMDIR_REASON)
+    return HeaderSummary(
+        ref, study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        accession=str(ds.get("AccessionNumber", "") or ""),
+        study_datetime=f"{ds.get('StudyDate', '') or ''}{ds.get('StudyTime', '') or ''}")
+
+
+def parse_file(ref: dicom_files.FileRef, data: bytes | Exception, *, hint: str = "") -> ParsedFile:
+  """Reads one file into a `ParsedFile` (never raises: problems become `reason`).
+
+  Args:
+    ref: the file.
+    data: its bytes, or the exception raised reading them.
+    hint: a series name from outside the file (e.g. a zip manifest), used for view
+      classification like a folder name; defaults to the folder name.
+  """
+  if isinstance(data, Exception):
+    return ParsedFile(ref, reason=_read_problem(data))
+  with quiet_pydicom():
+    return _parse_bytes(ref, data, hint)
+
+
+def _parse_bytes(ref: dicom_files.FileRef, data: bytes, hint: str) -> ParsedFile:
+  """`parse_file` of bytes, without the pydicom settings."""
+  try:
+    ds = read_dataset(data)
+  except Exception as e:  # pydicom raises many types on corrupt input  # pylint: disable=broad-except
+    return ParsedFile(ref, reason=_parse_problem(e))
+  try:
+    return _parse_dataset(ref, ds, hint or ref.folder)
+  except UnsupportedFileError as e:
+    return ParsedFile(ref, reason=f"unsupported multi-frame file ({e})")
+  except Exception as e:  # malformed values anywhere in the header  # pylint: disable=broad-except
+    # Only the type: pydicom's messages may quote tag values (names, dates).
+    return ParsedFile(ref, reason=f"malformed DICOM header ({type(e).__name__})")
+
+
+def _parse_dataset(ref: dicom_files.FileRef, ds: Dataset, hint: str) -> ParsedFile:
+  """Header facts of a dataset, or the reason it is not a usable MR image."""
+  parsed = ParsedFile(
+      ref, study_uid=str(ds.get("StudyInstanceUID", "")), patient_id=str(ds.get("PatientID", "")),
+      accession=str(ds.get("AccessionNumber", "")), sop_uid=str(ds.get("SOPInstanceUID", "")))
+  rate = _number(ds.get("HeartRate"))
+  interval_ms = _number(ds.get("NominalInterval"))
+  parsed.heart_rate_bpm = rate if rate > 0 else (60000.0 / interval_ms if interval_ms > 0 else
+                                                 math.nan)
+  modality = str(ds.get("Modality", "") or "")
+  if _is_dicomdir(ds):
+    parsed.reason = DICOMDIR_REASON
+  elif not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    parsed.reason = "no pixel data (not an image)"
+  elif modality and modality != "MR":
+    parsed.reason = f"not an MR image (Modality {modality})"
+  elif "Rows" not in ds or "Columns" not in ds:
+    parsed.reason = "no image dimensions (Rows/Columns missing)"
+  elif str(ds.get("PhotometricInterpretation", "MONOCHROME2")) not in _MONOCHROME:
+    parsed.reason = f"not a greyscale image (PhotometricInterpretation {ds.PhotometricInterpretation})"
+  if parsed.reason:
+    return parsed
+  image_type = {str(v).upper() for v in (ds.get("ImageType") or [])}
+  series_key = str(ds.get("SeriesInstanceUID", "") or
+                   f"{ds.get('SeriesNumber', '')}|{ds.get('SeriesDescription', '')}|{ref.folder}")
+  parsed.series = SeriesInfo(
+      key=series_key, number=int(_number(ds.get("SeriesNumber"), 0.0)),
+      time_s=_seconds_of_day(ds.get("SeriesTime") or ds.get("AcquisitionTime")),
+      description=str(ds.get("SeriesDescription", "") or ""),
+      protocol=str(ds.get("ProtocolName", "") or ""), folder=hint,
+      is_phase=bool(image_type & _PHASE_IMAGE_TYPES))
+  parsed.frames = _frames_of(ref, ds, series_key)
+  parsed.dataset = ds
+  return parsed
+
+
+def read_files(refs: Sequence[dicom_files.FileRef],
+               hints: dict[dicom_files.FileRef, str] | None = None) -> list[ParsedFile]:
+  """Reads and parses the given files (zip members read with one open per archive).
+
+  Args:
+    refs: the files, grouped by zip archive for speed.
+    hints: optional series names from outside the files (see `parse_file`).
+  """
+  hints = hints or {}
+  return [parse_file(ref, data, hint=hints.get(ref, ""))
+          for ref, data in dicom_files.iter_file_bytes(refs)]
+
+
+def identifiers(datasets: Iterable[Dataset]) -> tuple[str, ...]:
+  """The identifying values (`IDENTIFYING_KEYWORDS`) found in the datasets."""
+  return tuple(sorted({str(ds.get(k)) for ds in datasets for k in IDENTIFYING_KEYWORDS
+                       if ds.get(k)}))
+

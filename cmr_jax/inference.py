@@ -1,0 +1,268 @@
+"""Inference: a trained model run over a dataset, the one place that does it.
+
+- LVEF: `Predictor` (a fine-tuning run's checkpoint as a function of study records), the
+  per-split pass it makes (`predict_split`: deterministic, or seeded test-time augmentation) and
+  `tta_predictions`, the mean over augmented passes that evaluation and prediction report;
+- encoder features of every bag of a dataset (`build_bank`: the frozen encoder's outputs, for
+  cached-feature fine-tuning and linear probes);
+- dual-encoder embeddings of a split (`embed_split`) and video->report retrieval ranks, for the
+  zero-shot checks of pre-training and its evaluator.
+Trainers validate with these functions; evaluators and prediction call them on restored runs
+(`cmr_jax.runs`). Multi-host: every process feeds its shard and gets the gathered result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cmr_jax import runs
+from cmr_jax import sharding
+from cmr_jax.data import pipeline
+from cmr_jax.data import records
+from cmr_jax.models import registry
+
+LOG_EVERY_S = 30.0
+
+
+def _gather(x) -> np.ndarray:
+  """A process-sharded array, gathered whole onto every process."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def eval_dataset(source, config: ml_collections.ConfigDict, tta_sample: int = 0):
+  """One pass over every study of `source` in this process's shard: deterministic (0), or
+  seeded by `tta_sample` > 0 with the training augmentation."""
+  d = config.data
+  return pipeline.finetune_dataset(
+      source, image_size=d.image_size, num_frames=d.num_frames,
+      batch_size=sharding.per_process_batch(config.eval_batch_size),
+      max_instances=d.max_instances, seed=tta_sample, train=False,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      eval_augment=tta_sample > 0)
+
+
+def make_predict_fn(model):
+  """(params, batch) -> (lvef [B], attention weights [B, K])."""
+
+  def predict(params, batch):
+    return model.apply({"params": params}, batch["video"], batch["mask"], train=False)
+
+  return predict
+
+
+def predict_split(predict_fn, params, source, config, mesh, *,
+                  tta_sample: int = 0) -> dict[str, np.ndarray]:
+  """One pass over `source`: per-study predictions, labels and attention.
+
+  tta_sample 0 is the deterministic pass (centred crops); k > 0 samples every clip with the
+  training augmentation, seeded by k (test-time augmentation).
+  """
+  ds = eval_dataset(source, config, tta_sample)
+  cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                       ("study_index", "lvef", "pred", "attention", "view")}
+  for batch in sharding.global_batches(iter(ds), mesh):
+    pred, attention = predict_fn(params, batch)
+    valid = _gather(batch["valid"])
+    for key, value in (("study_index", batch["study_index"]), ("lvef", batch["lvef"]),
+                       ("pred", pred), ("attention", attention), ("view", batch["view"])):
+      cols[key].append(_gather(value)[valid])
+  out = {k: np.concatenate(v) for k, v in cols.items()}
+  order = np.argsort(out["study_index"], kind="stable")
+  return {k: v[order] for k, v in out.items()}
+
+
+class Predictor:
+  """A fine-tuning run's checkpoint as a function: study records -> LVEF and attention.
+
+  Attributes:
+    config: the run's config.
+    preprocess: the preprocessing its training data had (apply it to new studies).
+    best: the best checkpoint's validation errors (`best.json`), or None.
+  """
+
+  def __init__(self, workdir: str, *, which: str = runs.BEST_DIR):
+    self.config, self._params = runs.restore_finetuned(workdir, which=which)
+    self.preprocess = runs.read_preprocess(workdir)
+    self.best = runs.read_best(workdir)
+    model = registry.lvef_model(self.config, mean=0.0)  # the bias is restored, not re-initialised
+    self._mesh = sharding.make_mesh(self.config.mesh.to_dict())
+    # Replicated over this machine's mesh, whatever mesh trained the model.
+    self._params = jax.device_put(self._params, jax.sharding.NamedSharding(
+        self._mesh, jax.sharding.PartitionSpec()))
+    self._fn = jax.jit(make_predict_fn(model))
+
+  def __call__(self, source: pipeline.Source, *, tta_sample: int = 0) -> dict[str, np.ndarray]:
+    """Per-study arrays sorted by index in `source` (a split, or a list of StudyRecords):
+    study_index, lvef (NaN if unlabelled), pred, attention [N, K], view [N, K].
+    `tta_sample` > 0: a seeded augmented pass (see `predict_split`)."""
+    with sharding.mesh_rules(self._mesh):
+      return predict_split(self._fn, self._params, source, self.config, self._mesh,
+                           tta_sample=tta_sample)
+
+
+def predict_run(workdir: str, data_dir: str, split: str, *, which: str = runs.BEST_DIR,
+                tta_sample: int = 0) -> dict[str, np.ndarray]:
+  """Predictions of a fine-tuning run's checkpoint on one split of a dataset (see Predictor)."""
+  return Predictor(workdir, which=which)(records.open_split(data_dir, split),
+                                         tta_sample=tta_sample)
+
+
+def tta_predictions(predictor: Predictor, source: pipeline.Source,
+                    passes: int) -> dict[str, np.ndarray]:
+  """Per-study means over `passes` prediction passes (see the module docstring).
+
+  Returns:
+    study_index [N], lvef [N] (NaN if unlabelled), pred [N], pred_sd [N] (SD over passes, 0 for
+    one pass), attention [N, K] and view [N, K] (VIEW_CODES, -1 at padding).
+  """
+  runs = []
+  start = time.monotonic()
+  for k in range(passes):
+    runs.append(predictor(source, tta_sample=k))
+    done = time.monotonic() - start
+    logging.info("prediction pass %d/%d: %d studies, %.1f studies/s, ETA %.0f s", k + 1, passes,
+                 len(runs[-1]["pred"]), (k + 1) * len(runs[-1]["pred"]) / max(done, 1e-9),
+                 done / (k + 1) * (passes - k - 1))
+  first = runs[0]
+  for run in runs[1:]:
+    if not (np.array_equal(run["study_index"], first["study_index"])
+            and np.array_equal(run["view"], first["view"])):
+      raise RuntimeError("test-time augmentation passes disagree on the studies or their bags")
+  preds = np.stack([r["pred"] for r in runs])  # [passes, N]
+  return {"study_index": first["study_index"], "lvef": first["lvef"], "view": first["view"],
+          "pred": preds.mean(axis=0), "pred_sd": preds.std(axis=0),
+          "attention": np.mean([r["attention"] for r in runs], axis=0)}
+
+
+@dataclasses.dataclass
+class Bank:
+  """Encoder features of study bags.
+
+  Attributes:
+    features: [N, K, D] float32 encoder outputs per instance (zeros at padding).
+    mask: [N, K] bool, the valid instances.
+    lvef: [N] float32 labels (NaN when unlabelled).
+    study_index: [N] int32 index of each study in its split.
+    view: [N, K] int32 view codes.
+  """
+
+  features: np.ndarray
+  mask: np.ndarray
+  lvef: np.ndarray
+  study_index: np.ndarray
+  view: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.lvef.shape[0])
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.features.nbytes)
+
+
+def make_encode_fn(model) -> Callable[[Any, jax.Array], jax.Array]:
+  """(params, video uint8 [B, K, T, H, W]) -> frozen encoder features [B, K, D] (float32)."""
+
+  def encode(params, video):
+    bags, instances = video.shape[:2]
+    feats = model.apply({"params": params}, video.reshape(bags * instances, *video.shape[2:]),
+                        method=lambda m, v: m.video_encoder(v, train=False))
+    return feats.reshape(bags, instances, -1).astype(jnp.float32)
+
+  return encode
+
+
+def build_bank(encode_fn, params, dataset, mesh: jax.sharding.Mesh, *, what: str,
+               expected_batches: int | None = None) -> Bank:
+  """Encodes every batch of `dataset` (global batches over `mesh`); keeps the valid rows.
+
+  Every process ends up with the whole bank (features are gathered across processes).
+  """
+  cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                       ("features", "mask", "lvef", "study_index", "view")}
+  t0 = last = time.time()
+  for i, batch in enumerate(sharding.global_batches(iter(dataset), mesh)):
+    feats = encode_fn(params, batch["video"])
+    valid = _gather(batch["valid"])
+    cols["features"].append(_gather(feats)[valid])
+    for key in ("mask", "lvef", "study_index", "view"):
+      cols[key].append(_gather(batch[key])[valid])
+    if time.time() - last > LOG_EVERY_S:
+      last = time.time()
+      rate = (i + 1) / (last - t0)
+      eta = (f", ETA {(expected_batches - i - 1) / rate / 60:.1f} min"
+             if expected_batches else "")
+      logging.info("caching %s features: %d batches, %.2f batches/s%s", what, i + 1, rate, eta)
+  if not cols["features"]:
+    raise ValueError(f"no {what} study to cache features of")
+  bank = Bank(**{k: np.concatenate(v) for k, v in cols.items()})
+  bank.mask = bank.mask.astype(bool)
+  logging.info("cached %s features of %d bags (%.1f MB) in %.0f s", what, len(bank),
+               bank.nbytes / 2**20, time.time() - t0)
+  return bank
+
+
+def model_inputs(batch: dict[str, jax.Array], two_clips: bool) -> dict[str, jax.Array]:
+  if two_clips:
+    return {"video": batch["video"], "video2": batch["video2"]}
+  return {"video": batch["video"], "text_ids": batch["text_ids"], "text_mask": batch["text_mask"]}
+
+
+def make_embed_fn(model, two_clips: bool):
+  """(params, batch) -> (video embeddings, paired embeddings) at eval."""
+
+  def embed(params, batch):
+    emb_a, emb_b, _ = model.apply({"params": params}, **model_inputs(batch, two_clips),
+                                  train=False)
+    return emb_a, emb_b
+
+  return embed
+
+
+def embed_split(embed_fn, params, source, config, tok,
+                mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(video [N, D], paired [N, D]) embeddings of one eval pass of `source`, on every process."""
+  d = config.data
+  ds = pipeline.pretrain_dataset(
+      source, image_size=d.image_size, num_frames=d.num_frames,
+      batch_size=sharding.per_process_batch(config.eval_batch_size), tokenizer=tok,
+      max_text_len=config.text.max_len, seed=0, train=False,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      two_clips=config.model.two_clips, max_sentences=config.text.max_sentences)
+  video, paired = [], []
+  for batch in sharding.global_batches(iter(ds), mesh):
+    a, b = embed_fn(params, batch)
+    valid = _gather(batch["valid"])
+    video.append(_gather(a)[valid])
+    paired.append(_gather(b)[valid])
+  return np.concatenate(video), np.concatenate(paired)
+
+
+def retrieval_ranks(emb_query: np.ndarray, emb_target: np.ndarray) -> np.ndarray:
+  """Rank (0 = best) of each query's own target (same row) among all targets, by dot product.
+
+  Args:
+    emb_query: [N, D] query embeddings.
+    emb_target: [N, D] target embeddings; row i is the match of query i.
+
+  Returns:
+    [N] integer ranks: how many targets score strictly higher than the own one.
+  """
+  sims = emb_query @ emb_target.T  # [N, N]
+  own = np.diag(sims)
+  return (sims > own[:, None]).sum(axis=1)
+
+
+def recall_at_k(emb_video: np.ndarray, emb_text: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+  """Video -> report retrieval: fraction of videos whose own report ranks within the top k."""
+  rank = retrieval_ranks(emb_video, emb_text)
+  return {f"recall_at_{k}": float(np.mean(rank < k)) for k in ks}
