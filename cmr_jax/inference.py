@@ -129,9 +129,10 @@ def tta_predictions(predictor: Predictor, source: pipeline.Source,
   for k in range(passes):
     runs.append(predictor(source, tta_sample=k))
     done = time.monotonic() - start
-    logging.info("prediction pass %d/%d: %d studies, %.1f studies/s, ETA %.0f s", k + 1, passes,
-                 len(runs[-1]["pred"]), (k + 1) * len(runs[-1]["pred"]) / max(done, 1e-9),
-                 done / (k + 1) * (passes - k - 1))
+    logging.log_every_n_seconds(
+        logging.INFO, "prediction pass %d/%d: %d studies, %.1f studies/s, ETA %.0f s",
+        LOG_EVERY_S, k + 1, passes, len(runs[-1]["pred"]),
+        (k + 1) * len(runs[-1]["pred"]) / max(done, 1e-9), done / (k + 1) * (passes - k - 1))
   first = runs[0]
   for run in runs[1:]:
     if not (np.array_equal(run["study_index"], first["study_index"])

@@ -1,7 +1,15 @@
-"""Logging set-up for programs: keep absl INFO for our messages, quiet chatty libraries."""
+"""The program convention and its logging: every program is a `tools/*.py` file whose flags
+are its own, ending in `logs.run(main)`; library modules define no flags.
 
+`run` parses the absl flags (grain's worker processes need them parsed), refuses positional
+arguments unless the program takes them, keeps absl INFO for our messages while quieting chatty
+libraries, and calls `main()` (or `main(arguments)`), whose return value is the exit status.
+"""
+
+from collections.abc import Callable
 import logging as py_logging
 
+from absl import app
 from absl import logging
 
 # Library modules whose INFO lines (per-array checkpoint chatter) drown the training log.
@@ -23,3 +31,16 @@ def setup() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
+
+
+def run(main: Callable[..., int | None], *, positional: bool = False) -> None:
+  """Runs a program's `main()` under `absl.app.run` (see the module docstring); with
+  `positional`, `main` receives the positional arguments (e.g. input paths) as a list."""
+
+  def _main(argv: list[str]) -> int | None:
+    if len(argv) > 1 and not positional:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup()
+    return main(argv[1:]) if positional else main()
+
+  app.run(_main)

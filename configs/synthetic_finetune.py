@@ -14,10 +14,23 @@ import ml_collections
 # Must match the pre-training run's encoder (configs/synthetic_pretrain.py).
 VIDEO = "r2plus1d_tiny"
 VIDEO_OVERRIDES = {"image_size": 32}
+# The variants: overrides of the default config (dotted keys). `transfer`: every layer trains,
+# end to end on the augmented bags (no feature cache), a budget of the same wall-clock class as
+# pre-training plus the frozen arm's fine-tuning on the 2-core CPU.
+TRANSFER = {"mode": "transfer", "feature_cache.passes": 0, "total_steps": 300,
+            "optim.lr": 2e-3, "optim.warmup_steps": 30, "log_every": 50, "eval_every": 100,
+            "checkpoint.every": 100}
+SMOKE = {"feature_cache.passes": 0, "batch_size": 2, "eval_batch_size": 4, "total_steps": 4,
+         "log_every": 1, "eval_every": 2, "data.max_instances": 4, "optim.warmup_steps": 1,
+         "checkpoint.every": 2}
+VARIANTS = {None: {}, "": {}, "transfer": TRANSFER, "smoke": SMOKE,
+            "transfer_smoke": {**TRANSFER, **SMOKE}}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Fine-tuning config; `arg` in {None, "transfer", "smoke", "transfer_smoke"}."""
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown synthetic_finetune config argument {arg!r}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.init = "random"  # or "pretrain:WORKDIR[:STEP]"
@@ -39,26 +52,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.patience = 0  # evaluations without val improvement before stopping; 0: never
   c.checkpoint = dict(every=500, keep_last=2, async_save=True)
-  if arg in ("transfer", "transfer_smoke"):
-    # Every layer trains, end to end on the augmented bags (no feature cache): a budget of the
-    # same wall-clock class as pre-training plus the frozen arm's fine-tuning on the 2-core CPU.
-    c.mode = "transfer"
-    c.feature_cache.passes = 0
-    c.total_steps = 300
-    c.optim = dict(lr=2e-3, warmup_steps=30, weight_decay=1e-4, grad_clip_norm=10.0)
-    c.log_every = 50
-    c.eval_every = 100
-    c.checkpoint.every = 100
-  if arg in ("smoke", "transfer_smoke"):
-    c.feature_cache.passes = 0
-    c.batch_size = 2
-    c.eval_batch_size = 4
-    c.total_steps = 4
-    c.log_every = 1
-    c.eval_every = 2
-    c.data.max_instances = 4
-    c.optim.warmup_steps = 1
-    c.checkpoint.every = 2
-  elif arg not in (None, "", "transfer"):
-    raise ValueError(f"unknown synthetic_finetune config argument {arg!r}")
+  c.update_from_flattened_dict(VARIANTS[arg])
   return c

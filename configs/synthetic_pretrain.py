@@ -15,10 +15,21 @@ import ml_collections
 VIDEO = "r2plus1d_tiny"
 VIDEO_OVERRIDES = {"image_size": 32}
 TEXT = "bow_tiny"
+# The variants: overrides of the default config (dotted keys).
+SMOKE = {"batch_size": 4, "eval_batch_size": 4, "total_steps": 6, "log_every": 1,
+         "eval_every": 3, "optim.warmup_steps": 2, "checkpoint.every": 2,
+         "checkpoint.keep_period": None}
+# The synthetic benchmark (python tools/benchmark.py): ~32 passes over its ~2000-study archive,
+# every kept step feeding tools/sweep.py.
+BENCHMARK = {"total_steps": 2000, "eval_every": 500, "checkpoint.every": 250,
+             "checkpoint.keep_period": 250}
+VARIANTS = {None: {}, "": {}, "smoke": SMOKE, "benchmark": BENCHMARK}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Pre-training config; `arg` in {None, "smoke", "benchmark"}."""
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown synthetic_pretrain config argument {arg!r}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Stored 64 px at 2.75 mm; the demo's encoder sees 16 frames at 32 px (crops resized), so a
@@ -52,20 +63,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 200
   c.checkpoint = dict(every=100, keep_last=2, keep_period=200, async_save=True)
-  if arg == "smoke":
-    c.batch_size = 4
-    c.eval_batch_size = 4
-    c.total_steps = 6
-    c.log_every = 1
-    c.eval_every = 3
-    c.optim.warmup_steps = 2
-    c.checkpoint.every = 2
-    c.checkpoint.keep_period = None
-  elif arg == "benchmark":  # the synthetic benchmark (python tools/benchmark.py)
-    c.total_steps = 2000  # ~32 passes over its ~2000-study archive
-    c.eval_every = 500
-    c.checkpoint.every = 250
-    c.checkpoint.keep_period = 250  # every kept step feeds tools/sweep.py
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown synthetic_pretrain config argument {arg!r}")
+  c.update_from_flattened_dict(VARIANTS[arg])
   return c

@@ -12,11 +12,11 @@ global batches (train and eval) are exactly those of the N-process run; everythi
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import app
 from absl import flags
 import grain
 import numpy as np
 
+from cmr_jax import logs
 from cmr_jax.data import pipeline
 from tools import train as train_program
 
@@ -43,10 +43,10 @@ def side_by_side(build: Callable[..., grain.IterDataset], shards: int) -> Callab
   return dataset
 
 
-def main(argv: Sequence[str]) -> None:
+def main() -> None:
   pipeline.pretrain_dataset = side_by_side(pipeline.pretrain_dataset, _SHARDS.value)
-  train_program.main(argv)
+  train_program.main()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -1,8 +1,8 @@
 """A tiny dataset and pre-training run shared by the sweep and zero-shot tests (built once).
 
-The model, data and training settings equal those of test_train.py, so that within one pytest
-session the persistent compilation cache (conftest.py) serves either module's compiles to the
-other.
+test_train.py builds its data and configs with the same helpers (test_multihost.py its data), so
+that within one pytest session the persistent compilation cache (conftest.py) serves either
+module's compiles to the other.
 """
 
 import functools
@@ -45,26 +45,44 @@ def _split_of(splitter: splits.SubjectSplitter, record) -> str:
   return splitter(record)
 
 
-def build_data(out: str) -> str:
-  """Train/val (as test_train.py), a 4-study labelled test split and an unlabelled split."""
-  items = [(f"fake-{i}", functools.partial(conftest.fake_study, 0, i, num_sax=4, matrix=48))
-           for i in range(NUM_TRAIN_VAL)]
-  items += [(f"fake-{i}", functools.partial(conftest.fake_study, 0, i, num_sax=4, matrix=48,
-                                            site=TEST_SITE))
-            for i in range(NUM_TRAIN_VAL, NUM_TRAIN_VAL + NUM_TEST)]
-  first = NUM_TRAIN_VAL + NUM_TEST
-  items += [(f"fake-{i}", functools.partial(conftest.fake_study, 0, i, num_sax=4, matrix=48,
-                                            site=UNLABELLED_SITE, labelled=False))
-            for i in range(first, first + NUM_UNLABELLED)]
-  splitter = splits.SubjectSplitter(fractions=(("train", 0.6), ("val", 0.4)))
-  records.build_dataset(items, out, cfg=preprocess.PreprocessConfig(size=32, spacing_mm=3.0,
-                                                                      num_frames=8),
-                        split_fn=functools.partial(_split_of, splitter))
+def fake_items(indices, **kwargs) -> list:
+  """(name, loader) pairs of fake studies `indices` (seed 0, 4 SAX slices, 48 x 56 pixels)."""
+  return [(f"fake-{i}", functools.partial(conftest.fake_study, 0, i, num_sax=4, matrix=48,
+                                          **kwargs))
+          for i in indices]
+
+
+def train_val_splitter() -> splits.SubjectSplitter:
+  """Subjects split 60/40 into train and val."""
+  return splits.SubjectSplitter(fractions=(("train", 0.6), ("val", 0.4)))
+
+
+def build_records(items, out: str, split_fn=None, *, size: int = 32, num_frames: int = 8) -> str:
+  """`items` preprocessed (3 mm pixels) into a dataset at `out`; by default train/val splits."""
+  records.build_dataset(items, out, cfg=preprocess.PreprocessConfig(size=size, spacing_mm=3.0,
+                                                                      num_frames=num_frames),
+                        split_fn=train_val_splitter() if split_fn is None else split_fn)
   return out
 
 
+def train_vocab(data_dir: str, out: str) -> str:
+  """A 200-token WordPiece vocabulary of the train split's reports, saved under `out`."""
+  source = records.open_split(data_dir, "train")
+  tok = tokenizer_lib.train_tokenizer([source[i].report for i in range(len(source))], 200)
+  return tok.save(out)
+
+
+def build_data(out: str) -> str:
+  """Train/val (as test_train.py), a 4-study labelled test split and an unlabelled split."""
+  items = fake_items(range(NUM_TRAIN_VAL))
+  items += fake_items(range(NUM_TRAIN_VAL, NUM_TRAIN_VAL + NUM_TEST), site=TEST_SITE)
+  first = NUM_TRAIN_VAL + NUM_TEST
+  items += fake_items(range(first, first + NUM_UNLABELLED), site=UNLABELLED_SITE, labelled=False)
+  return build_records(items, out, functools.partial(_split_of, train_val_splitter()))
+
+
 def pretrain_config(data_dir: str, vocab: str):
-  """The tiny pre-training run: 6 steps, checkpoints at 2, 4 and 6 all kept."""
+  """The tiny pre-training run: 6 steps, checkpoints at 2, 4 and 6."""
   c = load_config("synthetic_pretrain")
   c.data.dir = data_dir
   c.text.vocab = vocab
@@ -75,14 +93,15 @@ def pretrain_config(data_dir: str, vocab: str):
   c.text.max_len = 24
   c.batch_size = c.eval_batch_size = 8  # one example per fake CPU device
   c.checkpoint.async_save = False
-  c.checkpoint.keep_last = len(KEPT_STEPS)
   return c
 
 
-def finetune_config(data_dir: str):
-  """The tiny fine-tune (4 steps) matching the pre-training run's encoder."""
+def finetune_config(data_dir: str, init: str | None = None):
+  """The tiny fine-tune (4 steps) matching the pre-training run's encoder; `init`: the config's."""
   c = load_config("synthetic_finetune")
   c.data.dir = data_dir
+  if init is not None:
+    c.init = init
   c.data.image_size, c.data.num_frames = 32, 8
   c.model.video, c.model.video_overrides = "mvit_tiny", VIDEO
   c.model.embed_dim = 32
@@ -100,11 +119,11 @@ def get_config(data_dir: str):
 def tiny_pretrain(root: str) -> tuple[str, str]:
   """(data_dir, pretrain_dir) under `root`, built on the first call of the session."""
   data_dir = build_data(os.path.join(root, "data"))
-  source = records.open_split(data_dir, "train")
-  tok = tokenizer_lib.train_tokenizer([source[i].report for i in range(len(source))], 200)
-  vocab = tok.save(os.path.join(root, "vocab"))
+  vocab = train_vocab(data_dir, os.path.join(root, "vocab"))
   workdir = os.path.join(root, "pretrain")
-  result = pretrain.train_and_evaluate(pretrain_config(data_dir, vocab), workdir)
+  config = pretrain_config(data_dir, vocab)
+  config.checkpoint.keep_last = len(KEPT_STEPS)  # all kept
+  result = pretrain.train_and_evaluate(config, workdir)
   assert result["step"] == KEPT_STEPS[-1]
   assert runs.checkpoint_steps(workdir) == KEPT_STEPS
   return data_dir, workdir

@@ -29,8 +29,7 @@ CONFIGS = {
     "synthetic_pretrain": (PRETRAIN, (None, "smoke", "benchmark")),
     "synthetic_finetune": (FINETUNE, (None, "smoke", "transfer", "transfer_smoke")),
     "mvit_b_pretrain": (PRETRAIN, (None,)),
-    "ukbb_finetune": (FINETUNE, (None,)),
-    "kaggle_finetune": (FINETUNE, (None,)),
+    "mvit_b_finetune": (FINETUNE, (None, "ukbb", "kaggle")),
 }
 # The configs of each trainer that tests/test_train.py runs: the others must have their fields.
 RUN_BY_TESTS = {PRETRAIN: "synthetic_pretrain", FINETUNE: "synthetic_finetune"}
@@ -133,7 +132,7 @@ def test_real_size_models_have_the_published_parameter_counts():
   assert round((optim.count_params(params["video_encoder"]) + head) / 1e6, 1) == (
       MVIT_B_PARAMS_MILLIONS)
   # Fine-tuning builds the same encoder with the same projection to the 512-d embedding.
-  tuned = common.unbox(_abstract_params("ukbb_finetune"))
+  tuned = common.unbox(_abstract_params("mvit_b_finetune"))
   for part in ("video_encoder", "video_proj"):
     assert jax.tree.map(lambda x: x.shape, tuned[part]) == jax.tree.map(lambda x: x.shape,
                                                                         params[part])

@@ -57,6 +57,16 @@ def _abstract_mvit(config: MViTConfig):
                                      jax.random.key(0)))
 
 
+def _abstract_regressor(image_size: int = TINY.image_size):
+  """The parameter shapes of the tiny LVEF regressor (TINY's encoder at `image_size`)."""
+  model = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
+                                 image_size=image_size, kv_pool_stride=TINY.kv_pool_stride)
+  example = (jnp.zeros((1, 2, TINY.num_frames, image_size, image_size), jnp.uint8),
+             jnp.ones((1, 2), bool))
+  return common.unbox(jax.eval_shape(lambda r: model.init(r, *example)["params"],
+                                     jax.random.key(0)))
+
+
 def _random_tree(abstract, seed: int = 0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), abstract)
@@ -92,16 +102,8 @@ def _pytorchvideo_mvit(config: MViTConfig):
   """pytorchvideo's factory with `config`'s geometry (as tools/bench_model.py builds it)."""
   vision_transformers = _import_or_skip("pytorchvideo.models.vision_transformers",
                                             reason=SKIP_REASON)
-  per_stage = lambda mul: [[s, mul] for s in config.stage_starts]  # noqa: E731
   return vision_transformers.create_multiscale_vision_transformers(
-      spatial_size=config.image_size, temporal_size=config.num_frames, depth=config.depth,
-      patch_embed_dim=config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
-      conv_patch_embed_kernel=config.patch_kernel, conv_patch_embed_stride=config.patch_stride,
-      conv_patch_embed_padding=config.patch_padding, embed_dim_mul=per_stage(2.0),
-      atten_head_mul=per_stage(2.0),
-      pool_q_stride_size=[[s, *config.q_pool_stride] for s in config.stage_starts],
-      pool_kv_stride_adaptive=list(config.kv_pool_stride),
-      pool_kvq_kernel=list(config.pool_kernel))
+      **convert_mvit.pytorchvideo_factory_kwargs(config))
 
 
 def _numpy_state(model) -> dict[str, np.ndarray]:
@@ -204,12 +206,7 @@ def test_cmr_transformer_names_and_converted_folder_as_finetune_init(tmp_path):
   state = {f"model.video_encoder.{k}": v for k, v in _as_pytorchvideo(encoder).items()}
   state.update({"model.video_proj.weight": proj,
                 "model.video_proj.bias": np.ones(PROJ_DIM, np.float32)})
-  model = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
-                                 image_size=TINY.image_size, kv_pool_stride=TINY.kv_pool_stride)
-  example = (jnp.zeros((1, 2, TINY.num_frames, TINY.image_size, TINY.image_size), jnp.uint8),
-             jnp.ones((1, 2), bool))
-  abstract = common.unbox(jax.eval_shape(lambda r: model.init(r, *example)["params"],
-                                         jax.random.key(0)))
+  abstract = _abstract_regressor()
   target = mapping.flatten({k: abstract[k] for k in registry.ENCODER_PARAMS})
   flat, report = mapping.convert(state, convert_mvit.cmr_transformer_renamer(), target,
                                  source="cmr.ckpt", layout="cmr_transformer")
@@ -415,12 +412,7 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
                                 state["model.video_proj.weight"].numpy().T)
   folder = converted.save_converted(str(tmp_path / "converted"), result)
 
-  model = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
-                                 image_size=TINY.image_size, kv_pool_stride=TINY.kv_pool_stride)
-  example = (jnp.zeros((1, 2, TINY.num_frames, TINY.image_size, TINY.image_size), jnp.uint8),
-             jnp.ones((1, 2), bool))
-  abstract = common.unbox(jax.eval_shape(lambda r: model.init(r, *example)["params"],
-                                         jax.random.key(0)))
+  abstract = _abstract_regressor()
   # The torch file directly (converted in memory) and the converted folder give the same.
   direct = runs.encoder_init(f"cmr_transformer:{ckpt}", abstract)
   stored = runs.encoder_init(f"cmr_transformer:{folder}", abstract)
@@ -435,11 +427,7 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
   with pytest.raises(mapping.ConversionError, match=r"video_proj/kernel"):
     runs.encoder_init(f"cmr_transformer:{kinetics}", abstract)
   # A model at another input size: the error names the tensors and the file's input size.
-  other = registry.lvef_regressor("mvit_tiny", label_mean=50.0, proj_dim=PROJ_DIM,
-                                 kv_pool_stride=TINY.kv_pool_stride)
-  example64 = (jnp.zeros((1, 2, TINY.num_frames, 64, 64), jnp.uint8), jnp.ones((1, 2), bool))
-  abstract64 = common.unbox(jax.eval_shape(lambda r: other.init(r, *example64)["params"],
-                                           jax.random.key(0)))
+  abstract64 = _abstract_regressor(image_size=64)
   with pytest.raises(mapping.ConversionError, match=r"pos_embed_spatial.*16 frames of 32x32"):
     runs.encoder_init(f"kinetics:{kinetics}", abstract64)
 

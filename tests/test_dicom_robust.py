@@ -2,8 +2,8 @@
 series splits, enhanced MR, pixel encodings, file trees, missing views, orientation.
 
 Each test renders small phantom studies with `dicom_writer`, rewrites the headers or pixels the
-way another scanner would, and checks what reading, assembly and `predict.prepare_input` make of
-them.
+way another scanner would, and checks what reading, assembly and `predict.inputs.prepare_input`
+make of them.
 """
 
 import collections
@@ -20,7 +20,6 @@ from pydicom.sequence import Sequence as DicomSequence
 import pytest
 from scipy.spatial import transform
 
-from cmr_jax import predict
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import cycles
 from cmr_jax.dicom import files as dicom_files
@@ -30,6 +29,7 @@ from cmr_jax.testing import dicom_writer
 from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
+from cmr_jax.predict import inputs as predict_inputs
 
 import dicom_testlib
 
@@ -391,15 +391,15 @@ def test_pixel_encodings_monochrome1_16_bit_rescaled_and_signed(study):
 
 
 # ---------------------------------------------------------------------------------------------
-# File trees, missing views, orientation: through `predict.prepare_input`.
+# File trees, missing views, orientation: through `predict.inputs.prepare_input`.
 
 
-def _prepare(root: str) -> predict.Prepared:
-  (prepared,) = predict.prepare_input(root, CFG, salt=SALT)
+def _prepare(root: str) -> predict_inputs.Prepared:
+  (prepared,) = predict_inputs.prepare_input(root, CFG, salt=SALT)
   return prepared
 
 
-def _codes(prepared: predict.Prepared) -> set[str]:
+def _codes(prepared: predict_inputs.Prepared) -> set[str]:
   return {w.code for w in prepared.warnings}
 
 

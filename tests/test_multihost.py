@@ -9,7 +9,6 @@ train state (parameters, AdamW moments, step), every logged loss and the zero-sh
 final evaluation (embeddings gathered across processes with process_allgather).
 """
 
-import functools
 import json
 import os
 import socket
@@ -22,15 +21,13 @@ import numpy as np
 import pytest
 
 from cmr_jax import runs
-from cmr_jax.data import preprocess
 from cmr_jax.data import records
-from cmr_jax.data import splits
 from cmr_jax.data import tokenizer as tokenizer_lib
 from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.train import pretrain
 
-import conftest
 import multihost_config
+import sweep_testlib
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
@@ -45,19 +42,13 @@ _FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_exp
 @pytest.fixture(scope="module")
 def data_and_vocab(tmp_path_factory):
   """8 fake studies with reports (4 train, 4 val) and one fixed WordPiece vocabulary."""
-  out = str(tmp_path_factory.mktemp("data"))
-  items = [(f"fake-{i}", functools.partial(conftest.fake_study, 0, i, num_sax=4, matrix=48))
-           for i in range(8)]
-  splitter = splits.SubjectSplitter(fractions=(("train", 0.6), ("val", 0.4)))
-  records.build_dataset(
-      items, out, split_fn=splitter,
-      cfg=preprocess.PreprocessConfig(size=multihost_config.IMAGE_SIZE, spacing_mm=3.0,
-                                      num_frames=multihost_config.NUM_FRAMES))
+  out = sweep_testlib.build_records(sweep_testlib.fake_items(range(8)),
+                                    str(tmp_path_factory.mktemp("data")),
+                                    size=multihost_config.IMAGE_SIZE,
+                                    num_frames=multihost_config.NUM_FRAMES)
   counts = {name: s["num_records"] for name, s in records.read_dataset_info(out)["splits"].items()}
   assert counts == {"train": 4, "val": 4}
-  source = records.open_split(out, "train")
-  tok = tokenizer_lib.train_tokenizer([source[i].report for i in range(len(source))], 200)
-  return out, tok.save(str(tmp_path_factory.mktemp("vocab")))
+  return out, sweep_testlib.train_vocab(out, str(tmp_path_factory.mktemp("vocab")))
 
 
 def _free_port() -> int:

@@ -17,11 +17,15 @@ import pytest
 
 from cmr_jax import inference
 from cmr_jax import predict
+from cmr_jax.predict import inputs as predict_inputs
+from cmr_jax.predict import output as predict_output
+from cmr_jax.predict import scoring
 from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import parse
 from cmr_jax.testing import dicom_writer
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
+from cmr_jax.data import quality
 from cmr_jax.dicom import pseudonym
 from cmr_jax.data import records
 from cmr_jax.data import types
@@ -125,14 +129,15 @@ def test_unreadable_inputs_get_a_reason(result):
   empty, text = result["studies"][2:]
   assert empty["lvef"] is None and empty["error"] == "no DICOM study found (no files)"
   assert text["lvef"] is None and text["error"] == "no DICOM study found (1 file: not a DICOM file)"
-  missing = predict.prepare_input("/nonexistent/study", preprocess.PreprocessConfig(), salt=SALT)
+  missing = predict_inputs.prepare_input("/nonexistent/study", preprocess.PreprocessConfig(),
+                                         salt=SALT)
   assert len(missing) == 1 and "does not exist" in missing[0].error
 
 
 def test_outputs_and_cli_logs_hold_no_identifier(result, inputs, run_dir, tmp_path):
   paths, identities = inputs
-  predict.write(result, str(tmp_path / "rows.json"))
-  predict.write(result, str(tmp_path / "rows.csv"))
+  predict_output.write(result, str(tmp_path / "rows.json"))
+  predict_output.write(result, str(tmp_path / "rows.csv"))
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop(pseudonym.SALT_ENV_VAR, None)
   env.pop("XLA_FLAGS", None)  # one device here, eight where the model was trained
@@ -216,7 +221,7 @@ def test_leave_one_out_bags_are_the_bag_without_one_cine(views, k):
   slice_index = np.full(len(views), -1, np.int32)
   slice_index[sax] = rng.permutation(len(sax))  # stored order need not be base->apex
   bag = pipeline.bag_indices(views, slice_index, k)
-  variants = predict.leave_one_out_cines(views, slice_index, k)
+  variants = scoring.leave_one_out_cines(views, slice_index, k)
   assert len(variants) == len(bag)
   for left_out, cines in zip(bag, variants):
     sub_bag = pipeline.bag_indices([views[i] for i in cines], slice_index[cines], k)
@@ -226,13 +231,13 @@ def test_leave_one_out_bags_are_the_bag_without_one_cine(views, k):
 def test_jackknife_of_leave_one_out_means_is_the_standard_error():
   x = np.array([3.0, 7.0, 1.0, 12.0, 5.0])
   means = np.array([np.delete(x, i).mean() for i in range(x.size)])
-  assert predict.jackknife_se(means) == pytest.approx(x.std(ddof=1) / math.sqrt(x.size))
+  assert scoring.jackknife_se(means) == pytest.approx(x.std(ddof=1) / math.sqrt(x.size))
 
 
 def test_source_and_crop_warnings_from_the_preprocessing_flag(make_study):
   cfg = preprocess.PreprocessConfig(size=32, spacing_mm=3.0, num_frames=8)
   study = make_study(1, num_sax=4, matrix=48)
-  assert predict.source_warnings(study) == [predict.QualityWarning(
+  assert quality.source_warnings(study) == [quality.QualityWarning(
       "heart_rate_unknown", "heart rate unknown (no HeartRate or RR interval in the DICOM "
       "headers)")]
   rng = np.random.default_rng(0)
@@ -250,7 +255,7 @@ def test_source_and_crop_warnings_from_the_preprocessing_flag(make_study):
 
   assert centred(cfg) == ["4CH"]
   found = {w.code: w.message
-           for w in predict.source_warnings(study) + predict.crop_warnings(centred(cfg))}
+           for w in quality.source_warnings(study) + quality.crop_warnings(centred(cfg))}
   assert found == {
       "no_trigger_times": "1 of 7 cines have no usable trigger times: temporal resolution "
                           "unknown, frames taken as evenly spaced over the cycle",
@@ -258,42 +263,68 @@ def test_source_and_crop_warnings_from_the_preprocessing_flag(make_study):
                                     "centre (the heart may be off-centre or cut)"}
   study.cines = [static(c) if c.view == types.SAX else c for c in study.cines]
   assert centred(cfg) == [preprocess.STACK_NAME, "4CH"]
-  (warning,) = predict.crop_warnings(centred(cfg))
+  (warning,) = quality.crop_warnings(centred(cfg))
   assert warning.message.startswith("no cardiac motion found in the SAX stack, 4CH:")
   assert centred(dataclasses.replace(cfg, center="image")) == []  # chosen, not a fallback
 
 
 class _StubPredictor:
-  """LVEF = 30 + 2 x the bag's cines (NaN for study "bad"), uniform attention; K = 4."""
+  """LVEF = 30 + 2 x the bag's cines (NaN for study "bad"), uniform attention; K = 4. Returns
+  what `inference.Predictor` returns and records the test-time-augmentation passes asked for."""
 
   config = ml_collections.ConfigDict({"data": {"max_instances": 4}, "eval_batch_size": 1})
   best = {"step": 1, "val_mae": 3.0, "val_rmse": 4.0, "val_n": 100}
   preprocess = {}
 
+  def __init__(self):
+    self.calls = []
+
   def __call__(self, source, tta_sample=0):
-    del tta_sample  # the stub has no augmentation
-    bags = [pipeline.bag_indices(r.views, r.slice_index, 4)
-            for r in (source[i] for i in range(len(source)))]
-    bad = [source[i].study_id == "bad" for i in range(len(source))]
+    self.calls.append(tta_sample)  # the stub has no augmentation: every pass is the same
+    studies = [source[i] for i in range(len(source))]
+    bags = [pipeline.bag_indices(r.views, r.slice_index, 4) for r in studies]
+    bad = [r.study_id == "bad" for r in studies]
     attention = np.zeros((len(bags), 4), np.float32)
-    for row, bag in zip(attention, bags):
-      row[:len(bag)] = 1.0 / len(bag)
-    return {"pred": np.where(bad, np.nan, [30.0 + 2 * len(b) for b in bags]),
-            "attention": attention}
+    view = np.full((len(bags), 4), -1, np.int32)
+    for i, (r, bag) in enumerate(zip(studies, bags)):
+      attention[i, :len(bag)] = 1.0 / len(bag)
+      view[i, :len(bag)] = [types.VIEW_CODES[r.views[j]] for j in bag]
+    return {"study_index": np.arange(len(bags)), "lvef": np.full(len(bags), np.nan),
+            "pred": np.where(bad, np.nan, [30.0 + 2 * len(b) for b in bags]),
+            "attention": attention, "view": view}
 
 
 def test_rows_from_scores_and_a_non_finite_prediction(make_study, tmp_path):
   cfg = preprocess.PreprocessConfig(size=16, spacing_mm=6.0, num_frames=4)
   record = preprocess.preprocess_study(make_study(2, num_sax=6, matrix=32), cfg)
-  items = [predict.Prepared("a", "good", record), predict.Prepared("b", error="unreadable"),
-           predict.Prepared("c", "bad", dataclasses.replace(record, study_id="bad"))]
-  rows = predict.score(_StubPredictor(), items)
+  items = [predict_inputs.Prepared("a", "good", record),
+           predict_inputs.Prepared("b", error="unreadable"),
+           predict_inputs.Prepared("c", "bad", dataclasses.replace(record, study_id="bad"))]
+  stub = _StubPredictor()
+  rows = scoring.score(stub, items, tta=2)
+  # Two groups of bags (the good study's 5, then the bad one's), each scored in two passes.
+  assert stub.calls == [0, 1, 0, 1]
   good, failed, bad = rows
-  assert good["lvef"] == 38.0 and good["lvef_below_40"] and good["loo_se"] == 0.0
-  assert good["interval"] == pytest.approx([38.0 - 1.96 * 4.0, 38.0 + 1.96 * 4.0])
-  assert _bag(good) == [("4CH", None), ("2CH", None), ("3CH", None), ("SAX", 1)]
-  assert failed["lvef"] is None and failed["error"] == "unreadable"
-  assert bad["lvef"] is None and "non-finite" in bad["error"]
-  predict.write({"studies": rows}, str(tmp_path / "rows.json"))  # no NaN reaches the JSON
+  assert good.lvef == 38.0 and good.lvef_below_40 and good.loo_se == 0.0
+  assert good.interval == pytest.approx((38.0 - 1.96 * 4.0, 38.0 + 1.96 * 4.0))
+  assert [(v.view, v.slice) for v in good.views] == [("4CH", None), ("2CH", None),
+                                                      ("3CH", None), ("SAX", 1)]
+  assert failed.lvef is None and failed.error == "unreadable"
+  assert bad.lvef is None and "non-finite" in bad.error
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    good.lvef = 50.0  # type: ignore[misc]
+  as_dict = good.to_dict()
+  assert list(as_dict) == ["input", "study", "lvef", "interval", "interval_method", "loo_se",
+                           "lvef_below_40", "interval_includes_40", "views", "warnings", "error",
+                           "lvef_reference"]
+  assert _bag(as_dict) == [(v.view, v.slice) for v in good.views]
+  assert as_dict["interval"] == list(good.interval) and as_dict["views"][0] == {
+      "view": "4CH", "slice": None, "attention": 0.25}
+  assert failed.to_dict() == {
+      "input": "b", "study": "", "lvef": None, "interval": None, "interval_method": "",
+      "loo_se": None, "lvef_below_40": None, "interval_includes_40": None, "views": [],
+      "warnings": [], "error": "unreadable", "lvef_reference": None}
+  predict_output.write({"studies": [r.to_dict() for r in rows]},
+                       str(tmp_path / "rows.json"))  # no NaN reaches the JSON
   with open(tmp_path / "rows.json") as f:
     assert json.load(f)["studies"][0]["lvef"] == 38.0

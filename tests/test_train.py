@@ -1,7 +1,5 @@
 """Training loops: exact resume after a stop or a crash, SIGTERM, freezing, non-finite loss."""
 
-import functools
-import importlib.util
 import json
 import os
 import signal
@@ -13,40 +11,25 @@ import pytest
 from cmr_jax import inference
 from cmr_jax import runs
 from cmr_jax.models import registry
-from cmr_jax.data import preprocess
 from cmr_jax.data import records
-from cmr_jax.data import splits
-from cmr_jax.data import tokenizer as tokenizer_lib
 from cmr_jax.train import common
 from cmr_jax.train import finetune
 from cmr_jax.train import optim
 from cmr_jax.train import pretrain
 
-import conftest
+import sweep_testlib
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A 2-block MViT at 8 x 32 x 32: compiles and runs in seconds.
-_VIDEO = {"num_frames": 8, "image_size": 32, "depth": 2, "stage_starts": (1,),
-          "kv_pool_stride": (1, 2, 2)}
-
-
-def _config(name: str, arg: str = "smoke"):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+# The tiny fine-tune from an init: finetune_config(data_dir, init) (test_evaluate.py and
+# test_predict.py import it, and the data_dir fixture, from here).
+finetune_config = sweep_testlib.finetune_config
+_REAL_CHECK_FINITE = common.check_finite  # what _at_step wraps
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """12 fake labelled studies with reports: train and val splits."""
-  out = str(tmp_path_factory.mktemp("data"))
-  items = [(f"fake-{i}", functools.partial(conftest.fake_study, 0, i, num_sax=4, matrix=48))
-           for i in range(12)]
-  splitter = splits.SubjectSplitter(fractions=(("train", 0.6), ("val", 0.4)))
-  records.build_dataset(items, out, cfg=preprocess.PreprocessConfig(size=32, spacing_mm=3.0,
-                                                                      num_frames=8),
-                        split_fn=splitter)
+  out = sweep_testlib.build_records(sweep_testlib.fake_items(range(12)),
+                                    str(tmp_path_factory.mktemp("data")))
   assert {"train", "val"} <= set(records.read_dataset_info(out)["splits"])
   return out
 
@@ -54,22 +37,11 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vocab(data_dir, tmp_path_factory):
   """One vocabulary for every run (WordPiece training may break ties differently each time)."""
-  source = records.open_split(data_dir, "train")
-  tok = tokenizer_lib.train_tokenizer([source[i].report for i in range(len(source))], 200)
-  return tok.save(str(tmp_path_factory.mktemp("vocab")))
+  return sweep_testlib.train_vocab(data_dir, str(tmp_path_factory.mktemp("vocab")))
 
 
 def pretrain_config(data_dir: str, vocab: str):
-  c = _config("synthetic_pretrain")
-  c.data.dir = data_dir
-  c.text.vocab = vocab
-  c.data.image_size, c.data.num_frames = 32, 8
-  c.data.train_split, c.data.eval_split = "train", "val"  # its data have no archive split
-  c.model.video, c.model.video_overrides = "mvit_tiny", _VIDEO
-  c.model.embed_dim = 32
-  c.text.max_len = 24
-  c.batch_size = c.eval_batch_size = 8  # one example per fake CPU device
-  c.checkpoint.async_save = False
+  c = sweep_testlib.pretrain_config(data_dir, vocab)
   c.loss.variance_weight = 0.5  # the resume tests cover the variance floor's path too
   return c
 
@@ -89,6 +61,24 @@ class _Crash(Exception):
   pass
 
 
+def _crash():
+  raise _Crash()
+
+
+def _sigterm():
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _at_step(monkeypatch, step: int, action) -> None:
+  """From now on (until check_finite is patched again) training step `step` calls `action()`."""
+  def check_finite(s, *args):
+    if s == step:
+      action()
+    return _REAL_CHECK_FINITE(s, *args)
+
+  monkeypatch.setattr(common, "check_finite", check_finite)
+
+
 @pytest.fixture(scope="module")
 def unbroken_pretrain(data_dir, vocab, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrain_a"))
@@ -105,47 +95,24 @@ def test_pretrain_resume_after_sigterm_and_crash_is_exact(data_dir, vocab, unbro
                                                           tmp_path, monkeypatch):
   config = pretrain_config(data_dir, vocab)
   workdir = str(tmp_path)
-  real_check = common.check_finite
 
   # 1. SIGTERM arrives during step 3: the run saves step 3 and returns cleanly.
-  def sigterm_at_3(step, *args):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real_check(step, *args)
-
-  monkeypatch.setattr(common, "check_finite", sigterm_at_3)
+  _at_step(monkeypatch, 3, _sigterm)
   assert pretrain.train_and_evaluate(config, workdir)["step"] == 3
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
 
   # 2. Resumed, it crashes hard during step 5 (before the step-6 save): step 4 is on disk.
-  def crash_at_5(step, *args):
-    if step == 5:
-      raise _Crash()
-    return real_check(step, *args)
-
-  monkeypatch.setattr(common, "check_finite", crash_at_5)
+  _at_step(monkeypatch, 5, _crash)
   with pytest.raises(_Crash):
     pretrain.train_and_evaluate(config, workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
 
   # 3. Resumed again, it finishes; every step's loss equals the unbroken run's, bit for bit.
-  monkeypatch.setattr(common, "check_finite", real_check)
+  monkeypatch.setattr(common, "check_finite", _REAL_CHECK_FINITE)
   assert pretrain.train_and_evaluate(config, workdir)["step"] == 6
   expected, got = _losses(unbroken_pretrain), _losses(workdir)
   assert sorted(got) == sorted(expected) == list(range(1, 7))
   assert got == expected
-
-
-def finetune_config(data_dir: str, init: str):
-  c = _config("synthetic_finetune")
-  c.data.dir = data_dir
-  c.data.image_size, c.data.num_frames = 32, 8
-  c.model.video, c.model.video_overrides = "mvit_tiny", _VIDEO
-  c.model.embed_dim = 32
-  c.init = init
-  c.batch_size = c.eval_batch_size = 8
-  c.checkpoint.async_save = False
-  return c
 
 
 def _restored_params(workdir: str, subdir: str, step: int):
@@ -203,7 +170,7 @@ def test_unknown_init_and_mismatched_encoder_give_clear_errors(data_dir, unbroke
   with pytest.raises(ValueError, match="unknown init"):
     finetune.train_and_evaluate(config, str(tmp_path / "a"))
   config = finetune_config(data_dir, f"pretrain:{unbroken_pretrain}")
-  config.model.video_overrides = dict(_VIDEO, embed_dim=24)
+  config.model.video_overrides = dict(sweep_testlib.VIDEO, embed_dim=24)
   with pytest.raises(ValueError, match="do not match config.model"):
     finetune.train_and_evaluate(config, str(tmp_path / "b"))
 
@@ -218,16 +185,9 @@ def test_cached_feature_finetune_resumes_exactly_and_matches_the_full_model(
 
   # SIGTERM during step 5: step 5 is saved; the resumed run rebuilds the bank and finishes.
   broken = str(tmp_path / "broken")
-  real_check = common.check_finite
-
-  def sigterm_at_5(step, *args):
-    if step == 5:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real_check(step, *args)
-
-  monkeypatch.setattr(common, "check_finite", sigterm_at_5)
+  _at_step(monkeypatch, 5, _sigterm)
   assert finetune.train_and_evaluate(config, broken)["step"] == 5
-  monkeypatch.setattr(common, "check_finite", real_check)
+  monkeypatch.setattr(common, "check_finite", _REAL_CHECK_FINITE)
   assert finetune.train_and_evaluate(config, broken)["step"] == 8
   assert _losses(broken) == _losses(unbroken) and sorted(_losses(unbroken)) == list(range(1, 9))
 

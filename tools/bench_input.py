@@ -12,11 +12,11 @@ import json
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
+from cmr_jax import logs
 from cmr_jax.phantom import simulator
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
@@ -70,8 +70,7 @@ def batches_rate(dataset, batch_size: int, warmup: int, num: int) -> float:
   return _rate(num * batch_size, time.perf_counter() - start)
 
 
-def main(argv):
-  del argv
+def main() -> None:
   figures = {"phantom_studies_per_s": phantom_rate(_PHANTOM_STUDIES.value, _SITE.value)}
   logging.info("phantom: %.2f studies/s", figures["phantom_studies_per_s"])
   cfg = preprocess.PreprocessConfig(size=_STORED_SIZE.value, spacing_mm=_SPACING_MM.value,
@@ -106,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

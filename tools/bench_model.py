@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 
+from cmr_jax import logs
+from cmr_jax.convert import mvit as convert_mvit
 from cmr_jax.models import layers
 from cmr_jax.models import registry
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViTConfig
@@ -173,16 +175,8 @@ class TorchStep:
         raise
       import torchvision  # pylint: disable=g-import-not-at-top
       return torchvision.models.video.mvit_v1_b(num_classes=NUM_CLASSES), "torchvision.mvit_v1_b"
-    per_stage = lambda mul: [[s, mul] for s in config.stage_starts]
     model = vision_transformers.create_multiscale_vision_transformers(
-        spatial_size=config.image_size, temporal_size=config.num_frames, depth=config.depth,
-        patch_embed_dim=config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
-        conv_patch_embed_kernel=config.patch_kernel, conv_patch_embed_stride=config.patch_stride,
-        conv_patch_embed_padding=config.patch_padding, embed_dim_mul=per_stage(2.0),
-        atten_head_mul=per_stage(2.0),
-        pool_q_stride_size=[[s, *config.q_pool_stride] for s in config.stage_starts],
-        pool_kv_stride_adaptive=list(config.kv_pool_stride),
-        pool_kvq_kernel=list(config.pool_kernel), head_num_classes=NUM_CLASSES)
+        **convert_mvit.pytorchvideo_factory_kwargs(config), head_num_classes=NUM_CLASSES)
     return model, "pytorchvideo.create_multiscale_vision_transformers"
 
   def __call__(self) -> None:
@@ -197,8 +191,7 @@ class TorchStep:
       torch.cuda.synchronize()
 
 
-def main(argv: list[str]) -> None:
-  del argv
+def main() -> None:
   overrides = {k: v for k, v in (("num_frames", _FRAMES.value), ("image_size", _SIZE.value))
                if v is not None}
   config = registry.video_config(_CONFIG.value, **overrides)
@@ -248,4 +241,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

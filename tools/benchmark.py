@@ -30,10 +30,7 @@ _ARMS = flags.DEFINE_list("arms", list(stages.ARMS),
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "subject-bootstrap replicates")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
+def main() -> None:
   try:
     fractions = [float(f) for f in _FRACTIONS.value]
   except ValueError as e:
@@ -43,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -32,10 +32,10 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from cmr_jax import logs
 from cmr_jax.convert import converted as converted_lib
 from cmr_jax.convert import mapping
 from cmr_jax.models import registry
@@ -64,9 +64,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "initialisation seed for allowed missing
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a non-empty --out")
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
   try:
     result = converted_lib.convert_file(
         _SRC.value, layout=_LAYOUT.value, video_config=registry.video_config(_VIDEO_CONFIG.value),
@@ -96,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -4,7 +4,6 @@ fine-tuning of every arm, evaluation; see cmr_jax/experiments/demo.py.
   python tools/demo.py --workdir=runs/demo
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -22,12 +21,9 @@ _TRANSFER = config_flags.DEFINE_config_file(
     "fine-tuning of the whole network (the scratch_full arm)")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
+def main() -> None:
   demo.run(_WORKDIR.value, _DATA.value, _PRETRAIN.value, _FROZEN.value, _TRANSFER.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -11,7 +11,6 @@ thumbnail strips in `{out}/worst/`. See `cmr_jax.eval.evaluate` for test-time au
 cross-fitted bias correction and repeatability.
 """
 
-from collections.abc import Sequence
 
 from absl import app
 from absl import flags
@@ -40,10 +39,7 @@ _WORST = flags.DEFINE_integer("worst", evaluate.Options.worst,
                               "bag, attention, warnings and ED/ES thumbnails (0: none).")
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
+def main() -> None:
   try:
     options = evaluate.Options(tta=_TTA.value, n_boot=_BOOTSTRAP.value, seed=_SEED.value,
                                folds=_FOLDS.value, worst=_WORST.value)
@@ -57,4 +53,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -10,7 +10,6 @@ HMAC-SHA256 pseudonyms under --salt (or $CMR_JAX_SALT). Predicting on one study:
 --layout=generic --input at its folder or zip. See `cmr_jax.dicom.ingest` for the details.
 """
 
-from collections.abc import Sequence
 import dataclasses
 import json
 
@@ -18,6 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cmr_jax import logs
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
@@ -57,9 +57,7 @@ _BEAM_ARGS = flags.DEFINE_string(
     "--project=... --region=... --temp_location=gs://...'); default: the direct runner.")
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
   try:
     salt = pseudonym.resolve_salt(_SALT.value, allow_default=_ALLOW_DEFAULT_SALT.value)
   except pseudonym.SaltError as e:
@@ -86,4 +84,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

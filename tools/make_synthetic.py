@@ -8,11 +8,11 @@ frames of SAX, 2CH, 3CH and 4CH of the first studies).
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cmr_jax import logs
 from cmr_jax.data import preprocess
 from cmr_jax.eval import preview
 from cmr_jax.phantom import synthetic
@@ -40,10 +40,9 @@ def make(config, out: str) -> str:
   return synthetic.summary_table(out)
 
 
-def main(argv):
-  del argv
+def main() -> None:
   print(make(_CONFIG.value, _OUT.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

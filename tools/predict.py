@@ -13,11 +13,10 @@ be predicted. Scoring an ingested dataset instead:
       --output=test.json
 
 Studies are pseudonymised with --salt (or $CMR_JAX_SALT), else a random salt per run: the rows
-are keyed by the input paths, so no salt needs keeping. See `cmr_jax.predict` for the interval
-and the warnings.
+are keyed by the input paths, so no salt needs keeping. See `cmr_jax.predict.scoring` for the
+interval and `cmr_jax.data.quality` for the warnings.
 """
 
-from collections.abc import Sequence
 import os
 import secrets
 
@@ -30,6 +29,7 @@ from cmr_jax import logs
 from cmr_jax import predict
 from cmr_jax.dicom import layouts
 from cmr_jax.dicom import pseudonym
+from cmr_jax.predict import output
 
 RANDOM_SALT_BYTES = 16
 _MODEL = flags.DEFINE_string("model", None, "Fine-tuning run folder (its best checkpoint).",
@@ -52,13 +52,11 @@ _LOO = flags.DEFINE_bool("loo", True, "Leave-one-cine-out spread for the interva
                          "forward pass per cine of the bag).")
 
 
-def main(argv: Sequence[str]) -> int:
-  inputs = list(argv[1:])
+def main(inputs: list[str]) -> int:
   if bool(inputs) == bool(_DATA_DIR.value):
     raise app.UsageError("give study folders/zips as arguments, or --data_dir (not both)")
-  if not _OUTPUT.value.lower().endswith(predict.OUTPUT_FORMATS):
-    raise app.UsageError(f"--output must end in {' or '.join(predict.OUTPUT_FORMATS)}")
-  logs.setup()
+  if not _OUTPUT.value.lower().endswith(output.OUTPUT_FORMATS):
+    raise app.UsageError(f"--output must end in {' or '.join(output.OUTPUT_FORMATS)}")
   salt = _SALT.value or os.environ.get(pseudonym.SALT_ENV_VAR, "")
   if salt:
     try:
@@ -77,9 +75,9 @@ def main(argv: Sequence[str]) -> int:
                            split=_SPLIT.value, salt=salt, layout=_LAYOUT.value,
                            labels=_LABELS.value, loo=_LOO.value, workdir=_MODEL.value,
                            tta=_TTA.value)
-  predict.write(result, _OUTPUT.value)
+  output.write(result, _OUTPUT.value)
   summary = result["summary"]
-  print(predict.table(result["studies"]))
+  print(output.table(result["studies"]))
   print(f"{summary['predicted']} of {summary['rows']} studies predicted, {summary['failed']} "
         f"failed; written to {_OUTPUT.value}")
   if "mae" in summary:
@@ -89,4 +87,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main, positional=True)

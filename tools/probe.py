@@ -14,7 +14,6 @@ label fraction) to --out and prints the table. The encoder geometry, crop and ba
 --finetune_config, which must match the encoder's pre-training.
 """
 
-from collections.abc import Sequence
 import json
 import os
 
@@ -41,10 +40,7 @@ _FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.1", "1"], "Label fractio
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Subject-bootstrap replicates.")
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
+def main() -> None:
   try:
     inits = probe.parse_inits(_INIT.value)
   except ValueError as e:
@@ -87,4 +83,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

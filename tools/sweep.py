@@ -16,9 +16,7 @@ are dealt round-robin), or as one SLURM / MPI job of H tasks, each one GPU set
 The tasks are independent JAX processes: do not join them with `--distributed`.
 """
 
-from collections.abc import Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -49,10 +47,7 @@ _XLA_CACHE = flags.DEFINE_string("xla_cache_dir", "{out}/xla_cache",
                                  "(empty: none).")
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
+def main() -> None:
   out = _OUT.value or f"{_PRETRAIN_DIR.value.rstrip('/')}/sweep"
   if _MERGE.value:
     summary = sweep.merge(out)
@@ -70,4 +65,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

@@ -9,7 +9,6 @@ Multi-host: `--distributed=auto` joins the processes of a TPU pod or a SLURM job
 `--process_id` set it by hand. Every process runs the same command on shared storage.
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -35,10 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 TRAINERS = {"pretrain": pretrain.train_and_evaluate, "finetune": finetune.train_and_evaluate}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
+def main() -> None:
   ids = _LOCAL_DEVICE_IDS.value
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, None if ids is None else [int(i) for i in ids])
@@ -50,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

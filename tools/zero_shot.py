@@ -9,11 +9,9 @@ for each video and all videos for each report, prints a table and writes the JSO
 `{workdir}/zero_shot_{split}_step{N}.json`).
 """
 
-from collections.abc import Sequence
 import json
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -28,10 +26,7 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the
 _OUTPUT = flags.DEFINE_string("output", "", "JSON output (default: in --workdir).")
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.setup()
+def main() -> None:
   result = zero_shot.evaluate(_WORKDIR.value, step=_STEP.value, data_dir=_DATA_DIR.value or None,
                               split=_SPLIT.value, batch_size=_BATCH.value)
   output = _OUTPUT.value or os.path.join(
@@ -45,4 +40,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logs.run(main)

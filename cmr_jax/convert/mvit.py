@@ -61,10 +61,26 @@ _TORCHVISION_MODULES: tuple[tuple[str, str], ...] = (
     (r"blocks\.(\d+)\.project", r"blocks.\1.proj"),
     (r"blocks\.(\d+)\.(norm[12])", r"blocks.\1.\2"),
     (r"norm", "norm_embed"),
+    (r"head(\..+)?", r"\g<0>"),  # the Kinetics classifier: pytorchvideo's renamer drops it
 )
 _TORCHVISION_POSITIONS = {"class_token": "cls_token", "spatial_pos": "pos_embed_spatial",
                           "temporal_pos": "pos_embed_temporal", "class_pos": "pos_embed_class"}
 _POSITION_NAMES = frozenset(_TORCHVISION_POSITIONS.values())
+
+
+def pytorchvideo_factory_kwargs(config: MViTConfig) -> dict[str, object]:
+  """Arguments of pytorchvideo's `create_multiscale_vision_transformers` that build the PyTorch
+  network of `config`'s geometry (the network whose weights `pytorchvideo_renamer` maps)."""
+  per_stage = lambda: [[s, 2.0] for s in config.stage_starts]  # noqa: E731  (x2 per stage)
+  return dict(
+      spatial_size=config.image_size, temporal_size=config.num_frames, depth=config.depth,
+      patch_embed_dim=config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+      conv_patch_embed_kernel=config.patch_kernel, conv_patch_embed_stride=config.patch_stride,
+      conv_patch_embed_padding=config.patch_padding, embed_dim_mul=per_stage(),
+      atten_head_mul=per_stage(),
+      pool_q_stride_size=[[s, *config.q_pool_stride] for s in config.stage_starts],
+      pool_kv_stride_adaptive=list(config.kv_pool_stride),
+      pool_kvq_kernel=list(config.pool_kernel))
 
 
 def pytorchvideo_renamer(prefix: str = VIDEO_ENCODER) -> mapping.Renamer:
@@ -89,12 +105,8 @@ def torchvision_renamer(prefix: str = VIDEO_ENCODER) -> mapping.Renamer:
   inner = pytorchvideo_renamer(prefix)
 
   def rename(name: str, value: np.ndarray) -> mapping.Renamed | mapping.Dropped | None:
-    if name.startswith("head."):
-      return mapping.Dropped(KINETICS_HEAD_REASON)
     module, _, leaf = name.rpartition(".")
-    if module == "pos_encoding":
-      if leaf not in _TORCHVISION_POSITIONS:
-        return None
+    if module == "pos_encoding" and leaf in _TORCHVISION_POSITIONS:
       # [C] or [N, C] -> [1, N, C]
       return inner(f"cls_positional_encoding.{_TORCHVISION_POSITIONS[leaf]}",
                    value.reshape(1, -1, value.shape[-1]))

@@ -5,8 +5,8 @@ first (ties keep the predictions CSV's order). Each of the N first gets an entry
 predictions-CSV row (pseudonymous study id, subject, every bag instance's view and attention)
 and from its record, found by its study index (no model call):
 
-- quality warnings: `cmr_jax.predict.record_warnings` (no long-axis or short-axis view, few SAX
-  slices, coarse acquired pixels). The acquisition warnings of `predict.source_warnings` (few
+- quality warnings: `cmr_jax.data.quality.record_warnings` (no long-axis or short-axis view, few
+  SAX slices, coarse acquired pixels). The acquisition warnings of `quality.source_warnings` (few
   frames per cycle, no trigger times, unknown heart rate) need the DICOM: records do not keep it.
 - a thumbnail strip `{out}/worst/{split}_{rank:02d}_{study_id}.png`: the end-diastolic (top) and
   end-systolic (bottom) frame of every cine in the bag, ED and ES read from the images as the
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from cmr_jax import predict as predict_lib
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
+from cmr_jax.data import quality
 from cmr_jax.eval import preview
 from cmr_jax.data import types
 from cmr_jax.eval import plots
@@ -119,6 +119,6 @@ def entries(p: dict[str, np.ndarray], rows: Sequence[dict[str, str]], source: pi
         "lvef_reference": truth, "lvef_predicted": pred, "abs_error": abs(pred - truth),
         "instances": [{"view": view, "attention": a} for view, a in instances],
         "warnings": [{"code": w.code, "message": w.message}
-                     for w in predict_lib.record_warnings(record, cfg)],
+                     for w in quality.record_warnings(record, cfg)],
         "ed_frame": ed, "es_frame": es, "thumbnail": thumbnail})
   return out_entries

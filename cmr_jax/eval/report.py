@@ -78,7 +78,7 @@ LARGEST_ERRORS_HEADER = ["rank", "study", "subject", "reference LVEF (%)", "pred
                          "absolute error", "bag: view (attention)", "warnings"]
 LARGEST_ERRORS_INTRO = (
     "The studies of largest absolute error in each split (`--worst`), largest first. "
-    "Warnings: those `cmr_jax.predict` derives from a study's record (views, short-axis "
+    "Warnings: those `cmr_jax.data.quality` derives from a study's record (views, short-axis "
     "slices, pixel size); its acquisition warnings need the DICOM. Thumbnails: the "
     "end-diastolic (top) and end-systolic (bottom) frame of every cine of the bag, ED and ES "
     "being the largest and smallest blood-pool signal of the short-axis cines.")

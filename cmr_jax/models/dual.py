@@ -20,12 +20,10 @@ import jax.numpy as jnp
 from cmr_jax.models import layers
 from cmr_jax.models.heads import PROJECTION_DIM, l2_normalize, video_projection
 
-Dtype = layers.Dtype
-
 CLIP_INIT_TEMPERATURE = 0.07
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(layers.Module):
   """Video and text (or second video) towers projected into one normalised embedding space.
 
   Attributes:
@@ -42,11 +40,9 @@ class DualEncoder(nn.Module):
   text_encoder: nn.Module | None = None  # ids, mask [B, L] -> [B, width] (BERT, bag of words)
   embed_dim: int = PROJECTION_DIM
   init_temperature: float = CLIP_INIT_TEMPERATURE
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     self.video_proj = video_projection(self.embed_dim, **kw)
     if self.text_encoder is not None:
       self.text_proj = layers.dense(self.embed_dim, ("embed", "mlp"), use_bias=False,

@@ -52,7 +52,7 @@ def video_projection(features: int, *, dtype: Dtype, param_dtype: Dtype) -> nn.D
                       dtype=dtype, param_dtype=param_dtype)
 
 
-class GatedAttentionMIL(nn.Module):
+class GatedAttentionMIL(layers.Module):
   """Gated attention pooling over a masked bag of instances.
 
   Attributes:
@@ -60,8 +60,6 @@ class GatedAttentionMIL(nn.Module):
   """
 
   attention_dim: int = ATTENTION_DIM
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -71,7 +69,7 @@ class GatedAttentionMIL(nn.Module):
       (pooled [B, D], weights [B, K]) with weights summing to 1 over the valid instances and 0 at
       padding. A bag without a valid instance gets all-zero weights and a zero pooled vector.
     """
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     mask = mask.astype(bool)
     h = jnp.where(mask[..., None], h, 0)
     branch = lambda name: layers.dense(self.attention_dim, ("embed", "mlp"), name=name, **kw)(h)
@@ -100,24 +98,22 @@ def _torch_dense(features: int, axes: tuple[str | None, str | None], *, name: st
                   bias_init=layers.partitioned(nn.initializers.constant(bias), axes[1:]))
 
 
-class InstanceMLP(nn.Module):
+class InstanceMLP(layers.Module):
   """The reference head's per-instance MLP: (Linear, ReLU, Dropout) x 2, [..., D] -> [..., L]."""
 
   hidden_dim: int = PAPER_HIDDEN_DIM
   dropout_rate: float = PAPER_DROPOUT
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h: jax.Array, *, train: bool = False) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     for name in ("fc1", "fc2"):
       h = nn.relu(_torch_dense(self.hidden_dim, ("embed", "mlp"), name=name, **kw)(h))
       h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
     return h
 
 
-class LVEFRegressor(nn.Module):
+class LVEFRegressor(layers.Module):
   """Fine-tuning model: cine bags [B, K, T, H, W] -> LVEF [B] (percent) and instance weights.
 
   Attributes:
@@ -142,13 +138,11 @@ class LVEFRegressor(nn.Module):
   head: str = "paper"
   hidden_dim: int = PAPER_HIDDEN_DIM
   dropout_rate: float = PAPER_DROPOUT
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   def setup(self):
     if self.head not in HEADS:
       raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     self.video_proj = video_projection(self.proj_dim, **kw)
     self.mil = GatedAttentionMIL(self.attention_dim, **kw)
     if self.head == "paper":

@@ -7,6 +7,7 @@ logical constraints (`activation_batch`, ...) that only take effect under a mesh
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,41 @@ ATTENTION_IMPLS: tuple[str, ...] = ("einsum", "dot_product", "cudnn")
 TRANSFORMER_INIT_STD = 0.02  # BERT and pytorchvideo ViT-style init of linear layers and embeddings
 # Activation layout of a token stream [B, N, C].
 TOKENS_AXES: tuple[str, str, str] = ("activation_batch", "activation_length", "activation_embed")
+
+
+class Module(nn.Module):
+  """A module that computes in `dtype` and keeps its parameters in `param_dtype`.
+
+  Both are keyword-only fields, so that a subclass's own fields stay positional.
+
+  Attributes:
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+
+  dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+  param_dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+
+  @property
+  def dtypes(self) -> dict[str, Dtype]:
+    """`dtype` and `param_dtype` as keyword arguments, for a submodule or layer."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class Encoder(Module):
+  """A video or text encoder; every one is built with the same keyword arguments.
+
+  Subclasses declare their geometry as the positional field `config`.
+
+  Attributes:
+    remat: rematerialise each block's (layer's) activations in the backward pass; encoders
+      without blocks accept and ignore it.
+    attention_impl: one of `ATTENTION_IMPLS` (see `attend`); encoders without attention accept
+      and ignore it.
+  """
+
+  remat: bool = dataclasses.field(default=False, kw_only=True)
+  attention_impl: str = dataclasses.field(default="einsum", kw_only=True)
 
 
 def partitioned(init: nn.initializers.Initializer,

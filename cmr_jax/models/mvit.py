@@ -45,6 +45,7 @@ import functools
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -260,7 +261,7 @@ def _pool_tokens(x: jax.Array, thw: Triple, pool_fn) -> tuple[jax.Array, Triple]
   return jnp.concatenate([cls_token, grid], axis=1), new_thw
 
 
-class HeadSharedDepthwiseConv(nn.Module):
+class HeadSharedDepthwiseConv(layers.Module):
   """Depthwise Conv3d over every head's channels with one kernel shared by the heads, no bias.
 
   The parameter `kernel: [kt, kh, kw, 1, head_dim]` is pytorchvideo's `Conv3d(head_dim, head_dim,
@@ -272,8 +273,6 @@ class HeadSharedDepthwiseConv(nn.Module):
   head_dim: int
   kernel_size: Triple
   stride: Triple
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -284,21 +283,23 @@ class HeadSharedDepthwiseConv(nn.Module):
     return depthwise_conv3d(x.astype(self.dtype), kernel, self.stride)
 
 
-class MultiScaleAttention(nn.Module):
-  """Pooling attention: q, k, v projections, each pooled and normalised, then attention."""
+class _BlockModule(layers.Module):
+  """A module of one MultiScaleBlock: the network's geometry and the block's shape plan."""
 
   config: MViTConfig
   geometry: BlockGeometry
   attention_impl: str = "einsum"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+
+
+class MultiScaleAttention(_BlockModule):
+  """Pooling attention: q, k, v projections, each pooled and normalised, then attention."""
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     """Maps `x: [B, 1 + N_in, dim]` to [B, 1 + N_out, dim] (N_out = prod(thw_out))."""
     c, g = self.config, self.geometry
     head_dim = g.dim // g.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
 
     def pooled(name: str, stride: Triple | None) -> jax.Array:
       """Projection `name`, pooled and normalised per head: [B, 1 + N', heads, head_dim]."""
@@ -321,40 +322,33 @@ class MultiScaleAttention(nn.Module):
     return nn.Dropout(c.dropout_rate)(out, deterministic=deterministic)
 
 
-class Mlp(nn.Module):
+class Mlp(layers.Module):
   """fc1 -> exact GELU -> dropout -> fc2 -> dropout."""
 
   hidden: int
   out: int
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     """Maps [..., C] to [..., out]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     x = layers.dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
     x = nn.Dropout(self.dropout_rate)(nn.gelu(x, approximate=False), deterministic=deterministic)
     x = layers.dense(self.out, ("mlp", "embed"), name="fc2", **kw)(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
-class MultiScaleBlock(nn.Module):
+class MultiScaleBlock(_BlockModule):
   """One MViT v1 block: x + attn(norm1(x)) with a pooled residual, then the MLP branch."""
 
-  config: MViTConfig
-  geometry: BlockGeometry
   droppath_rate: float = 0.0
-  attention_impl: str = "einsum"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     """Maps `x: [B, 1 + N_in, dim]` to [B, 1 + N_out, dim_out]."""
     c, g = self.config, self.geometry
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     # Drop path: dropout of a whole sample's branch (mask broadcast over tokens and channels).
     drop_path = nn.Dropout(self.droppath_rate, broadcast_dims=(1, 2))
     x = layers.constrain_tokens(x)
@@ -403,22 +397,20 @@ class SpatioTemporalClsPositionalEncoding(nn.Module):
     return jnp.concatenate([cls_tokens, x], axis=1) + pos
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(layers.Module):
   """Conv3d patchify then flatten to tokens (pytorchvideo's `PatchEmbed.patch_model`)."""
 
   config: MViTConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, video: jax.Array) -> jax.Array:
     """Maps `video: [B, T, H, W, 3]` to tokens [B, T'*H'*W', embed_dim] (t-major)."""
     c = self.config
     x = nn.Conv(c.embed_dim, c.patch_kernel, c.patch_stride,
-                padding=[(p, p) for p in c.patch_padding], dtype=self.dtype,
-                param_dtype=self.param_dtype, name="patch_model",
+                padding=[(p, p) for p in c.patch_padding], name="patch_model",
                 kernel_init=layers.partitioned(TORCH_CONV_INIT, (None, None, None, None, "embed")),
-                bias_init=layers.partitioned(nn.initializers.zeros_init(), ("embed",)))(video)
+                bias_init=layers.partitioned(nn.initializers.zeros_init(), ("embed",)),
+                **self.dtypes)(video)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -428,33 +420,39 @@ def preprocess_video(video: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
   return jnp.broadcast_to(x[..., None], (*x.shape, RGB_CHANNELS)).astype(dtype)
 
 
-class MViT(nn.Module):
+def check_video(video: jax.Array, config: Any, encoder: str) -> None:
+  """Raises ValueError unless `video` is [B, T, H, W] with the (T, H, W) of `config`.
+
+  Args:
+    video: the encoder's input.
+    config: a video geometry (`num_frames` T and `image_size` H = W).
+    encoder: the encoder's name, for the message.
+  """
+  expected = (config.num_frames, config.image_size, config.image_size)
+  if video.ndim != 4 or tuple(video.shape[1:]) != expected:
+    raise ValueError(f"{encoder} expects video [B, T, H, W] with (T, H, W) = {expected}, "
+                     f"got shape {tuple(video.shape)}")
+
+
+class MViT(layers.Encoder):
   """MViT video encoder: uint8 grey clips [B, T, H, W] -> CLS features [B, width].
+
+  Built like every `layers.Encoder` (`dtype` bfloat16 for accelerators; `remat` rematerialises
+  each block).
 
   Attributes:
     config: the geometry (see `MViTConfig`; named configs in `cmr_jax.models.registry`).
-    dtype: computation dtype (bfloat16 for accelerators); parameters stay in `param_dtype`.
-    param_dtype: parameter dtype.
-    remat: rematerialise each block's activations in the backward pass (`nn.remat`).
-    attention_impl: one of `layers.ATTENTION_IMPLS` (see `layers.attend`).
   """
 
   config: MViTConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, video: jax.Array, *, train: bool = False) -> jax.Array:
     """Encodes `video: uint8 [B, T, H, W]` into the final-norm CLS token [B, width]."""
     c = self.config
-    expected = (c.num_frames, c.image_size, c.image_size)
-    if video.ndim != 4 or tuple(video.shape[1:]) != expected:
-      raise ValueError(f"MViT expects video [B, T, H, W] with (T, H, W) = {expected}, "
-                       f"got shape {tuple(video.shape)}")
+    check_video(video, c, "MViT")
     deterministic = not train
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     x = PatchEmbed(c, name="patch_embed", **kw)(preprocess_video(video, self.dtype))
     x = SpatioTemporalClsPositionalEncoding(c.embed_dim, c.patch_grid, self.param_dtype,
                                             name="cls_positional_encoding")(x)
@@ -462,7 +460,7 @@ class MViT(nn.Module):
     block_cls = nn.remat(MultiScaleBlock, static_argnums=(2,)) if self.remat else MultiScaleBlock
     droppath = np.linspace(0.0, c.droppath_rate, c.depth)
     for i, geometry in enumerate(c.blocks()):
-      x = block_cls(c, geometry, float(droppath[i]), self.attention_impl, name=f"blocks_{i}",
-                    **kw)(x, deterministic)
+      x = block_cls(c, geometry, self.attention_impl, droppath_rate=float(droppath[i]),
+                    name=f"blocks_{i}", **kw)(x, deterministic)
     x = layers.layer_norm(LAYER_NORM_EPS, name="norm_embed", **kw)(x)
     return x[:, 0]

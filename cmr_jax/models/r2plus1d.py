@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from cmr_jax.models import layers
-from cmr_jax.models.mvit import preprocess_video
+from cmr_jax.models.mvit import check_video, preprocess_video
 
 Dtype = layers.Dtype
 Triple = tuple[int, int, int]
@@ -79,7 +79,7 @@ class R2Plus1DConfig:
     return self.widths[-1]
 
 
-class SpatialConv(nn.Module):
+class SpatialConv(layers.Module):
   """A bias-free 1 x k x k convolution, run as a 2D convolution over frames folded into the batch.
 
   XLA's CPU backend runs 2D convolutions through its fast (Eigen) path and general 3D ones through
@@ -89,8 +89,6 @@ class SpatialConv(nn.Module):
   features: int
   kernel: int
   stride: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,14 +96,13 @@ class SpatialConv(nn.Module):
     b, t = x.shape[:2]
     pad = self.kernel // 2
     y = nn.Conv(self.features, (self.kernel, self.kernel), self.stride,
-                padding=[(pad, pad), (pad, pad)], use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv",
-                kernel_init=layers.partitioned(CONV_INIT, (None, None, None, "embed")))(
-                    x.reshape(b * t, *x.shape[2:]))
+                padding=[(pad, pad), (pad, pad)], use_bias=False, name="conv",
+                kernel_init=layers.partitioned(CONV_INIT, (None, None, None, "embed")),
+                **self.dtypes)(x.reshape(b * t, *x.shape[2:]))
     return y.reshape(b, t, *y.shape[1:])
 
 
-class TemporalConv(nn.Module):
+class TemporalConv(layers.Module):
   """A bias-free k x 1 x 1 convolution: a sum over k time-shifted matrix products.
 
   Kernel [k, in, out]; zero padding k // 2 in time, then every `stride`-th frame is kept.
@@ -114,8 +111,6 @@ class TemporalConv(nn.Module):
   features: int
   kernel: int
   stride: int = 1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -139,42 +134,56 @@ def _norm(channels: int, groups: int, *, name: str, dtype: Dtype,
                       bias_init=layers.partitioned(nn.initializers.zeros_init(), ("norm",)))
 
 
-class Conv2Plus1D(nn.Module):
+def _conv2plus1d(x: jax.Array, features: int, spatial_kernel: int, temporal_kernel: int,
+                 stride: Triple, groups: int, *, dtype: Dtype, param_dtype: Dtype,
+                 prefix: str = "") -> jax.Array:
+  """Spatial 1 x k x k conv -> norm -> ReLU -> temporal k x 1 x 1 conv (the stride is split).
+
+  Maps [B, T, H, W, C] to [B, T', H', W', features] through the submodules `{prefix}spatial`,
+  `{prefix}spatial_norm` and `{prefix}temporal` of the calling module.
+  """
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  st, sh, sw = stride
+  if sh != sw:
+    raise ValueError(f"spatial strides must be equal, got {stride}")
+  x = SpatialConv(features, spatial_kernel, sh, name=f"{prefix}spatial", **kw)(x)
+  x = nn.relu(_norm(features, groups, name=f"{prefix}spatial_norm", **kw)(x))
+  return TemporalConv(features, temporal_kernel, st, name=f"{prefix}temporal", **kw)(x)
+
+
+class _ConvUnit(layers.Module):
+  """The geometry shared by a (2+1)D convolution and a residual block of two.
+
+  Attributes:
+    features: output channels.
+    kernel: (2+1)D kernel size k (spatial k x k, temporal k).
+    stride: (t, h, w) stride, equal in h and w.
+    groups: GroupNorm groups (min(groups, features)).
+  """
+
+  features: int
+  kernel: int
+  stride: Triple
+  groups: int
+
+
+class Conv2Plus1D(_ConvUnit):
   """Spatial 1 x k x k conv -> norm -> ReLU -> temporal k x 1 x 1 conv (the stride is split)."""
 
-  features: int
-  kernel: int
-  stride: Triple
-  groups: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps [B, T, H, W, C] to [B, T', H', W', features]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    k, (st, sh, sw) = self.kernel, self.stride
-    if sh != sw:
-      raise ValueError(f"spatial strides must be equal, got {self.stride}")
-    x = SpatialConv(self.features, k, sh, name="spatial", **kw)(x)
-    x = nn.relu(_norm(self.features, self.groups, name="spatial_norm", **kw)(x))
-    return TemporalConv(self.features, k, st, name="temporal", **kw)(x)
+    return _conv2plus1d(x, self.features, self.kernel, self.kernel, self.stride, self.groups,
+                        **self.dtypes)
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(_ConvUnit):
   """x -> relu(x' + norm(conv(relu(norm(conv(x)))))), x' the (projected) shortcut."""
 
-  features: int
-  kernel: int
-  stride: Triple
-  groups: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps [B, T, H, W, C] to [B, T', H', W', features]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     y = Conv2Plus1D(self.features, self.kernel, self.stride, self.groups, name="conv1", **kw)(x)
     y = nn.relu(_norm(self.features, self.groups, name="norm1", **kw)(y))
     y = Conv2Plus1D(self.features, self.kernel, (1, 1, 1), self.groups, name="conv2", **kw)(y)
@@ -187,43 +196,32 @@ class ResidualBlock(nn.Module):
     return nn.relu(x + y)
 
 
-class R2Plus1D(nn.Module):
+class R2Plus1D(layers.Encoder):
   """R(2+1)D video encoder: uint8 grey clips [B, T, H, W] -> pooled features [B, width].
+
+  Built like every `layers.Encoder`: `remat` rematerialises each residual block; the encoder has
+  no attention, so `attention_impl` is unused.
 
   Attributes:
     config: the geometry (named configs in `cmr_jax.models.registry`).
-    dtype: computation dtype; parameters stay in `param_dtype`.
-    param_dtype: parameter dtype.
-    remat: rematerialise each residual block in the backward pass.
-    attention_impl: unused (the encoder has no attention); accepted so that every video encoder
-      is built with the same arguments.
   """
 
   config: R2Plus1DConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, video: jax.Array, *, train: bool = False) -> jax.Array:
     """Encodes `video: uint8 [B, T, H, W]` into LayerNorm-ed pooled features [B, width]."""
     del train  # no dropout or batch statistics: train and eval are the same function
     c = self.config
-    expected = (c.num_frames, c.image_size, c.image_size)
-    if video.ndim != 4 or tuple(video.shape[1:]) != expected:
-      raise ValueError(f"R2Plus1D expects video [B, T, H, W] with (T, H, W) = {expected}, "
-                       f"got shape {tuple(video.shape)}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    check_video(video, c, "R2Plus1D")
+    kw = self.dtypes
     x = preprocess_video(video, self.dtype)[..., :1]  # grey: [B, T, H, W, 1]
     if c.motion_channel:
       # Each frame's difference from the clip's temporal mean: the beating heart stands out of
       # the static anatomy from the first step.
       x = jnp.concatenate([x, x - jnp.mean(x, axis=1, keepdims=True)], axis=-1)
-    k = c.stem_kernel
-    x = SpatialConv(c.widths[0], k, 2, name="stem_spatial", **kw)(x)
-    x = nn.relu(_norm(c.widths[0], c.groups, name="stem_spatial_norm", **kw)(x))
-    x = TemporalConv(c.widths[0], c.kernel, name="stem_temporal", **kw)(x)
+    x = _conv2plus1d(x, c.widths[0], c.stem_kernel, c.kernel, (1, 2, 2), c.groups, prefix="stem_",
+                     **kw)
     x = nn.relu(_norm(c.widths[0], c.groups, name="stem_temporal_norm", **kw)(x))
     block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     for s, (width, blocks, stride) in enumerate(zip(c.widths, c.blocks, c.strides)):

@@ -40,8 +40,6 @@ _TINY_MVIT = MViTConfig(num_frames=16, image_size=64, embed_dim=16, depth=5, num
 
 VideoConfig = MViTConfig | R2Plus1DConfig
 VideoEncoder = MViT | R2Plus1D
-# The encoder class of each geometry type.
-_VIDEO_ENCODERS: dict[type, type] = {MViTConfig: MViT, R2Plus1DConfig: R2Plus1D}
 
 VIDEO_CONFIGS: dict[str, VideoConfig] = {
     "mvit_b_16x4": MViTConfig(),
@@ -53,7 +51,7 @@ VIDEO_CONFIGS: dict[str, VideoConfig] = {
 }
 
 TextConfig = BertConfig | BagOfWordsConfig
-_TEXT_ENCODERS: dict[type, type] = {BertConfig: BertEncoder, BagOfWordsConfig: BagOfWordsEncoder}
+TextEncoder = BertEncoder | BagOfWordsEncoder
 
 TEXT_CONFIGS: dict[str, TextConfig] = {
     "bert_base": BertConfig(),
@@ -61,6 +59,11 @@ TEXT_CONFIGS: dict[str, TextConfig] = {
                             max_len=128),
     "bow_tiny": BagOfWordsConfig(hidden_size=128, max_len=128),
 }
+
+
+# The encoder class of each geometry type.
+_ENCODERS: dict[type, type] = {MViTConfig: MViT, R2Plus1DConfig: R2Plus1D,
+                               BertConfig: BertEncoder, BagOfWordsConfig: BagOfWordsEncoder}
 
 
 def _lookup(table: Mapping[str, Any], kind: str, name: str, overrides: Mapping[str, Any]):
@@ -79,24 +82,25 @@ def text_config(name: str, **overrides: Any) -> TextConfig:
   return _lookup(TEXT_CONFIGS, "text", name, overrides)
 
 
-def video_encoder(name: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                  remat: bool = False, attention_impl: str = "einsum",
-                  **overrides: Any) -> VideoEncoder:
-  """Builds the named video encoder; `dtype` is the compute dtype (e.g. "bfloat16")."""
-  config = video_config(name, **overrides)
-  return _VIDEO_ENCODERS[type(config)](config, dtype=jnp.dtype(dtype),
-                                       param_dtype=jnp.dtype(param_dtype), remat=remat,
-                                       attention_impl=attention_impl)
+def _encoder(configs: Mapping[str, Any], kind: str, name: str, *, dtype: str = "float32",
+             param_dtype: str = "float32", remat: bool = False, attention_impl: str = "einsum",
+             **overrides: Any) -> VideoEncoder | TextEncoder:
+  """Builds the encoder of the named config in `configs` with `overrides` applied; `dtype` is
+  the compute dtype (e.g. "bfloat16"), `remat` and `attention_impl` are as in `layers.Encoder`."""
+  config = _lookup(configs, kind, name, overrides)
+  return _ENCODERS[type(config)](config, dtype=jnp.dtype(dtype),
+                                 param_dtype=jnp.dtype(param_dtype), remat=remat,
+                                 attention_impl=attention_impl)
 
 
-def text_encoder(name: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                 remat: bool = False, attention_impl: str = "einsum",
-                 **overrides: Any) -> BertEncoder | BagOfWordsEncoder:
-  """Builds the named text encoder."""
-  config = text_config(name, **overrides)
-  return _TEXT_ENCODERS[type(config)](config, dtype=jnp.dtype(dtype),
-                                      param_dtype=jnp.dtype(param_dtype), remat=remat,
-                                      attention_impl=attention_impl)
+def video_encoder(name: str, **options: Any) -> VideoEncoder:
+  """Builds the named video encoder (`options`: the keywords and overrides of `_encoder`)."""
+  return _encoder(VIDEO_CONFIGS, "video", name, **options)
+
+
+def text_encoder(name: str, **options: Any) -> TextEncoder:
+  """Builds the named text encoder (`options`: the keywords and overrides of `_encoder`)."""
+  return _encoder(TEXT_CONFIGS, "text", name, **options)
 
 
 def dual_encoder(video: str, text: str | None, *, embed_dim: int = PROJECTION_DIM,

@@ -58,39 +58,38 @@ class BertConfig:
       raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {POOLINGS}")
 
 
-class _DenseLayerNorm(nn.Module):
-  """dense -> dropout -> LayerNorm(x + residual): BERT's `attention.output` and `output`."""
+class _BertModule(layers.Module):
+  """A part of the BERT encoder, built from the encoder's geometry."""
 
   config: BertConfig
+
+
+class _DenseLayerNorm(_BertModule):
+  """dense -> dropout -> LayerNorm(x + residual): BERT's `attention.output` and `output`."""
+
   in_axis: str  # logical name of the input axis: "heads" after attention, "mlp" after intermediate
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     x = layers.dense(self.config.hidden_size, (self.in_axis, "embed"), name="dense", **kw)(x)
     x = nn.Dropout(self.config.dropout_rate)(x, deterministic=deterministic)
     return layers.layer_norm(self.config.layer_norm_eps, name="LayerNorm", **kw)(x + residual)
 
 
-class _SelfAttention(nn.Module):
+class _SelfAttention(_BertModule):
   """query/key/value projections and masked attention: BERT's `attention.self`."""
 
-  config: BertConfig
   attention_impl: str = "einsum"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """Maps `x: [B, L, C]` with `mask: bool [B, 1, 1, L]` to [B, L, C]."""
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     head_dim = c.hidden_size // c.num_heads
 
     def project(name: str) -> jax.Array:
-      y = layers.dense(c.hidden_size, ("embed", "heads"), name=name, **kw)(x)
+      y = layers.dense(c.hidden_size, ("embed", "heads"), name=name, **self.dtypes)(x)
       return y.reshape(*y.shape[:2], c.num_heads, head_dim)
 
     out = layers.attend(project("query"), project("key"), project("value"), mask=mask,
@@ -98,43 +97,33 @@ class _SelfAttention(nn.Module):
     return out.reshape(*out.shape[:2], c.hidden_size)
 
 
-class _Attention(nn.Module):
-  config: BertConfig
+class _Attention(_BertModule):
   attention_impl: str = "einsum"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     y = _SelfAttention(self.config, self.attention_impl, name="self", **kw)(x, mask)
     return _DenseLayerNorm(self.config, "heads", name="output", **kw)(y, x, deterministic)
 
 
-class _Intermediate(nn.Module):
-  config: BertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
+class _Intermediate(_BertModule):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     y = layers.dense(self.config.intermediate_size, ("embed", "mlp"), name="dense",
-                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                     **self.dtypes)(x)
     return nn.gelu(y, approximate=False)
 
 
-class BertLayer(nn.Module):
+class BertLayer(_BertModule):
   """One post-norm transformer layer."""
 
-  config: BertConfig
   attention_impl: str = "einsum"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     """Maps `x: [B, L, C]` with `mask: bool [B, 1, 1, L]` to [B, L, C]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     x = layers.constrain_tokens(x)
     x = _Attention(self.config, self.attention_impl, name="attention", **kw)(x, mask, deterministic)
     y = _Intermediate(self.config, name="intermediate", **kw)(x)
@@ -156,11 +145,7 @@ class _Table(nn.Module):
     return self.param("embedding", init, (self.num, self.features), self.param_dtype)
 
 
-class _Embeddings(nn.Module):
-  config: BertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
+class _Embeddings(_BertModule):
   @nn.compact
   def __call__(self, ids: jax.Array, deterministic: bool) -> jax.Array:
     """Maps `ids: int [B, L]` to [B, L, C] (a single segment: token type 0)."""
@@ -174,74 +159,70 @@ class _Embeddings(nn.Module):
     positions = table("position_embeddings", c.max_len, ("positions", "embed"))[:ids.shape[1]]
     token_type = table("token_type_embeddings", c.type_vocab_size, (None, "embed"))[0]
     x = words + positions + token_type
-    x = layers.layer_norm(c.layer_norm_eps, name="LayerNorm", dtype=self.dtype,
-                          param_dtype=self.param_dtype)(x)
+    x = layers.layer_norm(c.layer_norm_eps, name="LayerNorm", **self.dtypes)(x)
     return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
 
 
-class _Encoder(nn.Module):
-  config: BertConfig
+class _Encoder(_BertModule):
   remat: bool = False
   attention_impl: str = "einsum"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
     for i in range(self.config.num_layers):
-      x = layer_cls(self.config, self.attention_impl, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"layer_{i}")(x, mask, deterministic)
+      x = layer_cls(self.config, self.attention_impl, name=f"layer_{i}", **self.dtypes)(
+          x, mask, deterministic)
     return x
 
 
-class BertEncoder(nn.Module):
+def _check_text(ids: jax.Array, mask: jax.Array) -> None:
+  """Raises ValueError unless the token ids and their mask are both [B, L]."""
+  if ids.ndim != 2 or ids.shape != mask.shape:
+    raise ValueError(f"text ids and mask must both be [B, L], got {ids.shape} and {mask.shape}")
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of `x: [B, L, C]` over the tokens, weighted by `mask: [B, L]`: [B, C] in x's dtype."""
+  weights = mask.astype(x.dtype)[..., None]
+  return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+
+
+class BertEncoder(layers.Encoder):
   """BERT text encoder: token ids [B, L] and mask [B, L] -> pooled features [B, hidden_size].
+
+  Built like every `layers.Encoder` (`remat` rematerialises each layer).
 
   Attributes:
     config: the geometry (named configs in `cmr_jax.models.registry`).
-    dtype: computation dtype; parameters stay in `param_dtype`.
-    param_dtype: parameter dtype.
-    remat: rematerialise each layer's activations in the backward pass.
-    attention_impl: one of `layers.ATTENTION_IMPLS` (see `layers.attend`).
   """
 
   config: BertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
     """Encodes `ids: int [B, L]` with `mask: [B, L]` (nonzero = real token) into [B, hidden]."""
     c = self.config
-    if ids.ndim != 2 or ids.shape != mask.shape:
-      raise ValueError(f"text ids and mask must both be [B, L], got {ids.shape} and {mask.shape}")
+    _check_text(ids, mask)
     if ids.shape[1] > c.max_len:
       raise ValueError(f"text length {ids.shape[1]} exceeds the encoder's max_len {c.max_len}")
     deterministic = not train
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.dtypes
     valid = mask.astype(bool)
     x = _Embeddings(c, name="embeddings", **kw)(ids, deterministic)
     x = _Encoder(c, self.remat, self.attention_impl, name="encoder", **kw)(
         x, valid[:, None, None, :], deterministic)
     if c.pooling == "mean":
-      weights = valid.astype(x.dtype)[..., None]
-      return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+      return _masked_mean(x, valid)
     return _Pooler(c, name="pooler", **kw)(x[:, 0])
 
 
-class _Pooler(nn.Module):
-  config: BertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
+class _Pooler(_BertModule):
   @nn.compact
   def __call__(self, cls_hidden: jax.Array) -> jax.Array:
     """BERT's pooler: tanh(dense(h_CLS)), [B, C] -> [B, C]."""
-    y = layers.dense(self.config.hidden_size, ("embed", "mlp"), name="dense", dtype=self.dtype,
-                     param_dtype=self.param_dtype)(cls_hidden)
+    y = layers.dense(self.config.hidden_size, ("embed", "mlp"), name="dense",
+                     **self.dtypes)(cls_hidden)
     return jnp.tanh(y)
 
 
@@ -254,35 +235,30 @@ class BagOfWordsConfig:
   max_len: int = 128
 
 
-class BagOfWordsEncoder(nn.Module):
+class BagOfWordsEncoder(layers.Encoder):
   """Masked mean of token embeddings, then a two-layer MLP: ids [B, L] -> [B, hidden].
 
   A cheap text tower for CPU runs from scratch: unlike a randomly initialised BERT, whose pooled
   outputs start nearly identical for every report, its outputs differ from the first step
   wherever the reports' words differ (numbers, grades), so contrastive training has a signal to
-  follow at once. Word order is lost; a report's key facts here are in its words.
+  follow at once. Word order is lost; a report's key facts here are in its words. Built like
+  every `layers.Encoder`; it has nothing to rematerialise and no attention, so `remat` and
+  `attention_impl` are unused.
   """
 
   config: BagOfWordsConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False  # accepted for a common builder signature; nothing to rematerialise
-  attention_impl: str = "einsum"  # likewise unused
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
     """Encodes `ids: int [B, L]` with `mask: [B, L]` (nonzero = real token) into [B, hidden]."""
     del train
     c = self.config
-    if ids.ndim != 2 or ids.shape != mask.shape:
-      raise ValueError(f"text ids and mask must both be [B, L], got {ids.shape} and {mask.shape}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype,
-                     dtype=self.dtype, name="word_embeddings",
+    _check_text(ids, mask)
+    kw = self.dtypes
+    embed = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings",
                      embedding_init=layers.partitioned(nn.initializers.normal(1.0),
-                                                       ("vocab", "embed")))
-    weights = mask.astype(self.dtype)[..., None]
-    x = (embed(ids) * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+                                                       ("vocab", "embed")), **kw)
+    x = _masked_mean(embed(ids), mask)
     x = nn.gelu(layers.dense(c.hidden_size, ("embed", "mlp"), name="fc1", **kw)(x),
                 approximate=False)
     return layers.dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(x)

@@ -1,1 +1,2 @@
-"""Training: train state, optimizers with freezing, checkpointing, metrics, pre-training and fine-tuning loops."""
+"""Training: one trainer per objective (`pretrain`, `finetune`), train state and resumption,
+optimizers with freezing, the metric writer, multi-host start-up."""

@@ -9,6 +9,7 @@ is one `jax.jit` with explicit in/out shardings; the random key of step `s` is
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -19,10 +20,13 @@ import flax
 from flax import struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
+from cmr_jax import checkpoint as checkpoint_lib
+from cmr_jax import runs
 from cmr_jax import sharding
+from cmr_jax.train import optim
 
 
 class TrainState(struct.PyTreeNode):
@@ -33,20 +37,30 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
-def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh, rng: jax.Array,
-                       overrides: Mapping[str, Any] | None = None) -> tuple[TrainState, Any]:
-  """Creates the state directly in its shardings; returns (state, state shardings).
+def create_train_state(init_params: Callable[[jax.Array], Any],
+                       config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                       trainable_patterns: tuple[str, ...],
+                       overrides: Mapping[str, Any] | None = None):
+  """A run's fresh state, made directly in its shardings, with the optimizer of `config.optim`.
 
   Args:
     init_params: rng -> boxed parameter tree (logical partitioning annotations kept).
-    tx: the optimizer.
+    config: the run's config (`optim`, `total_steps`, `seed`).
     mesh: device mesh.
-    rng: init key.
+    trainable_patterns: regexes of the trainable parameters (`optim.make_optimizer`).
     overrides: top-level parameter subtrees (e.g. a pre-trained encoder) that replace the fresh
       initialisation; each is placed onto the shardings derived from the annotations.
+
+  Returns:
+    (state, state shardings, optimizer, learning-rate schedule).
   """
-  params, param_shardings = sharding.init_sharded(init_params, rng, mesh)
+  o = config.optim
+  tx, schedule = optim.make_optimizer(
+      unbox(jax.eval_shape(init_params, jax.random.key(0))), base_lr=o.lr,
+      total_steps=config.total_steps, warmup_steps=o.warmup_steps,
+      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
+      trainable_patterns=trainable_patterns)
+  params, param_shardings = sharding.init_sharded(init_params, jax.random.key(config.seed), mesh)
   if overrides:
     params = dict(params)
     for name, subtree in overrides.items():
@@ -54,10 +68,24 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
                                   param_shardings[name])
   with sharding.mesh_rules(mesh):
     opt_state = jax.jit(tx.init)(params)
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32),
-                                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-                     params=params, opt_state=opt_state)
-  return state, jax.tree.map(lambda x: x.sharding, state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                     opt_state=opt_state)
+  return state, jax.tree.map(lambda x: x.sharding, state), tx, schedule
+
+
+def resume(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
+           data_iter: Any = None) -> tuple[checkpoint_lib.Checkpointer, TrainState]:
+  """The run's checkpoint manager (`config.checkpoint`) and its state: restored from the newest
+  checkpoint, with the input iterator's position, when there is one, else `state` as given."""
+  c = config.checkpoint
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
+                                     max_to_keep=c.keep_last, keep_period=c.get("keep_period"),
+                                     async_save=c.async_save)
+  if ckpt.latest_step() is not None:
+    step, state = ckpt.restore(checkpoint_lib.abstract_like(state), data_iter)
+    logging.info("resumed from step %d of %s", step, ckpt.directory)
+  return ckpt, state
 
 
 def step_key(base: jax.Array, step: jax.Array) -> jax.Array:

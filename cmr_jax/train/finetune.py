@@ -160,23 +160,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_iter = None if feed is None else feed.iterator
 
   init_params = registry.lvef_init_fn(model, config)
-  abstract_params = registry.abstract_params(init_params)
-  o = config.optim
-  tx, schedule = optim.make_optimizer(
-      abstract_params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
-      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
-      trainable_patterns=registry.TRAINABLE_BY_MODE[config.mode])
-  state, state_shardings = common.create_train_state(
-      init_params, tx, mesh, jax.random.key(config.seed),
-      overrides=runs.encoder_init(config.init, abstract_params))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
-                                     max_to_keep=config.checkpoint.keep_last,
-                                     async_save=config.checkpoint.async_save)
+  state, state_shardings, tx, schedule = common.create_train_state(
+      init_params, config, mesh, trainable_patterns=registry.TRAINABLE_BY_MODE[config.mode],
+      overrides=runs.encoder_init(config.init, registry.abstract_params(init_params)))
+  ckpt, state = common.resume(workdir, config, state, data_iter)
   best = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.BEST_DIR), max_to_keep=1,
                                      async_save=False, best_metric="val_mae", best_mode="min")
-  if ckpt.latest_step() is not None:
-    step, state = ckpt.restore(checkpoint_lib.abstract_like(state), data_iter)
-    logging.info("resumed from step %d of %s", step, ckpt.directory)
   n_train = optim.count_params(jax.tree.map(
       lambda p, l: p if l == optim.TRAINABLE else np.zeros(0),
       state.params, optim.trainable_labels(state.params,

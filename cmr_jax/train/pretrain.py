@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax import inference
 from cmr_jax import losses
 from cmr_jax import runs
@@ -118,7 +117,8 @@ def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
     rng = common.step_key(base_key, state.step)
 
     def loss_fn(params):
-      emb_a, emb_b, log_scale = model.apply({"params": params}, **inference.model_inputs(batch, two_clips),
+      emb_a, emb_b, log_scale = model.apply({"params": params},
+                                            **inference.model_inputs(batch, two_clips),
                                             train=True, rngs={"dropout": rng})
       loss, aux = losses.clip_loss(emb_a, emb_b, log_scale)
       (pen_a, spread_a), (pen_b, spread_b) = (losses.variance_floor(e) for e in (emb_a, emb_b))
@@ -185,21 +185,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   init_params = registry.pretrain_init_fn(model, config)
   abstract_params = registry.abstract_params(init_params)
-  o = config.optim
-  tx, schedule = optim.make_optimizer(
-      abstract_params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
-      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
-      trainable_patterns=trainable_patterns(abstract_params, config.get("frozen", ())))
-  state, state_shardings = common.create_train_state(
-      init_params, tx, mesh, jax.random.key(config.seed),
+  state, state_shardings, tx, schedule = common.create_train_state(
+      init_params, config, mesh,
+      trainable_patterns=trainable_patterns(abstract_params, config.get("frozen", ())),
       overrides=imported_params(config, abstract_params))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
-                                     max_to_keep=config.checkpoint.keep_last,
-                                     keep_period=config.checkpoint.keep_period,
-                                     async_save=config.checkpoint.async_save)
-  if ckpt.latest_step() is not None:
-    step, state = ckpt.restore(checkpoint_lib.abstract_like(state), data_iter)
-    logging.info("resumed from step %d of %s", step, ckpt.directory)
+  ckpt, state = common.resume(workdir, config, state, data_iter)
   logging.info("pre-training %s (%d parameters) on %s: %d steps of %d clips, mesh %s",
                config.model.video, optim.count_params(state.params), d.dir, config.total_steps,
                config.batch_size, dict(mesh.shape))

@@ -1,0 +1,108 @@
+"""LVEF for new studies: DICOM folders or zips (or ingested records) -> one row per study.
+
+`predict` reads every input, scores its studies with a fine-tuning run's best checkpoint and
+returns the rows with a summary; nothing needs a training set. An input or study that cannot be
+read gets a row with the reason and the others carry on. The modules:
+
+- `inputs`: DICOM inputs (folders, zips, DICOMDIRs) read and preprocessed as ingestion does,
+  or a dataset split's records: `Prepared` studies with their quality warnings
+  (`cmr_jax.data.quality`) or the reason they could not be read;
+- `scoring`: full and leave-one-cine-out bags, test-time augmentation
+  (`inference.tta_predictions`), the interval (its formula and meaning are documented there)
+  and one `Row` per study;
+- `rows`: the typed row (LVEF, interval, flags, the bag's views and attention, warnings) and its
+  JSON form;
+- `output`: the summary, JSON and CSV files, the terminal table.
+
+Privacy: rows and logs carry the input paths the user gave, pseudonyms (HMAC under the given
+salt, or a random per-run salt) and scrubbed series names; never DICOM identifiers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from absl import logging
+
+from cmr_jax import inference
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
+from cmr_jax.dicom import layouts
+from cmr_jax.predict import inputs as inputs_lib
+from cmr_jax.predict import output
+from cmr_jax.predict import scoring
+
+LOG_EVERY_S = 10.0
+
+
+def _progress(groups: Iterable[list[inputs_lib.Prepared]], total: int,
+              what: str) -> Iterator[inputs_lib.Prepared]:
+  """The studies of each group (an input, a record) in turn, logging progress, rate and ETA."""
+  start = last = time.monotonic()
+  for done, group in enumerate(groups, 1):
+    yield from group
+    now = time.monotonic()
+    if now - last >= LOG_EVERY_S or done == total:
+      rate = done / max(now - start, 1e-9)
+      logging.info("%d/%d %s processed (%.2f/s, ETA %.0f s)", done, total, what, rate,
+                   (total - done) / rate)
+      last = now
+
+
+def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_dir: str = "",
+            split: str = "test", salt: str = "", layout: str = layouts.GENERIC,
+            labels: str = "", loo: bool = True, workdir: str = "",
+            tta: int = 1) -> dict[str, Any]:
+  """Predicts LVEF for DICOM inputs or for the records of a dataset split.
+
+  Args:
+    predictor: the fine-tuned model (`inference.Predictor(workdir)`).
+    inputs: study folders, zips or DICOM files (one or more rows each).
+    data_dir: instead of inputs, an ingested dataset (records with the model's preprocessing).
+    split: the dataset split to score.
+    salt: pseudonymisation salt for DICOM inputs (required with inputs).
+    layout: how studies are found below each input.
+    labels: optional reference labels CSV for the layout.
+    loo: compute the leave-one-cine-out spread.
+    workdir: the run's folder, for the output's model section.
+    tta: prediction passes averaged per bag (see `scoring.score`).
+
+  Returns:
+    {"model": ..., "interval_method": ..., "warnings": [...], "studies": [rows], "summary": ...},
+    the rows in their JSON form (`rows.Row.to_dict`).
+
+  Raises:
+    ValueError: for neither or both of inputs and data_dir, no salt with inputs, or a dataset
+      preprocessed differently from the model's training data.
+  """
+  if bool(inputs) == bool(data_dir):
+    raise ValueError("give study inputs or a data_dir, not both or neither")
+  cfg = preprocess.PreprocessConfig.from_dict(predictor.preprocess)
+  if data_dir:
+    prepared = _progress(([p] for p in inputs_lib.prepare_split(data_dir, split, cfg)),
+                         len(records.load_index(data_dir, split)), "records")
+  else:
+    if not salt:
+      raise ValueError("a pseudonymisation salt is needed to read DICOM inputs")
+    prepared = _progress((inputs_lib.prepare_input(p, cfg, salt=salt, layout=layout,
+                                                   labels=labels) for p in inputs),
+                         len(inputs), "inputs")
+  model = scoring.model_info(predictor, workdir)
+  model_warnings = model.warnings()
+  for w in model_warnings:
+    logging.warning("%s", w.message)
+  rows = scoring.score(predictor, prepared, loo=loo, workdir=workdir, tta=tta)
+  return {
+      "model": {"workdir": workdir, "best": model.best, "preprocess": model.preprocess,
+                "max_instances": model.max_instances, "tta_passes": tta},
+      "interval_method": (f"pred +/- {scoring.Z_95} * sqrt(val_rmse^2 + loo_se^2), clipped to "
+                          "0-100: val_rmse the checkpoint's validation RMSE, loo_se the "
+                          "jackknife SE over leave-one-cine-out predictions; ~95% where "
+                          "residuals are normal and the study resembles the validation data"),
+      "warnings": [dataclasses.asdict(w) for w in model_warnings],
+      "studies": [r.to_dict() for r in rows],
+      "summary": output.summarize(rows),
+  }

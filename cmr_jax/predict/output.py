@@ -1,0 +1,88 @@
+"""Outputs of a prediction: the summary of its rows, JSON and CSV files, a terminal table.
+
+`write` and `table` take a `predict` result, whose rows are in their JSON form (`Row.to_dict`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from cmr_jax.predict import rows as rows_lib
+
+OUTPUT_FORMATS = (".json", ".csv")
+CSV_COLUMNS = ("input", "study", "lvef", "interval_low", "interval_high", "lvef_below_40",
+               "interval_includes_40", "loo_se", "views", "warnings", "error", "lvef_reference",
+               "interval_method")
+
+
+def summarize(rows: Sequence[rows_lib.Row]) -> dict[str, Any]:
+  """Counts of rows predicted and failed; errors against reference labels where given."""
+  predicted = [r for r in rows if r.lvef is not None]
+  out: dict[str, Any] = {"rows": len(rows), "predicted": len(predicted),
+                         "failed": len(rows) - len(predicted),
+                         "with_warnings": sum(bool(r.warnings) for r in predicted)}
+  ref = [(r.lvef, r.lvef_reference) for r in predicted if r.lvef_reference is not None]
+  if ref:
+    err = np.array([p - t for p, t in ref])
+    inside = [r.interval[0] <= r.lvef_reference <= r.interval[1] for r in predicted
+              if r.lvef_reference is not None and r.interval is not None]
+    out.update(labelled=len(ref), mae=float(np.mean(np.abs(err))),
+               rmse=float(np.sqrt(np.mean(err ** 2))), bias=float(np.mean(err)),
+               interval_coverage=float(np.mean(inside)) if inside else None)
+  return out
+
+
+def _csv_row(row: dict[str, Any]) -> dict[str, str]:
+  """A JSON row as a CSV line: numbers to 2 decimals, views and warnings joined in one cell."""
+  fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+  views = "; ".join(
+      f"{v['view']}{'' if v['slice'] is None else ' ' + str(v['slice'])}={v['attention']:.3f}"
+      for v in row["views"])
+  return {
+      "input": row["input"], "study": row["study"], "lvef": fmt(row["lvef"]),
+      "interval_low": fmt(row["interval"][0] if row["interval"] else None),
+      "interval_high": fmt(row["interval"][1] if row["interval"] else None),
+      "lvef_below_40": "" if row["lvef_below_40"] is None else str(row["lvef_below_40"]).lower(),
+      "interval_includes_40": ("" if row["interval_includes_40"] is None
+                               else str(row["interval_includes_40"]).lower()),
+      "loo_se": fmt(row["loo_se"]), "views": views,
+      "warnings": " | ".join(f"{w['code']}: {w['message']}" for w in row["warnings"]),
+      "error": row["error"], "lvef_reference": fmt(row["lvef_reference"]),
+      "interval_method": row["interval_method"]}
+
+
+def write(result: dict[str, Any], path: str) -> None:
+  """Writes a `predict` result as JSON (everything) or CSV (one line per row), by extension."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in OUTPUT_FORMATS:
+    raise ValueError(f"output {path}: expected a name ending in {' or '.join(OUTPUT_FORMATS)}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    if ext == ".json":
+      json.dump(result, f, indent=1, allow_nan=False)
+    else:
+      writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+      writer.writeheader()
+      writer.writerows(_csv_row(r) for r in result["studies"])
+  os.replace(tmp, path)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+  """A short plain-text table of a result's rows (JSON form) for the terminal."""
+  lines = []
+  for r in rows:
+    if r["lvef"] is None:
+      lines.append(f"{r['input']}: no prediction: {r['error']}")
+      continue
+    bounds = (f" [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]" if r["interval"] else "")
+    flag = " LVEF<40%" if r["lvef_below_40"] else ""
+    warn = f"; warnings: {', '.join(w['code'] for w in r['warnings'])}" if r["warnings"] else ""
+    lines.append(f"{r['input']} ({r['study']}): LVEF {r['lvef']:.1f}%{bounds}{flag}{warn}")
+  return "\n".join(lines)
