@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cmr_jax import runs
-from cmr_jax import sharding
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.models import registry
+from cmr_jax import runs
+from cmr_jax import sharding
 
 LOG_EVERY_S = 30.0
 

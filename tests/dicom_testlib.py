@@ -5,10 +5,10 @@ import functools
 import os
 import shutil
 
-from cmr_jax.testing import dicom_writer
-from cmr_jax.phantom import simulator
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
+from cmr_jax.phantom import simulator
+from cmr_jax.testing import dicom_writer
 
 TINY_CFG = preprocess.PreprocessConfig(size=32, spacing_mm=4.0, num_frames=8)
 FRAMES = 8

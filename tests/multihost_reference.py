@@ -16,8 +16,8 @@ from absl import flags
 import grain
 import numpy as np
 
-from cmr_jax import logs
 from cmr_jax.data import pipeline
+from cmr_jax import logs
 from tools import train as train_program
 
 _SHARDS = flags.DEFINE_integer("reference_shards", 2, "processes of the run to reproduce")

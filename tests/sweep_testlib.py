@@ -9,11 +9,11 @@ import functools
 import importlib.util
 import os
 
-from cmr_jax import runs
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
 from cmr_jax.data import tokenizer as tokenizer_lib
+from cmr_jax import runs
 from cmr_jax.train import pretrain
 
 import conftest

@@ -11,12 +11,12 @@ import os
 
 import pytest
 
-from cmr_jax.dicom import beam_pipeline
-from cmr_jax.testing import dicom_writer
-from cmr_jax.dicom import ingest
-from cmr_jax.dicom import layouts
 from cmr_jax.data import records
 from cmr_jax.data import splits
+from cmr_jax.dicom import beam_pipeline
+from cmr_jax.dicom import ingest
+from cmr_jax.dicom import layouts
+from cmr_jax.testing import dicom_writer
 
 import dicom_testlib
 

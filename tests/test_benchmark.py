@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from cmr_jax.eval import metrics
 from cmr_jax.experiments import benchmark
 from cmr_jax.experiments import stages
-from cmr_jax.eval import metrics
 
 
 _spec = importlib.util.spec_from_file_location(

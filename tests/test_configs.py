@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from cmr_jax import sharding
 from cmr_jax.models import registry
+from cmr_jax import sharding
 from cmr_jax.train import common
 from cmr_jax.train import optim
 

@@ -20,13 +20,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cmr_jax import runs
 from cmr_jax.convert import converted
 from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit as convert_mvit
-from cmr_jax.models import registry
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViT, MViTConfig
+from cmr_jax.models import registry
 from cmr_jax.models.text import BertEncoder
+from cmr_jax import runs
 from cmr_jax.train import common
 from cmr_jax.train import pretrain
 

@@ -7,9 +7,9 @@ import os
 import ml_collections
 import numpy as np
 
-from cmr_jax import runs
 from cmr_jax.experiments import demo
 from cmr_jax.experiments import stages
+from cmr_jax import runs
 
 
 def _config(steps: int) -> ml_collections.ConfigDict:

@@ -13,13 +13,13 @@ import pydicom
 from pydicom.data import get_testdata_file
 import pytest
 
+from cmr_jax.data import types
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import geometry
 from cmr_jax.dicom import parse
 from cmr_jax.dicom import views as dicom_views
 from cmr_jax.testing import dicom_writer
-from cmr_jax.data import types
 
 import dicom_testlib
 

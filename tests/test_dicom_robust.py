@@ -20,16 +20,16 @@ from pydicom.sequence import Sequence as DicomSequence
 import pytest
 from scipy.spatial import transform
 
+from cmr_jax.data import preprocess
+from cmr_jax.data import types
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import cycles
 from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import layouts
 from cmr_jax.dicom import parse
 from cmr_jax.dicom import views as dicom_views
-from cmr_jax.testing import dicom_writer
-from cmr_jax.dicom import layouts
-from cmr_jax.data import preprocess
-from cmr_jax.data import types
 from cmr_jax.predict import inputs as predict_inputs
+from cmr_jax.testing import dicom_writer
 
 import dicom_testlib
 

@@ -17,14 +17,14 @@ from matplotlib import image as mpl_image
 import numpy as np
 import pytest
 
-from cmr_jax import inference
-from cmr_jax import runs
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.eval import evaluate
 from cmr_jax.eval import largest_errors
 from cmr_jax.eval import metrics
 from cmr_jax.eval import report
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax.train import finetune
 
 import conftest

@@ -10,16 +10,16 @@ import time
 import numpy as np
 import pytest
 
-from cmr_jax.dicom import assemble
-from cmr_jax.dicom import files as dicom_files
-from cmr_jax.dicom import parse
-from cmr_jax.testing import dicom_writer
-from cmr_jax.dicom import ingest
-from cmr_jax.dicom import layouts
 from cmr_jax.data import preprocess
-from cmr_jax.dicom import pseudonym
 from cmr_jax.data import records
 from cmr_jax.data import types
+from cmr_jax.dicom import assemble
+from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import ingest
+from cmr_jax.dicom import layouts
+from cmr_jax.dicom import parse
+from cmr_jax.dicom import pseudonym
+from cmr_jax.testing import dicom_writer
 
 import dicom_testlib
 

@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from cmr_jax.testing import dicom_writer
 from cmr_jax.dicom import layouts
+from cmr_jax.testing import dicom_writer
 
 import dicom_testlib
 

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from cmr_jax import runs
+from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
-from cmr_jax import checkpoint as checkpoint_lib
+from cmr_jax import runs
 from cmr_jax.train import pretrain
 
 import multihost_config

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cmr_jax.phantom import simulator
+from cmr_jax.data import types
+from cmr_jax.eval import preview
 from cmr_jax.phantom import heart_geometry
 from cmr_jax.phantom import heart_params
 from cmr_jax.phantom import scanner
-from cmr_jax.eval import preview
-from cmr_jax.data import types
+from cmr_jax.phantom import simulator
 
 SEED = 0
 SITE = "ukbb_like"

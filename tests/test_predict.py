@@ -15,20 +15,20 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cmr_jax.data import pipeline
+from cmr_jax.data import preprocess
+from cmr_jax.data import quality
+from cmr_jax.data import records
+from cmr_jax.data import types
+from cmr_jax.dicom import files as dicom_files
+from cmr_jax.dicom import parse
+from cmr_jax.dicom import pseudonym
 from cmr_jax import inference
 from cmr_jax import predict
 from cmr_jax.predict import inputs as predict_inputs
 from cmr_jax.predict import output as predict_output
 from cmr_jax.predict import scoring
-from cmr_jax.dicom import files as dicom_files
-from cmr_jax.dicom import parse
 from cmr_jax.testing import dicom_writer
-from cmr_jax.data import pipeline
-from cmr_jax.data import preprocess
-from cmr_jax.data import quality
-from cmr_jax.dicom import pseudonym
-from cmr_jax.data import records
-from cmr_jax.data import types
 from cmr_jax.train import finetune
 
 import dicom_testlib

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from cmr_jax import inference
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits
 from cmr_jax.eval import probe
+from cmr_jax import inference
 
 import sweep_testlib
 

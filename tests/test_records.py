@@ -12,8 +12,8 @@ import conftest
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
-from cmr_jax.phantom import synthetic
 from cmr_jax.data import types
+from cmr_jax.phantom import synthetic
 
 CFG = preprocess.PreprocessConfig(size=32, spacing_mm=4.0, num_frames=8)
 

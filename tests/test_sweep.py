@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cmr_jax import runs
 from cmr_jax.experiments import sweep
+from cmr_jax import runs
 from cmr_jax.train import finetune
 
 import sweep_testlib

@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from cmr_jax import inference
-from cmr_jax import runs
-from cmr_jax.models import registry
 from cmr_jax.data import records
+from cmr_jax import inference
+from cmr_jax.models import registry
+from cmr_jax import runs
 from cmr_jax.train import common
 from cmr_jax.train import finetune
 from cmr_jax.train import optim

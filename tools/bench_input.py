@@ -16,12 +16,12 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from cmr_jax import logs
-from cmr_jax.phantom import simulator
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer
+from cmr_jax import logs
+from cmr_jax.phantom import simulator
 
 _NUM_STUDIES = flags.DEFINE_integer("num_studies", 40, "phantom studies in the temporary dataset")
 _PHANTOM_STUDIES = flags.DEFINE_integer("phantom_studies", 8, "studies timed for the phantom rate")

@@ -30,11 +30,11 @@ import numpy as np
 import optax
 from absl import flags, logging
 
-from cmr_jax import logs
 from cmr_jax.convert import mvit as convert_mvit
+from cmr_jax import logs
 from cmr_jax.models import layers
-from cmr_jax.models import registry
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViTConfig
+from cmr_jax.models import registry
 
 _CONFIG = flags.DEFINE_string("config", "mvit_tiny",
                               f"video config: {sorted(registry.VIDEO_CONFIGS)}")

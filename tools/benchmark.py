@@ -9,9 +9,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cmr_jax import logs
 from cmr_jax.experiments import benchmark
 from cmr_jax.experiments import stages
+from cmr_jax import logs
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/benchmark", "where everything is written")
 _DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py:benchmark",

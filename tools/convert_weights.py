@@ -35,9 +35,9 @@ import sys
 from absl import flags
 from absl import logging
 
-from cmr_jax import logs
 from cmr_jax.convert import converted as converted_lib
 from cmr_jax.convert import mapping
+from cmr_jax import logs
 from cmr_jax.models import registry
 
 _SRC = flags.DEFINE_string("src", None, "PyTorch weight file or Hugging Face model folder",

@@ -7,8 +7,8 @@ fine-tuning of every arm, evaluation; see cmr_jax/experiments/demo.py.
 from absl import flags
 from ml_collections import config_flags
 
-from cmr_jax import logs
 from cmr_jax.experiments import demo
+from cmr_jax import logs
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where everything is written")
 _DATA = config_flags.DEFINE_config_file("data_config", "configs/synthetic_data.py", "dataset")

@@ -15,10 +15,10 @@ cross-fitted bias correction and repeatability.
 from absl import app
 from absl import flags
 
-from cmr_jax import logs
-from cmr_jax import runs
 from cmr_jax.eval import evaluate
 from cmr_jax.eval import report
+from cmr_jax import logs
+from cmr_jax import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning run folder.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset (same preprocessing as the run).",

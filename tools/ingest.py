@@ -17,11 +17,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from cmr_jax import logs
+from cmr_jax.data import preprocess
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
-from cmr_jax.data import preprocess
 from cmr_jax.dicom import pseudonym
+from cmr_jax import logs
 
 _DEFAULTS = preprocess.PreprocessConfig()
 _LAYOUT = flags.DEFINE_enum("layout", None, layouts.LAYOUTS, "Archive layout.", required=True)

@@ -12,9 +12,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from cmr_jax import logs
 from cmr_jax.data import preprocess
 from cmr_jax.eval import preview
+from cmr_jax import logs
 from cmr_jax.phantom import synthetic
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic_data.py",

@@ -24,11 +24,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cmr_jax.dicom import layouts
+from cmr_jax.dicom import pseudonym
 from cmr_jax import inference
 from cmr_jax import logs
 from cmr_jax import predict
-from cmr_jax.dicom import layouts
-from cmr_jax.dicom import pseudonym
 from cmr_jax.predict import output
 
 RANDOM_SALT_BYTES = 16

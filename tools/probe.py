@@ -22,10 +22,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from cmr_jax import logs
 from cmr_jax.data import records
 from cmr_jax.eval import plots
 from cmr_jax.eval import probe
+from cmr_jax import logs
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Ingested dataset.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)

@@ -22,8 +22,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from cmr_jax import logs
 from cmr_jax.experiments import sweep
+from cmr_jax import logs
 
 _PRETRAIN_DIR = flags.DEFINE_string("pretrain_dir", None, "Pre-training run folder.",
                                     required=True)

@@ -15,8 +15,8 @@ import os
 from absl import flags
 from absl import logging
 
-from cmr_jax import logs
 from cmr_jax.eval import zero_shot
+from cmr_jax import logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pre-training run folder.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

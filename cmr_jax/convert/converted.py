@@ -33,15 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.convert import bert
 from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit
 from cmr_jax.convert import torch_io
 from cmr_jax.data import tokenizer as tokenizer_lib
-from cmr_jax.models import registry
 from cmr_jax.models.mvit import MViT, MViTConfig
+from cmr_jax.models import registry
 from cmr_jax.models.text import BertConfig, BertEncoder
-from cmr_jax import checkpoint as checkpoint_lib
 
 PYTORCHVIDEO = "pytorchvideo"
 TORCHVISION = "torchvision"

@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from absl import logging
 from array_record.python import array_record_module
 
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
-from cmr_jax.data import preprocess
-from cmr_jax.data import records
 
 MANIFEST_SHARD_TEMPLATE = ""  # one manifest file, no shard suffix
 

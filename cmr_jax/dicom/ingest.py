@@ -2,7 +2,7 @@
 
 `load_study(spec, ...)` is the per-study function: read the study's files, assemble its cines,
 pseudonymise, and account for every file. It runs in `records.build_dataset` workers here, and
-is what a distributed runner maps over studies (`beam_ingest`).
+is what a distributed runner maps over studies (`beam_pipeline`).
 
 An ingest run writes, under `--output`:
   parts/part-NNNNN/            one `records.build_dataset` output per chunk of studies
@@ -38,15 +38,15 @@ from collections.abc import Sequence
 from absl import logging
 import numpy as np
 
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
+from cmr_jax.data import splits
+from cmr_jax.data import types
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import layouts
 from cmr_jax.dicom import parse
-from cmr_jax.data import preprocess
 from cmr_jax.dicom import pseudonym
-from cmr_jax.data import records
-from cmr_jax.data import splits
-from cmr_jax.data import types
 
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("file", "study", "series", "status", "reason")

@@ -40,8 +40,6 @@ from absl import logging
 import jax
 import numpy as np
 
-from cmr_jax import inference
-from cmr_jax import runs
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
@@ -52,6 +50,8 @@ from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
 from cmr_jax.eval import repeatability
 from cmr_jax.eval import report
+from cmr_jax import inference
+from cmr_jax import runs
 
 PREDICTIONS_CSV = "predictions.csv"
 METRICS_JSON = "metrics.json"

@@ -26,9 +26,9 @@ import numpy as np
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
 from cmr_jax.data import quality
-from cmr_jax.eval import preview
 from cmr_jax.data import types
 from cmr_jax.eval import plots
+from cmr_jax.eval import preview
 
 THUMBNAIL_DIR = "worst"
 DEFAULT_COUNT = 8

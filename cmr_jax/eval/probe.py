@@ -25,14 +25,14 @@ from sklearn import model_selection
 from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
-from cmr_jax import inference
-from cmr_jax import runs
-from cmr_jax import sharding
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits as splits_lib
 from cmr_jax.eval import metrics
+from cmr_jax import inference
 from cmr_jax.models import registry
+from cmr_jax import runs
+from cmr_jax import sharding
 
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 MAX_FOLDS = 5

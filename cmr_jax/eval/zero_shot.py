@@ -17,12 +17,12 @@ from absl import logging
 import jax
 import numpy as np
 
-from cmr_jax import inference
-from cmr_jax import runs
-from cmr_jax import sharding
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
+from cmr_jax import inference
 from cmr_jax.models import registry
+from cmr_jax import runs
+from cmr_jax import sharding
 
 KS = (1, 5, 10)
 DIRECTIONS = ("video_to_report", "report_to_video")

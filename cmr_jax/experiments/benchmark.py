@@ -31,12 +31,12 @@ from absl import logging
 import numpy as np
 import ml_collections
 
-from cmr_jax import inference
-from cmr_jax.experiments import stages
 from cmr_jax.data import records
 from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
 from cmr_jax.eval import report
+from cmr_jax.experiments import stages
+from cmr_jax import inference
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
 

@@ -27,12 +27,12 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from cmr_jax import inference
-from cmr_jax import runs
-from cmr_jax.experiments import stages
 from cmr_jax.data import records
-from cmr_jax.phantom import synthetic
 from cmr_jax.eval import metrics
+from cmr_jax.experiments import stages
+from cmr_jax import inference
+from cmr_jax.phantom import synthetic
+from cmr_jax import runs
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
 

@@ -33,10 +33,10 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from cmr_jax import inference
-from cmr_jax import runs
 from cmr_jax.data import records
 from cmr_jax.eval import metrics
+from cmr_jax import inference
+from cmr_jax import runs
 from cmr_jax.train import finetune
 
 RESULT_JSON = "sweep_result.json"

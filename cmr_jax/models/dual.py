@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmr_jax.models import layers
 from cmr_jax.models.heads import PROJECTION_DIM, l2_normalize, video_projection
+from cmr_jax.models import layers
 
 CLIP_INIT_TEMPERATURE = 0.07
 

@@ -19,10 +19,10 @@ import numpy as np
 from scipy import special
 from scipy.spatial import transform
 
-from cmr_jax.phantom import thorax
+from cmr_jax.data import types
 from cmr_jax.phantom import heart_geometry
 from cmr_jax.phantom import heart_params
-from cmr_jax.data import types
+from cmr_jax.phantom import thorax
 
 TISSUES = ("blood", "myocardium", "fat", "liver", "muscle", "lung", "tissue", "marrow", "csf")
 SHADING_SCALE_MM = 200.0  # length scale of the coil sensitivity field

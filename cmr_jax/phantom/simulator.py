@@ -19,9 +19,9 @@ import zlib
 
 import numpy as np
 
-from cmr_jax.phantom import reports
 from cmr_jax.data import types
 from cmr_jax.phantom.heart_geometry import cavity_volumes_ml, model_of
+from cmr_jax.phantom import reports
 from cmr_jax.phantom.heart_params import (ML_PER_MM3, Heart, Torso, analytic_cavity_volume_ml,
                                           analytic_lvef, sample_heart)
 from cmr_jax.phantom.scanner import (SITES, Contrast, Protocol, fast_protocol, plan_planes,

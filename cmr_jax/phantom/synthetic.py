@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from cmr_jax.phantom import simulator
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
+from cmr_jax.phantom import simulator
 
 _RESCAN_PURPOSE = "rescan"
 

@@ -27,10 +27,10 @@ from typing import Any
 
 from absl import logging
 
-from cmr_jax import inference
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.dicom import layouts
+from cmr_jax import inference
 from cmr_jax.predict import inputs as inputs_lib
 from cmr_jax.predict import output
 from cmr_jax.predict import scoring

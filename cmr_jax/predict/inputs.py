@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from absl import logging
 
 from cmr_jax.data import preprocess
+from cmr_jax.data import quality
 from cmr_jax.data import records
 from cmr_jax.data import types
-from cmr_jax.data import quality
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts

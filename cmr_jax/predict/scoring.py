@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from cmr_jax import inference
 from cmr_jax.data import pipeline
 from cmr_jax.data import quality
 from cmr_jax.data import types
+from cmr_jax import inference
 from cmr_jax.predict import inputs as inputs_lib
 from cmr_jax.predict import rows
 

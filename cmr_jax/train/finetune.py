@@ -25,14 +25,14 @@ import ml_collections
 import numpy as np
 
 from cmr_jax import checkpoint as checkpoint_lib
-from cmr_jax import inference
-from cmr_jax import losses
-from cmr_jax import runs
-from cmr_jax import sharding
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits
+from cmr_jax import inference
+from cmr_jax import losses
 from cmr_jax.models import registry
+from cmr_jax import runs
+from cmr_jax import sharding
 from cmr_jax.train import common
 from cmr_jax.train import feature_cache
 from cmr_jax.train import metric_writer

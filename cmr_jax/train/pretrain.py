@@ -20,15 +20,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cmr_jax import inference
-from cmr_jax import losses
-from cmr_jax import runs
-from cmr_jax import sharding
 from cmr_jax.convert import converted
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
+from cmr_jax import inference
+from cmr_jax import losses
 from cmr_jax.models import registry
+from cmr_jax import runs
+from cmr_jax import sharding
 from cmr_jax.train import common
 from cmr_jax.train import metric_writer
 from cmr_jax.train import optim
