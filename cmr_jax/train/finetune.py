@@ -8,8 +8,9 @@ The encoder comes from a pre-training run (`config.init="pretrain:WORKDIR"`) or 
 initialisation (`"random"`, the from-scratch baseline). Labels may be subsampled by subject
 (`config.data.label_fraction`). Validation MAE is computed every `eval_every` steps; the best
 checkpoint is kept in `{workdir}/best` and training stops early after `patience` evaluations
-without improvement. With a frozen encoder, `feature_cache.passes > 0` computes the encoder's
-features once (that many augmented passes) and trains the head on them (`feature_cache`).
+without improvement. The loop trains on one of two feeds: augmented bags streamed through the
+whole model (`StreamingBags`), or, with a frozen encoder and `feature_cache.passes > 0`, the
+encoder's features of that many augmented passes computed once (`feature_cache.CachedFeatures`).
 """
 
 from __future__ import annotations
