@@ -18,6 +18,7 @@ here (restore by step or best, and the one check that checkpoint parameters fit 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -181,6 +182,82 @@ def restore_finetuned(workdir: str, *,
   return config, params
 
 
+def init_input_norm(init: str) -> str | None:
+  """The input normalisation (`MViTConfig.input_norm`) the encoder weights of `init` expect.
+
+  kinetics:PATH and cmr_transformer:PATH: what the weights' conversion recorded
+  (`converted.weights_input_norm`: conversion.json, or the layout of a PyTorch file, which is read
+  for it); pretrain:WORKDIR[:STEP]: the pre-training run's encoder's, from its config.json; None
+  for random, for an encoder without the setting, or for a run not found (`encoder_init` then
+  names it).
+  """
+  kind, _, rest = init.partition(":")
+  if kind in IMPORTED_PARAMS and rest:
+    return converted.weights_input_norm(rest)
+  workdir = rest.partition(":")[0]
+  if kind == "pretrain" and os.path.isfile(os.path.join(workdir, CONFIG_JSON)):
+    m = load_config(workdir).model
+    return getattr(registry.video_config(m.video, **dict(m.get("video_overrides", {}))),
+                   "input_norm", None)
+  return None
+
+
+def with_init_input_norm(config: ml_collections.ConfigDict,
+                         init: str | None = None) -> ml_collections.ConfigDict:
+  """`config` with its video encoder normalising input as the weights of `init` expect.
+
+  Imported weights (`kinetics:PATH`, `cmr_transformer:PATH`) set
+  `config.model.video_overrides.input_norm` to the normalisation their conversion recorded, so
+  that the run's config.json, and every model rebuilt from it (`inference.Predictor`), keeps it.
+  A pre-training run's encoder keeps its normalisation (the default, unless that run set
+  another); a random one the config's.
+
+  Args:
+    config: a fine-tuning config (`config.model`, `config.init`).
+    init: the encoder init, default `config.init`.
+
+  Returns:
+    `config` itself when nothing changes, else a changed copy.
+
+  Raises:
+    ValueError: `config.model.video_overrides.input_norm` names another normalisation than the
+      weights expect.
+  """
+  init = config.init if init is None else init
+  kind = init.partition(":")[0]
+  return with_input_norm(config, init_input_norm(init), f"init {init!r}",
+                         record=kind in IMPORTED_PARAMS)
+
+
+def with_input_norm(config: ml_collections.ConfigDict, norm: str | None, source: str, *,
+                    record: bool = True) -> ml_collections.ConfigDict:
+  """`config` with `config.model.video_overrides.input_norm` set to `norm` (the normalisation
+  the encoder weights of `source` expect); unchanged for `norm` None, for an encoder without the
+  setting, or when `record` is False and the config's default already is `norm`.
+
+  Raises:
+    ValueError: the config explicitly asks for another normalisation.
+  """
+  m = config.model
+  overrides = dict(m.get("video_overrides", {}))
+  model_norm = getattr(registry.video_config(m.video, **overrides), "input_norm", None)
+  if norm is None or model_norm is None:
+    return config
+  if "input_norm" in overrides:
+    if overrides["input_norm"] != norm:
+      raise ValueError(f"config.model.video_overrides.input_norm={overrides['input_norm']!r}, "
+                       f"but the encoder weights of {source} expect input normalised as "
+                       f"{norm!r}: drop the setting or set it to {norm!r}")
+    return config
+  if norm == model_norm and not record:
+    return config
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    out.model.video_overrides = dict(overrides, input_norm=norm)
+  logging.info("video input normalised as %r, as the weights of %s expect", norm, source)
+  return out
+
+
 def encoder_init(init: str, abstract_params: Any) -> dict[str, Any] | None:
   """Encoder (and projection) parameters for a fine-tuning model from `init`; None for "random".
 
@@ -191,7 +268,8 @@ def encoder_init(init: str, abstract_params: Any) -> dict[str, Any] | None:
                              freshly initialised)
     cmr_transformer:PATH     `video_encoder` and `video_proj` from the paper's released encoder
   PATH is a folder written by tools/convert_weights.py or directly the PyTorch file (`.pyth`,
-  `.pth`, `.ckpt`, `.safetensors`; converted in memory, which needs the `torch` extra).
+  `.pth`, `.ckpt`, `.safetensors`; converted in memory, which needs the `torch` extra). The model
+  must normalise its input as the weights expect: build it from `with_init_input_norm(config)`.
 
   Raises:
     ValueError: on an unknown init, or parameters whose names or shapes do not match the model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 from cmr_jax.convert import converted
 from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit as convert_mvit
+from cmr_jax.models import mvit as mvit_model
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViT, MViTConfig
 from cmr_jax.models import registry
 from cmr_jax.models.text import BertEncoder
@@ -111,10 +113,16 @@ def _numpy_state(model) -> dict[str, np.ndarray]:
 
 
 def _features(model, head, video: np.ndarray) -> np.ndarray:
-  """The CLS features entering `head` (the Kinetics classifier) for uint8 `video [B, T, H, W]`."""
+  """The CLS features entering `head` (the Kinetics classifier) for uint8 `video [B, T, H, W]`,
+  normalised as Kinetics-400 models are."""
   torch = _torch()
   x = (torch.tensor(video, dtype=torch.float32) / UINT8_MAX - KINETICS_MEAN) / KINETICS_STD
-  x = x[:, None].expand(-1, 3, -1, -1, -1).contiguous()
+  return _head_input(model, head, x[:, None].expand(-1, 3, -1, -1, -1).contiguous())
+
+
+def _head_input(model, head, x) -> np.ndarray:
+  """What `model` feeds `head` for the normalised clips `x: [B, 3, T, H, W]` (a torch tensor)."""
+  torch = _torch()
   seen = {}
   hook = head.register_forward_hook(lambda mod, inputs, out: seen.setdefault("x", inputs[0]))
   with torch.no_grad():
@@ -214,6 +222,15 @@ def test_cmr_transformer_names_and_converted_folder_as_finetune_init(tmp_path):
   assert report.dropped == {"model.video_proj.bias": convert_mvit.PROJ_BIAS_REASON}
   folder = converted.save_converted(
       str(tmp_path / "cmr"), converted.Converted(mapping.unflatten(flat), report, TINY))
+  # The folder records the input normalisation the paper's weights expect, the layout's.
+  _, info = converted.load_converted(folder)
+  assert info["input_norm"] == info["video_config"]["input_norm"] == "cmr_transformer"
+  np.testing.assert_allclose([info["input_scale"], info["input_offset"]],
+                             [1 / (255 * 0.225), -0.45 / 0.225 / 255], rtol=1e-12)
+  assert runs.init_input_norm(f"cmr_transformer:{folder}") == "cmr_transformer"
+  with open(os.path.join(folder, converted.INFO_FILE), "w") as f:  # converted before it was kept
+    json.dump({k: v for k, v in info.items() if not k.startswith("input_")}, f)
+  assert converted.weights_input_norm(folder) == "cmr_transformer"
   for kind, groups in runs.IMPORTED_PARAMS.items():
     loaded = runs.encoder_init(f"{kind}:{folder}", abstract)
     assert sorted(loaded) == sorted(groups)
@@ -223,6 +240,23 @@ def test_cmr_transformer_names_and_converted_folder_as_finetune_init(tmp_path):
   np.testing.assert_array_equal(loaded["video_proj"]["kernel"], proj.T)
   with pytest.raises(ValueError, match="unknown init 'imagenet:"):
     runs.encoder_init(f"imagenet:{folder}", abstract)
+
+
+def test_input_normalisations_are_the_reference_transforms():
+  video = jnp.array([[[[0, 1, 128, 255]]]], jnp.uint8)  # [1, T=1, H=1, W=4]
+  x = np.array([0.0, 1.0, 128.0, 255.0])
+  expected = {"kinetics": (x / 255 - 0.45) / 0.225,  # ToFloat (/255), then Normalize
+              "cmr_transformer": (x - 0.45) / 0.225 / 255}  # Normalize on 0-255, then Div255
+  assert sorted(expected) == sorted(mvit_model.INPUT_NORMS)
+  for name, want in expected.items():
+    out = np.asarray(mvit_model.preprocess_video(video, norm=name))
+    np.testing.assert_allclose(out[0, 0, 0], np.stack([want] * 3, -1), rtol=1e-6, atol=1e-7)
+    scale, offset = mvit_model.INPUT_NORMS[name].affine
+    np.testing.assert_allclose(x * scale + offset, want, rtol=1e-12, atol=1e-15)
+  np.testing.assert_array_equal(mvit_model.preprocess_video(video),
+                                mvit_model.preprocess_video(video, norm="kinetics"))
+  with pytest.raises(ValueError, match="unknown input normalisation 'imagenet'"):
+    MViTConfig(input_norm="imagenet")
 
 
 # --- PyTorch models (optional torch extra) -----------------------------------------------------
@@ -246,6 +280,7 @@ def test_full_size_pytorchvideo_and_torchvision_state_dicts_convert_completely(t
     assert len(report.converted) == 375, filename  # the published encoder's tensor count
     assert set(report.dropped.values()) == {convert_mvit.KINETICS_HEAD_REASON}, filename
     assert result.video_config == mvit_b, filename
+    assert result.input_norm == mvit_b.input_norm == "kinetics", filename
     assert sum(x.size for x in jax.tree.leaves(result.params)) == 36_303_072, filename
   # Values land where they belong: torchvision's fused qkv is split, convolutions transposed.
   state = files["mvit_v1_b.pth"]
@@ -430,6 +465,110 @@ def test_cmr_transformer_lightning_checkpoint_and_finetune_init(tmp_path):
   abstract64 = _abstract_regressor(image_size=64)
   with pytest.raises(mapping.ConversionError, match=r"pos_embed_spatial.*16 frames of 32x32"):
     runs.encoder_init(f"kinetics:{kinetics}", abstract64)
+
+
+def _paper_features(monkeypatch, model, clips: np.ndarray) -> np.ndarray:
+  """The features the paper's code computes for uint8 grey `clips [B, T, H, W]`: its evaluation
+  transform (cmr_transformer's data/data_modules.py), pytorchvideo's `create_video_transform(
+  mode="val", convert_to_float=False)` (`Normalize((0.45,) * 3, (0.225,) * 3)` on 0-255 values)
+  then `Div255`, on each clip copied to 3 channels. Its resize and centre crop are the identity
+  here (min_size = crop_size = the side): our pipeline resamples elsewhere."""
+  torch = _torch()
+  try:  # pytorchvideo 0.1.5 imports a module that torchvision 0.17 renamed
+    importlib.import_module("torchvision.transforms.functional_tensor")
+  except ImportError:
+    monkeypatch.setitem(sys.modules, "torchvision.transforms.functional_tensor",
+                        importlib.import_module("torchvision.transforms._functional_tensor"))
+  transforms = _import_or_skip("pytorchvideo.transforms", reason=SKIP_REASON)
+  side = clips.shape[-1]
+  evaluate = transforms.create_video_transform(mode="val", num_samples=None, min_size=side,
+                                               max_size=side, crop_size=side,
+                                               convert_to_float=False)
+  div255 = transforms.Div255()
+  x = torch.stack([div255(evaluate(torch.tensor(clip, dtype=torch.float32)[None].expand(
+      3, -1, -1, -1))) for clip in clips])
+  return _head_input(model, model.head.proj, x)
+
+
+def _finetune_config(init: str) -> ml_collections.ConfigDict:
+  """The fields of a fine-tuning config that build and initialise its model (TINY's encoder)."""
+  return ml_collections.ConfigDict({
+      "init": init, "mode": "finetune",
+      "model": {"video": "mvit_tiny", "embed_dim": PROJ_DIM, "head": "paper", "dtype": "float32",
+                "remat": False, "video_overrides": {"image_size": TINY.image_size,
+                                                    "kv_pool_stride": TINY.kv_pool_stride}},
+      "data": {"num_frames": TINY.num_frames, "image_size": TINY.image_size, "max_instances": 2}})
+
+
+def _finetune_features(config: ml_collections.ConfigDict,
+                       clips: np.ndarray) -> tuple[str, np.ndarray]:
+  """(input normalisation, encoder features of `clips`) of the model fine-tuning builds from
+  `config` (`registry.lvef_model`, as `inference.Predictor` too) with its `config.init`."""
+  model = registry.lvef_model(config, mean=50.0)
+  params = runs.encoder_init(config.init, registry.abstract_params(registry.lvef_init_fn(
+      model, config)))["video_encoder"]
+  encoder = model.video_encoder
+  return encoder.config.input_norm, np.asarray(encoder.apply({"params": params}, clips))
+
+
+def test_paper_encoder_matches_the_reference_pipeline_end_to_end(tmp_path, monkeypatch):
+  """uint8 clips through the paper's PyTorch pipeline (its transform, a pytorchvideo MViT saved in
+  its checkpoint layout) and through ours (that file as `init=cmr_transformer:`) agree; with the
+  Kinetics normalisation (what the weights got before it followed them) they do not."""
+  torch = _torch()
+  torch.manual_seed(0)
+  video = _pytorchvideo_mvit(TINY)
+  _perturb(video)
+  for module in filter(lambda m: isinstance(m, torch.nn.LayerNorm), video.modules()):
+    module.eps = TINY.pool_norm_eps  # as in test_pytorchvideo_mvit_base_16x4_output_matches
+  state = {f"model.video_encoder.{k}": v for k, v in video.state_dict().items()
+           if not k.startswith("head.")}
+  state.update({"model.video_proj.weight": torch.randn(PROJ_DIM, TINY.width),
+                "model.video_proj.bias": torch.randn(PROJ_DIM)})
+  ckpt = str(tmp_path / "paper.ckpt")
+  torch.save({"state_dict": state, "epoch": 1}, ckpt)
+  folder = converted.save_converted(str(tmp_path / "paper"),
+                                    converted.convert_file(ckpt, video_config=TINY))
+  clips = np.random.default_rng(3).integers(0, 256, (3, TINY.num_frames, TINY.image_size,
+                                                     TINY.image_size), dtype=np.uint8)
+  ref = _paper_features(monkeypatch, video, clips)
+
+  for path in (ckpt, folder):  # converted in memory, and the converted folder
+    config = _finetune_config(f"cmr_transformer:{path}")
+    tuned = runs.with_init_input_norm(config)
+    assert tuned.model.video_overrides.input_norm == "cmr_transformer"
+    norm, ours = _finetune_features(tuned, clips)
+    assert norm == "cmr_transformer"
+    error = _relative_error(ours, ref)
+    print(f"paper encoder end to end ({os.path.basename(path)}): max abs difference "
+          f"{np.abs(ours - ref).max():.2e}, relative error {error:.2e}")
+    assert error < TOLERANCE
+  # The same weights with the Kinetics normalisation, as the model applied it before.
+  norm, old = _finetune_features(config, clips)
+  assert norm == "kinetics"
+  old_error = _relative_error(old, ref)
+  print(f"with the Kinetics normalisation: max abs difference {np.abs(old - ref).max():.2e}, "
+        f"relative error {old_error:.2e}")
+  assert old_error > 1000 * TOLERANCE
+  # The run keeps it: its config.json rebuilds the same model (as inference.Predictor does).
+  runs.save_config(tuned, str(tmp_path / "run"))
+  norm, again = _finetune_features(runs.load_config(str(tmp_path / "run")), clips)
+  assert norm == "cmr_transformer"
+  np.testing.assert_array_equal(again, ours)
+  # A config that asks for another normalisation than the weights' is refused.
+  config.model.video_overrides.input_norm = "kinetics"
+  with pytest.raises(ValueError, match="expect input normalised as 'cmr_transformer'"):
+    runs.with_init_input_norm(config)
+  # Kinetics weights keep Kinetics' normalisation, and still match.
+  kinetics = str(tmp_path / "kinetics.pyth")
+  torch.save({"model_state": video.state_dict()}, kinetics)
+  tuned = runs.with_init_input_norm(_finetune_config(f"kinetics:{kinetics}"))
+  norm, ours = _finetune_features(tuned, clips)
+  assert norm == tuned.model.video_overrides.input_norm == "kinetics"
+  assert _relative_error(ours, _features(video, video.head.proj, clips)) < TOLERANCE
+  # Random and pre-training inits keep the config's (default) normalisation.
+  for config in (_finetune_config("random"), _finetune_config(f"pretrain:{tmp_path}")):
+    assert runs.with_init_input_norm(config) is config
 
 
 def test_safetensors_file_and_tool_stops_on_a_missing_tensor(tmp_path):

@@ -6,13 +6,18 @@ A converted folder (written by `tools/convert_weights.py`) holds:
   params/           orbax checkpoint of {group: parameter tree}, groups among `video_encoder`,
                     `video_proj` (cmr_transformer), `text_encoder`, `text_proj`
   conversion.json   layout, source file and its SHA-256, the model configs the parameters fit
-                    (`video_config`, `text_config`) and the conversion report
+                    (`video_config`, `text_config`), the input normalisation the video weights
+                    expect (`input_norm`, a name in `cmr_jax.models.mvit.INPUT_NORMS`, with
+                    `input_scale` and `input_offset`: uint8 x -> x * scale + offset) and the
+                    conversion report
   vocab.txt         the text tower's WordPiece vocabulary, when there is one (load it with
                     `cmr_jax.data.tokenizer.load_tokenizer`)
 
 `load_groups(path, abstract)` is what fine-tuning's `init=kinetics:PATH` and
 `init=cmr_transformer:PATH` call: PATH may be such a folder or directly a PyTorch file (converted
 in memory); either way every requested parameter must be present with the model's shape.
+`weights_input_norm(path)` is the input normalisation the model must apply to use them: recorded
+in conversion.json, or for a file read off its layout (`LAYOUT_INPUT_NORMS`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit
 from cmr_jax.convert import torch_io
 from cmr_jax.data import tokenizer as tokenizer_lib
-from cmr_jax.models.mvit import MViT, MViTConfig
+from cmr_jax.models.mvit import CMR_TRANSFORMER_NORM, INPUT_NORMS, KINETICS_NORM, MViT, MViTConfig
 from cmr_jax.models import registry
 from cmr_jax.models.text import BertConfig, BertEncoder
 
@@ -48,6 +53,12 @@ TORCHVISION = "torchvision"
 CMR_TRANSFORMER = "cmr_transformer"
 HF_BERT = "hf_bert"
 LAYOUTS: tuple[str, ...] = (PYTORCHVIDEO, TORCHVISION, CMR_TRANSFORMER, HF_BERT)
+# The input normalisation (`MViTConfig.input_norm`) the video weights of each layout were trained
+# with: Kinetics-400 files (SlowFast's, pytorchvideo's and torchvision's port of them) Kinetics',
+# the paper's checkpoints the 0-255 normalisation of its data module
+# (`cmr_jax.models.mvit.INPUT_NORMS`).
+LAYOUT_INPUT_NORMS = {PYTORCHVIDEO: KINETICS_NORM, TORCHVISION: KINETICS_NORM,
+                      CMR_TRANSFORMER: CMR_TRANSFORMER_NORM}
 PARAMS_DIR = "params"
 INFO_FILE = "conversion.json"
 DEFAULT_VIDEO_CONFIG = "mvit_b_16x4"
@@ -93,6 +104,14 @@ class Converted:
   video_config: MViTConfig | None = None
   text_config: BertConfig | None = None
   vocab: str | None = None  # vocab.txt to carry with the text tower
+
+  @property
+  def input_norm(self) -> str | None:
+    """The input normalisation the video weights expect (None without a video tower): that of
+    the file's layout, else the video config's."""
+    if self.video_config is None:
+      return None
+    return LAYOUT_INPUT_NORMS.get(self.report.layout, self.video_config.input_norm)
 
 
 def _abstract(module, *example) -> dict[str, Any]:
@@ -151,7 +170,8 @@ def convert_file(src: str, *, layout: str = "auto", video_config: MViTConfig | N
   out = Converted(params={}, report=mapping.ConversionReport(src, layout))
   if mvit.VIDEO_ENCODER in groups:
     base = video_config or registry.video_config(DEFAULT_VIDEO_CONFIG)
-    out.video_config = dataclasses.replace(base, **mvit.input_size(renamed, base))
+    out.video_config = dataclasses.replace(base, **mvit.input_size(renamed, base),
+                                           input_norm=LAYOUT_INPUT_NORMS[layout])
     modules[mvit.VIDEO_ENCODER] = (MViT(out.video_config), (_video_example(out.video_config),))
   if mvit.TEXT_ENCODER in groups:
     folder = src if os.path.isdir(src) else None
@@ -237,11 +257,15 @@ def save_converted(out_dir: str, converted: Converted, *, overwrite: bool = Fals
   if converted.vocab:
     shutil.copyfile(converted.vocab, os.path.join(out_dir, tokenizer_lib.VOCAB_FILE))
   report = converted.report
+  norm = converted.input_norm
+  scale, offset = INPUT_NORMS[norm].affine if norm else (None, None)
   info = {
       "layout": report.layout, "source": os.path.abspath(report.source),
       "source_sha256": _sha256(report.source), "groups": sorted(converted.params),
-      "video_config": (dataclasses.asdict(converted.video_config)
+      "video_config": (dataclasses.asdict(dataclasses.replace(converted.video_config,
+                                                              input_norm=norm))
                        if converted.video_config else None),
+      "input_norm": norm, "input_scale": scale, "input_offset": offset,
       "text_config": dataclasses.asdict(converted.text_config) if converted.text_config else None,
       "vocab": tokenizer_lib.VOCAB_FILE if converted.vocab else None,
       "report": report.to_json(),
@@ -264,6 +288,30 @@ def load_converted(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     info = json.load(f)
   params = checkpoint_lib.restore_on_this_host(os.path.join(os.path.abspath(path), PARAMS_DIR))
   return jax.tree.map(np.asarray, params), info
+
+
+def weights_input_norm(path: str) -> str | None:
+  """The input normalisation (`MViTConfig.input_norm`) the video weights of `path` expect.
+
+  Args:
+    path: a converted folder (its conversion.json's `input_norm`; for a folder converted before
+      it was recorded, that of its layout), or a PyTorch file or Hugging Face folder (its
+      layout's, `LAYOUT_INPUT_NORMS`; the file is read for its names).
+
+  Returns:
+    The name, or None for weights without a video tower.
+
+  Raises:
+    FileNotFoundError, ImportError, ValueError: an unreadable source (see
+      `torch_io.load_state_dict`) or an unknown layout.
+  """
+  if is_converted(path):
+    with open(os.path.join(path, INFO_FILE)) as f:
+      info = json.load(f)
+    if "input_norm" in info:
+      return info["input_norm"]
+    return LAYOUT_INPUT_NORMS.get(info["layout"]) if mvit.VIDEO_ENCODER in info["groups"] else None
+  return LAYOUT_INPUT_NORMS.get(detect_layout(torch_io.load_state_dict(path), path))
 
 
 def load_groups(path: str, abstract: Mapping[str, Any]) -> dict[str, Any]:

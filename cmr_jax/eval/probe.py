@@ -90,6 +90,7 @@ def encode_splits(init: str, data_dir: str, config: ml_collections.ConfigDict,
     split_names: splits to encode.
   """
   mesh = sharding.make_mesh(config.mesh.to_dict())
+  config = runs.with_init_input_norm(config, init)
   model = registry.lvef_model(config, 0.0)
   init_params = registry.lvef_init_fn(model, config)
   abstract = registry.abstract_params(init_params)

@@ -34,8 +34,11 @@ Checked once against pytorchvideo 0.1.5 with the same random weights copied this
 36,303,072 parameters; `pool_norm_eps=1e-5` to match that release): CLS features agree to 6e-6 at
 16x224x224 in float32.
 
-Input: uint8 grey videos [B, T, H, W]; the encoder scales them to [0, 1], normalises with the
-Kinetics mean and std and copies grey to 3 channels-last, so Kinetics weights apply unchanged.
+Input: uint8 grey videos [B, T, H, W]; the encoder normalises them as its weights were trained
+(`MViTConfig.input_norm`, one of `INPUT_NORMS`) and copies grey to 3 channels-last: "kinetics"
+(the default, for Kinetics-400 weights and our own training) scales to [0, 1] and applies the
+Kinetics mean and std; "cmr_transformer" (the paper's released encoder) applies them to 0-255
+values and divides by 255 afterwards.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ KINETICS_STD = 0.225
 UINT8_MAX = 255.0
 RGB_CHANNELS = 3
 LAYER_NORM_EPS = 1e-6
+KINETICS_NORM = "kinetics"
+CMR_TRANSFORMER_NORM = "cmr_transformer"
 # PyTorch's default Conv3d initialisation: uniform with bound 1 / sqrt(fan_in).
 TORCH_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -166,6 +171,42 @@ depthwise_conv3d.defvjp(_depthwise_conv3d_fwd, _depthwise_conv3d_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
+class InputNorm:
+  """An input normalisation: uint8 x -> ((x / pre_divide) - mean) / std / post_divide."""
+
+  mean: float
+  std: float
+  pre_divide: float = 1.0
+  post_divide: float = 1.0
+
+  @property
+  def affine(self) -> tuple[float, float]:
+    """(scale, offset): the same map as x * scale + offset."""
+    return (1.0 / (self.pre_divide * self.std * self.post_divide),
+            -self.mean / (self.std * self.post_divide))
+
+
+# The input normalisations encoder weights were trained with (`MViTConfig.input_norm`):
+#   kinetics         Kinetics-400 weights (pytorchvideo, SlowFast, torchvision's port of them) and
+#                    our own runs: x / 255, then the Kinetics mean and std.
+#   cmr_transformer  the paper's released encoder: its data module applies pytorchvideo's
+#                    `Normalize((0.45,) * 3, (0.225,) * 3)` to 0-255 values
+#                    (`create_video_transform(convert_to_float=False)`) and `Div255` after it,
+#                    x / 57.375 - 0.0078 (the Kinetics scheme's values minus about 2).
+INPUT_NORMS: dict[str, InputNorm] = {
+    KINETICS_NORM: InputNorm(KINETICS_MEAN, KINETICS_STD, pre_divide=UINT8_MAX),
+    CMR_TRANSFORMER_NORM: InputNorm(KINETICS_MEAN, KINETICS_STD, post_divide=UINT8_MAX),
+}
+
+
+def input_norm(name: str) -> InputNorm:
+  """The input normalisation of a name in `INPUT_NORMS`; ValueError for another."""
+  if name not in INPUT_NORMS:
+    raise ValueError(f"unknown input normalisation {name!r}; expected one of {sorted(INPUT_NORMS)}")
+  return INPUT_NORMS[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockGeometry:
   """Static shape plan of one MultiScaleBlock."""
 
@@ -201,8 +242,12 @@ class MViTConfig:
   pool_norm_eps: float = LAYER_NORM_EPS
   dropout_rate: float = 0.0
   droppath_rate: float = 0.0  # stochastic depth, rising linearly from 0 at block 0
+  # How uint8 input is normalised (`INPUT_NORMS`): as the weights were trained. Fine-tuning from
+  # imported weights sets it from what their conversion recorded (`runs.with_init_input_norm`).
+  input_norm: str = KINETICS_NORM
 
   def __post_init__(self):
+    input_norm(self.input_norm)
     if not all(0 < s < self.depth for s in self.stage_starts):
       raise ValueError(f"stage_starts {self.stage_starts} must lie in [1, depth={self.depth})")
 
@@ -414,9 +459,17 @@ class PatchEmbed(layers.Module):
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def preprocess_video(video: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
-  """Maps uint8 grey `video: [..., T, H, W]` to Kinetics-normalised [..., T, H, W, 3] in `dtype`."""
-  x = (video.astype(jnp.float32) / UINT8_MAX - KINETICS_MEAN) / KINETICS_STD
+def preprocess_video(video: jax.Array, dtype: Dtype = jnp.float32,
+                     norm: str = KINETICS_NORM) -> jax.Array:
+  """Maps uint8 grey `video: [..., T, H, W]` to [..., T, H, W, 3] in `dtype`, normalised with
+  `INPUT_NORMS[norm]` (computed in float32, in the order the PyTorch transforms compute it)."""
+  n = input_norm(norm)
+  x = video.astype(jnp.float32)
+  if n.pre_divide != 1.0:
+    x = x / n.pre_divide
+  x = (x - n.mean) / n.std
+  if n.post_divide != 1.0:
+    x = x / n.post_divide
   return jnp.broadcast_to(x[..., None], (*x.shape, RGB_CHANNELS)).astype(dtype)
 
 
@@ -453,7 +506,7 @@ class MViT(layers.Encoder):
     check_video(video, c, "MViT")
     deterministic = not train
     kw = self.dtypes
-    x = PatchEmbed(c, name="patch_embed", **kw)(preprocess_video(video, self.dtype))
+    x = PatchEmbed(c, name="patch_embed", **kw)(preprocess_video(video, self.dtype, c.input_norm))
     x = SpatioTemporalClsPositionalEncoding(c.embed_dim, c.patch_grid, self.param_dtype,
                                             name="cls_positional_encoding")(x)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)

@@ -166,6 +166,10 @@ def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, flo
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs or resumes pre-training in `workdir`; returns the final metrics."""
+  video_init = config.get("init", {}).get("video", "")
+  if video_init:  # imported video weights: the model normalises input as they expect
+    config = runs.with_input_norm(config, converted.weights_input_norm(video_init),
+                                  f"config.init.video={video_init!r}")
   runs.save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   train_source = records.open_split(config.data.dir, config.data.train_split)
