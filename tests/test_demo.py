@@ -6,9 +6,13 @@ import os
 
 import ml_collections
 import numpy as np
+import pytest
 
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
 from cmr_jax.experiments import demo
 from cmr_jax.experiments import stages
+from cmr_jax.phantom import synthetic
 from cmr_jax import runs
 
 
@@ -86,3 +90,75 @@ def test_a_run_older_than_its_inputs_is_moved_aside(tmp_path):
   assert not stages.finished(run, _config(10), [upstream, str(tmp_path / "missing")])
   assert not os.path.exists(run)
   assert any(d.startswith("finetune.stale-") for d in os.listdir(tmp_path))
+
+
+def _data_config(split_salt: str) -> ml_collections.ConfigDict:
+  """A dataset of 8 small phantom subjects (a second or so to build)."""
+  return ml_collections.ConfigDict({
+      "spec": {"num_subjects": 8, "num_external": 0, "num_archive": 0, "rescan_fraction": 0.0,
+               "frames": 8, "matrix": 48, "split_salt": split_salt},
+      "preprocess": {"size": 32, "spacing_mm": 3.0, "num_frames": 8},
+      "num_shards": 1, "num_workers": 0})
+
+
+def _split_of_subject(data_dir: str) -> dict[str, str]:
+  return {m["subject_id"]: split for split in records.read_dataset_info(data_dir)["splits"]
+          for m in records.load_index(data_dir, split)}
+
+
+def test_data_not_made_from_the_requested_config_are_rebuilt_and_their_runs_moved_aside(
+    tmp_path, monkeypatch):
+  data, run = str(tmp_path / "data"), str(tmp_path / "finetune")
+  config, other = _data_config("a"), _data_config("b")  # same subjects, other splits
+  stages.make_data(config, data)
+  wanted = _split_of_subject(data)
+  upstream = [stages.data_stamp(data)]
+  runs.save_config(_config(10), run)
+  stages.make_data(config, data)  # up to date: the run made from it stays
+  assert not stages.finished(run, _config(10), upstream) and os.path.exists(run)
+
+  def moved_aside() -> bool:
+    gone = not stages.finished(run, _config(10), upstream) and not os.path.exists(run)
+    runs.save_config(_config(10), run)  # the next run made from these data
+    return gone
+
+  # Another data config: rebuilt; a run made from the old data is never resumed or reused.
+  stages.make_data(other, data)
+  moved = _split_of_subject(data)
+  assert moved.keys() == wanted.keys() and moved != wanted  # former training subjects moved
+  assert moved_aside()
+  stages.make_data(config, data)
+  assert _split_of_subject(data) == wanted and moved_aside()
+
+  # Rebuilt behind the stamp's back (e.g. tools/make_synthetic.py into the same folder).
+  spec = synthetic.SyntheticSpec.from_dict(other.spec.to_dict())
+  synthetic.build_synthetic(spec, data, cfg=preprocess.PreprocessConfig.from_dict(
+      other.preprocess.to_dict()), num_shards=1)
+  stages.make_data(config, data)
+  assert _split_of_subject(data) == wanted and moved_aside()
+
+  # A rebuild for another config interrupted after the data were replaced.
+  real = synthetic.build_synthetic
+
+  def interrupted(*args, **kwargs):
+    real(*args, **kwargs)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(synthetic, "build_synthetic", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    stages.make_data(other, data)
+  monkeypatch.setattr(synthetic, "build_synthetic", real)
+  stages.make_data(config, data)
+  assert _split_of_subject(data) == wanted and moved_aside()
+  assert len([d for d in os.listdir(tmp_path) if d.startswith("finetune.stale-")]) == 4
+
+  # A stamp of an older version (the config alone) is taken as it was: fingerprinted, not rebuilt.
+  stamp, info = stages.data_stamp(data), os.path.join(data, records.DATASET_INFO)
+  with open(stamp, "w") as f:
+    f.write(config.to_json(sort_keys=True))
+  os.utime(stamp, (1e9, 1e9))
+  built = os.path.getmtime(info)
+  stages.make_data(config, data)
+  assert os.path.getmtime(stamp) == 1e9 and os.path.getmtime(info) == built
+  with open(stamp) as f:
+    assert json.load(f)["dataset"] == stages.dataset_fingerprint(data) is not None

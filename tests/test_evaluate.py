@@ -124,8 +124,9 @@ def test_predictions_csv_has_every_study_with_its_bag_and_attention(result, data
   assert {r["visit"] for r in rows} == {"0", "1"} and {r["site"] for r in rows} == {"fake"}
   for row, m in zip(rows, index):
     assert float(row["lvef_reference"]) == pytest.approx(m["lvef"], abs=1e-3)
-    # The bag of K = 4: the three long-axis views, then SAX 1 (every second inner slice).
-    assert [row[f"instance_{k}_view"] for k in range(1, 5)] == ["4CH", "2CH", "3CH", "SAX 1"]
+    # The bag of K = 4: the three long-axis views, then SAX 0 (of 0 and 2: four slices, every
+    # second from the first).
+    assert [row[f"instance_{k}_view"] for k in range(1, 5)] == ["4CH", "2CH", "3CH", "SAX 0"]
     assert sum(float(row[f"instance_{k}_attention"]) for k in range(1, 5)) == pytest.approx(
         1.0, abs=1e-3)
     assert float(row["lvef_predicted_tta_sd"]) > 0.0

@@ -466,6 +466,35 @@ def test_pretraining_step_moves_the_temperature_and_clips_it_after_the_update():
     np.testing.assert_allclose(out["logit_scale"], np.exp(start), rtol=1e-5)
 
 
+def test_weight_decay_spares_the_cls_token_and_position_embeddings_and_shrinks_kernels():
+  from cmr_jax.train import optim  # noqa: PLC0415 (a trainer, only here)
+  _, params = _small_dual()
+  lr, wd = 0.1, 0.5
+  tx, schedule = optim.make_optimizer(params, base_lr=lr, total_steps=10, warmup_steps=0,
+                                      weight_decay=wd)
+  assert float(schedule(0)) == pytest.approx(lr)
+  # With zero gradients AdamW's update is the decoupled decay alone: -lr * wd * value.
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = jax.tree.map(lambda p, u: p + u, params, updates)
+  cls_path = ("video_encoder", "cls_positional_encoding", "cls_token")
+  leaf = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)  # noqa: E731
+  assert leaf(params, cls_path).ndim == 3  # a matrix-shaped leaf, yet not decayed
+  np.testing.assert_array_equal(leaf(new, cls_path), leaf(params, cls_path))
+  kernel = params["video_proj"]["kernel"]
+  np.testing.assert_allclose(new["video_proj"]["kernel"], kernel - lr * wd * kernel, rtol=1e-6)
+  decayed = set()
+  for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(params),
+                                   jax.tree.leaves(new)):
+    name = optim.path_str(path)
+    if np.allclose(after, before * (1 - lr * wd), rtol=1e-6) and np.any(before):
+      decayed.add(name)
+    else:
+      np.testing.assert_array_equal(after, before, err_msg=name)
+  assert not any("cls_token" in n or "pos_embed" in n or "bias" in n or "scale" in n
+                 for n in decayed)
+  assert any("blocks" in n and n.endswith("kernel") for n in decayed)
+
+
 def test_chunked_validation_infonce_equals_the_training_loss_per_chunk():
   from cmr_jax.train import pretrain  # noqa: PLC0415 (a trainer, only here)
   rng = np.random.default_rng(10)

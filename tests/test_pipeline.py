@@ -19,7 +19,7 @@ CFG = preprocess.PreprocessConfig(size=24, spacing_mm=5.0, num_frames=8)
 NUM_STUDIES = 11
 UNLABELLED = (3, 7)
 NO_REPORT = (5,)
-IMAGE, FRAMES, BATCH, K = 16, 8, 4, 6
+IMAGE, FRAMES, BATCH, K = 16, 8, 4, 7
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,25 @@ def test_bag_composition():
   # 4CH, 2CH, 3CH, then SAX slices 1 and 3 (every second of 1..4, without 0 and 5).
   assert pipeline.bag_indices(views, slices, 8) == [4, 1, 8, 3, 0]
   assert pipeline.bag_indices(views, slices, 4) == [4, 1, 8, 3]
-  assert pipeline.bag_indices([types.SAX, types.SAX], np.array([1, 0]), 8) == [0, 1]
+  # Five SAX slices or fewer keep their first and last: every second from the base.
+  assert pipeline.bag_indices([types.SAX, types.SAX], np.array([1, 0]), 8) == [1]
   assert pipeline.bag_indices([types.SAX] * 3 + [types.LAX_2CH], np.array([0, 1, 2, -1]), 8) == [
-      3, 1]
+      3, 0, 2]
+
+
+@pytest.mark.parametrize("num_sax, bag_slices", [
+    (3, [0, 2]),  # as the reference implementation: the stack is trimmed only above 5 slices
+    (5, [0, 2, 4]),
+    (6, [1, 3]),  # without slices 0 and 5
+])
+def test_bag_trims_the_sax_stack_only_above_five_slices(num_sax, bag_slices):
+  rng = np.random.default_rng(num_sax)
+  slices = rng.permutation(num_sax)  # stored order need not be base->apex
+  views = [types.LAX_4CH] + [types.SAX] * num_sax
+  slice_index = np.concatenate([[-1], slices])
+  bag = pipeline.bag_indices(views, slice_index, 8)
+  assert bag[0] == 0 and [int(slice_index[i]) for i in bag[1:]] == bag_slices
+  assert pipeline.bag_indices(views[1:], slices, 8) == [i - 1 for i in bag[1:]]  # no long axis
 
 
 def test_pretrain_batches(source, tok):
@@ -126,7 +142,7 @@ def test_finetune_batches_and_bags(source):
     record = source[int(index)]
     bag = pipeline.bag_indices(record.views, record.slice_index, K)
     n = len(bag)
-    assert n == 5  # 3 long-axis views + SAX slices 1 and 3 of 0..4
+    assert n == 6  # 3 long-axis views + SAX slices 0, 2 and 4 of 0..4 (5: none trimmed)
     np.testing.assert_array_equal(batch["mask"][row], [True] * n + [False] * (K - n))
     np.testing.assert_array_equal(batch["view"][row, :n],
                                   [types.VIEW_CODES[record.views[i]] for i in bag])

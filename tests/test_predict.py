@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SALT = "predict-test-salt-0123"
 KAGGLE_ID = 734512
 NUM_SAX = 6  # Kaggle study: bag = 4CH, 2CH, SAX 1, SAX 3 (K = 4)
-ZIP_NUM_SAX = 5  # zipped study, short axis only: bag = SAX 1, SAX 3
+ZIP_NUM_SAX = 5  # zipped study, short axis only: bag = SAX 0, SAX 2, SAX 4 (5: untrimmed)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_each_input_gets_a_row_and_good_studies_a_prediction(result, inputs, pre
     assert sum(v["attention"] for v in row["views"]) == pytest.approx(1.0, abs=1e-5)
     assert all(v["attention"] > 0 for v in row["views"])
   assert _bag(rows[0]) == [("4CH", None), ("2CH", None), ("SAX", 1), ("SAX", 3)]
-  assert _bag(rows[1]) == [("SAX", 1), ("SAX", 3)]
+  assert _bag(rows[1]) == [("SAX", 0), ("SAX", 2), ("SAX", 4)]
 
 
 def test_quality_warnings_name_what_is_wrong(result):
@@ -211,9 +211,10 @@ def test_split_scores_match_the_runs_validation_errors(predictor, data_dir, run_
 @pytest.mark.parametrize("views, k", [
     ((["SAX"] * 9 + ["2CH", "4CH", "3CH"]), 8),  # bag: 3 LAX + SAX 1, 3, 5, 7
     ((["SAX"] * 12 + ["4CH"]), 4),  # truncated: 4CH + SAX 1, 3, 5 (SAX 7, 9 left out)
-    ((["SAX"] * 7), 8),  # short axis only
-    ((["4CH", "2CH", "4CH", "SAX"]), 8),  # long axis only (one SAX slice, unused), 4CH twice
-    ((["SAX"] * 2), 8),  # the bag is every cine
+    ((["SAX"] * 7), 8),  # short axis only: SAX 1, 3, 5
+    ((["SAX"] * 6 + ["2CH"]), 8),  # 2CH + SAX 1, 3 (six slices: trimmed)
+    ((["SAX"] * 5), 8),  # SAX 0, 2, 4 (five slices: not trimmed)
+    ((["4CH", "2CH", "4CH", "SAX"]), 8),  # 4CH, 2CH + the one SAX slice; 4CH twice
 ])
 def test_leave_one_out_bags_are_the_bag_without_one_cine(views, k):
   rng = np.random.default_rng(0)

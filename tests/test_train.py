@@ -158,7 +158,8 @@ def test_finetune_stops_on_non_finite_loss_keeping_last_good_checkpoint(data_dir
     return real_shard(batch, mesh)
 
   monkeypatch.setattr(finetune.sharding, "shard_batch", poisoned)
-  with pytest.raises(common.NonFiniteLossError, match=r"at step 3.*last good checkpoint \(step 2\)"):
+  with pytest.raises(common.NonFiniteLossError,
+                     match=r"at step 3.*last good checkpoint \(step 2\)"):
     finetune.train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert steps == [2]
@@ -199,6 +200,32 @@ def test_cached_feature_finetune_resumes_exactly_and_matches_the_full_model(
   p = inference.predict_run(unbroken, data_dir, "val")
   best = runs.read_best(unbroken)
   np.testing.assert_allclose(np.mean(np.abs(p["pred"] - p["lvef"])), best["val_mae"], rtol=1e-4)
+
+
+def test_finetune_with_patience_killed_midway_stops_where_an_unbroken_run_stops(
+    data_dir, tmp_path, monkeypatch):
+  config = finetune_config(data_dir, "random")
+  config.total_steps, config.eval_every, config.checkpoint.every = 12, 1, 100
+  config.patience = 2
+  unbroken = str(tmp_path / "unbroken")
+  stopped = finetune.train_and_evaluate(config, unbroken)["step"]
+  best_step = runs.read_best(unbroken)["step"]
+  assert stopped == best_step + config.patience < config.total_steps  # it did stop early
+
+  # SIGTERM one evaluation after the best: saved there with one evaluation of patience spent.
+  broken = str(tmp_path / "broken")
+  _at_step(monkeypatch, best_step + 1, _sigterm)
+  assert finetune.train_and_evaluate(config, broken)["step"] == best_step + 1
+  monkeypatch.setattr(common, "check_finite", _REAL_CHECK_FINITE)
+  assert finetune.train_and_evaluate(config, broken)["step"] == stopped
+  assert _losses(broken) == _losses(unbroken)
+  assert runs.read_best(broken) == runs.read_best(unbroken)
+  jax.tree.map(np.testing.assert_array_equal, _restored_params(broken, "best", best_step),
+               _restored_params(unbroken, "best", best_step))
+  # A run that stopped early stays stopped: run again, it trains no further.
+  assert finetune.train_and_evaluate(config, broken)["step"] == stopped
+  assert runs.checkpoint_steps(broken) == [best_step + 1, stopped]
+  assert max(_losses(broken)) == stopped
 
 
 def test_feature_cache_refuses_a_trainable_encoder(data_dir, tmp_path):

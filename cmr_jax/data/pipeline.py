@@ -14,9 +14,9 @@ converts to float and copies grey to 3 channels):
     -1 at padding), lvef float32 [B], study_index int32 [B], valid bool [B]
 At eval every study of the shard appears exactly once: the index list is padded to whole
 batches (and to the same number of batches on every process) with padding rows that have
-valid=False, study_index=-1, zero pixels, lvef=0, text mask 0 (ids [PAD]). At eval, studies without labels are kept
-with lvef=NaN (prediction on unlabelled data); at train they are filtered out. `study_index` is
-the study's index in `source`.
+valid=False, study_index=-1, zero pixels, lvef=0, text mask 0 (ids [PAD]). At eval, studies
+without labels are kept with lvef=NaN (prediction on unlabelled data); at train they are
+filtered out. `study_index` is the study's index in `source`.
 
 Augmentation (train): random crop side within `scale_range` of the stored side about a shifted
 centre, horizontal flip, optional small rotation, resampled to image_size; random gamma and
@@ -47,6 +47,8 @@ from cmr_jax.data import types
 PAD_INDEX = -1
 # The long-axis views of a fine-tuning bag, in bag order, before the SAX subset.
 BAG_LONG_AXIS_ORDER = (types.LAX_4CH, types.LAX_2CH, types.LAX_3CH)
+# A SAX stack of more slices than this loses its first and last slice in a bag (`bag_indices`).
+TRIM_SAX_ABOVE = 5
 LABEL_FRACTION_SALT = "cmr-jax-label-fraction"
 
 
@@ -92,11 +94,13 @@ def study_metadata(source: Source) -> list[dict[str, Any]]:
 
 
 def bag_indices(views: list[str], slice_index: np.ndarray, max_instances: int) -> list[int]:
-  """Cines of a fine-tuning bag, as in the paper.
+  """Cines of a fine-tuning bag, as in the paper's reference implementation.
 
   Each long-axis view present (its first cine, in BAG_LONG_AXIS_ORDER), then every second SAX
-  slice from base to apex without the first and the last, truncated to max_instances. A study
-  with none of these (e.g. only one or two SAX slices) uses all its cines.
+  slice from base to apex, starting at the first, truncated to max_instances. A stack of more
+  than `TRIM_SAX_ABOVE` (5) slices first loses its first and last slice (often off the
+  ventricle): 6 slices give slices 1 and 3, 5 give 0, 2 and 4, 3 give 0 and 2, 2 or 1 give 0.
+  A study with none of these views uses all its cines.
 
   Args:
     views: [N] view of each cine.
@@ -108,7 +112,7 @@ def bag_indices(views: list[str], slice_index: np.ndarray, max_instances: int) -
   """
   bag = [views.index(v) for v in BAG_LONG_AXIS_ORDER if v in views]
   sax = sorted((i for i, v in enumerate(views) if v == types.SAX), key=lambda i: slice_index[i])
-  bag += sax[1:-1][::2]
+  bag += (sax[1:-1] if len(sax) > TRIM_SAX_ABOVE else sax)[::2]
   if not bag:
     bag = list(range(len(views)))
   return bag[:max_instances]

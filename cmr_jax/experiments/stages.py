@@ -8,6 +8,8 @@ with every layer trained (the paper found freezing better than unfreezing).
 
 from collections.abc import Sequence
 import dataclasses
+import hashlib
+import itertools
 import json
 import os
 import time
@@ -17,6 +19,7 @@ import jax
 import ml_collections
 
 from cmr_jax.data import preprocess
+from cmr_jax.data import records
 from cmr_jax.phantom import synthetic
 from cmr_jax import runs
 
@@ -70,22 +73,67 @@ def use_compilation_cache(workdir: str) -> None:
 
 
 def make_data(config: ml_collections.ConfigDict, out: str) -> None:
-  """Builds the dataset unless `out` already holds one made from the same config."""
+  """Builds the dataset unless `out` holds the one `make_data` built from the same config.
+
+  The stamp (`data_stamp`) records the data config and a fingerprint of what was built
+  (`dataset_fingerprint`). Another config, or a dataset changed since (rebuilt by another tool,
+  a rebuild interrupted), means a rebuild; its new stamp is newer than every run made from the
+  old data, so `finished` moves those runs aside (their training subjects may now be in test).
+  """
   stamp = data_stamp(out)
-  wanted = config.to_json(sort_keys=True)
-  if os.path.exists(stamp) and open(stamp).read() == wanted:
+  wanted = json.loads(config.to_json(sort_keys=True))
+  stored = _read_json(stamp)
+  if stored == {"config": wanted, "dataset": dataset_fingerprint(out)}:
     logging.info("dataset %s is up to date", out)
     return
+  if stored == wanted:  # a stamp of the config alone (an older version): add the fingerprint
+    when = os.path.getmtime(stamp)
+    _write_stamp(stamp, wanted, out)
+    os.utime(stamp, (when, when))  # the dataset's time is unchanged
+    return
+  if stored is not None:
+    logging.warning("dataset %s was built from another data config or changed since: "
+                    "rebuilding it (every stage made from it starts afresh)", out)
+    os.remove(stamp)  # an interrupted rebuild must not look complete
   spec = synthetic.SyntheticSpec.from_dict(config.spec.to_dict())
   synthetic.build_synthetic(spec, out, cfg=preprocess.PreprocessConfig.from_dict(
       config.preprocess.to_dict()), num_shards=config.num_shards, num_workers=config.num_workers)
-  with open(stamp, "w") as f:
-    f.write(wanted)
+  _write_stamp(stamp, wanted, out)
 
 
 def data_stamp(data_dir: str) -> str:
   """The file `make_data` writes when a dataset is complete (its time is the dataset's)."""
   return os.path.join(data_dir, "demo_config.json")
+
+
+def dataset_fingerprint(data_dir: str) -> str | None:
+  """SHA-256 of a built dataset's dataset_info.json and split indexes (subjects, labels, order);
+  None when it is incomplete."""
+  digest = hashlib.sha256()
+  try:
+    names = [records.DATASET_INFO] + [split + records.INDEX_SUFFIX for split in sorted(
+        records.read_dataset_info(data_dir)["splits"])]
+    for name in names:
+      with open(os.path.join(data_dir, name), "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read())
+  except (OSError, ValueError, KeyError):
+    return None
+  return digest.hexdigest()
+
+
+def _read_json(path: str):
+  """The content of a JSON file; None when it is missing or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_stamp(stamp: str, config: dict, data_dir: str) -> None:
+  with open(stamp, "w") as f:
+    json.dump({"config": config, "dataset": dataset_fingerprint(data_dir)}, f, indent=1,
+              sort_keys=True)
 
 
 def final_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -108,8 +156,8 @@ def finished(workdir: str, config: ml_collections.ConfigDict,
 
   A run left by another config (e.g. an older version of the demo), or started before any of
   its `upstream` inputs was last written (a dataset rebuilt, a pre-training run redone since:
-  `data_stamp`, `final_checkpoint`), is moved aside to `{workdir}.stale-{time}`, with a warning,
-  so that the stage starts afresh instead of resuming from or reusing it.
+  `data_stamp`, `final_checkpoint`), is moved aside to `{workdir}.stale-{time}[-n]`, with a
+  warning, so that the stage starts afresh instead of resuming from or reusing it.
   """
   saved = os.path.join(workdir, runs.CONFIG_JSON)
   if os.path.exists(saved):
@@ -118,7 +166,11 @@ def finished(workdir: str, config: ml_collections.ConfigDict,
     started = os.path.getmtime(saved)
     newer = [p for p in upstream if os.path.exists(p) and os.path.getmtime(p) > started]
     if not same or newer:
-      aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+      aside = base = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+      for n in itertools.count(1):  # unique: two moves may fall in one second
+        if not os.path.exists(aside):
+          break
+        aside = f"{base}-{n}"
       why = "another config" if not same else f"inputs written since it started ({newer})"
       logging.warning("%s was made with %s: moved to %s; the stage starts afresh", workdir, why,
                       aside)

@@ -36,13 +36,31 @@ MIN_VALIDATION_STUDIES = 30  # fewer make val_rmse a rough estimate
 BAGS_PER_CALL = 4  # bags scored per Predictor call, in eval batches
 
 
+def _sax_with_bag(sax: list[int], wanted: list[int]) -> list[int]:
+  """SAX cines of the stack `sax` (base to apex) whose bag SAX slices are exactly `wanted`.
+
+  `wanted` are bag slices (at least two stack positions apart) in stack order. Up to three
+  are interleaved with one unused slice each (at most 5 slices: not trimmed, every second from
+  the first); more get an unused slice before the first and after the last as well (more than
+  5: trimmed, then every second). See `pipeline.bag_indices`.
+  """
+  if not wanted:
+    return []
+  at = [sax.index(i) for i in wanted]
+  core = [c for p in at[:-1] for c in (sax[p], sax[p + 1])] + [wanted[-1]]
+  if len(core) <= pipeline.TRIM_SAX_ABOVE:
+    return core
+  return [sax[at[0] - 1]] + core + [sax[at[-1] + 1]]
+
+
 def leave_one_out_cines(views: Sequence[str], slice_index: np.ndarray,
                         max_instances: int) -> list[list[int]]:
   """Cine subsets whose bags are the study's bag without one cine each (in bag order).
 
-  `pipeline.bag_indices` takes every second SAX slice without the first and last, so leaving out
-  a bag SAX slice also leaves out the (unused) slice after it, keeping the others' parity; only
-  the slices up to the bag's last are kept, so no slice beyond `max_instances` slides in.
+  `pipeline.bag_indices` takes every second SAX slice, of the stack without its first and last
+  slice when it has more than 5: each subset keeps the other bag cines and just enough unused
+  SAX slices around them that the rule picks those again, and no slice beyond `max_instances`
+  slides in.
 
   Args:
     views: [N] view of each cine.
@@ -58,18 +76,8 @@ def leave_one_out_cines(views: Sequence[str], slice_index: np.ndarray,
   sax = sorted((i for i, v in enumerate(views) if v == types.SAX), key=lambda i: slice_index[i])
   lax = [i for i in bag if views[i] != types.SAX]
   sax_in_bag = [i for i in bag if views[i] == types.SAX]
-  if not lax and len(sax) < 3:  # the bag is every cine (see `bag_indices`)
-    return [sorted(set(bag) - {i}) for i in bag]
-  scaffold = sax[:2 * len(sax_in_bag) + 1]  # [unused, bag slice, unused, bag slice, ..., unused]
-  out = []
-  for i in bag:
-    if views[i] == types.SAX:
-      at = scaffold.index(i)
-      keep = lax + scaffold[:at] + scaffold[at + 2:]
-    else:
-      keep = [j for j in lax if j != i] + scaffold
-    out.append(sorted(keep))
-  return out
+  return [sorted([j for j in lax if j != i]
+                 + _sax_with_bag(sax, [j for j in sax_in_bag if j != i])) for i in bag]
 
 
 def subset_record(record: types.StudyRecord, cines: Sequence[int]) -> types.StudyRecord:

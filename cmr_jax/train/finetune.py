@@ -8,9 +8,11 @@ The encoder comes from a pre-training run (`config.init="pretrain:WORKDIR"`) or 
 initialisation (`"random"`, the from-scratch baseline). Labels may be subsampled by subject
 (`config.data.label_fraction`). Validation MAE is computed every `eval_every` steps; the best
 checkpoint is kept in `{workdir}/best` and training stops early after `patience` evaluations
-without improvement. The loop trains on one of two feeds: augmented bags streamed through the
-whole model (`StreamingBags`), or, with a frozen encoder and `feature_cache.passes > 0`, the
-encoder's features of that many augmented passes computed once (`feature_cache.CachedFeatures`).
+without improvement (counted from the step in best.json: a resumed run stops where an unbroken
+one does, and a run that stopped early stays stopped). The loop trains on one of two feeds:
+augmented bags streamed through the whole model (`StreamingBags`), or, with a frozen encoder and
+`feature_cache.passes > 0`, the encoder's features of that many augmented passes computed once
+(`feature_cache.CachedFeatures`).
 """
 
 from __future__ import annotations
@@ -129,6 +131,18 @@ class StreamingBags:
     return inference.predict_split(self._predict, params, self._val, self._config, self._mesh)
 
 
+def evaluations_since(best_step: int, step: int, config: ml_collections.ConfigDict) -> int:
+  """Validations in steps (best_step, step]: every `eval_every`-th step and the last one.
+
+  The early-stopping count, derived from the run's saved state (the step and best.json's best
+  step) rather than kept in memory, so it survives a resume.
+  """
+  if step <= best_step:
+    return 0
+  n = step // config.eval_every - best_step // config.eval_every
+  return n + int(step == config.total_steps and step % config.eval_every != 0)
+
+
 def cache_passes(config: ml_collections.ConfigDict) -> int:
   """Augmented passes of cached encoder features (0: the streaming loop; see feature_cache)."""
   passes = int(config.get("feature_cache", {}).get("passes", 0))
@@ -140,6 +154,7 @@ def cache_passes(config: ml_collections.ConfigDict) -> int:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs or resumes fine-tuning in `workdir`; returns final and best validation metrics."""
+  config = runs.with_init_input_norm(config)  # input normalised as the init's weights expect
   runs.save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   d = config.data
@@ -167,6 +182,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt, state = common.resume(workdir, config, state, data_iter)
   best = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.BEST_DIR), max_to_keep=1,
                                      async_save=False, best_metric="val_mae", best_mode="min")
+  best_mae, best_step = np.inf, 0  # the lowest validation MAE and its step (0: none yet)
+  summary = runs.read_best(workdir) if best.best_step() is not None else None
+  if summary is not None:
+    best_mae, best_step = float(summary["val_mae"]), int(summary["step"])
+  if config.patience and evaluations_since(best_step, int(state.step), config) >= config.patience:
+    logging.info("the run in %s stopped early at step %d (best step %d): nothing to resume",
+                 workdir, int(state.step), best_step)
+    ckpt.close()
+    best.close()
+    return {"step": int(state.step), "best_val_mae": best_mae}
   n_train = optim.count_params(jax.tree.map(
       lambda p, l: p if l == optim.TRAINABLE else np.zeros(0),
       state.params, optim.trainable_labels(state.params,
@@ -188,9 +213,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = common.Preemption()
   step = int(state.step)
   last_good = ckpt.latest_step()
-  best_mae, evals_since_best = np.inf, 0
-  if best.best_step() is not None:
-    best_mae = float(runs.read_best(workdir)["val_mae"])
   final: dict[str, Any] = {}
   t0 = time.time()
   try:
@@ -217,12 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, {"val_mae": val_mae})
         final["val_mae"] = val_mae
         if val_mae < best_mae:
-          best_mae, evals_since_best = val_mae, 0
+          best_mae, best_step = val_mae, step
           best.save(step, state, metrics={"val_mae": val_mae}, force=True)
           runs.write_best(workdir, step, val_mae, residual)
-        else:
-          evals_since_best += 1
-        if config.patience and evals_since_best >= config.patience:
+        if config.patience and evaluations_since(best_step, step, config) >= config.patience:
           logging.info("early stop at step %d: no val MAE improvement in %d evaluations "
                        "(best %.3f)", step, config.patience, best_mae)
           stop = True

@@ -1,7 +1,8 @@
-"""Optimizers: AdamW with warm-up and cosine decay, gradient clipping, and freezing by parameter path.
+"""Optimizers: AdamW with warm-up and cosine decay, gradient clipping, freezing by parameter path.
 
-Frozen parameters go through `optax.set_to_zero` inside `optax.multi_transform`, so they receive no update
-and carry no optimizer state (AdamW moments exist only for trainable leaves).
+Frozen parameters go through `optax.set_to_zero` inside `optax.multi_transform`, so they receive
+no update and carry no optimizer state (AdamW moments exist only for trainable leaves). Weight
+decay reaches kernels and token embeddings only (`weight_decay_mask`).
 """
 
 from __future__ import annotations
@@ -56,19 +57,32 @@ def trainable_labels(params: Any, trainable_patterns: Sequence[str]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+# Parameters of two or more dimensions that get no weight decay (as SlowFast/pytorchvideo's MViT
+# `no_weight_decay`): the position embeddings and the CLS token.
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for the leaves AdamW decays: kernels and token embeddings only, not biases, norms,
+  position embeddings, the CLS token (`NO_DECAY_NAMES`) or the temperature."""
+  def decays(path, x) -> bool:
+    name = path_str(path)
+    return x.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(params: Any, *, base_lr: float, total_steps: int, warmup_steps: int,
                    weight_decay: float = 0.05, grad_clip_norm: float | None = 1.0,
                    b1: float = 0.9, b2: float = 0.999,
                    trainable_patterns: Sequence[str] = (),
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (decoupled weight decay on matrices only) with clipping; frozen leaves get no state.
+  """AdamW (decoupled weight decay per `weight_decay_mask`) with clipping; frozen leaves: no state.
 
   Returns the transformation and its learning-rate schedule (for logging).
   """
   schedule = lr_schedule(base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps)
-  # Weight decay on kernels/embeddings only, not on biases, norms, position embeddings or the temperature.
-  decay_mask = jax.tree_util.tree_map_with_path(
-      lambda p, x: x.ndim >= 2 and "pos_embed" not in path_str(p), params)
+  decay_mask = weight_decay_mask(params)
   chain = []
   if grad_clip_norm:
     chain.append(optax.clip_by_global_norm(grad_clip_norm))
