@@ -18,12 +18,15 @@ from absl import flags
 from absl import logging
 
 from cmr_jax.data import preprocess
+from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
+from cmr_jax.dicom import output as output_dir
 from cmr_jax.dicom import pseudonym
 from cmr_jax import logs
 
 _DEFAULTS = preprocess.PreprocessConfig()
+_LIMITS = dicom_files.ReadLimits()
 _LAYOUT = flags.DEFINE_enum("layout", None, layouts.LAYOUTS, "Archive layout.", required=True)
 _INPUT = flags.DEFINE_string("input", None, "Input folder (or zip/file: generic).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output dataset folder.", required=True)
@@ -48,6 +51,18 @@ _FRAMES = flags.DEFINE_integer("frames", _DEFAULTS.num_frames, "Stored frames pe
 _PATH_KEY = flags.DEFINE_string(
     "path_key", "", "Optional private CSV (outside --output) mapping file pseudonyms to paths.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild instead of resuming.")
+_MAX_FILE_BYTES = flags.DEFINE_integer(
+    "max_file_bytes", _LIMITS.max_file_bytes, "Bytes read from one file or zip member at most; "
+    "larger files are skipped (manifest reason).")
+_MAX_FRAME_PIXELS = flags.DEFINE_integer(
+    "max_frame_pixels", _LIMITS.max_frame_pixels, "Rows x Columns a file's header may claim.")
+_MAX_FRAMES = flags.DEFINE_integer(
+    "max_frames_per_file", _LIMITS.max_frames_per_file, "NumberOfFrames a header may claim.")
+_MAX_PIXEL_BYTES = flags.DEFINE_integer(
+    "max_pixel_bytes", _LIMITS.max_pixel_bytes, "Decoded pixel bytes a header may claim.")
+_MAX_ELEMENT_READS = flags.DEFINE_integer(
+    "max_element_reads", _LIMITS.max_element_reads, "Reads of data elements (1-3 each: tag, "
+    "length, value) while parsing one file.")
 _ENGINE = flags.DEFINE_enum(
     "engine", "local", ["local", "beam"],
     "local: worker processes on this machine (resumable); beam: an Apache Beam pipeline "
@@ -66,20 +81,34 @@ def main() -> None:
     logging.warning("using the public demo salt: pseudonyms are NOT protected (demo data only)")
   cfg = dataclasses.replace(_DEFAULTS, size=_SIZE.value, spacing_mm=_SPACING.value,
                             num_frames=_FRAMES.value)
+  try:
+    limits = dicom_files.ReadLimits(
+        max_file_bytes=_MAX_FILE_BYTES.value, max_frame_pixels=_MAX_FRAME_PIXELS.value,
+        max_frames_per_file=_MAX_FRAMES.value, max_pixel_bytes=_MAX_PIXEL_BYTES.value,
+        max_element_reads=_MAX_ELEMENT_READS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   options = ingest.IngestOptions(
       layout=_LAYOUT.value, input=_INPUT.value, output=_OUTPUT.value, salt=salt,
       labels=_LABELS.value, reports=_REPORTS.value, site=_SITE.value, external=_EXTERNAL.value,
       workers=_WORKERS.value, chunk_studies=_CHUNK.value, num_shards=_SHARDS.value,
-      preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value)
-  if _ENGINE.value == "beam":
-    from cmr_jax.dicom import beam_pipeline  # pylint: disable=import-outside-toplevel
-    summary = beam_pipeline.run_beam_ingest(options, _BEAM_ARGS.value.split())
-  else:
-    summary = ingest.run_ingest(options)
+      preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value, limits=limits)
+  try:  # inputs and output are checked before anything in the output is removed or written
+    if _ENGINE.value == "beam":
+      from cmr_jax.dicom import beam_pipeline  # pylint: disable=import-outside-toplevel
+      output_dir.check_input(options.layout, options.input, labels=options.labels,
+                             reports=options.reports, path_key=options.path_key,
+                             output=options.output)
+      output_dir.prepare_rebuild(options.output, overwrite=options.overwrite)
+      summary = beam_pipeline.run_beam_ingest(options, _BEAM_ARGS.value.split())
+    else:
+      summary = ingest.run_ingest(options)
+  except output_dir.UsageProblem as e:
+    raise app.UsageError(str(e)) from None
   print(f"files: {summary.files_in} in = {summary.files_used} used + {summary.files_skipped} "
         f"skipped; studies: {summary.num_studies} found, {summary.converted} converted now, "
-        f"{summary.resumed} resumed, {summary.skipped_studies} without a record; "
-        f"{summary.studies_per_s:.2f} studies/s")
+        f"{summary.resumed} resumed, {summary.changed} converted again (files changed), "
+        f"{summary.skipped_studies} without a record; {summary.studies_per_s:.2f} studies/s")
   print(json.dumps(dataclasses.asdict(summary), allow_nan=True))
 
 

@@ -24,6 +24,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cmr_jax.data import preprocess
+from cmr_jax.data import records
 from cmr_jax.dicom import layouts
 from cmr_jax.dicom import pseudonym
 from cmr_jax import inference
@@ -53,10 +55,11 @@ _LOO = flags.DEFINE_bool("loo", True, "Leave-one-cine-out spread for the interva
 
 
 def main(inputs: list[str]) -> int:
-  if bool(inputs) == bool(_DATA_DIR.value):
-    raise app.UsageError("give study folders/zips as arguments, or --data_dir (not both)")
-  if not _OUTPUT.value.lower().endswith(output.OUTPUT_FORMATS):
-    raise app.UsageError(f"--output must end in {' or '.join(output.OUTPUT_FORMATS)}")
+  try:  # before loading the model or predicting anything
+    predict.check_arguments(inputs=inputs, data_dir=_DATA_DIR.value, split=_SPLIT.value,
+                            labels=_LABELS.value, output_path=_OUTPUT.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   salt = _SALT.value or os.environ.get(pseudonym.SALT_ENV_VAR, "")
   if salt:
     try:
@@ -66,7 +69,17 @@ def main(inputs: list[str]) -> int:
   elif inputs:
     salt = secrets.token_hex(RANDOM_SALT_BYTES)
     logging.info("no salt given: study pseudonyms use a random salt for this run")
-  predictor = inference.Predictor(_MODEL.value)
+  if not os.path.isdir(_MODEL.value):
+    raise app.UsageError(f"--model {_MODEL.value} is not a folder (a fine-tuning run's)")
+  try:
+    predictor = inference.Predictor(_MODEL.value)
+    if _DATA_DIR.value:
+      records.check_preprocess(_DATA_DIR.value, preprocess.PreprocessConfig.from_dict(
+          predictor.preprocess))
+  # Not a fine-tuning run, a checkpoint that does not fit its config, a dataset preprocessed
+  # otherwise than the model's training data: one line each.
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(f"--model {_MODEL.value}: {e}".replace("\n", " ")) from None
   if predictor.best:
     logging.info("model %s: step %d, validation MAE %.2f, RMSE %.2f (%d studies)", _MODEL.value,
                  predictor.best["step"], predictor.best["val_mae"], predictor.best["val_rmse"],

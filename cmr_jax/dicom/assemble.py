@@ -135,11 +135,15 @@ class _Ledger:
 
 def _decode(candidates: list[_Candidate], datasets: dict[dicom_files.FileRef, Dataset],
             ledger: _Ledger) -> list[_Candidate]:
-  """Decodes the pixels of each candidate (float32, rescaled); drops undecodable frames."""
+  """Decodes the pixels of each candidate (float32, rescaled); drops undecodable frames.
+
+  Each file is decoded once; a cine's float32 frames are written into one array (no per-frame
+  copies), so a file at `files.ReadLimits.max_pixel_bytes` costs about three times that.
+  """
   cache: dict[dicom_files.FileRef, np.ndarray | str] = {}
   decoded = []
   for cand in candidates:
-    arrays, good, good_index = [], [], []
+    arrays, good, good_index = [], [], []  # arrays: (file's frames, index, slope, intercept)
     for i, f in enumerate(cand.frames):
       if f.ref not in cache:
         ds = datasets[f.ref]
@@ -156,8 +160,7 @@ def _decode(candidates: list[_Candidate], datasets: dict[dicom_files.FileRef, Da
       if isinstance(arr, str):
         ledger.drop([f], arr, cand.series)
         continue
-      slope, intercept = f.rescale
-      arrays.append(arr[f.index].astype(np.float32) * np.float32(slope) + np.float32(intercept))
+      arrays.append((arr, f.index) + f.rescale)
       good.append(f)
       good_index.append(i)
     if len(good) < MIN_CINE_FRAMES:
@@ -166,7 +169,12 @@ def _decode(candidates: list[_Candidate], datasets: dict[dicom_files.FileRef, Da
       continue
     if cand.times_ms is not None:
       cand.times_ms = cand.times_ms[good_index]
-    cand.frames, cand.pixels = good, np.stack(arrays)
+    cand.pixels = np.empty((len(good),) + good[0].shape, np.float32)
+    for out, (arr, index, slope, intercept) in zip(cand.pixels, arrays):
+      out[...] = arr[index]
+      out *= np.float32(slope)
+      out += np.float32(intercept)
+    cand.frames = good
     decoded.append(cand)
   return decoded
 

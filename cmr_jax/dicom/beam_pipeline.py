@@ -32,6 +32,7 @@ from array_record.python import array_record_module
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.dicom import assemble
+from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
 
@@ -52,9 +53,11 @@ class Converted:
 
 
 def convert_study(spec: layouts.StudySpec, *, salt: str, root: str,
-                  cfg: preprocess.PreprocessConfig, split_fn) -> Converted:
+                  cfg: preprocess.PreprocessConfig, split_fn,
+                  limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> Converted:
   """Reads, assembles, pseudonymises and preprocesses one study; never raises."""
-  loaded = ingest.load_study(spec, salt=salt, root=root, min_frames=cfg.min_frames)
+  loaded = ingest.load_study(spec, salt=salt, root=root, min_frames=cfg.min_frames,
+                             limits=limits)
   study_id, _ = ingest.study_pseudonyms(spec, salt)
   if loaded.study is None:
     return Converted(study_id, rows=loaded.rows, reason=loaded.reason)
@@ -116,7 +119,7 @@ def build_pipeline(pipeline, discovery: layouts.Discovery, opts: ingest.IngestOp
       | "Studies" >> beam.Create(discovery.specs)
       | "Reshuffle" >> beam.Reshuffle()
       | "Convert" >> beam.Map(convert_study, salt=opts.salt, root=opts.input,
-                              cfg=opts.preprocess, split_fn=split_fn))
+                              cfg=opts.preprocess, split_fn=split_fn, limits=opts.limits))
   shards = (
       converted
       | "WithRecord" >> beam.Filter(lambda c: bool(c.record))
@@ -156,7 +159,7 @@ def run_beam_ingest(opts: ingest.IngestOptions,
   start = time.monotonic()
   os.makedirs(opts.output, exist_ok=True)
   discovery = layouts.discover(opts.layout, opts.input, labels=opts.labels, reports=opts.reports,
-                               site=opts.site, workers=opts.workers)
+                               site=opts.site, workers=opts.workers, limits=opts.limits)
   with beam.Pipeline(options=pipeline_options.PipelineOptions(list(pipeline_args))) as p:
     build_pipeline(p, discovery, opts)
   elapsed = time.monotonic() - start

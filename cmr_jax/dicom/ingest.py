@@ -13,7 +13,10 @@ An ingest run writes, under `--output`:
   manifest.csv                 every input file: file pseudonym, study pseudonym, series,
                                status (used/skipped), reason; files in = used + skipped
 A rerun skips the studies of finished parts and converts the rest into new parts, so an
-interrupted run resumes where it stopped (losing at most the part in progress).
+interrupted run resumes where it stopped (losing at most the part in progress). Before anything
+is removed or written, the inputs and the output are checked (`cmr_jax.dicom.output`): a rerun
+with another salt is refused, and a part holding a study whose input files changed (size,
+modification time) is converted again.
 
 Privacy: outputs and logs hold pseudonyms only. Input paths are pseudonymised too (`f-<hmac>`
 of the path relative to the input), since folder and zip names carry Kaggle Ids, UK Biobank eids
@@ -45,15 +48,17 @@ from cmr_jax.data import types
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import layouts
+from cmr_jax.dicom import output as outputs
 from cmr_jax.dicom import parse
 from cmr_jax.dicom import pseudonym
 
-MANIFEST = "manifest.csv"
+MANIFEST = outputs.MANIFEST
 MANIFEST_COLUMNS = ("file", "study", "series", "status", "reason")
-PARTS = "parts"
-PART_NAME = "part-{index:05d}"
-DONE_SUFFIX = ".done.json"
-MANIFEST_SUFFIX = ".manifest.csv"
+PARTS = outputs.PARTS
+PART_NAME = outputs.PART_NAME
+DONE_SUFFIX = outputs.DONE_SUFFIX
+MANIFEST_SUFFIX = outputs.MANIFEST_SUFFIX
+UsageProblem = outputs.UsageProblem
 ROWS_DIR = ".rows"  # per-study file rows written by the workers of the part in progress
 DEFAULT_CHUNK_STUDIES = 500
 
@@ -92,7 +97,8 @@ def file_pseudonym(ref: dicom_files.FileRef, root: str, salt: str) -> str:
 
 
 def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
-               min_frames: int = assemble.MIN_CINE_FRAMES) -> LoadedStudy:
+               min_frames: int = assemble.MIN_CINE_FRAMES,
+               limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> LoadedStudy:
   """Reads one study's DICOM files into a pseudonymised `Study`; never raises.
 
   Args:
@@ -100,13 +106,14 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
     salt: pseudonymisation salt.
     root: the input root (file pseudonyms are of paths relative to it).
     min_frames: the fewest frames a cine may have.
+    limits: what one file may make the reader read and allocate.
 
   Returns:
     The study (None when no cine is usable, with the reason) and one row per file.
   """
   study_id, subject_id = study_pseudonyms(spec, salt)
   try:
-    assembled = assemble.assemble_study(parse.read_files(spec.files, spec.hints),
+    assembled = assemble.assemble_study(parse.read_files(spec.files, spec.hints, limits),
                                         min_frames=min_frames)
   except Exception as e:  # a bug or unforeseen input must cost one study, not the run  # pylint: disable=broad-except
     reason = f"study unreadable ({type(e).__name__})"
@@ -163,9 +170,11 @@ class StudyLoader:
   root: str
   rows_path: str
   min_frames: int = assemble.MIN_CINE_FRAMES
+  limits: dicom_files.ReadLimits = dicom_files.ReadLimits()
 
   def __call__(self) -> types.Study:
-    loaded = load_study(self.spec, salt=self.salt, root=self.root, min_frames=self.min_frames)
+    loaded = load_study(self.spec, salt=self.salt, root=self.root, min_frames=self.min_frames,
+                        limits=self.limits)
     _write_rows(self.rows_path, loaded.rows)
     if loaded.study is None:
       raise ValueError(loaded.reason)
@@ -190,7 +199,10 @@ class IngestOptions:
     num_shards: shards per split within a part.
     preprocess: the stored geometry of the records.
     path_key: optional CSV (outside `output`) mapping file pseudonyms to input paths.
-    overwrite: remove the output's previous parts first instead of resuming.
+    overwrite: remove what an earlier ingest wrote in the output (`output.clear`: its names
+      only) instead of resuming; other files stay.
+    limits: what one input file may make the reader read and allocate (a file over a limit is
+      skipped with the reason).
   """
 
   layout: str
@@ -207,6 +219,7 @@ class IngestOptions:
   preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
   path_key: str = ""
   overwrite: bool = False
+  limits: dicom_files.ReadLimits = dicom_files.ReadLimits()
 
 
 @dataclasses.dataclass
@@ -224,39 +237,13 @@ class IngestSummary:
   files_skipped: int
   elapsed_s: float
   studies_per_s: float  # studies read and converted per second in this run
+  changed: int = 0  # studies converted again because their input files changed since
 
 
 def split_function(opts: IngestOptions) -> splits.SubjectSplitter:
   """The record -> split rule: subject-grouped, or all "external" with `opts.external`."""
   return splits.SubjectSplitter(
       external_sites=frozenset([opts.site or opts.layout]) if opts.external else frozenset())
-
-
-def _part_dir(output: str, index: int) -> str:
-  return os.path.join(output, PARTS, PART_NAME.format(index=index))
-
-
-def _finished_parts(output: str, cfg: preprocess.PreprocessConfig) -> list[tuple[int, list[str]]]:
-  """(index, study pseudonyms) of every finished part; removes unfinished ones."""
-  parts_dir = os.path.join(output, PARTS)
-  if not os.path.isdir(parts_dir):
-    return []
-  finished = []
-  for name in sorted(os.listdir(parts_dir)):
-    if not name.endswith(DONE_SUFFIX):
-      continue
-    with open(os.path.join(parts_dir, name)) as f:
-      done = json.load(f)
-    if done["preprocess"] != cfg.to_dict():
-      raise ValueError(
-          f"{output} holds records made with another preprocessing config ({done['preprocess']}); "
-          "use a new --output, the same config, or --overwrite")
-    finished.append((done["index"], done["studies"]))
-  done_names = {PART_NAME.format(index=i) for i, _ in finished}
-  for name in os.listdir(parts_dir):
-    if os.path.isdir(os.path.join(parts_dir, name)) and name not in done_names:
-      shutil.rmtree(os.path.join(parts_dir, name))  # interrupted part: redone
-  return finished
 
 
 def mark_unconverted(rows: list[FileRow], *, failed: dict[str, str] | None = None,
@@ -293,11 +280,12 @@ def mark_unconverted(rows: list[FileRow], *, failed: dict[str, str] | None = Non
 
 
 def _write_manifest(path: str, rows: Sequence[FileRow]) -> None:
-  with open(path, "w", newline="") as f:
+  with open(path + ".tmp", "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(MANIFEST_COLUMNS)
     for r in rows:
       writer.writerow([getattr(r, c) for c in MANIFEST_COLUMNS])
+  os.replace(path + ".tmp", path)
 
 
 def read_manifest(path: str) -> list[dict[str, str]]:
@@ -307,9 +295,10 @@ def read_manifest(path: str) -> list[dict[str, str]]:
 
 
 def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOptions,
-                split_fn) -> records.BuildSummary:
-  """Converts one chunk of studies into `parts/part-<index>` and marks it done."""
-  part = _part_dir(opts.output, index)
+                split_fn, fingerprints: dict[str, str]) -> records.BuildSummary:
+  """Converts one chunk of studies into `parts/part-<index>` and marks it done (with the salt's
+  and the studies' input fingerprints, `outputs.read_parts`)."""
+  part = outputs.part_dir(opts.output, index)
   rows_dir = os.path.join(part, ROWS_DIR)
   os.makedirs(rows_dir, exist_ok=True)
   items, names = [], []
@@ -318,7 +307,7 @@ def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOpti
     names.append(study_id)
     items.append(records.BuildItem(study_id, StudyLoader(
         spec, opts.salt, opts.input, os.path.join(rows_dir, study_id + ".json"),
-        min_frames=opts.preprocess.min_frames)))
+        min_frames=opts.preprocess.min_frames, limits=opts.limits)))
   summary = records.build_dataset(items, part, cfg=opts.preprocess, split_fn=split_fn,
                                   num_shards=opts.num_shards, num_workers=opts.workers)
   rows = []
@@ -334,9 +323,11 @@ def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOpti
                           skipped_cines=summary.skipped_cines)
   shutil.rmtree(rows_dir)
   _write_manifest(part + MANIFEST_SUFFIX, rows)
-  with open(part + DONE_SUFFIX, "w") as f:
-    json.dump({"index": index, "studies": names, "preprocess": opts.preprocess.to_dict(),
-               "skipped": summary.skipped, "duplicates": summary.duplicates}, f)
+  outputs.write_json(part + DONE_SUFFIX, {
+      "index": index, "studies": names, "preprocess": opts.preprocess.to_dict(),
+      "salt": outputs.salt_fingerprint(opts.salt),
+      "inputs": {s: fingerprints[s] for s in names},
+      "skipped": summary.skipped, "duplicates": summary.duplicates})
   return summary
 
 
@@ -403,7 +394,7 @@ def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.Prepr
   shards, skipped, duplicates, skipped_cines = [], [], [], []
   num_items = 0
   for index in part_indices:
-    part = _part_dir(output, index)
+    part = outputs.part_dir(output, index)
     info = records.read_dataset_info(part)
     num_items += info["num_items"]
     skipped += info["skipped"]
@@ -424,36 +415,78 @@ def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.Prepr
 def _write_path_key(path: str, discovery: layouts.Discovery, opts: IngestOptions) -> None:
   """The data owner's private map from file pseudonyms back to input paths."""
   refs = [r for spec in discovery.specs for r in spec.files] + [r for r, _ in discovery.orphans]
-  with open(path, "w", newline="") as f:
+  with open(path, "w", newline="", errors="surrogateescape") as f:  # names as their bytes
     writer = csv.writer(f)
     writer.writerow(["file", "path"])
     for ref in refs:
       writer.writerow([file_pseudonym(ref, opts.input, opts.salt), ref.relative(opts.input)])
 
 
+def _check(opts: IngestOptions, output: str) -> tuple[layouts.Discovery, list[outputs.Part],
+                                                     dict[str, str], bool]:
+  """Every check of the inputs and the output, done before anything there is removed or written.
+
+  Returns:
+    (the input's studies, the finished parts to resume, the input fingerprint by study
+    pseudonym, whether the output holds an earlier ingest's output).
+  """
+  outputs.check_input(opts.layout, opts.input, labels=opts.labels, reports=opts.reports,
+                      path_key=opts.path_key, output=output)
+  existing = outputs.check_output(output, overwrite=opts.overwrite)
+  finished = [] if opts.overwrite else outputs.read_parts(output, opts.preprocess, opts.salt)
+  try:
+    discovery = layouts.discover(opts.layout, opts.input, labels=opts.labels,
+                                 reports=opts.reports, site=opts.site, workers=opts.workers,
+                                 limits=opts.limits)
+  except ValueError as e:  # the labels or reports CSV, the layout's options
+    raise UsageProblem(dicom_files.printable(str(e))) from None
+  if not discovery.specs:
+    reasons = collections.Counter(r for _, r in discovery.orphans).most_common(3)
+    what = (f"no studies found below --input with --layout={opts.layout} ("
+            + ("; ".join(f"{n} files: {r}" for r, n in reasons) or "no files") + ")")
+    if existing or not discovery.orphans:  # (the input path is named on stderr, not in logs)
+      raise UsageProblem(what.replace("--input", f"--input {dicom_files.printable(opts.input)}")
+                         + (f"; {dicom_files.printable(output)} left as it was" if existing
+                            else ""))
+    logging.warning("%s: check the layout and the input folder (reasons in %s)", what, MANIFEST)
+  fingerprints = {study_pseudonyms(s, opts.salt)[0]: outputs.inputs_fingerprint(
+      s, opts.input, opts.salt) for s in discovery.specs}
+  return discovery, finished, fingerprints, existing
+
+
 def run_ingest(opts: IngestOptions) -> IngestSummary:
   """Converts a DICOM archive into a records dataset with a manifest; resumable.
 
+  Inputs and output are checked before anything in the output is removed or written
+  (`cmr_jax.dicom.output`). A resumed study whose input files changed is converted again with
+  the other studies of its part, whose old records are removed.
+
   Raises:
-    ValueError: for bad options (unknown layout, missing input, a path key inside the output,
-      an output made with another preprocessing config).
+    UsageProblem (a ValueError): for bad options: a missing input or CSV, no study in the input
+      (when the manifest cannot say why, or the output holds a dataset), a path key inside the
+      output, an output that is not an ingest's, one made with another preprocessing config or
+      another salt.
   """
   start = time.monotonic()
   output = os.path.abspath(opts.output)
-  if opts.path_key and os.path.abspath(opts.path_key).startswith(output + os.sep):
-    raise ValueError("--path_key holds identifying input paths: write it outside --output")
-  if opts.overwrite and os.path.isdir(os.path.join(output, PARTS)):
-    shutil.rmtree(os.path.join(output, PARTS))
+  discovery, finished, fingerprints, existing = _check(opts, output)
+  # The checks passed: from here on the output is written.
+  if opts.overwrite and os.path.isdir(output):
+    outputs.clear(output)
   os.makedirs(os.path.join(output, PARTS), exist_ok=True)
-  discovery = layouts.discover(opts.layout, opts.input, labels=opts.labels, reports=opts.reports,
-                               site=opts.site, workers=opts.workers)
-  if not discovery.specs:
-    logging.warning("no studies found below the input with --layout=%s (%d other files): check "
-                    "the layout and the input folder", opts.layout, len(discovery.orphans))
   if opts.path_key:
     _write_path_key(opts.path_key, discovery, opts)
-  finished = _finished_parts(output, opts.preprocess)
-  done = {s for _, studies in finished for s in studies}
+  stale = outputs.stale_parts(finished, fingerprints)
+  changed = sum(fingerprints.get(s, "") not in ("", p.inputs.get(s)) for p in stale
+                for s in p.studies)
+  if stale:
+    logging.warning("the input files of %d studies converted by an earlier run changed: their "
+                    "%d parts (%d studies in the input) are converted again", changed,
+                    len(stale), sum(s in fingerprints for p in stale for s in p.studies))
+  next_index = max((p.index for p in finished), default=-1) + 1
+  finished = [p for p in finished if p not in stale]
+  outputs.remove_parts(output, [p.index for p in finished])  # interrupted and stale parts
+  done = {s for p in finished for s in p.studies}
   todo = [s for s in discovery.specs if study_pseudonyms(s, opts.salt)[0] not in done]
   resumed = len(discovery.specs) - len(todo)
   if resumed:
@@ -461,12 +494,11 @@ def run_ingest(opts: IngestOptions) -> IngestSummary:
                  len(discovery.specs), len(finished))
   split_fn = split_function(opts)
   opts = dataclasses.replace(opts, output=output)
-  next_index = max((i for i, _ in finished), default=-1) + 1
   chunks = [todo[i:i + opts.chunk_studies] for i in range(0, len(todo), opts.chunk_studies)]
   convert_start = time.monotonic()
   converted = processed = 0
   for k, chunk in enumerate(chunks):
-    summary = _build_part(next_index + k, chunk, opts, split_fn)
+    summary = _build_part(next_index + k, chunk, opts, split_fn, fingerprints)
     converted += summary.num_written
     processed += len(chunk)
     elapsed = time.monotonic() - convert_start
@@ -474,32 +506,40 @@ def run_ingest(opts: IngestOptions) -> IngestSummary:
     logging.info("part %d/%d done: %d/%d studies this run (%.2f studies/s, ETA %.0f s)", k + 1,
                  len(chunks), processed, len(todo), rate, (len(todo) - processed) / rate)
   convert_s = time.monotonic() - convert_start
-  part_indices = sorted([i for i, _ in finished] + [next_index + k for k in range(len(chunks))])
+  part_indices = sorted([p.index for p in finished]
+                        + [next_index + k for k in range(len(chunks))])
   rows = [FileRow(file_pseudonym(r, opts.input, opts.salt), "", "", assemble.SKIPPED, reason)
           for r, reason in discovery.orphans]
-  studies_with_records = 0
+  with_records: set[str] = set()
   for index in part_indices:
-    part_rows = read_manifest(_part_dir(output, index) + MANIFEST_SUFFIX)
+    part_rows = read_manifest(outputs.part_dir(output, index) + MANIFEST_SUFFIX)
     rows += [FileRow(**r) for r in part_rows]
-    studies_with_records += len({r["study"] for r in part_rows if r["status"] == assemble.USED})
+    with_records.update(r["study"] for r in part_rows if r["status"] == assemble.USED)
+  gone = len(with_records - set(fingerprints))
+  if gone:
+    logging.warning("%d studies converted by an earlier run are no longer in the input: their "
+                    "records are kept (use --overwrite to rebuild)", gone)
   _write_manifest(os.path.join(output, MANIFEST), rows)
   used = sum(r.status == assemble.USED for r in rows)
   counts = _merge_parts(output, part_indices, opts.preprocess, {"ingest": {
       "layout": opts.layout, "studies_found": len(discovery.specs), "files_in": len(rows),
-      "files_used": used, "files_skipped": len(rows) - used}})
+      "files_used": used, "files_skipped": len(rows) - used,
+      "salt_fingerprint": outputs.salt_fingerprint(opts.salt)}})
   elapsed = time.monotonic() - start
   result = IngestSummary(
       output=output, num_studies=len(discovery.specs), converted=converted, resumed=resumed,
-      skipped_studies=len(discovery.specs) - studies_with_records, counts=counts,
+      skipped_studies=len(set(fingerprints) - with_records), counts=counts,
       files_in=len(rows), files_used=used, files_skipped=len(rows) - used, elapsed_s=elapsed,
-      studies_per_s=len(todo) / convert_s if todo and convert_s > 0 else math.nan)
+      studies_per_s=len(todo) / convert_s if todo and convert_s > 0 else math.nan,
+      changed=changed)
   if result.files_in != discovery.num_files:
     logging.warning("the manifest accounts for %d files but the input now has %d: the input "
                     "changed since an earlier run (use --overwrite to rebuild)", result.files_in,
                     discovery.num_files)
-  logging.info("ingested %d studies (%d converted now, %d resumed, %d without a record) in "
-               "%.1f s, %.2f studies/s; records per split %s", result.num_studies, converted,
-               resumed, result.skipped_studies, elapsed, result.studies_per_s, counts)
+  logging.info("ingested %d studies (%d converted now, %d resumed, %d converted again as "
+               "their files changed, %d without a record) in %.1f s, %.2f studies/s; records "
+               "per split %s", result.num_studies, converted, resumed, changed,
+               result.skipped_studies, elapsed, result.studies_per_s, counts)
   logging.info("files: %d in = %d used + %d skipped (reasons in %s)", result.files_in,
                result.files_used, result.files_skipped, os.path.join(output, MANIFEST))
   return result

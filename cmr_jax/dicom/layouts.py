@@ -25,13 +25,13 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import io
 import math
 import multiprocessing
 import os
 import re
 import time
-import zipfile
 from collections.abc import Sequence
 
 from absl import logging
@@ -230,8 +230,10 @@ def read_ukbb_labels(path: str) -> dict[tuple[str, int], tuple[float, float, flo
   return labels
 
 
-def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB) -> Discovery:
-  """Studies of a folder of UK Biobank bulk zips: one per (eid, instance) with 20208/20209 zips."""
+def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB,
+                  limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> Discovery:
+  """Studies of a folder of UK Biobank bulk zips: one per (eid, instance) with 20208/20209 zips
+  (`limits`: the zip manifests are read within them)."""
   labels = read_ukbb_labels(labels_path) if labels_path else {}
   files, problems = dicom_files.list_input_files(root)
   orphans = list(problems)
@@ -251,7 +253,7 @@ def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB) -> Disc
     for ref in members:
       if os.path.basename(ref.member).lower() in UKBB_MANIFESTS:
         orphans.append((ref, "zip manifest (read for series descriptions)"))
-        hints.update(_manifest_hints(ref, members))
+        hints.update(_manifest_hints(ref, members, limits))
       else:
         groups[(eid, instance)].append(ref)
   specs = []
@@ -275,14 +277,15 @@ def _by_archive(files: Sequence[dicom_files.FileRef]):
   return sorted(groups.items())
 
 
-def _manifest_hints(manifest: dicom_files.FileRef,
-                    members: Sequence[dicom_files.FileRef]) -> dict[dicom_files.FileRef, str]:
+def _manifest_hints(manifest: dicom_files.FileRef, members: Sequence[dicom_files.FileRef],
+                    limits: dicom_files.ReadLimits) -> dict[dicom_files.FileRef, str]:
   """Series descriptions from a zip's manifest, by member; {} when it cannot be parsed."""
   try:
-    with zipfile.ZipFile(manifest.path) as zf:
-      text = zf.read(manifest.member).decode("utf-8", errors="replace")
+    with dicom_files.open_zip(manifest.path) as zf:
+      text = dicom_files.read_member(zf, manifest.member, limits).decode("utf-8",
+                                                                         errors="replace")
     by_name = parse_ukbb_manifest(text)
-  except (OSError, zipfile.BadZipFile, csv.Error) as e:
+  except (*dicom_files.ZIP_ERRORS, csv.Error) as e:
     logging.warning("a UK Biobank zip manifest could not be read (%s); using DICOM names only",
                     type(e).__name__)
     return {}
@@ -294,15 +297,20 @@ def _manifest_hints(manifest: dicom_files.FileRef,
 # Generic archives.
 
 
-def _scan_chunk(refs: list[dicom_files.FileRef]) -> list[parse.HeaderSummary]:
-  return [parse.scan_header(r) for r in refs]
+def _scan_chunk(refs: list[dicom_files.FileRef],
+                limits: dicom_files.ReadLimits) -> list[parse.HeaderSummary]:
+  return [parse.scan_header(r, limits) for r in refs]
 
 
 def scan_headers(files: Sequence[dicom_files.FileRef], *, workers: int = 0,
-                 log_every_s: float = SCAN_LOG_EVERY_S) -> list[parse.HeaderSummary]:
-  """Reads every file's header (no pixel data), over `workers` processes, logging progress."""
+                 log_every_s: float = SCAN_LOG_EVERY_S,
+                 limits: dicom_files.ReadLimits = dicom_files.ReadLimits()
+                 ) -> list[parse.HeaderSummary]:
+  """Reads every file's header (no pixel data), over `workers` processes, logging progress;
+  a file over `limits` gets its reason instead."""
   chunks = [list(files[i:i + SCAN_FILES_PER_TASK])
             for i in range(0, len(files), SCAN_FILES_PER_TASK)]
+  scan_chunk = functools.partial(_scan_chunk, limits=limits)
   out: list[parse.HeaderSummary] = []
   start = last = time.monotonic()
 
@@ -317,12 +325,12 @@ def scan_headers(files: Sequence[dicom_files.FileRef], *, workers: int = 0,
 
   if workers <= 0 or len(chunks) <= 1:
     for chunk in chunks:
-      out += _scan_chunk(chunk)
+      out += scan_chunk(chunk)
       progress()
     return out
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-    for result in pool.map(_scan_chunk, chunks):
+    for result in pool.map(scan_chunk, chunks):
       out += result
       progress()
   return out
@@ -365,14 +373,16 @@ def read_generic_reports(path: str) -> dict[str, str]:
 
 
 def discover_generic(root: str, *, labels_path: str = "", reports_path: str = "",
-                     site: str = GENERIC, workers: int = 0) -> Discovery:
-  """One study per StudyInstanceUID below `root` (a folder, a zip, or one file)."""
+                     site: str = GENERIC, workers: int = 0,
+                     limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> Discovery:
+  """One study per StudyInstanceUID below `root` (a folder, a zip, or one file); headers are
+  read within `limits`."""
   labels = read_generic_labels(labels_path) if labels_path else {}
   reports = read_generic_reports(reports_path) if reports_path else {}
   files, problems = dicom_files.list_input_files(root)
   orphans = list(problems)
   studies: dict[str, list[parse.HeaderSummary]] = collections.defaultdict(list)
-  for header in scan_headers(files, workers=workers):
+  for header in scan_headers(files, workers=workers, limits=limits):
     if header.reason:
       orphans.append((header.ref, header.reason))
     else:
@@ -427,7 +437,8 @@ def _folder_names(root: str, refs: Sequence[dicom_files.FileRef]) -> list[str]:
 
 
 def discover(layout: str, root: str, *, labels: str = "", reports: str = "", site: str = "",
-             workers: int = 0) -> Discovery:
+             workers: int = 0,
+             limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> Discovery:
   """Finds the studies of `root` in one of `LAYOUTS`.
 
   Args:
@@ -437,6 +448,7 @@ def discover(layout: str, root: str, *, labels: str = "", reports: str = "", sit
     reports: reports CSV (generic layout only).
     site: site name of the studies (default: the layout name).
     workers: processes for header scanning (generic layout).
+    limits: what one file may make discovery read (generic headers, UK Biobank manifests).
 
   Raises:
     ValueError: for an unknown layout, a missing input, or options the layout does not take.
@@ -452,6 +464,6 @@ def discover(layout: str, root: str, *, labels: str = "", reports: str = "", sit
     files = [p for p in labels.split(",") if p] if labels else None
     return discover_kaggle(root, label_files=files, site=site)
   if layout == UKBB:
-    return discover_ukbb(root, labels_path=labels, site=site)
+    return discover_ukbb(root, labels_path=labels, site=site, limits=limits)
   return discover_generic(root, labels_path=labels, reports_path=reports, site=site,
-                          workers=workers)
+                          workers=workers, limits=limits)

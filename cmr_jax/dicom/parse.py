@@ -7,7 +7,11 @@ file) are expanded into frames from their functional groups (position, orientati
 trigger delay, rescale); legacy multi-frame files without them are one cine with frame times from
 FrameTimeVector/FrameTime. Pixel spacing is PixelSpacing, else ImagerPixelSpacing (one value:
 square pixels). `scan_header` reads only what study discovery needs. Pixels are decoded later,
-by `assemble`.
+by `assemble`, and only within `files.ReadLimits`: a header claiming more pixels or frames than
+the limits, or more pixel data than the file holds, is skipped here with the reason, as is a
+deflated file that would inflate beyond `max_file_bytes`. Reading prints nothing: pydicom's
+warnings and the DICOM libraries' loggers, which quote file paths and tag values, are silenced
+while reading (`quiet_pydicom`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import math
 import re
 import warnings
-import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
@@ -30,6 +35,13 @@ from pydicom.errors import InvalidDicomError
 from cmr_jax.dicom import files as dicom_files
 
 DICOMDIR_REASON = "DICOMDIR (the index of a DICOM file set, not an image)"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_FLOAT_PIXEL_BITS = {"FloatPixelData": 32, "DoubleFloatPixelData": 64}
+# Libraries that log while reading or decoding; their messages quote file paths and tag values.
+_LIBRARY_LOGGERS = ("pydicom", "pylibjpeg", "openjpeg", "libjpeg", "PIL")
+_SILENT = logging.CRITICAL + 1
+_INFLATE_CHUNK_BYTES = 1 << 20
+_DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PHASE_IMAGE_TYPES = {"P", "PHASE", "VELOCITY", "PHASE MAP"}
 IDENTIFYING_KEYWORDS = (
@@ -236,30 +248,92 @@ def _frames_of(ref: dicom_files.FileRef, ds: Dataset, series_key: str) -> list[F
 
 @contextlib.contextmanager
 def quiet_pydicom() -> Iterator[None]:
-  """No value validation while reading: pydicom's validation messages quote tag values
-  (names, dates) into warnings and logs."""
+  """No value validation, no warning and no log record while reading: the messages of pydicom
+  and its decoders quote tag values (names, dates) and file paths (folders named after
+  patients) into warnings and logs."""
+  loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+  levels = [logger.level for logger in loggers]
   with pydicom.config.disable_value_validation(), warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    yield
+    warnings.simplefilter("ignore")
+    for logger in loggers:  # child loggers (pydicom.pixels...) inherit the level
+      logger.setLevel(_SILENT)
+    try:
+      yield
+    finally:
+      for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
 
 
-def read_dataset(source: bytes | BinaryIO, *, stop_before_pixels: bool = False) -> Dataset:
+class _CountedReads:
+  """A seekable binary file whose reads are counted, to bound the data elements pydicom parses
+  (`ReadLimits.max_element_reads`): millions of empty elements fit in a few megabytes and
+  would cost minutes and gigabytes before any other check."""
+
+  def __init__(self, fp: BinaryIO, limits: dicom_files.ReadLimits):
+    self._fp, self._limits = fp, limits
+    self._reads_left = limits.max_element_reads
+
+  def read(self, size: int = -1) -> bytes:
+    self._reads_left -= 1
+    if self._reads_left < 0:
+      raise dicom_files.RefusedFile(self._limits.element_reads_problem())
+    return self._fp.read(size)
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    return self._fp.seek(offset, whence)
+
+  def tell(self) -> int:
+    return self._fp.tell()
+
+
+def _inflated_bytes(fp: BinaryIO, limits: dicom_files.ReadLimits) -> int | None:
+  """The size of a deflated data set once inflated, counted up to just beyond `max_file_bytes`
+  (pydicom inflates it whole, whatever its size); None for other files. Leaves `fp` at its
+  start."""
+  try:
+    pydicom.filereader.read_preamble(fp, False)
+    meta = pydicom.filereader._read_file_meta_info(fp)  # pylint: disable=protected-access
+    if meta.get("TransferSyntaxUID") != _DEFLATED:
+      return None
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    chunk = fp.read(_INFLATE_CHUNK_BYTES)
+    # One chunk in memory at a time; bytes after the end of the stream (padding) are not data.
+    while chunk and not inflater.eof and inflated <= limits.max_file_bytes:
+      inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK_BYTES))
+      chunk = inflater.unconsumed_tail or fp.read(_INFLATE_CHUNK_BYTES)
+    return inflated
+  # Not DICOM with a preamble, or corrupt: left to `dcmread`.
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    fp.seek(0)
+
+
+def read_dataset(source: bytes | BinaryIO, *, stop_before_pixels: bool = False,
+                 limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> Dataset:
   """Parses DICOM bytes or a seekable binary file; files without the preamble need `force`.
 
   Raises:
     InvalidDicomError: for data that is not DICOM even when forced (no image dimensions or
       SOP class found).
+    files.RefusedFile: for a deflated file inflating beyond `limits.max_file_bytes`, or one with
+      more than `limits.max_element_reads` reads of data elements.
   """
   fp = io.BytesIO(source) if isinstance(source, bytes) else source
+  inflated = _inflated_bytes(fp, limits)
+  if inflated is not None and inflated > limits.max_file_bytes:
+    raise dicom_files.RefusedFile("deflated data set inflates to " + limits.file_problem(
+        limits.max_file_bytes, at_least=True))
   try:
-    return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+    return pydicom.dcmread(_CountedReads(fp, limits), stop_before_pixels=stop_before_pixels)
   except InvalidDicomError:
     # Old files (ACR-NEMA style, some PACS exports) lack the preamble; only accept the forced
     # read if it looks like an image or at least carries a SOP class.
     fp.seek(0)
     with warnings.catch_warnings():  # forced reads of non-DICOM files warn about VRs
       warnings.simplefilter("ignore")
-      ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+      ds = pydicom.dcmread(_CountedReads(fp, limits), stop_before_pixels=stop_before_pixels,
+                           force=True)
     if "SOPClassUID" not in ds and "Rows" not in ds:
       raise InvalidDicomError("no DICOM preamble and no DICOM elements found") from None
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -271,11 +345,15 @@ def _parse_problem(e: Exception) -> str:
   """The skip reason for bytes that pydicom could not parse."""
   if isinstance(e, InvalidDicomError):
     return "not a DICOM file"
+  if isinstance(e, dicom_files.RefusedFile):
+    return str(e)
   return f"corrupt or truncated DICOM ({type(e).__name__})"
 
 
 def _read_problem(e: Exception) -> str:
-  """The skip reason for a file whose bytes could not be read."""
+  """The skip reason for a file whose bytes could not be read (or that was refused)."""
+  if isinstance(e, dicom_files.RefusedFile):
+    return str(e)
   return f"unreadable file ({type(e).__name__})"
 
 
@@ -298,34 +376,36 @@ class HeaderSummary:
   study_datetime: str = ""  # StudyDate + StudyTime, for ordering a patient's visits
 
 
-def scan_header(ref: dicom_files.FileRef) -> HeaderSummary:
-  """Reads a file's header only (stops before the pixel data); never raises."""
-  try:
-    if ref.member:
-      with zipfile.ZipFile(ref.path) as zf:
-        source = zf.read(ref.member)
-    else:
-      source = open(ref.path, "rb")  # pylint: disable=consider-using-with
-  except (OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    return HeaderSummary(ref, reason=_read_problem(e))
-  with quiet_pydicom():
+def scan_header(ref: dicom_files.FileRef,
+                limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> HeaderSummary:
+  """Reads a file's header only (stops before the pixel data, reads zip members as streams);
+  never raises."""
+  with contextlib.ExitStack() as stack:
     try:
-      ds = read_dataset(source, stop_before_pixels=True)
-    except Exception as e:  # pydicom raises many types on corrupt input  # pylint: disable=broad-except
-      return HeaderSummary(ref, reason=_parse_problem(e))
-    finally:
-      if not isinstance(source, bytes):
-        source.close()
-    if _is_dicomdir(ds):
-      return HeaderSummary(ref, reason=DICOMDIR_REASON)
-    return HeaderSummary(
-        ref, study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        patient_id=str(ds.get("PatientID", "") or ""),
-        accession=str(ds.get("AccessionNumber", "") or ""),
-        study_datetime=f"{ds.get('StudyDate', '') or ''}{ds.get('StudyTime', '') or ''}")
+      if ref.member:
+        zf = stack.enter_context(dicom_files.open_zip(ref.path))
+        source = stack.enter_context(dicom_files.open_member(zf, ref.member, limits))
+      else:
+        source = stack.enter_context(dicom_files.open_regular(ref.path, limits))
+    except dicom_files.ZIP_ERRORS as e:
+      return HeaderSummary(ref, reason=_read_problem(e))
+    with quiet_pydicom():
+      try:
+        ds = read_dataset(source, stop_before_pixels=True, limits=limits)
+      # pydicom raises many types on corrupt input.
+      except Exception as e:  # pylint: disable=broad-except
+        return HeaderSummary(ref, reason=_parse_problem(e))
+      if _is_dicomdir(ds):
+        return HeaderSummary(ref, reason=DICOMDIR_REASON)
+      return HeaderSummary(
+          ref, study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+          patient_id=str(ds.get("PatientID", "") or ""),
+          accession=str(ds.get("AccessionNumber", "") or ""),
+          study_datetime=f"{ds.get('StudyDate', '') or ''}{ds.get('StudyTime', '') or ''}")
 
 
-def parse_file(ref: dicom_files.FileRef, data: bytes | Exception, *, hint: str = "") -> ParsedFile:
+def parse_file(ref: dicom_files.FileRef, data: bytes | Exception, *, hint: str = "",
+               limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> ParsedFile:
   """Reads one file into a `ParsedFile` (never raises: problems become `reason`).
 
   Args:
@@ -333,21 +413,28 @@ def parse_file(ref: dicom_files.FileRef, data: bytes | Exception, *, hint: str =
     data: its bytes, or the exception raised reading them.
     hint: a series name from outside the file (e.g. a zip manifest), used for view
       classification like a folder name; defaults to the folder name.
+    limits: what the file's header may claim (see `pixel_problem`).
   """
   if isinstance(data, Exception):
     return ParsedFile(ref, reason=_read_problem(data))
   with quiet_pydicom():
-    return _parse_bytes(ref, data, hint)
+    return _parse_bytes(ref, data, hint, limits)
 
 
-def _parse_bytes(ref: dicom_files.FileRef, data: bytes, hint: str) -> ParsedFile:
+def _parse_bytes(ref: dicom_files.FileRef, data: bytes, hint: str,
+                 limits: dicom_files.ReadLimits) -> ParsedFile:
   """`parse_file` of bytes, without the pydicom settings."""
   try:
-    ds = read_dataset(data)
-  except Exception as e:  # pydicom raises many types on corrupt input  # pylint: disable=broad-except
+    ds = read_dataset(data, limits=limits)
+  # pydicom raises many types on corrupt input.
+  except Exception as e:  # pylint: disable=broad-except
     return ParsedFile(ref, reason=_parse_problem(e))
   try:
-    return _parse_dataset(ref, ds, hint or ref.folder)
+    size = len(data)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") == _DEFLATED:
+      size += _inflated_bytes(io.BytesIO(data), limits) or 0  # the header check needs it
+    return _parse_dataset(ref, ds, hint or ref.folder, limits, size)
   except UnsupportedFileError as e:
     return ParsedFile(ref, reason=f"unsupported multi-frame file ({e})")
   except Exception as e:  # malformed values anywhere in the header  # pylint: disable=broad-except
@@ -355,7 +442,36 @@ def _parse_bytes(ref: dicom_files.FileRef, data: bytes, hint: str) -> ParsedFile
     return ParsedFile(ref, reason=f"malformed DICOM header ({type(e).__name__})")
 
 
-def _parse_dataset(ref: dicom_files.FileRef, ds: Dataset, hint: str) -> ParsedFile:
+def pixel_problem(ds: Dataset, limits: dicom_files.ReadLimits, file_bytes: int) -> str:
+  """Why an image is not to be parsed further or decoded, from its header's claims alone: a
+  frame, frame count or decoded size over `limits`, more pixel data claimed than the file holds
+  (native data: every byte; encapsulated data: an item per frame), or a header (`file_bytes`
+  less the pixel data) whose sequences could hold too many elements. "" when it may be decoded.
+  """
+  rows, columns = int(ds.Rows), int(ds.Columns)
+  frames = max(1, int(_number(ds.get("NumberOfFrames"), 1.0)))
+  keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
+  bits = _FLOAT_PIXEL_BITS.get(keyword) or int(_number(ds.get("BitsAllocated"), 16.0))
+  samples = max(1, int(_number(ds.get("SamplesPerPixel"), 1.0)))
+  pixel_bytes = (rows * columns * samples * bits * frames + 7) // 8
+  problem = limits.pixels_problem(rows, columns, frames, pixel_bytes)
+  if problem:
+    return problem
+  stored = len(ds.get_item(keyword).value or b"")
+  meta = getattr(ds, "file_meta", None)
+  syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+  if syntax is not None and pydicom.uid.UID(syntax).is_encapsulated:
+    if stored < dicom_files.MIN_ELEMENT_BYTES * frames:
+      return (f"pixel data of {stored} bytes cannot hold the {frames} compressed frames its "
+              "header claims")
+  elif stored < pixel_bytes:
+    return (f"pixel data shorter than its header claims ({stored} of {pixel_bytes} bytes for "
+            f"{frames} frame{'s' if frames > 1 else ''} of {rows}x{columns} at {bits} bits)")
+  return limits.header_problem(file_bytes - stored)
+
+
+def _parse_dataset(ref: dicom_files.FileRef, ds: Dataset, hint: str,
+                   limits: dicom_files.ReadLimits, file_bytes: int) -> ParsedFile:
   """Header facts of a dataset, or the reason it is not a usable MR image."""
   parsed = ParsedFile(
       ref, study_uid=str(ds.get("StudyInstanceUID", "")), patient_id=str(ds.get("PatientID", "")),
@@ -367,14 +483,17 @@ def _parse_dataset(ref: dicom_files.FileRef, ds: Dataset, hint: str) -> ParsedFi
   modality = str(ds.get("Modality", "") or "")
   if _is_dicomdir(ds):
     parsed.reason = DICOMDIR_REASON
-  elif not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+  elif not any(k in ds for k in _PIXEL_KEYWORDS):
     parsed.reason = "no pixel data (not an image)"
   elif modality and modality != "MR":
     parsed.reason = f"not an MR image (Modality {modality})"
   elif "Rows" not in ds or "Columns" not in ds:
     parsed.reason = "no image dimensions (Rows/Columns missing)"
   elif str(ds.get("PhotometricInterpretation", "MONOCHROME2")) not in _MONOCHROME:
-    parsed.reason = f"not a greyscale image (PhotometricInterpretation {ds.PhotometricInterpretation})"
+    parsed.reason = ("not a greyscale image (PhotometricInterpretation "
+                     f"{ds.PhotometricInterpretation})")
+  else:
+    parsed.reason = pixel_problem(ds, limits, file_bytes)
   if parsed.reason:
     return parsed
   image_type = {str(v).upper() for v in (ds.get("ImageType") or [])}
@@ -392,16 +511,18 @@ def _parse_dataset(ref: dicom_files.FileRef, ds: Dataset, hint: str) -> ParsedFi
 
 
 def read_files(refs: Sequence[dicom_files.FileRef],
-               hints: dict[dicom_files.FileRef, str] | None = None) -> list[ParsedFile]:
+               hints: dict[dicom_files.FileRef, str] | None = None,
+               limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> list[ParsedFile]:
   """Reads and parses the given files (zip members read with one open per archive).
 
   Args:
     refs: the files, grouped by zip archive for speed.
     hints: optional series names from outside the files (see `parse_file`).
+    limits: what one file may make the reader read and allocate.
   """
   hints = hints or {}
-  return [parse_file(ref, data, hint=hints.get(ref, ""))
-          for ref, data in dicom_files.iter_file_bytes(refs)]
+  return [parse_file(ref, data, hint=hints.get(ref, ""), limits=limits)
+          for ref, data in dicom_files.iter_file_bytes(refs, limits)]
 
 
 def identifiers(datasets: Iterable[Dataset]) -> tuple[str, ...]:

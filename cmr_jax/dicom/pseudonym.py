@@ -59,8 +59,13 @@ def resolve_salt(salt: str | None, *, allow_default: bool = False) -> str:
 
 
 def pseudonym(salt: str, kind: str, value: str) -> str:
-  """Returns `<kind>-<hex>`: the keyed hash of `value` in the namespace `kind`."""
-  digest = hmac.new(salt.encode("utf-8"), f"{kind}:{value}".encode("utf-8"), hashlib.sha256)
+  """Returns `<kind>-<hex>`: the keyed hash of `value` in the namespace `kind`.
+
+  Text is hashed as UTF-8; file names that are not valid UTF-8 (which Python holds as surrogate
+  escapes) are hashed as their original bytes, so every name has a pseudonym.
+  """
+  message = f"{kind}:{value}".encode("utf-8", "surrogateescape")
+  digest = hmac.new(salt.encode("utf-8", "surrogateescape"), message, hashlib.sha256)
   return f"{kind}-{digest.hexdigest()[:DIGEST_HEX_CHARS]}"
 
 

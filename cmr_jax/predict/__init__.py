@@ -21,6 +21,7 @@ salt, or a random per-run salt) and scrubbed series names; never DICOM identifie
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from absl import logging
 
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
+from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import layouts
 from cmr_jax import inference
 from cmr_jax.predict import inputs as inputs_lib
@@ -52,10 +54,39 @@ def _progress(groups: Iterable[list[inputs_lib.Prepared]], total: int,
       last = now
 
 
+def check_arguments(*, inputs: Sequence[str] = (), data_dir: str = "", split: str = "test",
+                    labels: str = "", output_path: str = "") -> None:
+  """What tools/predict.py refuses before loading a model or predicting anything.
+
+  Raises:
+    ValueError (one line): neither or both of inputs and data_dir, an input or labels CSV that
+      does not exist, a data_dir that is not a dataset or lacks the split, an output path that
+      cannot be written (`output.check_writable`).
+  """
+  if bool(inputs) == bool(data_dir):
+    raise ValueError("give study folders/zips as arguments, or --data_dir (not both)")
+  if output_path:
+    output.check_writable(output_path)
+  missing = [p for p in inputs if not os.path.lexists(p)]
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise ValueError(f"input {dicom_files.printable(missing[0])} does not exist{more}")
+  if labels and not os.path.isfile(labels):
+    raise ValueError(f"--labels {dicom_files.printable(labels)} is not a file")
+  if data_dir:
+    if not os.path.isfile(os.path.join(data_dir, records.DATASET_INFO)):
+      raise ValueError(f"--data_dir {data_dir} is not a dataset (no {records.DATASET_INFO}): "
+                       "give the --output folder of tools/ingest.py")
+    available = sorted(records.read_dataset_info(data_dir)["splits"])
+    if split not in available:
+      raise ValueError(f"--data_dir {data_dir} has no split {split!r}; it has "
+                       f"{', '.join(available) or 'none'}")
+
+
 def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_dir: str = "",
             split: str = "test", salt: str = "", layout: str = layouts.GENERIC,
-            labels: str = "", loo: bool = True, workdir: str = "",
-            tta: int = 1) -> dict[str, Any]:
+            labels: str = "", loo: bool = True, workdir: str = "", tta: int = 1,
+            limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> dict[str, Any]:
   """Predicts LVEF for DICOM inputs or for the records of a dataset split.
 
   Args:
@@ -69,6 +100,7 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
     loo: compute the leave-one-cine-out spread.
     workdir: the run's folder, for the output's model section.
     tta: prediction passes averaged per bag (see `scoring.score`).
+    limits: what one DICOM file may claim or hold (`dicom_files.ReadLimits`).
 
   Returns:
     {"model": ..., "interval_method": ..., "warnings": [...], "studies": [rows], "summary": ...},
@@ -88,7 +120,8 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
     if not salt:
       raise ValueError("a pseudonymisation salt is needed to read DICOM inputs")
     prepared = _progress((inputs_lib.prepare_input(p, cfg, salt=salt, layout=layout,
-                                                   labels=labels) for p in inputs),
+                                                   labels=labels, limits=limits)
+                          for p in inputs),
                          len(inputs), "inputs")
   model = scoring.model_info(predictor, workdir)
   model_warnings = model.warnings()

@@ -23,6 +23,7 @@ from cmr_jax.data import quality
 from cmr_jax.data import records
 from cmr_jax.data import types
 from cmr_jax.dicom import assemble
+from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
 from cmr_jax.dicom import parse
@@ -34,7 +35,7 @@ DICOMDIR = "DICOMDIR"
 class Prepared:
   """A study ready to score (`record` set) or one that could not be read (`error` set)."""
 
-  input: str  # the input path (or dataset split) as given
+  input: str  # the input path (or dataset split) as given (`files.printable`)
   study: str = ""  # the study's pseudonym
   record: types.StudyRecord | None = None
   warnings: list[quality.QualityWarning] = dataclasses.field(default_factory=list)
@@ -62,11 +63,13 @@ def _error_text(e: Exception) -> str:
 
 def _prepare_spec(path: str, root: str, spec: layouts.StudySpec,
                   cfg: preprocess.PreprocessConfig, salt: str,
-                  common: list[quality.QualityWarning]) -> Prepared:
+                  common: list[quality.QualityWarning],
+                  limits: dicom_files.ReadLimits) -> Prepared:
   """Reads, checks and preprocesses one study discovered below `root`; never raises."""
   study_id, _ = ingest.study_pseudonyms(spec, salt)
-  out = Prepared(path, study_id, warnings=list(common))
-  loaded = ingest.load_study(spec, salt=salt, root=root, min_frames=cfg.min_frames)
+  out = Prepared(dicom_files.printable(path), study_id, warnings=list(common))
+  loaded = ingest.load_study(spec, salt=salt, root=root, min_frames=cfg.min_frames,
+                             limits=limits)
   if loaded.study is None:
     out.error = loaded.reason
     return out
@@ -96,7 +99,8 @@ def _prepare_spec(path: str, root: str, spec: layouts.StudySpec,
 
 
 def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
-                  layout: str = layouts.GENERIC, labels: str = "") -> list[Prepared]:
+                  layout: str = layouts.GENERIC, labels: str = "",
+                  limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> list[Prepared]:
   """The studies of one input, each preprocessed with `cfg` or with the reason it failed.
 
   Args:
@@ -106,6 +110,7 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
     salt: pseudonymisation salt.
     layout: how studies are found (`layouts.LAYOUTS`; "generic": by StudyInstanceUID).
     labels: optional reference labels CSV for the layout (reported as `lvef_reference`).
+    limits: what one file may make the reader read and allocate (`files.ReadLimits`).
 
   Returns:
     One `Prepared` per study found, or a single one with the error when none is usable.
@@ -113,13 +118,14 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   # A DICOMDIR indexes the files of its folder (CD/DVD exports): the folder is the input.
   root = (os.path.dirname(os.path.abspath(path)) if os.path.isfile(path)
           and os.path.basename(path).upper() == DICOMDIR else path)
+  shown = dicom_files.printable(path)
   try:
-    discovery = layouts.discover(layout, root, labels=labels)
+    discovery = layouts.discover(layout, root, labels=labels, limits=limits)
   except Exception as e:  # pylint: disable=broad-except
-    return [Prepared(path, error=f"input not readable ({_error_text(e)})")]
+    return [Prepared(shown, error=dicom_files.printable(f"input not readable ({_error_text(e)})"))]
   orphans = collections.Counter(reason for _, reason in discovery.orphans)
   if not discovery.specs:
-    return [Prepared(path, error="no DICOM study found (" + (_counts(orphans) or "no files")
+    return [Prepared(shown, error="no DICOM study found (" + (_counts(orphans) or "no files")
                      + ")")]
   del orphans[parse.DICOMDIR_REASON]  # an index of the files: expected, not a problem
   common = []
@@ -130,7 +136,7 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   if len(discovery.specs) > 1:
     common.append(quality.QualityWarning(
         "several_studies", f"the input holds {len(discovery.specs)} studies (one row each)"))
-  return [_prepare_spec(path, root, spec, cfg, salt, common) for spec in discovery.specs]
+  return [_prepare_spec(path, root, spec, cfg, salt, common, limits) for spec in discovery.specs]
 
 
 def prepare_split(data_dir: str, split: str,

@@ -57,21 +57,46 @@ def _csv_row(row: dict[str, Any]) -> dict[str, str]:
       "interval_method": row["interval_method"]}
 
 
-def write(result: dict[str, Any], path: str) -> None:
-  """Writes a `predict` result as JSON (everything) or CSV (one line per row), by extension."""
+def check_writable(path: str) -> None:
+  """Raises ValueError unless `write` can write `path`: a .json or .csv name, in an existing
+  writable folder, not an existing folder or read-only file. Check before predicting."""
   ext = os.path.splitext(path)[1].lower()
   if ext not in OUTPUT_FORMATS:
     raise ValueError(f"output {path}: expected a name ending in {' or '.join(OUTPUT_FORMATS)}")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    if ext == ".json":
-      json.dump(result, f, indent=1, allow_nan=False)
-    else:
-      writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-      writer.writeheader()
-      writer.writerows(_csv_row(r) for r in result["studies"])
-  os.replace(tmp, path)
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise ValueError(f"output {path}: the folder {folder} does not exist")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise ValueError(f"output {path}: the folder {folder} is not writable")
+  if os.path.isdir(path):
+    raise ValueError(f"output {path} is a folder")
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise ValueError(f"output {path} exists and is not writable")
+
+
+def write(result: dict[str, Any], path: str) -> None:
+  """Writes a `predict` result as JSON (everything) or CSV (one line per row), by extension.
+
+  Atomic: a temporary file in the same folder is renamed over `path`, so a failure leaves an
+  earlier file at `path` as it was and no temporary file behind.
+  """
+  check_writable(path)
+  ext = os.path.splitext(path)[1].lower()
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                     f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "w", newline="") as f:
+      if ext == ".json":
+        json.dump(result, f, indent=1, allow_nan=False)
+      else:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(_csv_row(r) for r in result["studies"])
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
