@@ -54,13 +54,12 @@ def create_train_state(init_params: Callable[[jax.Array], Any],
   Returns:
     (state, state shardings, optimizer, learning-rate schedule).
   """
+  params, param_shardings = sharding.init_sharded(init_params, jax.random.key(config.seed), mesh)
   o = config.optim
   tx, schedule = optim.make_optimizer(
-      unbox(jax.eval_shape(init_params, jax.random.key(0))), base_lr=o.lr,
-      total_steps=config.total_steps, warmup_steps=o.warmup_steps,
+      params, base_lr=o.lr, total_steps=config.total_steps, warmup_steps=o.warmup_steps,
       weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
       trainable_patterns=trainable_patterns)
-  params, param_shardings = sharding.init_sharded(init_params, jax.random.key(config.seed), mesh)
   if overrides:
     params = dict(params)
     for name, subtree in overrides.items():

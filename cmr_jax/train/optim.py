@@ -30,15 +30,7 @@ def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int,
 
 def path_str(path: tuple[Any, ...]) -> str:
   """'/'-joined names of a pytree key path, e.g. 'encoder/blocks_0/attn/proj/kernel'."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def trainable_labels(params: Any, trainable_patterns: Sequence[str]) -> Any:
