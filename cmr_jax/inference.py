@@ -14,8 +14,10 @@ Trainers validate with these functions; evaluators and prediction call them on r
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from typing import Any, Callable
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Callable, TypeVar
 
 from absl import logging
 import jax
@@ -26,11 +28,13 @@ import numpy as np
 
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
+from cmr_jax.data import types
 from cmr_jax.models import registry
 from cmr_jax import runs
 from cmr_jax import sharding
 
 LOG_EVERY_S = 30.0
+T = TypeVar("T")
 
 
 def _gather(x) -> np.ndarray:
@@ -142,6 +146,152 @@ def tta_predictions(predictor: Predictor, source: pipeline.Source,
   return {"study_index": first["study_index"], "lvef": first["lvef"], "view": first["view"],
           "pred": preds.mean(axis=0), "pred_sd": preds.std(axis=0),
           "attention": np.mean([r["attention"] for r in runs], axis=0)}
+
+
+
+# --- Leave-one-cine-out bags: what prediction, calibration and evaluation score per study. ---
+
+def _sax_with_bag(sax: list[int], wanted: list[int]) -> list[int]:
+  """SAX cines of the stack `sax` (base to apex) whose bag SAX slices are exactly `wanted`.
+
+  `wanted` are bag slices (at least two stack positions apart) in stack order. Up to three
+  are interleaved with one unused slice each (at most 5 slices: not trimmed, every second from
+  the first); more get an unused slice before the first and after the last as well (more than
+  5: trimmed, then every second). See `pipeline.bag_indices`.
+  """
+  if not wanted:
+    return []
+  at = [sax.index(i) for i in wanted]
+  core = [c for p in at[:-1] for c in (sax[p], sax[p + 1])] + [wanted[-1]]
+  if len(core) <= pipeline.TRIM_SAX_ABOVE:
+    return core
+  return [sax[at[0] - 1]] + core + [sax[at[-1] + 1]]
+
+
+def leave_one_out_cines(views: Sequence[str], slice_index: np.ndarray,
+                        max_instances: int) -> list[list[int]]:
+  """Cine subsets whose bags are the study's bag without one cine each (in bag order).
+
+  `pipeline.bag_indices` takes every second SAX slice, of the stack without its first and last
+  slice when it has more than 5: each subset keeps the other bag cines and just enough unused
+  SAX slices around them that the rule picks those again, and no slice beyond `max_instances`
+  slides in.
+
+  Args:
+    views: [N] view of each cine.
+    slice_index: [N] SAX order base->apex (-1 for long-axis).
+    max_instances: K, the bag size.
+
+  Returns:
+    Sorted cine indices per left-out bag cine; [] for a bag of one cine.
+  """
+  bag = pipeline.bag_indices(list(views), slice_index, max_instances)
+  if len(bag) < 2:
+    return []
+  sax = sorted((i for i, v in enumerate(views) if v == types.SAX), key=lambda i: slice_index[i])
+  lax = [i for i in bag if views[i] != types.SAX]
+  sax_in_bag = [i for i in bag if views[i] == types.SAX]
+  return [sorted([j for j in lax if j != i]
+                 + _sax_with_bag(sax, [j for j in sax_in_bag if j != i])) for i in bag]
+
+
+def subset_record(record: types.StudyRecord, cines: Sequence[int]) -> types.StudyRecord:
+  """The record with only `cines` (indices), in that order; no checksum."""
+  idx = np.asarray(cines, dtype=np.int64)
+  return dataclasses.replace(
+      record, frames=record.frames[idx], views=[record.views[i] for i in cines],
+      slice_index=record.slice_index[idx], slice_position_mm=record.slice_position_mm[idx],
+      source_spacing_mm=record.source_spacing_mm[idx], checksum="")
+
+
+@dataclasses.dataclass(frozen=True)
+class BagSource:
+  """A `pipeline.Source` of records, each whole or cut to some cines when read."""
+
+  items: list[tuple[types.StudyRecord, list[int] | None]]
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def __getitem__(self, index: int) -> types.StudyRecord:
+    record, cines = self.items[index]
+    return record if cines is None else subset_record(record, cines)
+
+
+def jackknife_se(preds: np.ndarray) -> float:
+  """Jackknife standard error from the n leave-one-out estimates."""
+  n = preds.size
+  return float(math.sqrt((n - 1) / n * np.sum((preds - preds.mean()) ** 2)))
+
+
+
+BAGS_PER_CALL = 4  # bags scored per Predictor call, in eval batches
+
+
+def bag_outputs(predictor: Predictor, items: Iterable[T], *,
+                record_of: Callable[[T], types.StudyRecord | None] = lambda item: item,
+                loo: bool = True, tta: int = 1) -> Iterator[tuple[T, dict[str, np.ndarray] | None]]:
+  """Each item with the outputs of its study's bags, in order, scoring a few batches at a time.
+
+  Args:
+    predictor: the fine-tuned model.
+    items: anything holding a study record (`record_of`; None: nothing to score).
+    record_of: the record of an item.
+    loo: also score the leave-one-cine-out bags (bag size + 1 bags per study).
+    tta: prediction passes averaged per bag: the deterministic pass and tta - 1 samplings with
+      the training augmentation (seeded, so a re-run gives the same numbers).
+
+  Yields:
+    (item, out): out["pred"] [1 + L] and out["attention"] [1 + L, K], the full bag first, then
+    its L leave-one-cine-out bags (`leave_one_out_cines`); None for an item without a record.
+  """
+  if tta < 1:
+    raise ValueError(f"tta must be at least 1, got {tta}")
+  k = int(predictor.config.data.max_instances)
+  per_call = BAGS_PER_CALL * predictor.config.eval_batch_size
+  pending: list[tuple[T, int]] = []  # (item, its number of bags)
+  bags: list[tuple[types.StudyRecord, list[int] | None]] = []
+
+  def flush():
+    out = tta_predictions(predictor, BagSource(bags), tta) if bags else {}
+    if bags and len(out["pred"]) != len(bags):
+      raise RuntimeError(f"the predictor returned {len(out['pred'])} rows for {len(bags)} bags")
+    start = 0
+    for item, n in pending:
+      yield item, ({"pred": out["pred"][start:start + n],
+                    "attention": out["attention"][start:start + n]} if n else None)
+      start += n
+    pending.clear()
+    bags.clear()
+
+  for item in items:
+    record = record_of(item)
+    n = 0
+    if record is not None:
+      variants = leave_one_out_cines(record.views, record.slice_index, k) if loo else []
+      bags.extend([(record, None)] + [(record, v) for v in variants])
+      n = 1 + len(variants)
+    pending.append((item, n))
+    if len(bags) >= per_call:
+      yield from flush()
+  yield from flush()
+
+
+def study_predictions(predictor: Predictor, source: pipeline.Source, *, tta: int = 1,
+                      loo: bool = True) -> dict[str, np.ndarray]:
+  """Per-study predictions of a split as prediction makes them (`bag_outputs`).
+
+  Returns:
+    lvef [N] (NaN if unlabelled), pred [N] (the full bag's), loo_se [N] (jackknife SE over the
+    leave-one-cine-out bags; NaN for a bag of one cine or without `loo`), in source order.
+  """
+  lvef, pred, loo_se = [], [], []
+  for record, out in bag_outputs(predictor, (source[i] for i in range(len(source))), loo=loo,
+                                 tta=tta):
+    lvef.append(float(record.lvef) if record.has_labels else np.nan)
+    pred.append(float(out["pred"][0]))
+    loo_se.append(jackknife_se(out["pred"][1:]) if out["pred"].size > 1 else np.nan)
+  return {"lvef": np.array(lvef), "pred": np.array(pred), "loo_se": np.array(loo_se)}
 
 
 @dataclasses.dataclass

@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # scanned at the internal protocol families; contrastive pre-training reads only these.
       num_archive=400,
       archive_sites=(),
+      # Calibration subjects (split "calib"): neither fine-tuned on nor used to choose a
+      # checkpoint; the prediction intervals are calibrated on them (split conformal).
+      num_calib=100,
       rescan_fraction=0.1,
       frames=16,  # rendered frames per cycle
       matrix=112,  # rendered matrix
@@ -38,12 +41,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.spec.num_subjects = 12
     config.spec.num_external = 4
     config.spec.num_archive = 20  # 2 of them in archive_val
+    config.spec.num_calib = 10
     config.num_shards = 2
     config.num_previews = 1
   elif arg == "benchmark":  # the synthetic benchmark (python tools/benchmark.py)
     config.spec.num_subjects = 1000
     config.spec.num_external = 150
     config.spec.num_archive = 2000
+    config.spec.num_calib = 300
     config.num_previews = 8
   elif arg not in (None, ""):
     raise ValueError(f"unknown synthetic_data config argument {arg!r}")

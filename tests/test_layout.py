@@ -25,11 +25,12 @@ ALLOWED = {
     "convert": {"checkpoint", "data", "models"},
     "runs": {"checkpoint", "convert", "data", "models"},
     "inference": {"data", "models", "runs", "sharding"},
+    "intervals": {"data"},
     "train": {"checkpoint", "convert", "data", "inference", "losses", "models", "runs",
               "sharding"},
-    "eval": {"data", "inference", "models", "runs", "sharding"},
-    "predict": {"data", "dicom", "inference", "runs"},
-    "experiments": {"data", "eval", "inference", "phantom", "runs", "train"},
+    "eval": {"data", "inference", "intervals", "models", "runs", "sharding"},
+    "predict": {"data", "dicom", "inference", "intervals", "runs"},
+    "experiments": {"data", "eval", "inference", "intervals", "phantom", "runs", "train"},
 }
 
 

@@ -23,7 +23,10 @@ from cmr_jax.data import types
 from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import parse
 from cmr_jax.dicom import pseudonym
+from cmr_jax.eval import conformal
+from cmr_jax.eval import evaluate
 from cmr_jax import inference
+from cmr_jax import intervals
 from cmr_jax import predict
 from cmr_jax.predict import inputs as predict_inputs
 from cmr_jax.predict import output as predict_output
@@ -122,7 +125,7 @@ def test_quality_warnings_name_what_is_wrong(result):
   assert "no_long_axis" not in kaggle and "few_sax_slices" not in kaggle
   assert "no_long_axis" in zipped and f"only {ZIP_NUM_SAX} short-axis" in zipped["few_sax_slices"]
   assert "files_skipped" not in zipped and "coarse_pixels" in zipped  # 7.2 mm vs 3 mm
-  assert {w["code"] for w in result["warnings"]} == {"small_validation"}
+  assert {w["code"] for w in result["warnings"]} == {"small_validation", "uncalibrated_intervals"}
 
 
 def test_unreadable_inputs_get_a_reason(result):
@@ -222,7 +225,7 @@ def test_leave_one_out_bags_are_the_bag_without_one_cine(views, k):
   slice_index = np.full(len(views), -1, np.int32)
   slice_index[sax] = rng.permutation(len(sax))  # stored order need not be base->apex
   bag = pipeline.bag_indices(views, slice_index, k)
-  variants = scoring.leave_one_out_cines(views, slice_index, k)
+  variants = inference.leave_one_out_cines(views, slice_index, k)
   assert len(variants) == len(bag)
   for left_out, cines in zip(bag, variants):
     sub_bag = pipeline.bag_indices([views[i] for i in cines], slice_index[cines], k)
@@ -232,7 +235,7 @@ def test_leave_one_out_bags_are_the_bag_without_one_cine(views, k):
 def test_jackknife_of_leave_one_out_means_is_the_standard_error():
   x = np.array([3.0, 7.0, 1.0, 12.0, 5.0])
   means = np.array([np.delete(x, i).mean() for i in range(x.size)])
-  assert scoring.jackknife_se(means) == pytest.approx(x.std(ddof=1) / math.sqrt(x.size))
+  assert inference.jackknife_se(means) == pytest.approx(x.std(ddof=1) / math.sqrt(x.size))
 
 
 def test_source_and_crop_warnings_from_the_preprocessing_flag(make_study):
@@ -329,3 +332,53 @@ def test_rows_from_scores_and_a_non_finite_prediction(make_study, tmp_path):
                        str(tmp_path / "rows.json"))  # no NaN reaches the JSON
   with open(tmp_path / "rows.json") as f:
     assert json.load(f)["studies"][0]["lvef"] == 38.0
+
+
+def test_calibrated_intervals_are_the_conformal_ones_of_the_same_predictions(
+    predictor, data_dir, run_dir, tmp_path):  # noqa: F811
+  work = str(tmp_path / "run")
+  shutil.copytree(run_dir, work)
+  cal = conformal.calibrate(predictor, work, data_dir, "train", tta=2)
+  assert intervals.read(work) == cal and cal.split == "train" and cal.tta == 2 and cal.loo
+  assert cal.step == predictor.best["step"] and cal.val_rmse == predictor.best["val_rmse"]
+  # Prediction with the calibration's settings predicts exactly the calibration's numbers.
+  out = predict.predict(predictor, data_dir=data_dir, split="train", workdir=work, tta=2)
+  rows = out["studies"]
+  assert cal.n == len(rows) == len(records.load_index(data_dir, "train"))
+  assert out["summary"]["mae"] == pytest.approx(cal.mae, abs=1e-9)
+  assert out["model"]["calibration"] == cal.to_dict()
+  assert "uncalibrated_intervals" not in {w["code"] for w in out["warnings"]}
+  # Finite quantiles (the few studies here give none at 95%): the rows are pred +/- q * scale.
+  q = {"0.9": 1.5, "0.95": 2.0}
+  cal = dataclasses.replace(cal, quantiles={intervals.NORMALIZED: q, intervals.ABSOLUTE: q})
+  intervals.write(cal, work)
+  out = predict.predict(predictor, data_dir=data_dir, split="train", workdir=work, tta=2)
+  for row in out["studies"]:
+    half = 2.0 * math.sqrt(cal.val_rmse ** 2 + row["loo_se"] ** 2)
+    assert row["interval"] == pytest.approx([max(0.0, row["lvef"] - half),
+                                             min(100.0, row["lvef"] + half)])
+    assert row["interval_method"].startswith("split-conformal 95% (normalized")
+  narrow = predict.predict(predictor, data_dir=data_dir, split="train", workdir=work, tta=2,
+                           level=0.9, loo=False)
+  assert {w["code"] for w in narrow["warnings"]} == {"calibration_mismatch"}  # loo off
+  for row in narrow["studies"]:
+    assert row["interval"] == pytest.approx([row["lvef"] - 1.5, row["lvef"] + 1.5])
+  with pytest.raises(ValueError, match="calibrated at levels"):
+    predict.predict(predictor, data_dir=data_dir, split="train", workdir=work, level=0.8)
+  # tools/evaluate.py's coverage comes from the same predictions.
+  result = evaluate.evaluate(work, data_dir, ["train"], str(tmp_path / "eval"),
+                             options=evaluate.Options(n_boot=20, worst=0))
+  iv = result["splits"]["train"]["intervals"]
+  truth = np.array([r["lvef_reference"] for r in rows])
+  err = np.abs(truth - np.array([r["lvef"] for r in rows]))
+  scale = np.sqrt(cal.val_rmse ** 2 + np.array([r["loo_se"] for r in rows]) ** 2)
+  assert iv["n"] == len(rows) and iv["mae"] == pytest.approx(cal.mae)
+  assert iv["methods"]["absolute"]["0.9"]["coverage"] == pytest.approx(np.mean(err <= 1.5))
+  assert iv["methods"]["normalized"]["0.95"]["coverage"] == pytest.approx(
+      np.mean(err <= 2.0 * scale))
+  assert "Prediction intervals" in open(tmp_path / "eval" / evaluate.REPORT_MD).read()
+  # A calibration of another checkpoint step is not used.
+  intervals.write(dataclasses.replace(cal, step=cal.step + 1), work)
+  stale = predict.predict(predictor, data_dir=data_dir, split="train", workdir=work, loo=False)
+  assert "uncalibrated_intervals" in {w["code"] for w in stale["warnings"]}
+  assert all(r["interval_method"].startswith("uncalibrated") for r in stale["studies"])

@@ -8,7 +8,8 @@ Writes `{out}/report.md`, `{out}/metrics.json` and per split `{out}/{split}/pred
 and the plots. A split without LVEF labels is predicted only (the report says so). The report's
 "Largest errors" section lists the `--worst` studies of largest absolute error per split, with
 thumbnail strips in `{out}/worst/`. See `cmr_jax.eval.evaluate` for test-time augmentation, the
-cross-fitted bias correction and repeatability.
+cross-fitted bias correction and repeatability. A run calibrated by tools/calibrate.py also gets the
+empirical coverage and mean width of its 90% and 95% prediction intervals on each split.
 """
 
 
@@ -37,18 +38,24 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap and the folds.")
 _WORST = flags.DEFINE_integer("worst", evaluate.Options.worst,
                               "Studies of largest absolute error listed per split, with their "
                               "bag, attention, warnings and ED/ES thumbnails (0: none).")
+_INTERVALS = flags.DEFINE_bool("intervals", True, "With a calibrated run (calibration.json, "
+                               "tools/calibrate.py): coverage and mean width of its prediction "
+                               "intervals per split, predicted as tools/predict.py predicts.")
 
 
 def main() -> None:
   try:
     options = evaluate.Options(tta=_TTA.value, n_boot=_BOOTSTRAP.value, seed=_SEED.value,
-                               folds=_FOLDS.value, worst=_WORST.value)
+                               folds=_FOLDS.value, worst=_WORST.value,
+                               intervals=_INTERVALS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   result = evaluate.evaluate(_WORKDIR.value, _DATA_DIR.value, _SPLIT.value, _OUT.value,
                              which=_WHICH.value, options=options)
   for split, s in result["splits"].items():
     print(report.headline(split, s))
+    if s.get("intervals"):
+      print(report.interval_headline(split, s["intervals"]))
   print(f"report: {_OUT.value}/{evaluate.REPORT_MD}")
 
 

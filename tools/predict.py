@@ -14,7 +14,9 @@ be predicted. Scoring an ingested dataset instead:
 
 Studies are pseudonymised with --salt (or $CMR_JAX_SALT), else a random salt per run: the rows
 are keyed by the input paths, so no salt needs keeping. See `cmr_jax.predict.scoring` for the
-interval and `cmr_jax.data.quality` for the warnings.
+interval (split-conformal when the run has a calibration.json: tools/calibrate.py) and
+`cmr_jax.data.quality` for the warnings. Files over the read limits (--max_file_bytes etc., as
+in tools/ingest.py) are skipped with the reason.
 """
 
 import os
@@ -26,12 +28,15 @@ from absl import logging
 
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
+from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import layouts
 from cmr_jax.dicom import pseudonym
+from cmr_jax.eval import conformal
 from cmr_jax import inference
 from cmr_jax import logs
 from cmr_jax import predict
 from cmr_jax.predict import output
+from cmr_jax.predict import scoring
 
 RANDOM_SALT_BYTES = 16
 _MODEL = flags.DEFINE_string("model", None, "Fine-tuning run folder (its best checkpoint).",
@@ -47,15 +52,30 @@ _LABELS = flags.DEFINE_string("labels", "", "Optional reference labels CSV for -
 _SALT = flags.DEFINE_string(
     "salt", "", f"Pseudonymisation salt (default: ${pseudonym.SALT_ENV_VAR}, else random).")
 _TTA = flags.DEFINE_integer(
-    "tta", 4, "Prediction passes averaged per study: the deterministic pass and N-1 seeded "
+    "tta", conformal.DEFAULT_TTA, "Prediction passes averaged per study: the deterministic pass and N-1 seeded "
     "augmented clip samplings (measured on the demo's test split: MAE 11.62 with 1, 10.40 with "
     "4; tools/evaluate.py --tta).")
 _LOO = flags.DEFINE_bool("loo", True, "Leave-one-cine-out spread for the interval (costs one "
                          "forward pass per cine of the bag).")
+_LEVEL = flags.DEFINE_float("level", scoring.DEFAULT_LEVEL, "Nominal coverage of the intervals: "
+                            "one the run is calibrated at (calibration.json: 0.9, 0.95).")
+# The same read limits, names and defaults as tools/ingest.py (`dicom_files.ReadLimits`).
+_LIMITS = dicom_files.ReadLimits()
+_LIMIT_FLAGS = [flags.DEFINE_integer(name, getattr(_LIMITS, name), help) for name, help in (
+    ("max_file_bytes", "Bytes read from one file or zip member at most; larger files are "
+     "skipped (with the reason in the row's warnings)."),
+    ("max_frame_pixels", "Rows x Columns a file's header may claim."),
+    ("max_frames_per_file", "NumberOfFrames a header may claim."),
+    ("max_pixel_bytes", "Decoded pixel bytes a header may claim."),
+    ("max_element_reads", "Reads of data elements (1-3 each: tag, length, value) while parsing "
+     "one file."))]
 
 
 def main(inputs: list[str]) -> int:
   try:  # before loading the model or predicting anything
+    limits = dicom_files.ReadLimits(**{f.name: f.value for f in _LIMIT_FLAGS})
+    if not 0.0 < _LEVEL.value < 1.0:
+      raise ValueError(f"--level must be in (0, 1), got {_LEVEL.value}")
     predict.check_arguments(inputs=inputs, data_dir=_DATA_DIR.value, split=_SPLIT.value,
                             labels=_LABELS.value, output_path=_OUTPUT.value)
   except ValueError as e:
@@ -78,6 +98,8 @@ def main(inputs: list[str]) -> int:
           predictor.preprocess))
   # Not a fine-tuning run, a checkpoint that does not fit its config, a dataset preprocessed
   # otherwise than the model's training data: one line each.
+    scoring.model_info(predictor, _MODEL.value, tta=_TTA.value, loo=_LOO.value,
+                       level=_LEVEL.value)  # a level the run's calibration lacks
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(f"--model {_MODEL.value}: {e}".replace("\n", " ")) from None
   if predictor.best:
@@ -87,7 +109,7 @@ def main(inputs: list[str]) -> int:
   result = predict.predict(predictor, inputs=inputs, data_dir=_DATA_DIR.value,
                            split=_SPLIT.value, salt=salt, layout=_LAYOUT.value,
                            labels=_LABELS.value, loo=_LOO.value, workdir=_MODEL.value,
-                           tta=_TTA.value)
+                           tta=_TTA.value, limits=limits, level=_LEVEL.value)
   output.write(result, _OUTPUT.value)
   summary = result["summary"]
   print(output.table(result["studies"]))

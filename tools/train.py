@@ -7,6 +7,9 @@ r"""Pre-train or fine-tune, driven by an ml_collections config (the trainers' pr
 Multi-host: `--distributed=auto` joins the processes of a TPU pod or a SLURM job through
 `jax.distributed.initialize()` (cluster detection); `--coordinator_address`, `--num_processes` and
 `--process_id` set it by hand. Every process runs the same command on shared storage.
+
+Fine-tuning on a dataset with a `calib` split then calibrates the best checkpoint's prediction
+intervals on it (split conformal, as tools/calibrate.py; `--calibrate=false` skips it).
 """
 
 from absl import flags
@@ -14,6 +17,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from cmr_jax.data import records
+from cmr_jax.eval import conformal
+from cmr_jax import inference
+from cmr_jax import intervals
 from cmr_jax import logs
 from cmr_jax.train import distributed
 from cmr_jax.train import finetune
@@ -29,6 +36,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 _LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None,
                                       "this process's GPUs (default: JAX's choice)")
+_CALIBRATE = flags.DEFINE_bool("calibrate", True, "After fine-tuning, calibrate the prediction "
+                               "intervals on the dataset's calib split, when it has one.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 TRAINERS = {"pretrain": pretrain.train_and_evaluate, "finetune": finetune.train_and_evaluate}
@@ -43,6 +52,10 @@ def main() -> None:
                jax.devices()[0].device_kind)
   result = TRAINERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", result)
+  data_dir = _CONFIG.value.data.dir
+  if (_MODE.value == "finetune" and _CALIBRATE.value
+      and intervals.CALIB_SPLIT in records.read_dataset_info(data_dir)["splits"]):
+    conformal.calibrate(inference.Predictor(_WORKDIR.value), _WORKDIR.value, data_dir)
 
 
 if __name__ == "__main__":

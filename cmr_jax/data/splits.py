@@ -9,6 +9,11 @@ split and "external": external evaluation is about the site, not the subject.
 A pre-training archive (the paper pre-trained on institutional archives and fine-tuned on UK
 Biobank) is a set of subjects that appear in no other split: their studies go to "archive"
 (contrastive pre-training) or "archive_val" (its zero-shot retrieval check), by a keyed hash.
+
+Calibration subjects (`calib_subjects`) go to split "calib" only: studies that neither train a
+fine-tuned model nor choose its checkpoint, on which its prediction intervals are calibrated
+(`cmr_jax.intervals`). A dataset without designated calibration subjects can have a "calib"
+split among its hashed fractions instead.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ DEFAULT_FRACTIONS: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1)
 EXTERNAL = "external"
 ARCHIVE = "archive"
 ARCHIVE_VAL = "archive_val"
+CALIB = "calib"  # studies for calibrating a fine-tuned model's prediction intervals
 DEFAULT_ARCHIVE_FRACTIONS: tuple[tuple[str, float], ...] = ((ARCHIVE, 0.9), (ARCHIVE_VAL, 0.1))
 _LABEL_FRACTION_PURPOSE = "label-fraction"
 
@@ -49,6 +55,7 @@ class SubjectSplitter:
     archive_subjects: subjects reserved for pre-training: every study of theirs goes to
       "archive" or "archive_val" (by `archive_fractions`), at any site, and to no other split.
     archive_fractions: (split, fraction) pairs of the archive, summing to 1.
+    calib_subjects: subjects whose every study goes to "calib" (at an internal site).
   """
 
   salt: str = "cmr-jax"
@@ -56,6 +63,7 @@ class SubjectSplitter:
   external_sites: frozenset[str] = frozenset()
   archive_subjects: frozenset[str] = frozenset()
   archive_fractions: tuple[tuple[str, float], ...] = DEFAULT_ARCHIVE_FRACTIONS
+  calib_subjects: frozenset[str] = frozenset()
 
   def __post_init__(self):
     names = [name for name, _ in self.fractions]
@@ -69,6 +77,11 @@ class SubjectSplitter:
         raise ValueError(f"split fractions must be >= 0 and sum to 1: {dict(fractions)}")
     object.__setattr__(self, "external_sites", frozenset(self.external_sites))
     object.__setattr__(self, "archive_subjects", frozenset(self.archive_subjects))
+    object.__setattr__(self, "calib_subjects", frozenset(self.calib_subjects))
+    both = self.calib_subjects & self.archive_subjects
+    if both:
+      raise ValueError(f"{len(both)} subjects are both calibration and archive subjects, e.g. "
+                       f"{sorted(both)[0]}")
 
   @classmethod
   def from_mapping(cls, fractions: collections.abc.Mapping[str, float], *, salt: str,
@@ -78,7 +91,10 @@ class SubjectSplitter:
                external_sites=frozenset(external_sites))
 
   def split_of_subject(self, subject_id: str) -> str:
-    """The internal split of a subject (an archive split for an archive subject)."""
+    """The internal split of a subject (an archive split for an archive subject, "calib" for a
+    calibration subject)."""
+    if subject_id in self.calib_subjects:
+      return CALIB
     archive = subject_id in self.archive_subjects
     fractions = self.archive_fractions if archive else self.fractions
     u = unit_hash(subject_id, self.salt, "archive" if archive else "split")

@@ -45,12 +45,14 @@ from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import types
 from cmr_jax.eval import calibration
+from cmr_jax.eval import conformal
 from cmr_jax.eval import largest_errors
 from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
 from cmr_jax.eval import repeatability
 from cmr_jax.eval import report
 from cmr_jax import inference
+from cmr_jax import intervals as intervals_lib
 from cmr_jax import runs
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -71,6 +73,9 @@ class Options:
     folds: K of the bias-correction cross-fitting.
     bins: equal-count bins of the calibration curve.
     worst: studies of largest absolute error listed per split (0: none).
+    intervals: with a calibrated run (`calibration.json` of the evaluated checkpoint), measure
+      the coverage and width of its prediction intervals, predicting as the calibration did
+      (`conformal.split_coverage`: its own passes, with leave-one-cine-out bags).
   """
 
   tta: int = 1
@@ -79,6 +84,7 @@ class Options:
   folds: int = calibration.DEFAULT_FOLDS
   bins: int = calibration.DEFAULT_BINS
   worst: int = largest_errors.DEFAULT_COUNT
+  intervals: bool = True
 
   def __post_init__(self):
     if self.tta < 1:
@@ -233,8 +239,10 @@ def write_plots(p: dict[str, np.ndarray], corrected: dict[str, np.ndarray], spli
 
 
 def evaluate_split(predictor: inference.Predictor, data_dir: str, split: str, out: str,
-                   options: Options) -> dict[str, Any]:
-  """Predicts and scores one split, writing `{out}/{split}/`; returns its (JSON-safe) result."""
+                   options: Options,
+                   cal: intervals_lib.Calibration | None = None) -> dict[str, Any]:
+  """Predicts and scores one split, writing `{out}/{split}/`; returns its (JSON-safe) result.
+  With `cal`, also the coverage of the calibrated intervals (result["intervals"])."""
   source = open_eval_split(data_dir, split)
   meta = pipeline.study_metadata(source)
   start = time.monotonic()
@@ -262,6 +270,8 @@ def evaluate_split(predictor: inference.Predictor, data_dir: str, split: str, ou
         out=out, write=writer)
   result["tta"] = {"passes": options.tta, "mean_pred_sd": float(np.mean(p["pred_sd"]))}
   result["predict_s"] = predict_s
+  if cal is not None and result["n_labelled"]:
+    result["intervals"] = conformal.split_coverage(predictor, cal, source)
   if "metrics" in result:
     m = result["metrics"]
     logging.info("%s: %d studies, MAE %s, AUC(LVEF<40%%) %s", split, result["n_labelled"],
@@ -308,9 +318,18 @@ def evaluate(workdir: str, data_dir: str, splits: Sequence[str], out: str, *,
       "bootstrap": f"subject-level percentile bootstrap, {options.n_boot} replicates, "
                    f"{100 * metrics.CI_LEVEL:g}% intervals",
       "splits": {}}
+  cal = None
+  if options.intervals and which == runs.BEST_DIR:
+    cal = intervals_lib.read(workdir)
+    if cal is not None and not cal.belongs_to(predictor.best):
+      logging.warning("%s: calibration.json is for step %s, not the best checkpoint's: interval "
+                      "coverage not measured (re-run tools/calibrate.py)", workdir, cal.step)
+      cal = None
+    if cal is not None:
+      result["calibration"] = cal.to_dict()
   os.makedirs(out, exist_ok=True)
   for split in splits:
-    result["splits"][split] = evaluate_split(predictor, data_dir, split, out, options)
+    result["splits"][split] = evaluate_split(predictor, data_dir, split, out, options, cal)
   if jax.process_index() == 0:
     with open(os.path.join(out, METRICS_JSON), "w") as f:
       json.dump(result, f, indent=1, allow_nan=False)

@@ -148,6 +148,7 @@ def _split_section(split: str, s: Mapping[str, Any]) -> list[str]:
                      f"{fmt_value(min(f['slope'] for f in fits), 3)} to "
                      f"{fmt_value(max(f['slope'] for f in fits), 3)}.")
       lines.append("")
+  lines += _intervals_lines(s.get("intervals"))
   if "repeatability_skipped" in s:
     lines += [f"No scan-rescan repeatability: {s['repeatability_skipped']}.", ""]
   rep = s.get("repeatability")
@@ -163,6 +164,29 @@ def _split_section(split: str, s: Mapping[str, Any]) -> list[str]:
     lines += [f"![{PLOT_TITLES[name]}]({path})" for name, path in s["files"]["plots"].items()]
     lines.append("")
   return lines
+
+
+def interval_headline(split: str, iv: Mapping[str, Any]) -> str:
+  """One line: coverage and mean width of each calibrated interval on a split."""
+  parts = [f"{method} {float(level):.0%}: coverage {c['coverage']:.3f}, width "
+           f"{c['mean_width']:.1f}" for method, levels in iv["methods"].items()
+           for level, c in levels.items()]
+  return (f"- **{split}** intervals (n={iv['n']}, tta={iv['tta']}, MAE {iv['mae']:.2f}): "
+          + "; ".join(parts))
+
+
+def _intervals_lines(iv: Mapping[str, Any] | None) -> list[str]:
+  if not iv:
+    return []
+  rows = [[method, f"{float(level):.0%}", f"{c['coverage']:.3f}", fmt_value(c["mean_width"]),
+           f"{c['mean_width'] / iv['mae']:.1f}" if iv["mae"] > 0 else "-"]
+          for method, levels in iv["methods"].items() for level, c in levels.items()]
+  return [f"### Prediction intervals ({iv['n']} studies)", "",
+          f"Predicted as `tools/predict.py` predicts ({iv['tta']} passes, leave-one-cine-out "
+          f"bags: {iv['loo']}; MAE of these predictions {fmt_value(iv['mae'])}), with the "
+          "run's split-conformal calibration (`calibration.json`).", "",
+          markdown_table(["method", "nominal", "coverage", "mean width", "width / MAE"], rows),
+          ""]
 
 
 def _largest_error_rows(studies: list[Mapping[str, Any]]) -> list[list[str]]:
@@ -206,6 +230,12 @@ def render(result: Mapping[str, Any]) -> str:
            f"Dataset `{result['data_dir']}`; {result['options']['tta']} prediction pass(es) per "
            f"study; intervals: {result['bootstrap']}.", ""]
   lines += [headline(split, s) for split, s in result["splits"].items()]
+  if "calibration" in result:
+    cal = result["calibration"]
+    lines += ["", f"Prediction intervals calibrated on {cal['n']} studies of split "
+              f"`{cal['split']}` (split conformal, step {cal['step']}):"]
+    lines += [interval_headline(split, s["intervals"]) for split, s in result["splits"].items()
+              if s.get("intervals")]
   lines.append("")
   for split, s in result["splits"].items():
     lines += _split_section(split, s)

@@ -6,7 +6,10 @@ subject into train/val/test; subjects `num_subjects .. num_subjects+num_external
 tests); the next `num_archive` subjects, scanned at `archive_sites` (round robin), are the
 pre-training archive (splits "archive" and "archive_val"): contrastive pre-training reads only
 them, so no subject it sees is fine-tuned on or scored, as the paper pre-trained on institutional
-archives and fine-tuned and tested on UK Biobank. A deterministic `rescan_fraction` of subjects
+archives and fine-tuned and tested on UK Biobank. The last `num_calib` subjects, scanned at the
+internal sites (round robin), form the split "calib": held out from fine-tuning and checkpoint
+selection, they calibrate the fine-tuned model's prediction intervals (`cmr_jax.intervals`).
+Appending subjects leaves every earlier subject, and its split, as it was. A deterministic `rescan_fraction` of subjects
 gets a second visit (same heart, new acquisition) for scan-rescan repeatability; a rescan stays in
 its subject's split.
 """
@@ -40,6 +43,7 @@ class SyntheticSpec:
     external_site: the held-out protocol family.
     num_archive: pre-training archive subjects (splits "archive", "archive_val"); 0 for none.
     archive_sites: protocol families of the archive (round robin); empty: the internal `sites`.
+    num_calib: calibration subjects at the internal sites (split "calib"); 0 for none.
     rescan_fraction: fraction of subjects scanned twice.
     frames: rendered frames per cycle (the fast phantom protocol).
     matrix: rendered square matrix (the fast phantom protocol).
@@ -54,6 +58,7 @@ class SyntheticSpec:
   external_site: str = "siteC"
   num_archive: int = 0
   archive_sites: tuple[str, ...] = ()
+  num_calib: int = 0
   rescan_fraction: float = 0.1
   frames: int = 16
   matrix: int = 112
@@ -69,8 +74,10 @@ class SyntheticSpec:
       raise ValueError(f"external site {self.external_site!r} is also an internal site")
     if self.external_site in self.archive_sites and self.num_external and self.num_archive:
       raise ValueError(f"external site {self.external_site!r} is also an archive site")
-    if self.num_subjects < 1 or self.num_external < 0 or self.num_archive < 0:
-      raise ValueError("need num_subjects >= 1, num_external >= 0 and num_archive >= 0")
+    if (self.num_subjects < 1 or self.num_external < 0 or self.num_archive < 0
+        or self.num_calib < 0):
+      raise ValueError("need num_subjects >= 1, num_external >= 0, num_archive >= 0 and "
+                       "num_calib >= 0")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> SyntheticSpec:
@@ -86,19 +93,24 @@ class SyntheticSpec:
   def splitter(self) -> splits.SubjectSplitter:
     """The subject-grouped split rule of this dataset."""
     external = (self.external_site,) if self.num_external else ()
-    archive = frozenset(subject_id(self.seed, i) for i, _ in self.plan()[self.num_subjects
-                                                                          + self.num_external:])
+    first = self.num_subjects + self.num_external
+    plan = self.plan()
+    archive = frozenset(subject_id(self.seed, i) for i, _ in plan[first:first + self.num_archive])
+    calib = frozenset(subject_id(self.seed, i) for i, _ in plan[first + self.num_archive:])
     return splits.SubjectSplitter(salt=self.split_salt, fractions=self.fractions,
-                                  external_sites=frozenset(external), archive_subjects=archive)
+                                  external_sites=frozenset(external), archive_subjects=archive,
+                                  calib_subjects=calib)
 
   def plan(self) -> list[tuple[int, str]]:
-    """(subject index, site) of every subject: internal, then external, then archive."""
+    """(subject index, site) of every subject: internal, external, archive, then calibration."""
     plan = [(i, self.sites[i % len(self.sites)]) for i in range(self.num_subjects)]
     first = self.num_subjects
     plan += [(first + j, self.external_site) for j in range(self.num_external)]
     first += self.num_external
     archive_sites = self.archive_sites or self.sites
     plan += [(first + j, archive_sites[j % len(archive_sites)]) for j in range(self.num_archive)]
+    first += self.num_archive
+    plan += [(first + j, self.sites[j % len(self.sites)]) for j in range(self.num_calib)]
     return plan
 
 

@@ -86,7 +86,8 @@ def check_arguments(*, inputs: Sequence[str] = (), data_dir: str = "", split: st
 def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_dir: str = "",
             split: str = "test", salt: str = "", layout: str = layouts.GENERIC,
             labels: str = "", loo: bool = True, workdir: str = "", tta: int = 1,
-            limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> dict[str, Any]:
+            limits: dicom_files.ReadLimits = dicom_files.ReadLimits(),
+            level: float = scoring.DEFAULT_LEVEL) -> dict[str, Any]:
   """Predicts LVEF for DICOM inputs or for the records of a dataset split.
 
   Args:
@@ -98,8 +99,9 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
     layout: how studies are found below each input.
     labels: optional reference labels CSV for the layout.
     loo: compute the leave-one-cine-out spread.
-    workdir: the run's folder, for the output's model section.
+    workdir: the run's folder: its calibration.json, and the output's model section.
     tta: prediction passes averaged per bag (see `scoring.score`).
+    level: the intervals' nominal coverage (see `scoring`).
     limits: what one DICOM file may claim or hold (`dicom_files.ReadLimits`).
 
   Returns:
@@ -107,8 +109,9 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
     the rows in their JSON form (`rows.Row.to_dict`).
 
   Raises:
-    ValueError: for neither or both of inputs and data_dir, no salt with inputs, or a dataset
-      preprocessed differently from the model's training data.
+    ValueError: for neither or both of inputs and data_dir, no salt with inputs, a dataset
+      preprocessed differently from the model's training data, or a level the run's
+      calibration lacks.
   """
   if bool(inputs) == bool(data_dir):
     raise ValueError("give study inputs or a data_dir, not both or neither")
@@ -123,18 +126,16 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
                                                    labels=labels, limits=limits)
                           for p in inputs),
                          len(inputs), "inputs")
-  model = scoring.model_info(predictor, workdir)
+  model = scoring.model_info(predictor, workdir, tta=tta, loo=loo, level=level)
   model_warnings = model.warnings()
   for w in model_warnings:
     logging.warning("%s", w.message)
-  rows = scoring.score(predictor, prepared, loo=loo, workdir=workdir, tta=tta)
+  rows = scoring.score(predictor, prepared, loo=loo, workdir=workdir, tta=tta, level=level)
   return {
       "model": {"workdir": workdir, "best": model.best, "preprocess": model.preprocess,
-                "max_instances": model.max_instances, "tta_passes": tta},
-      "interval_method": (f"pred +/- {scoring.Z_95} * sqrt(val_rmse^2 + loo_se^2), clipped to "
-                          "0-100: val_rmse the checkpoint's validation RMSE, loo_se the "
-                          "jackknife SE over leave-one-cine-out predictions; ~95% where "
-                          "residuals are normal and the study resembles the validation data"),
+                "max_instances": model.max_instances, "tta_passes": tta,
+                "calibration": None if model.calibration is None else model.calibration.to_dict()},
+      "interval_method": model.describe(),
       "warnings": [dataclasses.asdict(w) for w in model_warnings],
       "studies": [r.to_dict() for r in rows],
       "summary": output.summarize(rows),

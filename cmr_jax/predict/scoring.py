@@ -1,12 +1,17 @@
 """Scoring prepared studies: full and leave-one-cine-out bags, the interval, one `Row` per study.
 
-Interval: pred +/- 1.96 sqrt(val_rmse^2 + loo_se^2), where val_rmse is the checkpoint's RMSE on
-its validation split (`best.json`) and loo_se the jackknife standard error of the prediction
-over the bag's cines (each cine left out in turn, `leave_one_out_cines`). val_rmse says how far
-off the model is on average on data like its validation set; loo_se how much this study's
-estimate rests on single cines. It is a ~95% interval only where validation residuals are
-roughly normal and the study resembles the validation data: it does not cover a shift to
-another scanner or protocol, which the warnings try to flag.
+Interval: split-conformal (`cmr_jax.intervals`) when the run has a calibration made as this
+scoring scores (`calibration.json`, from `tools/calibrate.py` or fine-tuning on a dataset with a
+`calib` split): pred +/- q * sqrt(val_rmse^2 + loo_se^2) (`normalized`, when the study has a
+leave-one-cine-out spread) or pred +/- q (`absolute`), q the calibration studies' conformal
+quantile at the level. val_rmse is the checkpoint's validation RMSE (`best.json`), loo_se the
+jackknife standard error of the prediction over the bag's cines (each cine left out in turn,
+`inference.leave_one_out_cines`). The guarantee (coverage of at least the level) holds for
+studies like the calibration studies; it does not cover a shift to another scanner or protocol,
+which the warnings try to flag.
+
+Without a calibration the interval is the earlier Gaussian approximation pred +/- 1.96 *
+sqrt(val_rmse^2 + loo_se^2) and every row says so: its coverage is not measured.
 
 Test-time augmentation: each bag's prediction and attention are the means over `tta` passes
 (`inference.tta_predictions`, as the evaluator's).
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -25,92 +30,43 @@ from cmr_jax.data import pipeline
 from cmr_jax.data import quality
 from cmr_jax.data import types
 from cmr_jax import inference
+from cmr_jax import intervals
 from cmr_jax.predict import inputs as inputs_lib
 from cmr_jax.predict import rows
 
-Z_95 = 1.96  # two-sided 95% normal quantile
+Z_95 = 1.96  # two-sided 95% normal quantile (the uncalibrated fallback)
+DEFAULT_LEVEL = 0.95
 REDUCED_EF_PERCENT = 40.0  # LVEF below this is flagged (heart failure with reduced EF)
 PLAUSIBLE_LVEF_PERCENT = (5.0, 90.0)
-LVEF_RANGE_PERCENT = (0.0, 100.0)  # intervals are clipped to it
+LVEF_RANGE_PERCENT = intervals.LVEF_RANGE_PERCENT  # intervals are clipped to it
 MIN_VALIDATION_STUDIES = 30  # fewer make val_rmse a rough estimate
-BAGS_PER_CALL = 4  # bags scored per Predictor call, in eval batches
-
-
-def _sax_with_bag(sax: list[int], wanted: list[int]) -> list[int]:
-  """SAX cines of the stack `sax` (base to apex) whose bag SAX slices are exactly `wanted`.
-
-  `wanted` are bag slices (at least two stack positions apart) in stack order. Up to three
-  are interleaved with one unused slice each (at most 5 slices: not trimmed, every second from
-  the first); more get an unused slice before the first and after the last as well (more than
-  5: trimmed, then every second). See `pipeline.bag_indices`.
-  """
-  if not wanted:
-    return []
-  at = [sax.index(i) for i in wanted]
-  core = [c for p in at[:-1] for c in (sax[p], sax[p + 1])] + [wanted[-1]]
-  if len(core) <= pipeline.TRIM_SAX_ABOVE:
-    return core
-  return [sax[at[0] - 1]] + core + [sax[at[-1] + 1]]
-
-
-def leave_one_out_cines(views: Sequence[str], slice_index: np.ndarray,
-                        max_instances: int) -> list[list[int]]:
-  """Cine subsets whose bags are the study's bag without one cine each (in bag order).
-
-  `pipeline.bag_indices` takes every second SAX slice, of the stack without its first and last
-  slice when it has more than 5: each subset keeps the other bag cines and just enough unused
-  SAX slices around them that the rule picks those again, and no slice beyond `max_instances`
-  slides in.
-
-  Args:
-    views: [N] view of each cine.
-    slice_index: [N] SAX order base->apex (-1 for long-axis).
-    max_instances: K, the bag size.
-
-  Returns:
-    Sorted cine indices per left-out bag cine; [] for a bag of one cine.
-  """
-  bag = pipeline.bag_indices(list(views), slice_index, max_instances)
-  if len(bag) < 2:
-    return []
-  sax = sorted((i for i, v in enumerate(views) if v == types.SAX), key=lambda i: slice_index[i])
-  lax = [i for i in bag if views[i] != types.SAX]
-  sax_in_bag = [i for i in bag if views[i] == types.SAX]
-  return [sorted([j for j in lax if j != i]
-                 + _sax_with_bag(sax, [j for j in sax_in_bag if j != i])) for i in bag]
-
-
-def subset_record(record: types.StudyRecord, cines: Sequence[int]) -> types.StudyRecord:
-  """The record with only `cines` (indices), in that order; no checksum."""
-  idx = np.asarray(cines, dtype=np.int64)
-  return dataclasses.replace(
-      record, frames=record.frames[idx], views=[record.views[i] for i in cines],
-      slice_index=record.slice_index[idx], slice_position_mm=record.slice_position_mm[idx],
-      source_spacing_mm=record.source_spacing_mm[idx], checksum="")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Bags:
-  """A `pipeline.Source` of records, each whole or cut to some cines when read."""
-
-  items: list[tuple[types.StudyRecord, list[int] | None]]
-
-  def __len__(self) -> int:
-    return len(self.items)
-
-  def __getitem__(self, index: int) -> types.StudyRecord:
-    record, cines = self.items[index]
-    return record if cines is None else subset_record(record, cines)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-  """What the rows' intervals rest on: the checkpoint's validation errors."""
+  """What the rows' intervals rest on: the checkpoint's validation errors and calibration.
+
+  Attributes:
+    workdir: the run folder.
+    best: its best.json (validation errors of the checkpoint), or None.
+    preprocess: the training data's preprocessing.
+    max_instances: the bag size.
+    calibration: the run's conformal calibration for this checkpoint, or None (absent, or made
+      for another checkpoint step: see `stale_calibration`).
+    stale_calibration: the step of a calibration.json that belongs to another checkpoint.
+    tta, loo: how this scoring predicts (compared with how the calibration was made).
+    level: the intervals' nominal coverage.
+  """
 
   workdir: str
-  best: dict[str, Any] | None  # best.json
+  best: dict[str, Any] | None
   preprocess: dict[str, Any]
   max_instances: int
+  calibration: intervals.Calibration | None = None
+  stale_calibration: int | None = None
+  tta: int = 1
+  loo: bool = True
+  level: float = DEFAULT_LEVEL
 
   @property
   def val_rmse(self) -> float | None:
@@ -119,41 +75,92 @@ class ModelInfo:
 
   def warnings(self) -> list[quality.QualityWarning]:
     """Warnings that hold for every row."""
-    if self.val_rmse is None:
-      return [quality.QualityWarning(
-          "no_validation_errors", f"{self.workdir} has no validation RMSE (best.json): "
-          "intervals rest on the leave-one-cine-out spread only")]
-    n = int(self.best.get("val_n") or 0)
-    if n < MIN_VALIDATION_STUDIES:
-      return [quality.QualityWarning(
-          "small_validation", f"the validation RMSE comes from {n} studies (fewer than "
-          f"{MIN_VALIDATION_STUDIES}): intervals are rough")]
-    return []
+    cal = self.calibration
+    if cal is None:
+      why = (f"its calibration.json is for step {self.stale_calibration}, not the checkpoint's"
+             if self.stale_calibration is not None else "it has no calibration.json")
+      out = [quality.QualityWarning(
+          "uncalibrated_intervals", f"{self.workdir}: {why}; intervals are the Gaussian "
+          "approximation, their coverage is not measured (run tools/calibrate.py on a split "
+          "the checkpoint was not chosen on)")]
+      if self.val_rmse is None:
+        out.append(quality.QualityWarning(
+            "no_validation_errors", f"{self.workdir} has no validation RMSE (best.json): "
+            "intervals rest on the leave-one-cine-out spread only"))
+      elif int(self.best.get("val_n") or 0) < MIN_VALIDATION_STUDIES:
+        out.append(quality.QualityWarning(
+            "small_validation", f"the validation RMSE comes from {int(self.best.get('val_n') or 0)}"
+            f" studies (fewer than {MIN_VALIDATION_STUDIES}): intervals are rough"))
+      return out
+    out = []
+    if (cal.tta, cal.loo) != (self.tta, self.loo):
+      out.append(quality.QualityWarning(
+          "calibration_mismatch", f"intervals were calibrated with tta={cal.tta}, "
+          f"loo={cal.loo}; this run predicts with tta={self.tta}, loo={self.loo}: their coverage "
+          "may differ from the nominal"))
+    method = cal.method_for(self.loo)
+    if math.isinf(cal.quantiles[method].get(f"{self.level:g}", math.inf)):
+      out.append(quality.QualityWarning(
+          "calibration_too_small", f"{cal.n} calibration studies cannot give a "
+          f"{self.level:.0%} interval: intervals span {LVEF_RANGE_PERCENT[0]:g}-"
+          f"{LVEF_RANGE_PERCENT[1]:g}%"))
+    return out
+
+  def describe(self) -> str:
+    """How this run's intervals are made, in one line."""
+    cal = self.calibration
+    if cal is None:
+      return (f"pred +/- {Z_95} * sqrt(val_rmse^2 + loo_se^2), clipped to 0-100: val_rmse the "
+              "checkpoint's validation RMSE, loo_se the jackknife SE over leave-one-cine-out "
+              "predictions; uncalibrated (~95% only where residuals are normal and the study "
+              "resembles the validation data)")
+    return (f"split-conformal {self.level:.0%} interval calibrated on {cal.n} studies of split "
+            f"{cal.split!r} (step {cal.step}, tta={cal.tta}): pred +/- q * sqrt(val_rmse^2 + "
+            "loo_se^2) where the study has a leave-one-cine-out spread, else pred +/- q, "
+            "clipped to 0-100; at least the nominal coverage for studies like the calibration "
+            "studies")
 
 
-def model_info(predictor: inference.Predictor, workdir: str = "") -> ModelInfo:
-  """The interval's basis and the preprocessing of a predictor."""
+def model_info(predictor: inference.Predictor, workdir: str = "", *, tta: int = 1,
+               loo: bool = True, level: float = DEFAULT_LEVEL) -> ModelInfo:
+  """The interval's basis and the preprocessing of a predictor.
+
+  Raises:
+    ValueError: for a level the run's calibration does not have, or an unreadable
+      calibration.json.
+  """
+  cal = intervals.read(workdir) if workdir else None
+  stale = None
+  if cal is not None and not cal.belongs_to(predictor.best):
+    cal, stale = None, cal.step
+  if cal is not None and f"{level:g}" not in cal.quantiles[intervals.ABSOLUTE]:
+    raise ValueError(f"{workdir} is calibrated at levels "
+                     f"{sorted(cal.quantiles[intervals.ABSOLUTE])}, not {level:g}")
   return ModelInfo(workdir, predictor.best, dict(predictor.preprocess),
-                   int(predictor.config.data.max_instances))
+                   int(predictor.config.data.max_instances), cal, stale, tta, loo, level)
 
 
-def interval(pred: float, val_rmse: float | None,
+def interval(pred: float, model: ModelInfo,
              loo_se: float | None) -> tuple[tuple[float, float] | None, str]:
   """((low, high), method) of the prediction interval; (None, why) without any error estimate."""
-  terms = [(name, v) for name, v in (("val_rmse", val_rmse), ("loo_se", loo_se)) if v is not None]
+  low, high = LVEF_RANGE_PERCENT
+  cal = model.calibration
+  if cal is not None:
+    method = cal.method_for(loo_se is not None)
+    bounds = cal.interval(pred, model.level, method, loo_se)
+    q = cal.quantiles[method][f"{model.level:g}"]
+    formula = (f"pred +/- {q:.3g} * sqrt(val_rmse^2 + loo_se^2)" if method == intervals.NORMALIZED
+               else f"pred +/- {q:.3g}")
+    return bounds, (f"split-conformal {model.level:.0%} ({method}, {cal.n} calibration studies): "
+                    f"{formula}, clipped to {low:g}-{high:g}")
+  terms = [(name, v) for name, v in (("val_rmse", model.val_rmse), ("loo_se", loo_se))
+           if v is not None]
   if not terms:
     return None, "none: no validation errors in the run and no leave-one-cine-out spread"
   half = Z_95 * math.sqrt(sum(v * v for _, v in terms))
   formula = " + ".join(f"{name}^2" for name, _ in terms)
-  low, high = LVEF_RANGE_PERCENT
   return ((max(low, pred - half), min(high, pred + half)),
-          f"pred +/- {Z_95} * sqrt({formula}), clipped to {low:g}-{high:g}")
-
-
-def jackknife_se(preds: np.ndarray) -> float:
-  """Jackknife standard error from the n leave-one-out estimates."""
-  n = preds.size
-  return float(math.sqrt((n - 1) / n * np.sum((preds - preds.mean()) ** 2)))
+          f"uncalibrated: pred +/- {Z_95} * sqrt({formula}), clipped to {low:g}-{high:g}")
 
 
 def make_row(item: inputs_lib.Prepared, out: dict[str, np.ndarray] | None,
@@ -172,8 +179,8 @@ def make_row(item: inputs_lib.Prepared, out: dict[str, np.ndarray] | None,
         error="the model returned a non-finite LVEF or attention (a broken checkpoint?)")
   pred = float(out["pred"][0])
   loo = out["pred"][1:]
-  loo_se = jackknife_se(loo) if loo.size else None
-  bounds, method = interval(pred, model.val_rmse, loo_se)
+  loo_se = inference.jackknife_se(loo) if loo.size else None
+  bounds, method = interval(pred, model, loo_se)
   bag = pipeline.bag_indices(record.views, record.slice_index, model.max_instances)
   low, high = PLAUSIBLE_LVEF_PERCENT
   if not low <= pred <= high:
@@ -197,46 +204,19 @@ def make_row(item: inputs_lib.Prepared, out: dict[str, np.ndarray] | None,
 
 
 def score(predictor: inference.Predictor, prepared: Iterable[inputs_lib.Prepared], *,
-          loo: bool = True, workdir: str = "", tta: int = 1) -> list[rows.Row]:
+          loo: bool = True, workdir: str = "", tta: int = 1,
+          level: float = DEFAULT_LEVEL) -> list[rows.Row]:
   """One row per prepared study, in order; studies are scored in groups of a few batches.
 
   Args:
     predictor: the fine-tuned model.
     prepared: studies from `prepare_input` / `prepare_split` (errors pass through as rows).
     loo: also score the leave-one-cine-out bags (bag size + 1 forward passes per study).
-    workdir: the run's folder, for messages.
+    workdir: the run's folder (its calibration.json), for messages.
     tta: prediction passes averaged per bag: the deterministic pass and tta - 1 samplings with
       the training augmentation (seeded, so a re-run gives the same numbers).
+    level: the intervals' nominal coverage (one the run is calibrated at).
   """
-  if tta < 1:
-    raise ValueError(f"tta must be at least 1, got {tta}")
-  model = model_info(predictor, workdir)
-  k = model.max_instances
-  per_call = BAGS_PER_CALL * predictor.config.eval_batch_size
-  out_rows: list[rows.Row] = []
-  pending: list[tuple[inputs_lib.Prepared, int]] = []  # (study, its number of bags)
-  bags: list[tuple[types.StudyRecord, list[int] | None]] = []
-
-  def flush():
-    out = inference.tta_predictions(predictor, _Bags(bags), tta) if bags else {}
-    if bags and len(out["pred"]) != len(bags):
-      raise RuntimeError(f"the predictor returned {len(out['pred'])} rows for {len(bags)} bags")
-    start = 0
-    for item, n in pending:
-      part = {key: v[start:start + n] for key, v in out.items()} if n else None
-      out_rows.append(make_row(item, part, model))
-      start += n
-    pending.clear()
-    bags.clear()
-
-  for item in prepared:
-    n = 0
-    if item.record is not None:
-      variants = leave_one_out_cines(item.record.views, item.record.slice_index, k) if loo else []
-      bags.extend([(item.record, None)] + [(item.record, v) for v in variants])
-      n = 1 + len(variants)
-    pending.append((item, n))
-    if len(bags) >= per_call:
-      flush()
-  flush()
-  return out_rows
+  model = model_info(predictor, workdir, tta=tta, loo=loo, level=level)
+  return [make_row(item, out, model) for item, out in inference.bag_outputs(
+      predictor, prepared, record_of=lambda item: item.record, loo=loo, tta=tta)]
