@@ -10,9 +10,11 @@ import pytest
 
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
+from cmr_jax.eval import conformal
 from cmr_jax.experiments import demo
 from cmr_jax.experiments import stages
 from cmr_jax.phantom import synthetic
+from cmr_jax import intervals
 from cmr_jax import runs
 
 
@@ -74,8 +76,20 @@ def test_demo_end_to_end_names_its_four_rows_and_links_the_validation_pick(tmp_p
   val = {n: runs.read_best(os.path.join(work, f"finetune_{n}"))["val_mae"]
          for n in demo.DEMO_ARMS}
   assert os.readlink(os.path.join(work, demo.MODEL_LINK)) == f"finetune_{min(val, key=val.get)}"
+  # The model's intervals, calibrated on the calib split as predict predicts, and their coverage.
+  model = os.path.join(work, demo.MODEL_LINK)
+  cal = intervals.read(model)
+  calib_n = len(records.load_index(os.path.join(work, "data"), intervals.CALIB_SPLIT))
+  assert cal.split == "calib" and cal.n == calib_n == data.spec.num_calib
+  assert cal.tta == conformal.DEFAULT_TTA and cal.belongs_to(runs.read_best(model))
+  assert saved["intervals"]["calibration"] == cal.to_dict()
+  for split in ("test", "external"):
+    cover = saved["intervals"][split]["methods"]
+    assert set(cover) == {"normalized", "absolute"}
+    assert all(0.0 <= c["coverage"] <= 1.0 for m in cover.values() for c in m.values())
   printed = capsys.readouterr().out
-  assert "`scratch_full`" in printed and "archive" in printed
+  assert "`scratch_full`" in printed and "archive" in printed and "calib" in printed
+  assert "split-conformal" in printed
 
 
 def test_a_run_older_than_its_inputs_is_moved_aside(tmp_path):

@@ -15,7 +15,10 @@ r"""The main job on the embedded synthetic default: data, pre-training, fine-tun
    training-mean predictor (`train_mean`), and writes them to `{workdir}/results.json` and
    `results.md`;
 5. links `{workdir}/model` to the arm with the lowest validation MAE: the model README's
-   `tools/predict.py` commands use.
+   `tools/predict.py` commands use;
+6. calibrates that model's prediction intervals on the `calib` split (split conformal, predicted
+   as `tools/predict.py` predicts: `conformal.DEFAULT_TTA` passes and leave-one-cine-out bags)
+   and reports their coverage and mean width on test and external (`intervals` in results.json).
 Each stage is skipped when its output is already complete (re-running resumes).
 """
 
@@ -28,9 +31,11 @@ import ml_collections
 import numpy as np
 
 from cmr_jax.data import records
+from cmr_jax.eval import conformal
 from cmr_jax.eval import metrics
 from cmr_jax.experiments import stages
 from cmr_jax import inference
+from cmr_jax import intervals
 from cmr_jax.phantom import synthetic
 from cmr_jax import runs
 from cmr_jax.train import finetune
@@ -86,6 +91,48 @@ def select_model(work: str, arms=DEMO_ARMS) -> str:
   return best
 
 
+def check_intervals(work: str, data_dir: str, model: str) -> dict | None:
+  """Calibrates `model`'s intervals on the calib split (unless its calibration.json is for its
+  checkpoint and predict's passes already) and measures them on the evaluation splits.
+
+  Returns:
+    {"calibration": ..., split: conformal.split_coverage(...)}, or None without a calib split.
+  """
+  available = records.read_dataset_info(data_dir)["splits"]
+  if intervals.CALIB_SPLIT not in available:
+    return None
+  run = os.path.join(work, model)
+  predictor = inference.Predictor(run)
+  cal = intervals.read(run)
+  if cal is None or not cal.belongs_to(predictor.best) or cal.tta != conformal.DEFAULT_TTA:
+    cal = conformal.calibrate(predictor, run, data_dir)
+  out: dict = {"calibration": cal.to_dict()}
+  for split in (s for s in EVAL_SPLITS if s in available):
+    out[split] = conformal.split_coverage(predictor, cal, records.open_split(data_dir, split))
+  return out
+
+
+def interval_table(checked: dict) -> str:
+  """A Markdown table: coverage and mean width of each calibrated interval per split."""
+  cal = checked["calibration"]
+  splits = [s for s in checked if s != "calibration" and checked[s]]
+  head = ("| interval | " + " | ".join(f"{s} coverage | {s} width (x MAE)" for s in splits)
+          + " |")
+  rows = [head, "|---" * (1 + 2 * len(splits)) + "|"]
+  for method, levels in cal["quantiles"].items():
+    for level in levels:
+      cells = []
+      for s in splits:
+        c = checked[s]["methods"][method][level]
+        ratio = c["mean_width"] / checked[s]["mae"]
+        cells += [f"{c['coverage']:.3f}", f"{c['mean_width']:.1f} ({ratio:.1f})"]
+      rows.append(f"| {method} {float(level):.0%} | " + " | ".join(cells) + " |")
+  mae = ", ".join(f"{s} {checked[s]['mae']:.2f}" for s in splits)
+  return (f"Prediction intervals of the model, split-conformal on {cal['n']} `{cal['split']}` "
+          f"studies, predicted with {cal['tta']} passes and leave-one-cine-out bags (MAE of "
+          f"those predictions: {mae}):\n\n" + "\n".join(rows))
+
+
 def table(results: dict[str, dict[str, dict]]) -> str:
   """A Markdown table: one row per model, MAE and AUC per split."""
   labels = {name: arm.label for name, arm in stages.ARMS.items()}
@@ -130,12 +177,18 @@ def run(work: str, data_config: ml_collections.ConfigDict,
   model = select_model(work)
   train_mean = finetune.label_mean(data_dir, "train", 1.0)
   results = evaluate(work, data_dir, train_mean)
+  t_iv = time.time()
+  checked = check_intervals(work, data_dir, model)
+  t_iv = time.time() - t_iv
   md = table(results)
+  if checked:
+    md += "\n\n" + interval_table(checked)
   wall = time.time() - t0
   timing = (f"wall time {wall / 60:.1f} min (data {t_data:.0f} s, pre-training {t_pre:.0f} s, "
-            "fine-tuning " + ", ".join(f"{k} {v:.0f} s" for k, v in t_arms.items()) + ")")
-  out = {"results": results, "model": model, "wall_s": wall,
-         "stage_s": {"data": t_data, "pretrain": t_pre, **t_arms}}
+            "fine-tuning " + ", ".join(f"{k} {v:.0f} s" for k, v in t_arms.items())
+            + f", intervals {t_iv:.0f} s)")
+  out = {"results": results, "model": model, "intervals": checked, "wall_s": wall,
+         "stage_s": {"data": t_data, "pretrain": t_pre, **t_arms, "intervals": t_iv}}
   with open(os.path.join(work, "results.json"), "w") as f:
     json.dump(out, f, indent=1)
   with open(os.path.join(work, "results.md"), "w") as f:
