@@ -9,9 +9,9 @@ them, so no subject it sees is fine-tuned on or scored, as the paper pre-trained
 archives and fine-tuned and tested on UK Biobank. The last `num_calib` subjects, scanned at the
 internal sites (round robin), form the split "calib": held out from fine-tuning and checkpoint
 selection, they calibrate the fine-tuned model's prediction intervals (`cmr_jax.intervals`).
-Appending subjects leaves every earlier subject, and its split, as it was. A deterministic `rescan_fraction` of subjects
-gets a second visit (same heart, new acquisition) for scan-rescan repeatability; a rescan stays in
-its subject's split.
+Appending subjects leaves every earlier subject, and its split, as it was. A deterministic
+`rescan_fraction` of subjects gets a second visit (same heart, new acquisition) for scan-rescan
+repeatability; a rescan stays in its subject's split.
 """
 
 from __future__ import annotations
