@@ -12,11 +12,11 @@ a conformity score is the absolute error divided by a scale:
               standard error over its leave-one-cine-out predictions (0 for a bag of one cine).
 
 At level 1 - alpha the interval of a new study is pred +/- q * scale, q the
-ceil((n + 1)(1 - alpha))-th smallest of the n calibration scores (split conformal: at least 1 - alpha coverage in expectation
-for studies exchangeable with the calibration set, e.g. from the same scanners and protocols;
-a shift of site or protocol is not covered by the guarantee). Too few calibration studies for
-a level make q infinite: the interval is then the whole 0-100 range. Intervals are clipped to
-0-100, which never lowers coverage.
+ceil((n + 1)(1 - alpha))-th smallest of the n calibration scores (split conformal: at least
+1 - alpha coverage in expectation for studies exchangeable with the calibration set, e.g. from
+the same scanners and protocols; a shift of site or protocol is not covered by the guarantee).
+Too few calibration studies for a level make q infinite: the interval is then the whole 0-100
+range. Intervals are clipped to 0-100, which never lowers coverage.
 
 `Calibration` is written to the run folder as `calibration.json`, next to `best.json`.
 """
