@@ -201,7 +201,8 @@ def test_prediction_files_are_written_atomically(tmp_path):
     "ingest_other_salt", "ingest_missing_labels", "ingest_short_salt",
     "predict_output_folder_missing", "predict_bad_extension", "predict_data_dir_not_a_dataset",
     "predict_missing_split", "predict_model_missing", "predict_missing_input",
-    "predict_short_salt"])
+    "predict_short_salt", "ingest_bad_fractions", "ingest_other_fractions", "predict_bad_level",
+    "predict_bad_limit", "calibrate_on_val"])
 def test_user_errors_end_in_one_line(case, copy, tmp_path):
   images, records_dir = copy
   (tmp_path / "file").write_text("x")
@@ -239,6 +240,19 @@ def test_user_errors_end_in_one_line(case, copy, tmp_path):
       "predict_missing_input": (predict_args + [images, f"{tmp_path}/typo"],
                                 [f"{tmp_path}/typo", "does not exist"]),
       "predict_short_salt": (predict_args + ["--salt=short", images], ["at least"]),
+      "ingest_bad_fractions": (ingest_args + [f"--output={tmp_path}/out", f"--salt={SALT}",
+                                              "--fractions=train=0.5,val"],
+                               ["--fractions", "'val' is not name=fraction"]),
+      "ingest_other_fractions": (ingest_args + [
+          f"--output={records_dir}", f"--salt={SALT}", "--size=32", "--spacing_mm=4",
+          "--frames=8", "--fractions=train=0.6,val=0.1,calib=0.1,test=0.2"],
+          ["ingested with other splits", "--fractions"]),
+      "predict_bad_level": (predict_args + ["--level=1.5", images], ["--level", "(0, 1)"]),
+      "predict_bad_limit": (predict_args + ["--max_file_bytes=0", images],
+                            ["--max_file_bytes", "positive integer"]),
+      "calibrate_on_val": (["calibrate.py", f"--workdir={tmp_path}/no_run",
+                            f"--data_dir={records_dir}", "--split=val"],
+                           ["--split val", "trained or chosen"]),
   }
   args, fragments = runs[case]
   _assert_one_line_error(_run(*args), *fragments)
@@ -246,3 +260,17 @@ def test_user_errors_end_in_one_line(case, copy, tmp_path):
     assert not os.path.exists(tmp_path / "out")
   if case == "predict_output_folder_missing":
     assert not os.path.exists(tmp_path / "no")
+
+
+def test_fractions_choose_the_splits_and_a_resume_must_keep_them(archive, tmp_path):
+  images, _ = archive
+  output = str(tmp_path / "calib")
+  summary = ingest.run_ingest(_options(images, output, fractions=(("calib", 1.0),)))
+  assert summary.converted == len(INDICES)
+  assert set(records.read_dataset_info(output)["splits"]) == {"calib"}
+  before = dicom_testlib.all_bytes_below(output)
+  with pytest.raises(ingest.UsageProblem, match="ingested with other splits"):
+    ingest.run_ingest(_options(images, output))  # the default train/val/test fractions
+  assert dicom_testlib.all_bytes_below(output) == before
+  resumed = ingest.run_ingest(_options(images, output, fractions=(("calib", 1.0),)))
+  assert (resumed.converted, resumed.resumed) == (0, len(INDICES))

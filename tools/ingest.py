@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from cmr_jax.data import preprocess
+from cmr_jax.data import splits
 from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
@@ -67,9 +68,33 @@ _ENGINE = flags.DEFINE_enum(
     "engine", "local", ["local", "beam"],
     "local: worker processes on this machine (resumable); beam: an Apache Beam pipeline "
     "(pip install -e '.[beam]'), runner and its options from --beam_args.")
+_FRACTIONS = flags.DEFINE_string(
+    "fractions", ",".join(f"{n}={f:g}" for n, f in splits.DEFAULT_FRACTIONS),
+    "Splits by subject hash, name=fraction pairs summing to 1; add e.g. calib=0.1 for studies "
+    "that calibrate a fine-tuned model's prediction intervals (tools/calibrate.py).")
 _BEAM_ARGS = flags.DEFINE_string(
     "beam_args", "", "Beam pipeline options, space-separated (e.g. '--runner=DataflowRunner "
     "--project=... --region=... --temp_location=gs://...'); default: the direct runner.")
+
+
+def parse_fractions(text: str) -> tuple[tuple[str, float], ...]:
+  """"train=0.7,val=0.1,test=0.2" -> (("train", 0.7), ...), checked as a split rule.
+
+  Raises:
+    ValueError: a pair that is not name=number, or fractions a splitter refuses.
+  """
+  pairs = []
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    name, sep, value = item.partition("=")
+    try:
+      pairs.append((name.strip(), float(value)))
+    except ValueError:
+      sep = ""
+    if not sep or not name.strip():
+      raise ValueError(f"--fractions: {item!r} is not name=fraction")
+  fractions = tuple(pairs)
+  splits.SubjectSplitter(fractions=fractions)  # sums to 1, names unique and not reserved
+  return fractions
 
 
 def main() -> None:
@@ -86,13 +111,15 @@ def main() -> None:
         max_file_bytes=_MAX_FILE_BYTES.value, max_frame_pixels=_MAX_FRAME_PIXELS.value,
         max_frames_per_file=_MAX_FRAMES.value, max_pixel_bytes=_MAX_PIXEL_BYTES.value,
         max_element_reads=_MAX_ELEMENT_READS.value)
+    fractions = parse_fractions(_FRACTIONS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   options = ingest.IngestOptions(
       layout=_LAYOUT.value, input=_INPUT.value, output=_OUTPUT.value, salt=salt,
       labels=_LABELS.value, reports=_REPORTS.value, site=_SITE.value, external=_EXTERNAL.value,
       workers=_WORKERS.value, chunk_studies=_CHUNK.value, num_shards=_SHARDS.value,
-      preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value, limits=limits)
+      preprocess=cfg, path_key=_PATH_KEY.value, overwrite=_OVERWRITE.value, limits=limits,
+      fractions=fractions)
   try:  # inputs and output are checked before anything in the output is removed or written
     if _ENGINE.value == "beam":
       from cmr_jax.dicom import beam_pipeline  # pylint: disable=import-outside-toplevel

@@ -37,6 +37,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -203,6 +204,8 @@ class IngestOptions:
       only) instead of resuming; other files stay.
     limits: what one input file may make the reader read and allocate (a file over a limit is
       skipped with the reason).
+    fractions: (split, fraction) pairs by subject hash, summing to 1; a "calib" split holds
+      studies for calibrating a fine-tuned model's prediction intervals (tools/calibrate.py).
   """
 
   layout: str
@@ -220,6 +223,7 @@ class IngestOptions:
   path_key: str = ""
   overwrite: bool = False
   limits: dicom_files.ReadLimits = dicom_files.ReadLimits()
+  fractions: tuple[tuple[str, float], ...] = splits.DEFAULT_FRACTIONS
 
 
 @dataclasses.dataclass
@@ -241,9 +245,17 @@ class IngestSummary:
 
 
 def split_function(opts: IngestOptions) -> splits.SubjectSplitter:
-  """The record -> split rule: subject-grouped, or all "external" with `opts.external`."""
+  """The record -> split rule: subject-grouped by `opts.fractions`, or all "external" with
+  `opts.external`."""
   return splits.SubjectSplitter(
+      fractions=tuple((name, float(f)) for name, f in opts.fractions),
       external_sites=frozenset([opts.site or opts.layout]) if opts.external else frozenset())
+
+
+def split_rule(opts: IngestOptions) -> dict[str, Any]:
+  """What decides the studies' splits, recorded with each part: a resume must use the same."""
+  return {"fractions": [[name, float(f)] for name, f in opts.fractions],
+          "external": bool(opts.external)}
 
 
 def mark_unconverted(rows: list[FileRow], *, failed: dict[str, str] | None = None,
@@ -326,7 +338,7 @@ def _build_part(index: int, specs: Sequence[layouts.StudySpec], opts: IngestOpti
   outputs.write_json(part + DONE_SUFFIX, {
       "index": index, "studies": names, "preprocess": opts.preprocess.to_dict(),
       "salt": outputs.salt_fingerprint(opts.salt),
-      "inputs": {s: fingerprints[s] for s in names},
+      "inputs": {s: fingerprints[s] for s in names}, "split_rule": split_rule(opts),
       "skipped": summary.skipped, "duplicates": summary.duplicates})
   return summary
 
@@ -433,7 +445,8 @@ def _check(opts: IngestOptions, output: str) -> tuple[layouts.Discovery, list[ou
   outputs.check_input(opts.layout, opts.input, labels=opts.labels, reports=opts.reports,
                       path_key=opts.path_key, output=output)
   existing = outputs.check_output(output, overwrite=opts.overwrite)
-  finished = [] if opts.overwrite else outputs.read_parts(output, opts.preprocess, opts.salt)
+  finished = [] if opts.overwrite else outputs.read_parts(output, opts.preprocess, opts.salt,
+                                                              split_rule(opts))
   try:
     discovery = layouts.discover(opts.layout, opts.input, labels=opts.labels,
                                  reports=opts.reports, site=opts.site, workers=opts.workers,

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
+from typing import Any
 
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
@@ -146,12 +147,14 @@ def check_output(output: str, *, overwrite: bool) -> bool:
   return ours
 
 
-def read_parts(output: str, cfg: preprocess.PreprocessConfig, salt: str) -> list[Part]:
+def read_parts(output: str, cfg: preprocess.PreprocessConfig, salt: str,
+               split_rule: dict[str, Any] | None = None) -> list[Part]:
   """The finished parts of an output; removes nothing.
 
   Raises:
-    UsageProblem: parts made with another preprocessing config or another salt, or by a version
-      that recorded no fingerprints.
+    UsageProblem: parts made with another preprocessing config, another salt or (when given and
+      recorded) another split rule (`ingest.split_rule`), or by a version that recorded no
+      fingerprints.
   """
   parts_dir = os.path.join(output, PARTS)
   if not os.path.isdir(parts_dir):
@@ -175,6 +178,11 @@ def read_parts(output: str, cfg: preprocess.PreprocessConfig, salt: str) -> list
       raise UsageProblem(
           f"{shown} was ingested with another salt (resuming would ingest its studies again "
           "under new pseudonyms): give the earlier salt, or use --overwrite or another --output")
+    if split_rule is not None and done.get("split_rule", split_rule) != split_rule:
+      raise UsageProblem(
+          f"{shown} was ingested with other splits ({done['split_rule']}; now {split_rule}): "
+          "resuming would put studies of one dataset into splits by two rules; give the earlier "
+          "--fractions/--external, or use --overwrite or another --output")
     finished.append(Part(done["index"], done["studies"], done["inputs"]))
   return finished
 
