@@ -398,22 +398,47 @@ def embed_split(embed_fn, params, source, config, tok,
   return np.concatenate(video), np.concatenate(paired)
 
 
-def retrieval_ranks(emb_query: np.ndarray, emb_target: np.ndarray) -> np.ndarray:
+RANK_BLOCK_ROWS = 2048  # query rows per similarity block: memory O(block x N), not O(N^2)
+
+
+def retrieval_ranks(emb_query: np.ndarray, emb_target: np.ndarray, *,
+                    block_rows: int = RANK_BLOCK_ROWS, across_processes: bool = False) -> np.ndarray:
   """Rank (0 = best) of each query's own target (same row) among all targets, by dot product.
+
+  The similarities are computed a block of query rows at a time (at 100k studies the full
+  N x N matrix would take 40 GB). With `across_processes` (every process holding the same
+  embeddings and calling this together) each process ranks an equal share of the queries and
+  the ranks are gathered, so no process computes more than its share.
 
   Args:
     emb_query: [N, D] query embeddings.
     emb_target: [N, D] target embeddings; row i is the match of query i.
+    block_rows: query rows per block.
+    across_processes: split the work over the processes of a multi-host run.
 
   Returns:
     [N] integer ranks: how many targets score strictly higher than the own one.
   """
-  sims = emb_query @ emb_target.T  # [N, N]
-  own = np.diag(sims)
-  return (sims > own[:, None]).sum(axis=1)
+  emb_query, emb_target = np.asarray(emb_query), np.asarray(emb_target)
+  n = len(emb_query)
+  count = jax.process_count() if across_processes else 1
+  share = -(-n // count) if n else 0
+  lo = min(n, (jax.process_index() if across_processes else 0) * share)
+  hi = min(n, lo + share)
+  ranks = np.full(share, -1, np.int64)
+  for start in range(lo, hi, block_rows):
+    stop = min(start + block_rows, hi)
+    sims = emb_query[start:stop] @ emb_target.T  # [b, N]
+    own = sims[np.arange(stop - start), np.arange(start, stop)]
+    ranks[start - lo:stop - lo] = (sims > own[:, None]).sum(axis=1)
+  if count > 1:
+    ranks = np.asarray(multihost_utils.process_allgather(ranks, tiled=True))
+  return ranks[:n]
 
 
-def recall_at_k(emb_video: np.ndarray, emb_text: np.ndarray, ks=(1, 5)) -> dict[str, float]:
-  """Video -> report retrieval: fraction of videos whose own report ranks within the top k."""
-  rank = retrieval_ranks(emb_video, emb_text)
+def recall_at_k(emb_video: np.ndarray, emb_text: np.ndarray, ks=(1, 5), *,
+                across_processes: bool = False) -> dict[str, float]:
+  """Video -> report retrieval: fraction of videos whose own report ranks within the top k
+  (`retrieval_ranks`, its work shared by the processes with `across_processes`)."""
+  rank = retrieval_ranks(emb_video, emb_text, across_processes=across_processes)
   return {f"recall_at_{k}": float(np.mean(rank < k)) for k in ks}

@@ -12,6 +12,7 @@ import pytest
 
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
+from cmr_jax import inference
 from cmr_jax.eval import zero_shot
 
 import conftest
@@ -135,3 +136,20 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path):
       split_fn=lambda record: "test")
   with pytest.raises(ValueError, match="split 'test' of .* has no study with a report"):
     zero_shot.evaluate(pretrain_dir, data_dir=no_reports, split="test")
+
+
+def test_retrieval_ranks_in_blocks_equal_the_full_similarity_matrix():
+  rng = np.random.default_rng(0)
+  query = rng.integers(-3, 4, (37, 5)).astype(np.float32)  # small integers: exact dot products,
+  target = rng.integers(-3, 4, (37, 5)).astype(np.float32)  # many exact ties
+  sims = query @ target.T
+  expected = (sims > np.diag(sims)[:, None]).sum(axis=1)
+  for block in (1, 7, 36, 37, 4096):
+    np.testing.assert_array_equal(
+        inference.retrieval_ranks(query, target, block_rows=block), expected)
+  # One process: sharing the work changes nothing; a known answer.
+  np.testing.assert_array_equal(
+      inference.retrieval_ranks(query, target, across_processes=True), expected)
+  eye = np.eye(3, dtype=np.float32)
+  assert list(inference.retrieval_ranks(eye, eye[[0, 2, 1]], block_rows=2)) == [0, 1, 1]
+  assert inference.retrieval_ranks(np.zeros((0, 4)), np.zeros((0, 4))).shape == (0,)

@@ -157,7 +157,7 @@ def zero_shot_eval(embed_fn, params, source, config, tok, mesh) -> dict[str, flo
   """Recall@k of video -> report retrieval over one pass of `source` (eval clips), and the
   InfoNCE of the same pairs in chunks of the training batch size (`infonce`)."""
   emb_a, emb_b = inference.embed_split(embed_fn, params, source, config, tok, mesh)
-  out = inference.recall_at_k(emb_a, emb_b)
+  out = inference.recall_at_k(emb_a, emb_b, across_processes=True)
   # The scale is replicated: this process's copy is the value (also on multi-host meshes).
   scale = float(np.asarray(params["logit_scale"].addressable_data(0)))
   out["infonce"] = chunked_infonce(emb_a, emb_b, scale, config.batch_size)
