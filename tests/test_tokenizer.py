@@ -65,3 +65,27 @@ def test_vocab_without_special_tokens_is_refused(tmp_path):
   path.write_text("hello\nworld\n[UNK]\n")
   with pytest.raises(ValueError, match=r"lacks the special tokens \['\[PAD\]', '\[CLS\]'"):
     tokenizer.load_tokenizer(str(path))
+
+
+def test_vocabulary_is_learnt_by_frequent_merges_with_ties_broken_by_order():
+  counts = tokenizer.word_counts(["low LOW low", "lower, lowest"])
+  assert counts == {"low": 3, "lower": 1, "lowest": 1, ",": 1}
+  vocab = tokenizer.learn_vocabulary(counts, vocab_size=5 + 8 + 3)
+  alphabet = ["##e", "##o", "##r", "##s", "##t", "##w", ",", "l"]  # code point order
+  # (##o, ##w) and (l, ##o) both occur 5 times: the smaller pair first; then low, lowe.
+  assert vocab == list(tokenizer.SPECIAL_TOKENS) + alphabet + ["##ow", "low", "lowe"]
+  longer = tokenizer.learn_vocabulary(counts, vocab_size=100)  # merges run out
+  # Three pairs occur once: (##s, ##t) < (lowe, ##r) < (lowe, ##s); then lowe + ##st.
+  assert longer[len(vocab):] == ["##st", "lower", "lowest"]
+  tok = tokenizer.train_tokenizer(["low LOW low", "lower, lowest"], vocab_size=len(vocab))
+  assert tok.tokens("Lowest lower, ol") == ["lowe", "##s", "##t", "lowe", "##r", ",", "[UNK]"]
+
+
+def test_the_same_texts_in_any_order_give_the_same_vocabulary(tmp_path):
+  rng = np.random.default_rng(0)
+  a = tokenizer.train_tokenizer(REPORTS, vocab_size=120, out_dir=str(tmp_path / "a"))
+  shuffled = [REPORTS[i] for i in rng.permutation(len(REPORTS))]
+  b = tokenizer.train_tokenizer(shuffled, vocab_size=120, out_dir=str(tmp_path / "b"))
+  assert a.vocab_size == 120
+  assert ((tmp_path / "a" / tokenizer.VOCAB_FILE).read_text()
+          == (tmp_path / "b" / tokenizer.VOCAB_FILE).read_text())

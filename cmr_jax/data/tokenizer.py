@@ -7,7 +7,9 @@ load the same way. Encoding gives fixed-length id and mask arrays: [CLS] tokens 
 
 from __future__ import annotations
 
+import collections
 import collections.abc
+import heapq
 import os
 import re
 
@@ -16,11 +18,11 @@ import tokenizers
 from tokenizers import models
 from tokenizers import normalizers
 from tokenizers import pre_tokenizers
-from tokenizers import trainers
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 VOCAB_FILE = "vocab.txt"
+CONTINUATION = "##"  # WordPiece's prefix of a piece that continues a word
 # A sentence ends at ., ! or ? followed by white space ("EF 55.5%" stays one sentence).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -91,17 +93,92 @@ class TextTokenizer:
     return os.path.join(out_dir, VOCAB_FILE)
 
 
+def word_counts(texts: collections.abc.Iterable[str]) -> collections.Counter:
+  """Words of the texts as the tokenizer sees them (BERT lower-casing, accent stripping and
+  splitting on white space and punctuation) with their counts."""
+  normalizer = normalizers.BertNormalizer(lowercase=True)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  counts: collections.Counter = collections.Counter()
+  for text in texts:
+    counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+  return counts
+
+
+def _merge(symbols: list[str], left: str, right: str, merged: str) -> list[str]:
+  out, i = [], 0
+  while i < len(symbols):
+    if i + 1 < len(symbols) and symbols[i] == left and symbols[i + 1] == right:
+      out.append(merged)
+      i += 2
+    else:
+      out.append(symbols[i])
+      i += 1
+  return out
+
+
+def learn_vocabulary(counts: collections.abc.Mapping[str, int], vocab_size: int) -> list[str]:
+  """A WordPiece vocabulary learnt by byte-pair merges, the same way for the same word counts.
+
+  As Hugging Face's WordPiece trainer: the special tokens, every character (word-initial, and
+  with the "##" continuation prefix inside words), then the most frequent adjacent pair of
+  symbols merged into a new one until `vocab_size` tokens. Unlike that trainer (which breaks
+  frequency ties in hash-map order: two trainings on one corpus gave vocabularies differing in
+  116 of 600 tokens), ties go to the lexicographically smallest pair, so the vocabulary is a
+  function of the counts alone. The alphabet is always kept whole (it may exceed vocab_size).
+
+  Returns:
+    The tokens in id order.
+  """
+  words = sorted(counts)
+  freq = [int(counts[w]) for w in words]
+  symbols = [[w[0]] + [CONTINUATION + c for c in w[1:]] for w in words]
+  vocab = list(SPECIAL_TOKENS)
+  vocab += [a for a in sorted({s for syms in symbols for s in syms}) if a not in vocab]
+  known = set(vocab)
+  pair_count: collections.Counter = collections.Counter()
+  where: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+  for i, syms in enumerate(symbols):
+    for pair in zip(syms, syms[1:]):
+      pair_count[pair] += freq[i]
+      where[pair].add(i)
+  heap = [(-c, pair) for pair, c in pair_count.items()]
+  heapq.heapify(heap)
+  while len(vocab) < vocab_size and heap:
+    neg, pair = heapq.heappop(heap)
+    if pair_count.get(pair, 0) != -neg or neg == 0:
+      continue  # a stale entry: the pair's count changed since it was pushed
+    left, right = pair
+    merged = left + right[len(CONTINUATION):]
+    if merged not in known:
+      vocab.append(merged)
+      known.add(merged)
+    changed = set()
+    for i in sorted(where.pop(pair)):
+      old = symbols[i]
+      for p in zip(old, old[1:]):
+        pair_count[p] -= freq[i]
+        where[p].discard(i)
+        changed.add(p)
+      symbols[i] = new = _merge(old, left, right, merged)
+      for p in zip(new, new[1:]):
+        pair_count[p] += freq[i]
+        where[p].add(i)
+        changed.add(p)
+    pair_count.pop(pair, None)
+    for p in sorted(changed - {pair}):
+      if pair_count[p] > 0:
+        heapq.heappush(heap, (-pair_count[p], p))
+  return vocab
+
+
 def train_tokenizer(texts: collections.abc.Iterable[str], vocab_size: int,
                     out_dir: str | None = None) -> TextTokenizer:
-  """Trains a lower-case WordPiece vocabulary on texts; saves vocab.txt to out_dir if given.
-
-  The trainer breaks frequency ties in hash-map order, so two trainings on one corpus may give
-  different vocabularies: a run must save its vocabulary and reload it (pre-training does).
-  """
-  tok = _bert_pipeline(models.WordPiece(unk_token=UNK))
-  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-  tok.train_from_iterator(texts, trainer)
-  out = TextTokenizer(tok)
+  """Learns a lower-case WordPiece vocabulary on texts (`learn_vocabulary`: the same texts, in
+  any order, give the same vocabulary); saves vocab.txt to out_dir if given."""
+  vocab = learn_vocabulary(word_counts(texts), vocab_size)
+  out = TextTokenizer(_bert_pipeline(models.WordPiece(
+      vocab={t: i for i, t in enumerate(vocab)}, unk_token=UNK,
+      continuing_subword_prefix=CONTINUATION)))
   if out_dir is not None:
     out.save(out_dir)
   return out
