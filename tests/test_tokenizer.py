@@ -86,6 +86,6 @@ def test_the_same_texts_in_any_order_give_the_same_vocabulary(tmp_path):
   a = tokenizer.train_tokenizer(REPORTS, vocab_size=120, out_dir=str(tmp_path / "a"))
   shuffled = [REPORTS[i] for i in rng.permutation(len(REPORTS))]
   b = tokenizer.train_tokenizer(shuffled, vocab_size=120, out_dir=str(tmp_path / "b"))
-  assert a.vocab_size == 120
+  assert a.vocab_size == b.vocab_size == 120
   assert ((tmp_path / "a" / tokenizer.VOCAB_FILE).read_text()
           == (tmp_path / "b" / tokenizer.VOCAB_FILE).read_text())
