@@ -91,9 +91,11 @@ class Predictor:
     config: the run's config.
     preprocess: the preprocessing its training data had (apply it to new studies).
     best: the best checkpoint's validation errors (`best.json`), or None.
+    workdir: the run folder.
   """
 
   def __init__(self, workdir: str, *, which: str = runs.BEST_DIR):
+    self.workdir = workdir
     self.config, self._params = runs.restore_finetuned(workdir, which=which)
     self.preprocess = runs.read_preprocess(workdir)
     self.best = runs.read_best(workdir)

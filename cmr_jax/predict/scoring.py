@@ -129,6 +129,7 @@ def model_info(predictor: inference.Predictor, workdir: str = "", *, tta: int = 
     ValueError: for a level the run's calibration does not have, or an unreadable
       calibration.json.
   """
+  workdir = workdir or getattr(predictor, "workdir", "")
   cal = intervals.read(workdir) if workdir else None
   stale = None
   if cal is not None and not cal.belongs_to(predictor.best):
