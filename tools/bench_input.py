@@ -3,8 +3,15 @@ r"""Input throughput: phantom studies/s, record reads/s, pre-training clips/s, f
   python tools/bench_input.py --num_studies=40 --workers=0,2
 
 Builds a temporary dataset of phantom studies (16 frames of 112x112, `--site`), then times the
-grain pipelines at `--image_size` and `--num_frames` with each worker count. Ends with one JSON
-line holding every figure.
+grain pipelines at `--image_size` and `--num_frames` with each worker count. Also the host's CPU
+time per pre-training example (record read, cine choice, the training clip transform, report
+tokens) measured in this process with `time.process_time` (CPU seconds, so a shared machine does
+not inflate it): at `--clip_sizes` (default 112 and the real 224) it gives clips/s per core and
+the host cores needed to feed `--accelerators` accelerators training `--accelerator_clips_per_s`
+clips/s each (1000: an H100 at 45% MFU on MViT-B 16x224^2, 431 GFLOPs per clip per step).
+Ends with one JSON line holding every figure.
+
+  python tools/bench_input.py --num_studies=24 --workers=0 --stored_size=224 --spacing_mm=1
 """
 
 import functools
@@ -36,6 +43,11 @@ _NUM_BATCHES = flags.DEFINE_integer("num_batches", 10, "timed batches per measur
 _WARMUP_BATCHES = flags.DEFINE_integer("warmup_batches", 2, "untimed batches first")
 _STORED_SIZE = flags.DEFINE_integer("stored_size", 112, "stored record side in pixels")
 _SPACING_MM = flags.DEFINE_float("spacing_mm", 2.0, "stored pixel spacing in mm")
+_CLIP_SIZES = flags.DEFINE_list("clip_sizes", ["112", "224"], "clip sides of the CPU-cost figure")
+_COST_EXAMPLES = flags.DEFINE_integer("cost_examples", 40, "examples timed per clip size")
+_ACCELERATORS = flags.DEFINE_integer("accelerators", 8, "accelerators per host to feed")
+_ACCEL_CLIPS = flags.DEFINE_float("accelerator_clips_per_s", 1000.0,
+                                  "training clips/s one accelerator consumes")
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -70,6 +82,24 @@ def batches_rate(dataset, batch_size: int, warmup: int, num: int) -> float:
   return _rate(num * batch_size, time.perf_counter() - start)
 
 
+def example_cpu_ms(source: records.StudySource, tok: tokenizer.TextTokenizer, image_size: int,
+                   num_frames: int, num: int) -> tuple[float, float]:
+  """CPU milliseconds (this process, one thread) per training pre-training example: reading and
+  decoding its study record, then making the example from it (cine choice, clip, tokens)."""
+  example = pipeline.PretrainExample(
+      pipeline.ClipMaker(image_size, num_frames, pipeline.AugmentConfig()), tok, 64, None, False)
+  rng = np.random.default_rng(0)
+  order = [int(i) for i in rng.integers(0, len(source), num)]
+  start = time.process_time()
+  studies = [source[i] for i in order]
+  read = time.process_time() - start
+  start = time.process_time()
+  for i, record in zip(order, studies):
+    example((i, record), rng)
+  make = time.process_time() - start
+  return 1000.0 * read / num, 1000.0 * make / num
+
+
 def main() -> None:
   figures = {"phantom_studies_per_s": phantom_rate(_PHANTOM_STUDIES.value, _SITE.value)}
   logging.info("phantom: %.2f studies/s", figures["phantom_studies_per_s"])
@@ -89,6 +119,22 @@ def main() -> None:
                   batch_size=_BATCH_SIZE.value, seed=0)
     timing = dict(batch_size=_BATCH_SIZE.value, warmup=_WARMUP_BATCHES.value,
                   num=_NUM_BATCHES.value)
+    for size in (int(v) for v in _CLIP_SIZES.value):
+      read_ms, make_ms = example_cpu_ms(source, tok, size, _NUM_FRAMES.value,
+                                        _COST_EXAMPLES.value)
+      ms = read_ms + make_ms
+      per_core = 1000.0 / ms
+      figures[f"example_cpu_ms_{size}"] = round(ms, 2)
+      figures[f"example_read_cpu_ms_{size}"] = round(read_ms, 2)
+      figures[f"example_transform_cpu_ms_{size}"] = round(make_ms, 2)
+      figures[f"clips_per_s_per_core_{size}"] = round(per_core, 1)
+      figures[f"host_cores_for_{_ACCELERATORS.value}_accelerators_{size}"] = round(
+          _ACCELERATORS.value * _ACCEL_CLIPS.value / per_core, 1)
+      logging.info("%dx%d clips: %.2f CPU ms per example (record %.2f, clip and tokens %.2f), "
+                   "%.1f clips/s per core; %d accelerators at %g clips/s need %.0f host cores",
+                   size, size, ms, read_ms, make_ms, per_core,
+                   _ACCELERATORS.value, _ACCEL_CLIPS.value,
+                   figures[f"host_cores_for_{_ACCELERATORS.value}_accelerators_{size}"])
     for workers in (int(w) for w in _WORKERS.value):
       pre = pipeline.pretrain_dataset(source, tokenizer=tok, max_text_len=64,
                                       worker_count=workers, **common)
