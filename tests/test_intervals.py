@@ -57,8 +57,14 @@ def test_normalized_scores_adapt_the_width_to_the_studys_spread():
   assert cov(intervals.ABSOLUTE, shaky)["coverage"] < 0.92  # and too narrow there
   assert (cov(intervals.NORMALIZED, steady)["mean_width"]
           < 0.5 * cov(intervals.ABSOLUTE, steady)["mean_width"])
-  # The quantile of a Gaussian score: about 1.96.
+  # The quantile of a Gaussian score: about 1.96; normalized is narrower here, so it is chosen.
   assert cal.quantiles[intervals.NORMALIZED]["0.95"] == pytest.approx(1.96, abs=0.1)
+  assert cal.method == intervals.NORMALIZED
+  assert cal.mean_width[intervals.NORMALIZED] < cal.mean_width[intervals.ABSOLUTE]
+  # A spread that says nothing about the error only widens the normalized intervals.
+  noise = rng.choice([0.0, 6.0], n)
+  same = _calibrate(truth[:n], truth[:n] + rng.normal(size=n) * 3.0, noise)
+  assert same.method == intervals.ABSOLUTE and same.method_for(True) == intervals.ABSOLUTE
 
 
 def test_bounds_are_clipped_and_methods_chosen_by_spread():
@@ -71,7 +77,8 @@ def test_bounds_are_clipped_and_methods_chosen_by_spread():
       (50.0 - qn * math.sqrt(13.0), 50.0 + qn * math.sqrt(13.0)))
   assert cal.interval(50.0, 0.95, intervals.NORMALIZED, None) == pytest.approx(
       (50.0 - 2.0 * qn, 50.0 + 2.0 * qn))  # no spread: the scale is val_rmse
-  assert cal.method_for(True) == intervals.NORMALIZED and cal.method_for(False) == "absolute"
+  chosen = dataclasses.replace(cal, method=intervals.NORMALIZED)
+  assert chosen.method_for(True) == intervals.NORMALIZED and chosen.method_for(False) == "absolute"
   assert cal.belongs_to({"step": 7}) and not cal.belongs_to({"step": 8})
   with pytest.raises(KeyError):
     cal.interval(50.0, 0.8, intervals.ABSOLUTE, None)

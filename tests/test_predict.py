@@ -350,7 +350,8 @@ def test_calibrated_intervals_are_the_conformal_ones_of_the_same_predictions(
   assert "uncalibrated_intervals" not in {w["code"] for w in out["warnings"]}
   # Finite quantiles (the few studies here give none at 95%): the rows are pred +/- q * scale.
   q = {"0.9": 1.5, "0.95": 2.0}
-  cal = dataclasses.replace(cal, quantiles={intervals.NORMALIZED: q, intervals.ABSOLUTE: q})
+  cal = dataclasses.replace(cal, quantiles={intervals.NORMALIZED: q, intervals.ABSOLUTE: q},
+                            method=intervals.NORMALIZED)
   intervals.write(cal, work)
   out = predict.predict(predictor, data_dir=data_dir, split="train", workdir=work, tta=2)
   for row in out["studies"]:

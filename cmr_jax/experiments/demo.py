@@ -126,7 +126,8 @@ def interval_table(checked: dict) -> str:
         c = checked[s]["methods"][method][level]
         ratio = c["mean_width"] / checked[s]["mae"]
         cells += [f"{c['coverage']:.3f}", f"{c['mean_width']:.1f} ({ratio:.1f})"]
-      rows.append(f"| {method} {float(level):.0%} | " + " | ".join(cells) + " |")
+      used = " (used)" if method == cal["method"] else ""
+      rows.append(f"| {method}{used} {float(level):.0%} | " + " | ".join(cells) + " |")
   mae = ", ".join(f"{s} {checked[s]['mae']:.2f}" for s in splits)
   return (f"Prediction intervals of the model, split-conformal on {cal['n']} `{cal['split']}` "
           f"studies, predicted with {cal['tta']} passes and leave-one-cine-out bags (MAE of "
