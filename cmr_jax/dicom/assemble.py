@@ -139,9 +139,9 @@ _NATIVE_LITTLE_ENDIAN = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.Implici
 
 def native_pixels(ds: Dataset) -> np.ndarray:
   """`ds.pixel_array`, read straight from the buffer for uncompressed little-endian greyscale
-  data of 8 or 16 bits (what most cine DICOM holds): the same values (pydicom neither masks nor
-  sign-extends unused high bits by default), without pydicom's ~0.5 ms of set-up a file.
-  Other data (compressed, big endian, 1 or 32 bits, colour) goes through pydicom's decoders.
+  data of 8 or 16 bits (what most cine DICOM holds): the same values (unused high bits cleared,
+  or sign-extended for signed data, as pydicom does), without pydicom's ~0.5 ms of set-up a
+  file. Other data (compressed, big endian, 1 or 32 bits, colour) goes through pydicom.
 
   Returns:
     [frames, rows, columns] or [rows, columns] for one frame, like `pixel_array` (read-only).
@@ -149,9 +149,10 @@ def native_pixels(ds: Dataset) -> np.ndarray:
   meta = getattr(ds, "file_meta", None)
   syntax = meta.get("TransferSyntaxUID") if meta is not None else None
   bits, samples = ds.get("BitsAllocated"), ds.get("SamplesPerPixel", 1)
-  representation = ds.get("PixelRepresentation")
+  representation, stored = ds.get("PixelRepresentation"), ds.get("BitsStored")
   if (syntax not in _NATIVE_LITTLE_ENDIAN or "PixelData" not in ds or bits not in (8, 16)
-      or samples != 1 or representation not in (0, 1)):
+      or samples != 1 or representation not in (0, 1) or not isinstance(stored, int)
+      or not 1 <= stored <= bits):
     return ds.pixel_array
   frames = int(parse.number(ds.get("NumberOfFrames"), 1.0))
   rows, columns = int(ds.Rows), int(ds.Columns)
@@ -160,8 +161,11 @@ def native_pixels(ds: Dataset) -> np.ndarray:
   count = max(frames, 1) * rows * columns
   if frames < 1 or not isinstance(data, bytes) or len(data) < count * dtype.itemsize:
     return ds.pixel_array  # let pydicom say what is wrong
-  arr = np.frombuffer(data, dtype, count)
-  return arr.reshape((frames, rows, columns) if frames > 1 else (rows, columns))
+  arr = np.frombuffer(data, dtype, count).reshape(
+      (frames, rows, columns) if frames > 1 else (rows, columns))
+  if stored < bits:  # as pydicom: shifting up and back clears (or sign-extends) unused bits
+    arr = np.right_shift(np.left_shift(arr, bits - stored), bits - stored)
+  return arr
 
 
 def _decode(candidates: list[_Candidate], datasets: dict[dicom_files.FileRef, Dataset],
