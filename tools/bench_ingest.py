@@ -8,13 +8,16 @@ r"""Times `tools/ingest.py` against a baseline checkout, side by side, and compa
 Each round runs the baseline's ingest and then this checkout's, one after the other (so that
 a shared machine's load falls on both alike), each a fresh process as a user runs it. Prints
 studies/s and studies/s per core (the conversion rate of the ingest summary over the worker
-processes) per run, the ratio of the medians, whether the two outputs hold the same records
+processes) per run, studies per CPU-second of the whole run (every process, start-up, discovery
+and writing included: less sensitive than wall time to other jobs on the machine), the ratios of
+the medians, whether the two outputs hold the same records
 (pixels compared exactly: the number of differing uint8 values and the largest difference),
 manifests and dataset_info, then one JSON line.
 """
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,15 +51,22 @@ def run_ingest(checkout: str, output: str) -> dict:
   command = [sys.executable, os.path.join(checkout, "tools", "ingest.py"),
              f"--layout={_LAYOUT.value}", f"--input={_INPUT.value}", f"--output={output}",
              "--allow_default_salt", f"--workers={_WORKERS.value}", "--overwrite"]
-  start = time.monotonic()
+  start, cpu_start = time.monotonic(), _children_cpu_s()
   done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True,
                         check=False)
-  wall = time.monotonic() - start
+  wall, cpu = time.monotonic() - start, _children_cpu_s() - cpu_start
   if done.returncode:
     raise RuntimeError(f"ingest of {checkout} failed ({done.returncode}):\n{done.stderr[-3000:]}")
   summary = json.loads(done.stdout.strip().splitlines()[-1])
-  summary["wall_s"] = wall
+  summary["wall_s"], summary["cpu_s"] = wall, cpu
+  summary["studies_per_cpu_s"] = summary["converted"] / cpu
   return summary
+
+
+def _children_cpu_s() -> float:
+  """CPU seconds (user + system) of the finished child processes and their descendants."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 def compare_outputs(a: str, b: str) -> dict:
@@ -109,7 +119,8 @@ def main() -> None:
       summary["per_core"] = summary["studies_per_s"] / cores
       runs[name].append(summary)
       print(f"round {r + 1} {name:8s}: {summary['studies_per_s']:.2f} studies/s, "
-            f"{summary['per_core']:.2f} studies/s/core, {summary['wall_s']:.1f} s wall "
+            f"{summary['per_core']:.2f} studies/s/core, {summary['wall_s']:.1f} s wall, "
+            f"{summary['studies_per_cpu_s']:.2f} studies per CPU-second of the whole run "
             f"({summary['num_studies']} studies, {summary['files_in']} files)", flush=True)
   result = {"input": _INPUT.value, "workers": _WORKERS.value, "cores": cores,
             "cpus": os.cpu_count(), "rounds": _ROUNDS.value,
@@ -118,13 +129,16 @@ def main() -> None:
     result[name] = {"studies_per_s_per_core": [round(s["per_core"], 3) for s in summaries],
                     "median_per_core": round(statistics.median(s["per_core"] for s in summaries),
                                              3),
-                    "wall_s": [round(s["wall_s"], 1) for s in summaries]}
+                    "wall_s": [round(s["wall_s"], 1) for s in summaries],
+                    "studies_per_cpu_s": [round(s["studies_per_cpu_s"], 3) for s in summaries]}
   if "baseline" in runs:
     result["ratio"] = round(result["new"]["median_per_core"]
                             / result["baseline"]["median_per_core"], 2)
+    result["cpu_ratio"] = round(statistics.median(result["new"]["studies_per_cpu_s"])
+                                / statistics.median(result["baseline"]["studies_per_cpu_s"]), 2)
     result["outputs"] = compare_outputs(os.path.join(_WORKDIR.value, "baseline"),
                                         os.path.join(_WORKDIR.value, "new"))
-    print(f"new / baseline: {result['ratio']:.2f}x ({result['new']['median_per_core']:.2f} vs "
+    print(f"new / baseline: {result['ratio']:.2f}x, per CPU-second {result['cpu_ratio']:.2f}x ({result['new']['median_per_core']:.2f} vs "
           f"{result['baseline']['median_per_core']:.2f} studies/s/core, medians); outputs: "
           f"{result['outputs']}")
   logging.info("outputs left in %s", _WORKDIR.value)

@@ -12,7 +12,6 @@ decoding). Prints records/s of each, their ratio, and one JSON line.
 """
 
 import json
-import os
 import shutil
 import statistics
 import time
