@@ -2,6 +2,7 @@
 rescans, speed, and no identifier in any output."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def kaggle_run(tmp_path_factory):
 def test_kaggle_records_reproduce_the_phantom(kaggle_run):
   studies, _, opts, summary, ids = kaggle_run
   assert summary.converted == summary.num_studies == len(studies)
+  # 2 workers convert, on as many CPUs as this process may use (studies/s/core in the summary).
+  assert summary.cores == min(2, len(os.sched_getaffinity(0)))
+  assert summary.studies_per_s_per_core == pytest.approx(summary.studies_per_s / summary.cores)
   stored = _all_records(opts.output)
   assert len(stored) == len(studies)
   for study, kaggle_id in list(zip(studies, KAGGLE_IDS))[:COMPARED]:
@@ -186,7 +190,9 @@ def test_no_identifier_reaches_records_manifest_info_or_logs(tmp_path):
                     "--alsologtostderr", f"--path_key={tmp_path / 'private_paths.csv'}",
                     env_salt=SALT)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "files: " in result.stdout and " studies/s" in result.stdout
+  assert "files: " in result.stdout and " studies/s/core (1 cores)" in result.stdout
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["cores"] == 1 and summary["studies_per_s_per_core"] == summary["studies_per_s"]
   stored = _all_records(str(output))
   assert len(stored) == len(studies)
   assert all(pseudonym.REDACTED in r.report and "normal function" in r.report

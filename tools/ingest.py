@@ -20,11 +20,13 @@ from absl import logging
 from cmr_jax.data import preprocess
 from cmr_jax.data import splits
 from cmr_jax.dicom import files as dicom_files
-from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
-from cmr_jax.dicom import output as output_dir
+from cmr_jax.dicom import loading
 from cmr_jax.dicom import pseudonym
 from cmr_jax import logs
+
+# `ingest` and `output` (ArrayRecord, flax, grain: ~3 s) are imported in main(): worker
+# processes, started with `spawn`, import this file's top-level modules again.
 
 _DEFAULTS = preprocess.PreprocessConfig()
 _LIMITS = dicom_files.ReadLimits()
@@ -43,7 +45,7 @@ _REPORTS = flags.DEFINE_string("reports", "", "Generic: reports CSV (accession|s
 _SITE = flags.DEFINE_string("site", "", "Site name stored in the records (default: the layout).")
 _EXTERNAL = flags.DEFINE_bool("external", False, "Put every study in the split 'external'.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: this process).")
-_CHUNK = flags.DEFINE_integer("chunk_studies", ingest.DEFAULT_CHUNK_STUDIES,
+_CHUNK = flags.DEFINE_integer("chunk_studies", loading.DEFAULT_CHUNK_STUDIES,
                               "Studies per part (the unit of resumption).")
 _SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards per split within a part.")
 _SIZE = flags.DEFINE_integer("size", _DEFAULTS.size, "Stored square side in pixels.")
@@ -98,6 +100,9 @@ def parse_fractions(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def main() -> None:
+  # pylint: disable=import-outside-toplevel
+  from cmr_jax.dicom import ingest
+  from cmr_jax.dicom import output as output_dir
   try:
     salt = pseudonym.resolve_salt(_SALT.value, allow_default=_ALLOW_DEFAULT_SALT.value)
   except pseudonym.SaltError as e:
@@ -122,7 +127,7 @@ def main() -> None:
       fractions=fractions)
   try:  # inputs and output are checked before anything in the output is removed or written
     if _ENGINE.value == "beam":
-      from cmr_jax.dicom import beam_pipeline  # pylint: disable=import-outside-toplevel
+      from cmr_jax.dicom import beam_pipeline
       output_dir.check_input(options.layout, options.input, labels=options.labels,
                              reports=options.reports, path_key=options.path_key,
                              output=options.output)
@@ -135,7 +140,8 @@ def main() -> None:
   print(f"files: {summary.files_in} in = {summary.files_used} used + {summary.files_skipped} "
         f"skipped; studies: {summary.num_studies} found, {summary.converted} converted now, "
         f"{summary.resumed} resumed, {summary.changed} converted again (files changed), "
-        f"{summary.skipped_studies} without a record; {summary.studies_per_s:.2f} studies/s")
+        f"{summary.skipped_studies} without a record; {summary.studies_per_s:.2f} studies/s, "
+        f"{summary.studies_per_s_per_core:.2f} studies/s/core ({summary.cores} cores)")
   print(json.dumps(dataclasses.asdict(summary), allow_nan=True))
 
 

@@ -262,6 +262,30 @@ def _normalized_phases(cine: types.Cine, cfg: PreprocessConfig) -> np.ndarray:
   return apply_along_first(weights, frames)
 
 
+def first_harmonic_smoothed(phases: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+  """The first temporal harmonic of the frames, each frame Gaussian-smoothed in plane.
+
+  Equal to `np.fft.rfft(scipy.ndimage.gaussian_filter(phases, (0, *sigma)), axis=0)[1]`: the
+  in-plane filter and the temporal transform are both linear and act on different axes, so they
+  commute, and the harmonic (one weighted sum over time, a [T] @ [T, H*W] product) is taken
+  first and then smoothed as two images (real and imaginary parts) instead of T frames.
+
+  Args:
+    phases: [T, H, W] frames over the cycle.
+    sigma: (row, column) Gaussian sd in pixels.
+
+  Returns:
+    complex [H, W].
+  """
+  num = phases.shape[0]
+  angle = 2.0 * np.pi * np.arange(num) / num
+  weights = np.stack([np.cos(angle), -np.sin(angle)])  # [2, T]
+  # einsum, not BLAS: BLAS's threads slow small products on a busy machine (`apply_along_first`).
+  parts = np.einsum("kt,thw->khw", weights, phases)  # [2, H, W] float64
+  parts = scipy.ndimage.gaussian_filter(parts, (0.0, *sigma))
+  return parts[0] + 1j * parts[1]
+
+
 def motion_center(phases: np.ndarray, pixel_spacing: tuple[float, float],
                   cfg: PreprocessConfig) -> tuple[float, float] | None:
   """Centre (row, col) of the moving region of a cine, or None when nothing stands out.
@@ -281,8 +305,7 @@ def motion_center(phases: np.ndarray, pixel_spacing: tuple[float, float],
   if phases.shape[0] < 3:  # no cardiac harmonic to measure
     return None
   sigma = np.array([cfg.motion_sigma_mm / float(s) for s in pixel_spacing])
-  frames = scipy.ndimage.gaussian_filter(phases, (0.0, *(sigma / 2)))
-  motion = np.abs(np.fft.rfft(frames, axis=0)[1])  # [H, W]
+  motion = np.abs(first_harmonic_smoothed(phases, sigma / 2))  # [H, W]
   smooth = scipy.ndimage.gaussian_filter(motion, sigma, mode="constant")
   median, peak = float(np.median(smooth)), float(smooth.max())
   if not (np.isfinite(peak) and peak > 0 and peak > cfg.min_motion_contrast * median):

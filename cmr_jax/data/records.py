@@ -41,6 +41,7 @@ from flax import serialization
 import grain
 import numpy as np
 
+from cmr_jax.data import building
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
 
@@ -110,12 +111,7 @@ def record_metadata(record: types.StudyRecord) -> dict[str, Any]:
   }
 
 
-@dataclasses.dataclass(frozen=True)
-class BuildItem:
-  """One study to build: a name for messages (a pseudonym) and a picklable loader."""
-
-  name: str
-  load: Callable[[], types.Study]
+BuildItem = building.BuildItem
 
 
 @dataclasses.dataclass
@@ -154,24 +150,8 @@ def as_build_items(items: collections.abc.Iterable[Any]) -> list[BuildItem]:
   return out
 
 
-@dataclasses.dataclass
-class _Built:
-  """A worker's answer for one item: a record or the reason it failed."""
-
-  name: str
-  record: types.StudyRecord | None = None
-  error: str = ""
-  skipped_cines: list[str] = dataclasses.field(default_factory=list)
-
-
-def _build_one(item: BuildItem, cfg: preprocess.PreprocessConfig) -> _Built:
-  """Loads and preprocesses one item; any exception becomes the item's skip reason."""
-  skipped_cines: list[str] = []
-  try:
-    record = preprocess.preprocess_study(item.load(), cfg, skipped_cines)
-  except Exception as e:  # a bad item must not stop the build
-    return _Built(item.name, error=f"{type(e).__name__}: {e}", skipped_cines=skipped_cines)
-  return _Built(item.name, record=record, skipped_cines=skipped_cines)
+_Built = building.Built
+_build_one = building.build_one
 
 
 def _built_in_order(items: list[BuildItem], cfg: preprocess.PreprocessConfig,

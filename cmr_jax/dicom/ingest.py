@@ -1,8 +1,9 @@
 """DICOM archive -> study records: the per-study function, the file manifest, resumable runs.
 
-`load_study(spec, ...)` is the per-study function: read the study's files, assemble its cines,
-pseudonymise, and account for every file. It runs in `records.build_dataset` workers here, and
-is what a distributed runner maps over studies (`beam_pipeline`).
+`load_study(spec, ...)` (from `loading`, light to import in worker processes) is the per-study
+function: read the study's files, assemble its cines, pseudonymise, and account for every file.
+It runs in `records.build_dataset` workers here, and is what a distributed runner maps over
+studies (`beam_pipeline`).
 
 An ingest run writes, under `--output`:
   parts/part-NNNNN/            one `records.build_dataset` output per chunk of studies
@@ -35,7 +36,6 @@ import math
 import os
 import shutil
 import time
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,13 +45,11 @@ import numpy as np
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
-from cmr_jax.data import types
 from cmr_jax.dicom import assemble
 from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import layouts
+from cmr_jax.dicom import loading
 from cmr_jax.dicom import output as outputs
-from cmr_jax.dicom import parse
-from cmr_jax.dicom import pseudonym
 
 MANIFEST = outputs.MANIFEST
 MANIFEST_COLUMNS = ("file", "study", "series", "status", "reason")
@@ -61,125 +59,15 @@ DONE_SUFFIX = outputs.DONE_SUFFIX
 MANIFEST_SUFFIX = outputs.MANIFEST_SUFFIX
 UsageProblem = outputs.UsageProblem
 ROWS_DIR = ".rows"  # per-study file rows written by the workers of the part in progress
-DEFAULT_CHUNK_STUDIES = 500
-
-
-@dataclasses.dataclass(frozen=True)
-class FileRow:
-  """One manifest row: what became of one input file."""
-
-  file: str  # pseudonym of the path relative to the input
-  study: str  # study pseudonym ("" for files outside every study)
-  series: str
-  status: str  # assemble.USED or assemble.SKIPPED
-  reason: str
-  cine: str = ""  # the cine (preprocess.cine_name) a used file went into; not written out
-
-
-@dataclasses.dataclass
-class LoadedStudy:
-  """The result of the per-study function: the study (None if unusable) and its file rows."""
-
-  study: types.Study | None
-  rows: list[FileRow]
-  reason: str = ""  # why `study` is None
-  notes: list[str] = dataclasses.field(default_factory=list)  # guesses made (`AssembledStudy`)
-
-
-def study_pseudonyms(spec: layouts.StudySpec, salt: str) -> tuple[str, str]:
-  """(study_id, subject_id) of a spec: keyed hashes of its layout's identifiers."""
-  return (pseudonym.pseudonym(salt, pseudonym.STUDY, f"{spec.layout}:{spec.key}"),
-          pseudonym.pseudonym(salt, pseudonym.SUBJECT, f"{spec.layout}:{spec.subject_key}"))
-
-
-def file_pseudonym(ref: dicom_files.FileRef, root: str, salt: str) -> str:
-  """Pseudonym of an input file: keyed hash of its path relative to the input."""
-  return pseudonym.pseudonym(salt, pseudonym.FILE, ref.relative(root))
-
-
-def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
-               min_frames: int = assemble.MIN_CINE_FRAMES,
-               limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> LoadedStudy:
-  """Reads one study's DICOM files into a pseudonymised `Study`; never raises.
-
-  Args:
-    spec: the study's files and layout facts (raw identifiers, memory only).
-    salt: pseudonymisation salt.
-    root: the input root (file pseudonyms are of paths relative to it).
-    min_frames: the fewest frames a cine may have.
-    limits: what one file may make the reader read and allocate.
-
-  Returns:
-    The study (None when no cine is usable, with the reason) and one row per file.
-  """
-  study_id, subject_id = study_pseudonyms(spec, salt)
-  try:
-    assembled = assemble.assemble_study(parse.read_files(spec.files, spec.hints, limits),
-                                        min_frames=min_frames)
-  except Exception as e:  # a bug or unforeseen input must cost one study, not the run  # pylint: disable=broad-except
-    reason = f"study unreadable ({type(e).__name__})"
-    # The traceback's code lines, not the message: messages may quote identifying values.
-    logging.error("study %s: %s at\n%s", study_id, reason,
-                  "".join(traceback.format_tb(e.__traceback__)))
-    return LoadedStudy(None, [FileRow(file_pseudonym(r, root, salt), study_id, "",
-                                      assemble.SKIPPED, reason) for r in spec.files], reason)
-  identifiers = assembled.identifiers + (spec.key, spec.subject_key, assembled.study_uid)
-  scrub = pseudonym.make_scrubber(identifiers)
-  cines = [dataclasses.replace(c, series_description=scrub(c.series_description))
-           for c in assembled.cines]
-  rows = []
-  for ref in spec.files:
-    status, reason, series = assembled.file_status[ref]
-    cine = assembled.file_cine.get(ref)
-    rows.append(FileRow(file_pseudonym(ref, root, salt), study_id, scrub(series), status, reason,
-                        cine=preprocess.cine_name(cines[cine]) if cine is not None else ""))
-  if not cines:
-    counts = assembled.skipped_reasons.most_common(3)
-    reason = "no usable cine (" + "; ".join(f"{n} files: {r}" for r, n in counts) + ")"
-    return LoadedStudy(None, rows, reason)
-  study = types.Study(
-      study_id=study_id, subject_id=subject_id, site=spec.site, cines=cines, lvef=spec.lvef,
-      edv=spec.edv, esv=spec.esv, report=scrub(spec.report), visit=spec.visit,
-      heart_rate_bpm=assembled.heart_rate_bpm)
-  for note in assembled.notes:
-    logging.info("study %s: %s", study_id, note)
-  return LoadedStudy(study, rows, notes=list(assembled.notes))
-
-
-def _write_rows(path: str, rows: Sequence[FileRow]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump([dataclasses.asdict(r) for r in rows], f)
-  os.replace(tmp, path)
-
-
-def _read_rows(path: str) -> list[FileRow]:
-  with open(path) as f:
-    return [FileRow(**r) for r in json.load(f)]
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyLoader:
-  """A picklable zero-argument loader for `records.build_dataset`: `load_study` + its rows.
-
-  The file rows are written to `rows_path` (the worker's way to report them); an unusable
-  study raises ValueError with the reason, which the build records as a skipped item.
-  """
-
-  spec: layouts.StudySpec
-  salt: str
-  root: str
-  rows_path: str
-  min_frames: int = assemble.MIN_CINE_FRAMES
-  limits: dicom_files.ReadLimits = dicom_files.ReadLimits()
-
-  def __call__(self) -> types.Study:
-    loaded = load_study(self.spec, salt=self.salt, root=self.root, min_frames=self.min_frames,
-                        limits=self.limits)
-    _write_rows(self.rows_path, loaded.rows)
-    if loaded.study is None:
-      raise ValueError(loaded.reason)
-    return loaded.study
+DEFAULT_CHUNK_STUDIES = loading.DEFAULT_CHUNK_STUDIES
+# The per-study function and its rows live in `loading` (light imports for worker processes).
+FileRow = loading.FileRow
+LoadedStudy = loading.LoadedStudy
+StudyLoader = loading.StudyLoader
+load_study = loading.load_study
+study_pseudonyms = loading.study_pseudonyms
+file_pseudonym = loading.file_pseudonym
+_read_rows = loading._read_rows  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +130,15 @@ class IngestSummary:
   elapsed_s: float
   studies_per_s: float  # studies read and converted per second in this run
   changed: int = 0  # studies converted again because their input files changed since
+  cores: int = 1  # processes converting in this run: the workers (at most the usable CPUs)
+  studies_per_s_per_core: float = math.nan  # studies_per_s / cores
+
+
+def conversion_cores(workers: int) -> int:
+  """The processes converting studies with `workers` worker processes: 1 in this process,
+  else the workers, at most the CPUs this process may run on."""
+  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(workers, usable or 1))
 
 
 def split_function(opts: IngestOptions) -> splits.SubjectSplitter:
@@ -544,15 +441,17 @@ def run_ingest(opts: IngestOptions) -> IngestSummary:
       skipped_studies=len(set(fingerprints) - with_records), counts=counts,
       files_in=len(rows), files_used=used, files_skipped=len(rows) - used, elapsed_s=elapsed,
       studies_per_s=len(todo) / convert_s if todo and convert_s > 0 else math.nan,
-      changed=changed)
+      changed=changed, cores=conversion_cores(opts.workers))
+  result.studies_per_s_per_core = result.studies_per_s / result.cores
   if result.files_in != discovery.num_files:
     logging.warning("the manifest accounts for %d files but the input now has %d: the input "
                     "changed since an earlier run (use --overwrite to rebuild)", result.files_in,
                     discovery.num_files)
   logging.info("ingested %d studies (%d converted now, %d resumed, %d converted again as "
-               "their files changed, %d without a record) in %.1f s, %.2f studies/s; records "
-               "per split %s", result.num_studies, converted, resumed, changed,
-               result.skipped_studies, elapsed, result.studies_per_s, counts)
+               "their files changed, %d without a record) in %.1f s, %.2f studies/s (%.2f per "
+               "core, %d cores); records per split %s", result.num_studies, converted, resumed,
+               changed, result.skipped_studies, elapsed, result.studies_per_s,
+               result.studies_per_s_per_core, result.cores, counts)
   logging.info("files: %d in = %d used + %d skipped (reasons in %s)", result.files_in,
                result.files_used, result.files_skipped, os.path.join(output, MANIFEST))
   return result
