@@ -233,3 +233,70 @@ def test_feature_cache_refuses_a_trainable_encoder(data_dir, tmp_path):
   config.mode, config.feature_cache.passes = "transfer", 2
   with pytest.raises(ValueError, match="frozen encoder"):
     finetune.train_and_evaluate(config, str(tmp_path))
+
+
+class _CountingIterator:
+  """An iterator over 0, 1, 2, ... whose state is the next value (as grain's `get_state`)."""
+
+  def __init__(self):
+    self.next_value = 0
+
+  def __next__(self):
+    self.next_value += 1
+    return {"x": np.array([self.next_value - 1])}
+
+  def get_state(self):
+    return {"next": self.next_value}
+
+
+def test_device_prefetch_runs_ahead_but_checkpoints_the_first_unused_batch():
+  source, put = _CountingIterator(), []
+  batches = common.DevicePrefetch(source, lambda b: put.append(int(b["x"][0])) or b, size=3,
+                                  state_of=source)
+  assert int(next(batches)["x"][0]) == 0
+  assert put == [0, 1, 2]  # two batches already on their way to the devices
+  assert int(next(batches)["x"][0]) == 1 and put == [0, 1, 2, 3]
+  # Two batches used: a resume must start at batch 2, though the source is at 4.
+  assert source.next_value == 4
+  assert json.loads(batches.get_state()) == {"next": 2}
+  finite = common.DevicePrefetch(iter([{"x": np.zeros(1)}] * 2), lambda b: b, size=3)
+  assert len(list(finite)) == 2
+  with pytest.raises(ValueError, match="no input iterator state"):
+    finite.get_state()
+
+
+def test_pending_metrics_fetch_checks_every_step_in_order(tmp_path):
+  pending = common.PendingMetrics(str(tmp_path))
+  for step, loss in ((1, 1.0), (2, 0.5)):
+    pending.add(step, {"loss": jax.numpy.asarray(loss), "mae": jax.numpy.asarray(2 * loss)})
+  assert pending.fetch(last_good=None) == {"loss": 0.5, "mae": 1.0}
+  assert pending.fetch(last_good=None) == {}  # nothing left
+  for step, loss in ((3, np.nan), (4, 0.25), (5, np.inf)):
+    pending.add(step, {"loss": jax.numpy.asarray(loss)})
+  with pytest.raises(common.NonFiniteLossError,
+                     match=r"at step 3.*last good checkpoint \(step 2\)"):
+    pending.fetch(last_good=2)
+
+
+def test_preemption_uses_jax_sync_point_and_no_handler_on_several_processes(monkeypatch):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  asked = []
+  monkeypatch.setattr(common.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: asked.append(step) or step == 7)
+  before = signal.getsignal(signal.SIGTERM)
+  preemption = common.Preemption()
+  assert signal.getsignal(signal.SIGTERM) is before  # JAX's notifier is left in place
+  assert [preemption.requested(s) for s in (5, 6, 7)] == [False, False, True]
+  assert asked == [5, 6, 7]
+  preemption.restore()
+
+
+def test_preemption_on_one_process_is_the_signal_handler():
+  preemption = common.Preemption()
+  try:
+    assert not preemption.requested(1)
+    _sigterm()
+    assert preemption.requested(2)
+  finally:
+    preemption.restore()

@@ -12,7 +12,8 @@ without improvement (counted from the step in best.json: a resumed run stops whe
 one does, and a run that stopped early stays stopped). The loop trains on one of two feeds:
 augmented bags streamed through the whole model (`StreamingBags`), or, with a frozen encoder and
 `feature_cache.passes > 0`, the encoder's features of that many augmented passes computed once
-(`feature_cache.CachedFeatures`).
+(`feature_cache.CachedFeatures`). As in pre-training, the next batches are copied to the devices
+ahead and metrics are fetched (and the loss checked) only to log, validate or save.
 """
 
 from __future__ import annotations
@@ -214,23 +215,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(state.step)
   last_good = ckpt.latest_step()
   final: dict[str, Any] = {}
+  pending = common.PendingMetrics(ckpt.directory)
+  batches = common.DevicePrefetch((feed.batch(s) for s in range(step, config.total_steps)),
+                                  lambda b: sharding.shard_batch(b, mesh),
+                                  size=config.get("prefetch_batches", common.PREFETCH_BATCHES),
+                                  state_of=data_iter)
   t0 = time.time()
   try:
     while step < config.total_steps:
       with sharding.mesh_rules(mesh):
-        state, out = train_step(state, sharding.shard_batch(feed.batch(step), mesh), base_key)
+        state, out = train_step(state, next(batches), base_key)
       step += 1
-      common.check_finite(step, float(out["loss"]), ckpt.directory, last_good)
-      if step % config.log_every == 0 or step == config.total_steps:
-        scalars = {k: float(v) for k, v in out.items()}
+      pending.add(step, out)  # fetched (and the losses checked) only when needed below
+      last = step == config.total_steps
+      if step % config.log_every == 0 or last:
+        scalars = pending.fetch(last_good)
         scalars.update(lr=float(schedule(step - 1)),
                        bags_per_s=(config.log_every * config.batch_size
                                    / max(time.time() - t0, 1e-9)))
         writer.write(step, scalars)
         final.update(scalars)
         t0 = time.time()
-      stop = preemption.requested()
-      if step % config.eval_every == 0 or step == config.total_steps:
+      stop = preemption.requested(step)
+      if step % config.eval_every == 0 or last:
+        pending.fetch(last_good)
         with sharding.mesh_rules(mesh):
           p = feed.validate(state.params)
         labelled = ~np.isnan(p["lvef"])
@@ -246,8 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info("early stop at step %d: no val MAE improvement in %d evaluations "
                        "(best %.3f)", step, config.patience, best_mae)
           stop = True
-      if step % config.checkpoint.every == 0 or step == config.total_steps or stop:
-        ckpt.save(step, state, data_iter, force=True)
+      if step % config.checkpoint.every == 0 or last or stop:
+        pending.fetch(last_good)
+        ckpt.save(step, state, None if data_iter is None else batches, force=True)
         last_good = step
       if stop:
         break
