@@ -158,6 +158,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = runs.with_init_input_norm(config)  # input normalised as the init's weights expect
   runs.save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
+  sharding.check_batches(mesh, batch_size=config.batch_size,
+                         eval_batch_size=config.eval_batch_size)
   d = config.data
   runs.save_preprocess(records.read_dataset_info(d.dir)["preprocess"], workdir)
   train_source = records.open_split(d.dir, d.train_split)
@@ -206,8 +208,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       feed = feature_cache.CachedFeatures(model, state.params, train_ds, val_source, config, mesh,
                                           passes, n_bags=len(_labelled_lvef(
                                               d.dir, d.train_split, d.label_fraction)))
+    batch_sh = sharding.batch_sharding(mesh, config.batch_size)
     train_step = jax.jit(make_train_step(feed.forward, tx, config.huber_delta),
-                         in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
+                         in_shardings=(state_shardings, batch_sh, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
   writer = metric_writer.MetricWriter(workdir, total_steps=config.total_steps,
                                     enabled=jax.process_index() == 0, name="finetune")

@@ -176,6 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   f"config.init.video={video_init!r}")
   runs.save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
+  sharding.check_batches(mesh, batch_size=config.batch_size,
+                         eval_batch_size=config.eval_batch_size)
   train_source = records.open_split(config.data.dir, config.data.train_split)
   two_clips = config.model.two_clips
   tok = None if two_clips else get_tokenizer(config, workdir, train_source)
@@ -203,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.batch_size, dict(mesh.shape))
 
   base_key = jax.random.key(config.seed + 1)
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh = sharding.batch_sharding(mesh, config.batch_size)
   with sharding.mesh_rules(mesh):
     train_step = jax.jit(make_train_step(model, tx, two_clips,
                                          config.get("loss", {}).get("variance_weight", 0.0)),
