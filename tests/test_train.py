@@ -300,3 +300,58 @@ def test_preemption_on_one_process_is_the_signal_handler():
     assert preemption.requested(2)
   finally:
     preemption.restore()
+
+
+def _counting_dataset():
+  import grain  # pylint: disable=g-import-not-at-top
+  return grain.MapDataset.range(100).batch(2).to_iter_dataset()
+
+
+def test_resume_on_another_process_count_restores_state_and_rederives_the_input(tmp_path,
+                                                                                 caplog):
+  config = finetune_config("unused")
+  config.checkpoint.async_save = False
+  state = common.TrainState(step=jax.numpy.asarray(3, jax.numpy.int32),
+                            params={"w": jax.numpy.arange(4.0)}, opt_state=())
+  data_iter = iter(_counting_dataset())
+  for _ in range(3):
+    next(data_iter)
+  ckpt, _ = common.resume(str(tmp_path), config, state, data_iter)
+  ckpt.save(3, state, data_iter, force=True)
+  ckpt.close()
+  data = tmp_path / "checkpoints" / "3" / "data"
+  assert "process_0-of-1.json" in os.listdir(data)
+  # The same process count: the input position comes back exactly (here: batch 3).
+  fresh = iter(_counting_dataset())
+  blank = state.replace(step=jax.numpy.asarray(0, jax.numpy.int32),
+                        params={"w": jax.numpy.zeros(4)})
+  ckpt, restored = common.resume(str(tmp_path), config, blank, fresh)
+  ckpt.close()
+  assert int(restored.step) == 3 and list(next(fresh)) == [6, 7]
+  # Written by a 2-process run: no position for this process count. The state is restored and
+  # the position re-derived from the step (3 batches of this process's share), with a warning.
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+  fresh = iter(_counting_dataset())
+  ckpt, restored = common.resume(str(tmp_path), config, blank, fresh)
+  ckpt.close()
+  np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
+  assert int(restored.step) == 3 and list(next(fresh)) == [6, 7]
+  assert "another process count" in caplog.text
+
+
+def test_runs_keep_a_persistent_compilation_cache_in_their_folder(tmp_path):
+  session_cache = jax.config.jax_compilation_cache_dir  # conftest's, for the whole session
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  try:
+    assert common.use_compilation_cache(str(tmp_path / "a")) == session_cache  # configured: kept
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cache = common.use_compilation_cache(str(tmp_path / "run"))
+    assert cache == str(tmp_path / "run" / "xla_cache")
+    jax.jit(lambda x: x * 3 + 1)(np.arange(5.0)).block_until_ready()
+    assert os.listdir(cache)  # the compiled program was written there
+  finally:
+    jax.config.update("jax_compilation_cache_dir", session_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+    common.jax_compilation_cache.reset_cache()

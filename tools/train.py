@@ -7,6 +7,8 @@ r"""Pre-train or fine-tune, driven by an ml_collections config (the trainers' pr
 Multi-host: `--distributed=auto` joins the processes of a TPU pod or a SLURM job through
 `jax.distributed.initialize()` (cluster detection); `--coordinator_address`, `--num_processes` and
 `--process_id` set it by hand. Every process runs the same command on shared storage.
+A run stopped by a preemption notice (SIGTERM) saves a checkpoint and exits with status 75
+(`common.RESUME_EXIT_CODE`); the launch scripts requeue it, and the same command resumes it.
 
 Fine-tuning on a dataset with a `calib` split then calibrates the best checkpoint's prediction
 intervals on it (split conformal, as tools/calibrate.py; `--calibrate=false` skips it).
@@ -22,6 +24,7 @@ from cmr_jax.eval import conformal
 from cmr_jax import inference
 from cmr_jax import intervals
 from cmr_jax import logs
+from cmr_jax.train import common
 from cmr_jax.train import distributed
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
@@ -52,6 +55,8 @@ def main() -> None:
                jax.devices()[0].device_kind)
   result = TRAINERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", result)
+  if result.get("preempted"):  # saved on a preemption notice: the launch scripts requeue
+    return common.RESUME_EXIT_CODE
   data_dir = _CONFIG.value.data.dir
   if (_MODE.value == "finetune" and _CALIBRATE.value
       and intervals.CALIB_SPLIT in records.read_dataset_info(data_dir)["splits"]):

@@ -21,6 +21,7 @@ from absl import logging
 import flax
 from flax import struct
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -30,6 +31,11 @@ from cmr_jax import runs
 from cmr_jax import sharding
 from cmr_jax.train import optim
 
+# tools/train.py's exit status when a run stopped on a preemption notice, to be resumed
+# (EX_TEMPFAIL): the launch scripts requeue on it.
+RESUME_EXIT_CODE = 75
+# The persistent XLA compilation cache of a run, under its workdir: a restart skips its compiles.
+XLA_CACHE_DIR = "xla_cache"
 # Batches on the devices ahead of the step (`DevicePrefetch`): 2 hides one copy behind one step.
 PREFETCH_BATCHES = 2
 
@@ -81,15 +87,60 @@ def create_train_state(init_params: Callable[[jax.Array], Any],
 def resume(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
            data_iter: Any = None) -> tuple[checkpoint_lib.Checkpointer, TrainState]:
   """The run's checkpoint manager (`config.checkpoint`) and its state: restored from the newest
-  checkpoint, with the input iterator's position, when there is one, else `state` as given."""
+  checkpoint, with the input iterator's position, when there is one, else `state` as given.
+
+  A checkpoint written by a run of another process count (another host count) holds no input
+  position for this one: the train state is restored and the input position re-derived from the
+  step (`rederive_data_position`), with a warning.
+  """
   c = config.checkpoint
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
                                      max_to_keep=c.keep_last, keep_period=c.get("keep_period"),
                                      async_save=c.async_save)
-  if ckpt.latest_step() is not None:
-    step, state = ckpt.restore(checkpoint_lib.abstract_like(state), data_iter)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    same_hosts = data_iter is None or ckpt.has_data_state(latest)
+    step, state = ckpt.restore(checkpoint_lib.abstract_like(state),
+                               data_iter if same_hosts else None)
     logging.info("resumed from step %d of %s", step, ckpt.directory)
+    if not same_hosts:
+      rederive_data_position(data_iter, step)
   return ckpt, state
+
+
+def rederive_data_position(data_iter: Any, step: int) -> None:
+  """Moves a fresh input iterator to batch `step` of this process's (new) share, with a warning.
+
+  Used when the checkpoint's input positions belong to a run of another process count: each
+  process's share of the data differs, so the unbroken run's order cannot be recovered; every
+  process skips as many batches of its new share's shuffled stream as steps were trained, which
+  keeps the epoch position. Pipelines whose state is not a plain batch index (grain worker
+  processes) start their stream afresh.
+  """
+  state = data_iter.get_state()
+  if isinstance(state, dict) and set(state) == {"next_index"}:
+    data_iter.set_state({"next_index": step})
+    logging.warning("the checkpoint of step %d was written by a run of another process count: "
+                    "train state restored; input re-derived from the step (batch %d of this "
+                    "process's share of %d): the data order differs from an unbroken run's",
+                    step, step, jax.process_count())
+  else:
+    logging.warning("the checkpoint of step %d was written by a run of another process count: "
+                    "train state restored; the input stream starts afresh (its state %s is not "
+                    "a batch index)", step, type(state).__name__)
+
+
+def use_compilation_cache(workdir: str) -> str:
+  """Keeps compiled programs in `{workdir}/xla_cache` (persistent across restarts of the run),
+  unless a cache is configured already (e.g. JAX_COMPILATION_CACHE_DIR); returns the cache dir."""
+  configured = jax.config.jax_compilation_cache_dir
+  if configured:
+    return configured
+  path = os.path.join(workdir, XLA_CACHE_DIR)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax_compilation_cache.reset_cache()  # a cache checked before (with no directory) now uses `path`
+  logging.info("persistent compilation cache: %s", path)
+  return path
 
 
 def step_key(base: jax.Array, step: jax.Array) -> jax.Array:

@@ -157,6 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs or resumes fine-tuning in `workdir`; returns final and best validation metrics."""
   config = runs.with_init_input_norm(config)  # input normalised as the init's weights expect
   runs.save_config(config, workdir)
+  common.use_compilation_cache(workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   sharding.check_batches(mesh, batch_size=config.batch_size,
                          eval_batch_size=config.eval_batch_size)
@@ -239,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, scalars)
         final.update(scalars)
         t0 = time.time()
-      stop = preemption.requested(step)
+      stop = preempted = preemption.requested(step)
       if step % config.eval_every == 0 or last:
         pending.fetch(last_good)
         with sharding.mesh_rules(mesh):
@@ -262,6 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(step, state, None if data_iter is None else batches, force=True)
         last_good = step
       if stop:
+        if preempted:
+          logging.warning("stopped at step %d on request; checkpoint saved in %s", step,
+                          ckpt.directory)
+          final["preempted"] = True
         break
   finally:
     ckpt.close()

@@ -175,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = runs.with_input_norm(config, converted.weights_input_norm(video_init),
                                   f"config.init.video={video_init!r}")
   runs.save_config(config, workdir)
+  common.use_compilation_cache(workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   sharding.check_batches(mesh, batch_size=config.batch_size,
                          eval_batch_size=config.eval_batch_size)
@@ -255,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop:
         logging.warning("stopped at step %d on request; checkpoint saved in %s", step,
                         ckpt.directory)
+        final["preempted"] = True
         break
   finally:
     ckpt.close()
