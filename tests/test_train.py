@@ -98,7 +98,8 @@ def test_pretrain_resume_after_sigterm_and_crash_is_exact(data_dir, vocab, unbro
 
   # 1. SIGTERM arrives during step 3: the run saves step 3 and returns cleanly.
   _at_step(monkeypatch, 3, _sigterm)
-  assert pretrain.train_and_evaluate(config, workdir)["step"] == 3
+  stopped = pretrain.train_and_evaluate(config, workdir)
+  assert stopped["step"] == 3 and stopped["preempted"]  # tools/train.py exits 75: requeue
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
 
   # 2. Resumed, it crashes hard during step 5 (before the step-6 save): step 4 is on disk.
@@ -187,9 +188,11 @@ def test_cached_feature_finetune_resumes_exactly_and_matches_the_full_model(
   # SIGTERM during step 5: step 5 is saved; the resumed run rebuilds the bank and finishes.
   broken = str(tmp_path / "broken")
   _at_step(monkeypatch, 5, _sigterm)
-  assert finetune.train_and_evaluate(config, broken)["step"] == 5
+  stopped = finetune.train_and_evaluate(config, broken)
+  assert stopped["step"] == 5 and stopped["preempted"]
   monkeypatch.setattr(common, "check_finite", _REAL_CHECK_FINITE)
-  assert finetune.train_and_evaluate(config, broken)["step"] == 8
+  finished = finetune.train_and_evaluate(config, broken)
+  assert finished["step"] == 8 and "preempted" not in finished
   assert _losses(broken) == _losses(unbroken) and sorted(_losses(unbroken)) == list(range(1, 9))
 
   # The encoder stayed frozen, and the head trained on cached features is the same function as
@@ -355,3 +358,8 @@ def test_runs_keep_a_persistent_compilation_cache_in_their_folder(tmp_path):
     jax.config.update("jax_compilation_cache_dir", session_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
     common.jax_compilation_cache.reset_cache()
+
+
+def test_exit_status_asks_for_a_requeue_only_after_a_preemption_stop():
+  assert common.exit_status({"step": 6}) == 0
+  assert common.exit_status({"step": 3, "preempted": True}) == common.RESUME_EXIT_CODE == 75

@@ -46,7 +46,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 TRAINERS = {"pretrain": pretrain.train_and_evaluate, "finetune": finetune.train_and_evaluate}
 
 
-def main() -> None:
+def main() -> int | None:
   ids = _LOCAL_DEVICE_IDS.value
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, None if ids is None else [int(i) for i in ids])
@@ -55,8 +55,8 @@ def main() -> None:
                jax.devices()[0].device_kind)
   result = TRAINERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", result)
-  if result.get("preempted"):  # saved on a preemption notice: the launch scripts requeue
-    return common.RESUME_EXIT_CODE
+  if status := common.exit_status(result):  # saved on a preemption notice: to be requeued
+    return status
   data_dir = _CONFIG.value.data.dir
   if (_MODE.value == "finetune" and _CALIBRATE.value
       and intervals.CALIB_SPLIT in records.read_dataset_info(data_dir)["splits"]):

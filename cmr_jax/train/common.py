@@ -130,6 +130,21 @@ def rederive_data_position(data_iter: Any, step: int) -> None:
                     "a batch index)", step, type(state).__name__)
 
 
+def exit_status(result: Mapping[str, Any]) -> int:
+  """A trainer program's exit status: `RESUME_EXIT_CODE` after a stop on a preemption notice
+  (the run is to be requeued and resumed), else 0.
+
+  Every process returns it together, after a barrier: a launcher that ends every task when one
+  exits (srun --kill-on-bad-exit) must not cut another process's last checkpoint write short.
+  """
+  if not result.get("preempted"):
+    return 0
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("cmr_jax stopped to be resumed")
+  return RESUME_EXIT_CODE
+
+
 def use_compilation_cache(workdir: str) -> str:
   """Keeps compiled programs in `{workdir}/xla_cache` (persistent across restarts of the run),
   unless a cache is configured already (e.g. JAX_COMPILATION_CACHE_DIR); returns the cache dir."""
