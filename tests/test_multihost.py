@@ -72,9 +72,12 @@ def _env(num_devices: int) -> dict[str, str]:
   return env
 
 
-def _run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logdir: str) -> None:
-  """Runs the commands side by side; on a failure or the timeout kills the rest and reports."""
+def _run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logdir: str,
+             expected_status: int = 0) -> None:
+  """Runs the commands side by side; on a failure (an exit status other than
+  `expected_status`) or the timeout kills the rest and reports."""
   procs, logs = {}, {}
+  os.makedirs(logdir, exist_ok=True)
   try:
     for name, (argv, env) in commands.items():
       logs[name] = open(os.path.join(logdir, f"{name}.log"), "w+")
@@ -83,11 +86,13 @@ def _run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logdir: str)
     deadline = time.monotonic() + _TIMEOUT_S
     failed = None
     while failed is None and any(p.poll() is None for p in procs.values()):
-      failed = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
+      failed = next((n for n, p in procs.items() if p.poll() not in (None, expected_status)),
+                    None)
       if time.monotonic() > deadline:
         failed = "timeout"
       time.sleep(0.2)
-    failed = failed or next((n for n, p in procs.items() if p.returncode), None)
+    failed = failed or next((n for n, p in procs.items() if p.returncode != expected_status),
+                            None)
     if failed:
       report = []
       for name, log in logs.items():
@@ -120,18 +125,21 @@ def finetune_data(tmp_path_factory):
   return out
 
 
-def _commands(flags: list[str], multi: str, single: str) -> dict[str, tuple[list[str], dict]]:
-  """The two processes of the multi-process run and the one-process reference."""
+def _commands(flags: list[str], multi: str, single: str | None,
+              program: tuple[str, ...] = ("tools.train",)) -> dict[str, tuple[list[str], dict]]:
+  """The two processes of the multi-process run (`python -m program...`) and, unless `single`
+  is None, the one-process reference."""
   port = _free_port()
   commands = {
-      f"process{i}": ([sys.executable, "-m", "tools.train", f"--workdir={multi}", *flags,
+      f"process{i}": ([sys.executable, "-m", *program, f"--workdir={multi}", *flags,
                        "--distributed=manual", f"--coordinator_address=127.0.0.1:{port}",
                        f"--num_processes={_NUM_PROCESSES}", f"--process_id={i}"],
                       _env(multihost_config.NUM_DEVICES // _NUM_PROCESSES))
       for i in range(_NUM_PROCESSES)}
-  commands["reference"] = ([sys.executable, "-m", "tests.multihost_reference",
-                            f"--reference_shards={_NUM_PROCESSES}", f"--workdir={single}",
-                            *flags], _env(multihost_config.NUM_DEVICES))
+  if single is not None:
+    commands["reference"] = ([sys.executable, "-m", "tests.multihost_reference",
+                              f"--reference_shards={_NUM_PROCESSES}", f"--workdir={single}",
+                              *flags], _env(multihost_config.NUM_DEVICES))
   return commands
 
 
@@ -175,6 +183,32 @@ def test_two_processes_train_exactly_like_one(data_and_vocab, tmp_path):
   before = _state(single, total - 1)["params"]
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
                                                        jax.tree.leaves(expected["params"])))
+
+
+def test_sigterm_on_one_process_stops_both_at_one_step_and_the_resumed_run_is_exact(
+    data_and_vocab, tmp_path):
+  data_dir, vocab = data_and_vocab
+  total = 6
+  flags = [f"--config={os.path.join(_TESTS, 'multihost_config.py')}",
+           f"--config.data.dir={data_dir}", f"--config.text.vocab={vocab}",
+           f"--config.total_steps={total}", f"--config.eval_every={total}",
+           "--config.checkpoint.every=100"]
+  multi, single = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
+  # Process 1 receives SIGTERM during step 2 (a preemption notice); the reference runs unbroken.
+  commands = _commands(flags, multi, None, ("tests.multihost_preempt", "--sigterm_step=2",
+                                            "--sigterm_process=1"))
+  _run_all(commands, str(tmp_path / "stop"), expected_status=75)  # both: "requeue me"
+  saved = runs.checkpoint_steps(multi)
+  assert len(saved) == 1 and 2 <= saved[0] < total  # one agreed step, saved by both
+  assert sorted(_metrics(multi)) == list(range(1, saved[0] + 1))
+  assert os.listdir(os.path.join(multi, "xla_cache"))  # the restart reads its compiles here
+  # Requeued: the same command resumes and finishes; the result is the unbroken run's.
+  commands = _commands(flags, multi, single)
+  _run_all(commands, str(tmp_path / "resume"))
+  got, expected = _metrics(multi), _metrics(single)
+  assert sorted(got) == sorted(expected) == list(range(1, total + 1))
+  assert got == expected
+  jax.tree.map(np.testing.assert_array_equal, _state(multi, total), _state(single, total))
 
 
 @pytest.mark.parametrize("variant", ["finetune", "finetune_stream"])

@@ -1,0 +1,37 @@
+r"""`tools/train.py` that sends itself SIGTERM during one step, on one process (tests/test_multihost.py).
+
+  python -m tests.multihost_preempt --sigterm_step=2 --sigterm_process=1 <tools/train.py flags>
+
+The signal goes to the process itself, as a scheduler's preemption notice would: with
+`--distributed`, JAX's preemption notifier takes it and every process must stop at one agreed
+step (the preemption sync point), save a checkpoint there and exit with status 75.
+"""
+
+import os
+import signal
+
+from absl import flags
+import jax
+
+from cmr_jax import logs
+from cmr_jax.train import common
+from tools import train as train_program
+
+_STEP = flags.DEFINE_integer("sigterm_step", 2, "the step during which the signal is sent")
+_PROCESS = flags.DEFINE_integer("sigterm_process", 1, "the process that receives it")
+
+
+def main() -> int | None:
+  real_check = common.check_finite  # called once per step, when the step's loss is fetched
+
+  def check_finite(step, *args):
+    if step == _STEP.value and jax.process_index() == _PROCESS.value:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_check(step, *args)
+
+  common.check_finite = check_finite
+  return train_program.main()
+
+
+if __name__ == "__main__":
+  logs.run(main)
