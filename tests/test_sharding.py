@@ -236,3 +236,42 @@ def test_dual_encoder_loss_and_grads_match_one_device_under_data_and_fsdp_shardi
     # float32 sums in another order; some gradients (e.g. of key biases) are exactly 0 + noise.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_bags_fewer_than_devices_train_like_one_device():
+  # 2 bags of 4 cines on 8 devices (data=2 x fsdp=4): the bags split over `data` only and the
+  # encoder's 8 cines over all 8 devices (the activation constraint); same loss and gradients.
+  config = sweep_testlib.finetune_config("unused")
+  config.mode = "transfer"  # gradients through the encoder too
+  config.data.image_size, config.data.num_frames, config.data.max_instances = 16, 4, 4
+  config.model.video_overrides = TINY_VIDEO
+  model = registry.lvef_model(config, 50.0)
+  rng = np.random.default_rng(2)
+  batch = {"video": rng.integers(0, 256, (2, 4, 4, 16, 16), dtype=np.uint8),
+           "mask": np.array([[True] * 4, [True, True, False, False]]),
+           "lvef": np.array([40.0, 65.0], np.float32)}
+  abstract = jax.eval_shape(registry.lvef_init_fn(model, config), _key())
+  params = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype),
+                        nn.meta.unbox(abstract))
+
+  def loss_and_grads(p, b):
+    def loss_fn(q):
+      pred, _ = model.apply({"params": q}, b["video"], b["mask"])
+      return losses.huber_loss(pred, b["lvef"], delta=1.0)
+
+    return jax.value_and_grad(loss_fn)(p)
+
+  ref_loss, ref_grads = jax.jit(loss_and_grads)(jax.device_put(params, jax.devices()[0]), batch)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  assert sharding.batch_sharding(mesh, 2).spec == P(("data",))
+  shardings = sharding.logical_shardings(abstract, mesh)
+  sharded_batch = sharding.shard_batch(batch, mesh)
+  assert [s.data.shape[0] for s in sharded_batch["video"].addressable_shards] == [1] * 8
+  step = jax.jit(loss_and_grads, in_shardings=(shardings, sharding.batch_sharding(mesh, 2)),
+                 out_shardings=(None, shardings))
+  with sharding.mesh_rules(mesh):
+    loss, grads = step(jax.device_put(params, shardings), sharded_batch)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
+                                                       atol=1e-5 * scale), grads, ref_grads)

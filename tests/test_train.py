@@ -262,6 +262,10 @@ def test_device_prefetch_runs_ahead_but_checkpoints_the_first_unused_batch():
   # Two batches used: a resume must start at batch 2, though the source is at 4.
   assert source.next_value == 4
   assert json.loads(batches.get_state()) == {"next": 2}
+  position = batches.position()  # what a checkpoint saves: fixed, however far the loop goes on
+  next(batches)
+  assert json.loads(position.get_state()) == {"next": 2}
+  assert json.loads(batches.get_state()) == {"next": 3}
   finite = common.DevicePrefetch(iter([{"x": np.zeros(1)}] * 2), lambda b: b, size=3)
   assert len(list(finite)) == 2
   with pytest.raises(ValueError, match="no input iterator state"):

@@ -246,6 +246,23 @@ class DevicePrefetch:
     state = self._queue[0][0] if self._queue else self._state_of.get_state()
     return json.dumps(state, indent=4).encode()
 
+  def position(self) -> "InputPosition":
+    """The current `get_state()`, frozen: what a checkpoint saves (an asynchronous save may
+    read it after the loop has moved on)."""
+    return InputPosition(self.get_state())
+
+
+class InputPosition:
+  """A fixed input-iterator state for `checkpoint.Checkpointer.save` (grain's handler calls
+  `get_state()` on what it saves)."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    """The state (JSON bytes), as it was when this was made."""
+    return self._state
+
 
 class PendingMetrics:
   """Per-step metrics left on the device until a fetch, so the loop never waits on a step.

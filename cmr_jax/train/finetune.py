@@ -260,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           stop = True
       if step % config.checkpoint.every == 0 or last or stop:
         pending.fetch(last_good)
-        ckpt.save(step, state, None if data_iter is None else batches, force=True)
+        ckpt.save(step, state, None if data_iter is None else batches.position(), force=True)
         last_good = step
       if stop:
         if preempted:

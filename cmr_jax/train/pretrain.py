@@ -251,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stop = preemption.requested(step)
       if step % config.checkpoint.every == 0 or last or stop:
         pending.fetch(last_good)
-        ckpt.save(step, state, batches, force=True)
+        ckpt.save(step, state, batches.position(), force=True)
         last_good = step
       if stop:
         logging.warning("stopped at step %d on request; checkpoint saved in %s", step,
