@@ -157,9 +157,11 @@ supervise() {
       *) echo "queued resource ${QR_NAME}: ${state}; waiting" >&2 ;;
     esac
     until [[ "$(qr_state)" == ACTIVE ]]; do
-      case "$(qr_state)" in
-        FAILED | SUSPENDED | NONE) continue 2 ;;
+      state="$(qr_state)"
+      case "${state}" in
+        FAILED | SUSPENDED) continue 2 ;;  # requested again at the top of the loop
       esac
+      echo "queued resource ${QR_NAME}: ${state}; waiting" >&2
       sleep "${POLL_S}"
     done
     setup
