@@ -9,6 +9,7 @@ step (the preemption sync point), save a checkpoint there and exit with status 7
 
 import os
 import signal
+import time
 
 from absl import flags
 import jax
@@ -19,6 +20,7 @@ from tools import train as train_program
 
 _STEP = flags.DEFINE_integer("sigterm_step", 2, "the step during which the signal is sent")
 _PROCESS = flags.DEFINE_integer("sigterm_process", 1, "the process that receives it")
+_NOTICE_WAIT_S = 3.0
 
 
 def main() -> int | None:
@@ -27,6 +29,10 @@ def main() -> int | None:
   def check_finite(step, *args):
     if step == _STEP.value and jax.process_index() == _PROCESS.value:
       os.kill(os.getpid(), signal.SIGTERM)
+      # The notice reaches the other process through the coordination service asynchronously,
+      # and tiny CPU steps take milliseconds: this process (and so, at the next collective,
+      # the other) waits, so the agreed step falls soon after this one, well before the end.
+      time.sleep(_NOTICE_WAIT_S)
     return real_check(step, *args)
 
   common.check_finite = check_finite

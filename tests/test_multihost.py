@@ -188,7 +188,7 @@ def test_two_processes_train_exactly_like_one(data_and_vocab, tmp_path):
 def test_sigterm_on_one_process_stops_both_at_one_step_and_the_resumed_run_is_exact(
     data_and_vocab, tmp_path):
   data_dir, vocab = data_and_vocab
-  total = 6
+  total = 8
   flags = [f"--config={os.path.join(_TESTS, 'multihost_config.py')}",
            f"--config.data.dir={data_dir}", f"--config.text.vocab={vocab}",
            f"--config.total_steps={total}", f"--config.eval_every={total}",
