@@ -53,6 +53,12 @@ class Checkpointer:
   def best_step(self) -> int | None:
     return self._manager.best_step()
 
+  def has_data_state(self, step: int) -> bool:
+    """Whether checkpoint `step` holds this process's input position for this process count
+    (False when a run of another host count wrote it)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.directory, str(step), DATA, name))
+
   def save(self, step: int, state: Any, data_iter: grain.DatasetIterator | None = None, *,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
     """Saves (asynchronously) the state and, if given, the iterator position. Returns whether it saved."""

@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # head "paper": the reference implementation's head (cmr_jax/models/heads.py).
   c.model = dict(video="mvit_b_16x4", embed_dim=512, head="paper", dtype="bfloat16", remat=True,
                  video_overrides={})
-  c.mesh = dict(data=1, fsdp=-1, model=1)
+  c.mesh = dict(data=-1, fsdp=0, model=1)  # FSDP within each host, data over the hosts
   c.batch_size = s["batch_size"]  # studies (bags of up to max_instances cines), global
   c.eval_batch_size = s["eval_batch_size"]
   c.total_steps = s["total_steps"]

@@ -12,9 +12,10 @@ with a clear message). On a TPU slice or a multi-node GPU job (see launch/):
       --config.text.vocab=/shared/models/pubmedbert/vocab.txt [--distributed=auto]
 
 Compute is bfloat16 with float32 parameters and optimizer state, every block rematerialised, and
-the parameters and AdamW moments sharded over all devices (FSDP; the batch splits over the same
-axis, 256 clips = 8 per device on 32 chips). Change the mesh for tensor parallelism, e.g.
---config.mesh.fsdp=-1 --config.mesh.model=2.
+the parameters and AdamW moments sharded over the devices of each host (FSDP, `fsdp=0`; `data`
+spans the hosts, and slices over DCN; the batch splits over both, 256 clips = 8 per device on 32
+chips). Change the mesh for tensor parallelism, e.g. --config.mesh.model=2, or FSDP over every
+device with --config.mesh.data=1 --config.mesh.fsdp=-1.
 """
 
 import ml_collections
@@ -46,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Parameter groups kept at their initial values, e.g. ("text_encoder",) for a locked
   # PubMedBERT (LiT-style).
   c.frozen = ()
-  c.mesh = dict(data=1, fsdp=-1, model=1)
+  c.mesh = dict(data=-1, fsdp=0, model=1)  # FSDP within each host, data over the hosts
   c.batch_size = 256  # global, over all processes
   c.eval_batch_size = 256
   c.total_steps = 30_000  # ~380 epochs of 20k studies

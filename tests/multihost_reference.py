@@ -3,7 +3,8 @@ r"""The one-process reference of tests/test_multihost.py: `tools/train.py` readi
   python -m tests.multihost_reference --reference_shards=2 <the flags of tools/train.py>
 
 A run of N processes feeds each step the concatenation, in process order, of the per-process
-batches of its N data shards (`pipeline.pretrain_dataset(shard_index=i, shard_count=N)`). Here
+batches of its N data shards (`pipeline.pretrain_dataset(shard_index=i, shard_count=N)`, and
+`pipeline.finetune_dataset` alike for fine-tuning and its evaluations). Here
 one process builds those N shards itself, zips them and concatenates each step's batches, so its
 global batches (train and eval) are exactly those of the N-process run; everything else is
 `tools/train.py` unchanged.
@@ -45,6 +46,7 @@ def side_by_side(build: Callable[..., grain.IterDataset], shards: int) -> Callab
 
 def main() -> None:
   pipeline.pretrain_dataset = side_by_side(pipeline.pretrain_dataset, _SHARDS.value)
+  pipeline.finetune_dataset = side_by_side(pipeline.finetune_dataset, _SHARDS.value)
   train_program.main()
 
 

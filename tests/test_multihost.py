@@ -7,6 +7,10 @@ shards side by side, see multihost_reference.py). With two devices every cross-d
 adds two numbers, which is exact in either order, so the runs must agree bit for bit: the saved
 train state (parameters, AdamW moments, step), every logged loss and the zero-shot recall of the
 final evaluation (embeddings gathered across processes with process_allgather).
+
+Fine-tuning runs the same way on 5 training studies, 3 on process 0 and 2 on process 1, one bag
+per process per step: with the frozen encoder's features cached over finite passes (every
+process must run equally many encoder batches, each gathered across processes) and streamed.
 """
 
 import json
@@ -32,6 +36,7 @@ import sweep_testlib
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 _NUM_PROCESSES = 2
+_NUM_FINETUNE_TRAIN = 5
 # A hang guard for the three runs together (side by side, cold compiles): they take about a
 # minute on 2 idle cores and about 2.5 minutes on 2 busy ones.
 _TIMEOUT_S = 360
@@ -67,9 +72,12 @@ def _env(num_devices: int) -> dict[str, str]:
   return env
 
 
-def _run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logdir: str) -> None:
-  """Runs the commands side by side; on a failure or the timeout kills the rest and reports."""
+def _run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logdir: str,
+             expected_status: int = 0) -> None:
+  """Runs the commands side by side; on a failure (an exit status other than
+  `expected_status`) or the timeout kills the rest and reports."""
   procs, logs = {}, {}
+  os.makedirs(logdir, exist_ok=True)
   try:
     for name, (argv, env) in commands.items():
       logs[name] = open(os.path.join(logdir, f"{name}.log"), "w+")
@@ -78,11 +86,13 @@ def _run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logdir: str)
     deadline = time.monotonic() + _TIMEOUT_S
     failed = None
     while failed is None and any(p.poll() is None for p in procs.values()):
-      failed = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
+      failed = next((n for n, p in procs.items() if p.poll() not in (None, expected_status)),
+                    None)
       if time.monotonic() > deadline:
         failed = "timeout"
       time.sleep(0.2)
-    failed = failed or next((n for n, p in procs.items() if p.returncode), None)
+    failed = failed or next((n for n, p in procs.items() if p.returncode != expected_status),
+                            None)
     if failed:
       report = []
       for name, log in logs.items():
@@ -100,6 +110,39 @@ def _run_all(commands: dict[str, tuple[list[str], dict[str, str]]], logdir: str)
       log.close()
 
 
+@pytest.fixture(scope="module")
+def finetune_data(tmp_path_factory):
+  """8 labelled fake studies: 5 train (an odd count: unequal shares of 2 processes), 3 val."""
+  def split(record) -> str:
+    return "train" if int(record.subject_id.rsplit("-", 1)[1]) < _NUM_FINETUNE_TRAIN else "val"
+
+  out = sweep_testlib.build_records(sweep_testlib.fake_items(range(8)),
+                                    str(tmp_path_factory.mktemp("finetune_data")), split,
+                                    size=multihost_config.IMAGE_SIZE,
+                                    num_frames=multihost_config.NUM_FRAMES)
+  counts = {name: s["num_records"] for name, s in records.read_dataset_info(out)["splits"].items()}
+  assert counts == {"train": _NUM_FINETUNE_TRAIN, "val": 3}
+  return out
+
+
+def _commands(flags: list[str], multi: str, single: str | None,
+              program: tuple[str, ...] = ("tools.train",)) -> dict[str, tuple[list[str], dict]]:
+  """The two processes of the multi-process run (`python -m program...`) and, unless `single`
+  is None, the one-process reference."""
+  port = _free_port()
+  commands = {
+      f"process{i}": ([sys.executable, "-m", *program, f"--workdir={multi}", *flags,
+                       "--distributed=manual", f"--coordinator_address=127.0.0.1:{port}",
+                       f"--num_processes={_NUM_PROCESSES}", f"--process_id={i}"],
+                      _env(multihost_config.NUM_DEVICES // _NUM_PROCESSES))
+      for i in range(_NUM_PROCESSES)}
+  if single is not None:
+    commands["reference"] = ([sys.executable, "-m", "tests.multihost_reference",
+                              f"--reference_shards={_NUM_PROCESSES}", f"--workdir={single}",
+                              *flags], _env(multihost_config.NUM_DEVICES))
+  return commands
+
+
 def _metrics(workdir: str) -> dict[int, dict[str, float]]:
   """metrics.jsonl rows merged per step, without the wall-clock fields."""
   out = {}
@@ -108,7 +151,7 @@ def _metrics(workdir: str) -> dict[int, dict[str, float]]:
       row = json.loads(line)
       out.setdefault(row.pop("step"), {}).update(row)
   for row in out.values():
-    for key in ("time", "clips_per_s"):
+    for key in ("time", "clips_per_s", "bags_per_s"):
       row.pop(key, None)
   return out
 
@@ -124,16 +167,7 @@ def test_two_processes_train_exactly_like_one(data_and_vocab, tmp_path):
   flags = [f"--config={os.path.join(_TESTS, 'multihost_config.py')}",
            f"--config.data.dir={data_dir}", f"--config.text.vocab={vocab}"]
   multi, single = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
-  port = _free_port()
-  commands = {
-      f"process{i}": ([sys.executable, "-m", "tools.train", f"--workdir={multi}", *flags,
-                       "--distributed=manual", f"--coordinator_address=127.0.0.1:{port}",
-                       f"--num_processes={_NUM_PROCESSES}", f"--process_id={i}"],
-                      _env(multihost_config.NUM_DEVICES // _NUM_PROCESSES))
-      for i in range(_NUM_PROCESSES)}
-  commands["reference"] = ([sys.executable, "-m", "tests.multihost_reference",
-                            f"--reference_shards={_NUM_PROCESSES}", f"--workdir={single}",
-                            *flags], _env(multihost_config.NUM_DEVICES))
+  commands = _commands(flags, multi, single)
   _run_all(commands, str(tmp_path))
 
   total = multihost_config.get_config().total_steps
@@ -149,6 +183,56 @@ def test_two_processes_train_exactly_like_one(data_and_vocab, tmp_path):
   before = _state(single, total - 1)["params"]
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
                                                        jax.tree.leaves(expected["params"])))
+
+
+def test_sigterm_on_one_process_stops_both_at_one_step_and_the_resumed_run_is_exact(
+    data_and_vocab, tmp_path):
+  data_dir, vocab = data_and_vocab
+  total = 8
+  flags = [f"--config={os.path.join(_TESTS, 'multihost_config.py')}",
+           f"--config.data.dir={data_dir}", f"--config.text.vocab={vocab}",
+           f"--config.total_steps={total}", f"--config.eval_every={total}",
+           "--config.checkpoint.every=100"]
+  multi, single = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
+  # Process 1 receives SIGTERM during step 2 (a preemption notice); the reference runs unbroken.
+  commands = _commands(flags, multi, None, ("tests.multihost_preempt", "--sigterm_step=2",
+                                            "--sigterm_process=1"))
+  _run_all(commands, str(tmp_path / "stop"), expected_status=75)  # both: "requeue me"
+  saved = runs.checkpoint_steps(multi)
+  assert len(saved) == 1 and 2 <= saved[0] < total  # one agreed step, saved by both
+  assert sorted(_metrics(multi)) == list(range(1, saved[0] + 1))
+  assert os.listdir(os.path.join(multi, "xla_cache"))  # the restart reads its compiles here
+  # Requeued: the same command resumes and finishes; the result is the unbroken run's.
+  commands = _commands(flags, multi, single)
+  _run_all(commands, str(tmp_path / "resume"))
+  got, expected = _metrics(multi), _metrics(single)
+  assert sorted(got) == sorted(expected) == list(range(1, total + 1))
+  assert got == expected
+  jax.tree.map(np.testing.assert_array_equal, _state(multi, total), _state(single, total))
+
+
+@pytest.mark.parametrize("variant", ["finetune", "finetune_stream"])
+def test_two_processes_fine_tune_exactly_like_one_on_unequal_shares(finetune_data, tmp_path,
+                                                                     variant):
+  flags = ["--mode=finetune",
+           f"--config={os.path.join(_TESTS, 'multihost_config.py')}:{variant}",
+           f"--config.data.dir={finetune_data}"]
+  multi, single = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
+  _run_all(_commands(flags, multi, single), str(tmp_path))  # no process waits forever
+
+  total = multihost_config.FINETUNE_STEPS
+  got, expected = _metrics(multi), _metrics(single)
+  assert sorted(got) == sorted(expected) == list(range(1, total + 1))
+  assert "val_mae" in got[total] and np.isfinite(got[total]["val_mae"])
+  assert got == expected
+  got_state, expected_state = _state(multi, total), _state(single, total)
+  assert int(got_state["step"]) == total
+  jax.tree.map(np.testing.assert_array_equal, got_state, expected_state)
+  assert runs.read_best(multi) == runs.read_best(single)
+  # The head trained: its parameters moved between the last two checkpoints.
+  before = _state(single, total - multihost_config.get_config(variant).checkpoint.every)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["params"]),
+                                                       jax.tree.leaves(expected_state["params"])))
 
 
 @pytest.mark.parametrize("process", [0, 1])

@@ -172,13 +172,25 @@ def test_eval_shards_disjoint_complete_and_equally_long(source):
   assert sum(len(s) for s in seen) == NUM_STUDIES
 
 
-def test_train_shards_are_disjoint(source):
-  seen = []
+def test_train_shards_are_disjoint_and_equally_long(source):
+  # 9 labelled studies over 2 processes: 5 and 4; the shorter share repeats one of its own, so
+  # a finite pass has equally many batches on both (else one process would wait forever).
+  seen, lengths = [], []
   for i in range(2):
     batches = list(_finetune(source, shard_index=i, shard_count=2, num_epochs=1, batch_size=1))
+    lengths.append(len(batches))
     seen.append({int(b["study_index"][0]) for b in batches})
+  assert lengths == [5, 5]
+  assert [len(s) for s in seen] == [5, 4]
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(NUM_STUDIES)) - set(UNLABELLED)
+
+
+@pytest.mark.parametrize("processes", [2, 3, 4])
+def test_finite_train_passes_have_equal_batch_counts(source, processes):
+  counts = {len(list(_finetune(source, shard_index=i, shard_count=processes, num_epochs=3,
+                               batch_size=2))) for i in range(processes)}
+  assert counts == {3 * math.ceil(9 / processes) // 2}
 
 
 def test_train_filters_unlabelled_and_label_fraction(source):

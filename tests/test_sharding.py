@@ -3,6 +3,9 @@
 tests/conftest.py gives every test process 8 (fake) CPU devices.
 """
 
+import functools
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from cmr_jax import losses, sharding
 from cmr_jax.models import registry
+
+import sweep_testlib
 
 # A dual encoder with every parameter kind (pooling convs, norms, embeddings) that compiles fast:
 # 1x1x1 pooling kernels keep the backward of the strided-tap pooling small to compile.
@@ -82,8 +87,79 @@ def test_shard_batch_splits_rows_and_rejects_indivisible_batches():
   assert out["video"].sharding.spec == P(("data", "fsdp"))
   assert [s.data.shape for s in out["video"].addressable_shards] == [(1, 3)] * 8
   np.testing.assert_array_equal(np.asarray(out["lvef"]), batch["lvef"])
-  with pytest.raises(ValueError, match=r"batch\['lvef'\] has 6 rows, not divisible by the 8"):
-    sharding.shard_batch({"lvef": np.arange(6.0)}, mesh)
+  # 6 rows do not split 8 ways: over `data` only (each fsdp group of 4 devices shares 3 rows).
+  out = sharding.shard_batch({"lvef": np.arange(6.0)}, mesh)
+  assert out["lvef"].sharding.spec == P("data")
+  assert [s.data.shape for s in out["lvef"].addressable_shards] == [(3,)] * 8
+  np.testing.assert_array_equal(np.asarray(out["lvef"]), np.arange(6.0))
+  with pytest.raises(ValueError, match=r"batch\['lvef'\].*minimum batch is 2"):
+    sharding.shard_batch({"lvef": np.arange(5.0)}, mesh)
+
+
+# A 64-device cluster: 16 hosts of 4 devices (e.g. v5p-128 or 16 nodes of 4 GPUs).
+_HOSTS, _PER_HOST = 16, 4
+
+
+def test_mesh_rules_put_fsdp_on_one_host_and_data_over_the_hosts():
+  rule = functools.partial(sharding.resolve_mesh_shape, ici_devices=_PER_HOST)
+  assert rule({"data": -1, "fsdp": 0}, 64) == {"data": 16, "fsdp": 4, "model": 1}
+  assert rule({"data": -1, "fsdp": 0, "model": 2}, 64) == {"data": 16, "fsdp": 2, "model": 2}
+  assert rule({"data": -1, "fsdp": 0}, 4) == {"data": 1, "fsdp": 4, "model": 1}  # one host
+  assert rule(None, 64) == {"data": 64, "fsdp": 1, "model": 1}
+  with pytest.raises(ValueError, match="model=3 does not divide the 4 devices of one host"):
+    rule({"data": -1, "fsdp": 0, "model": 3}, 64)
+  with pytest.raises(ValueError, match="does not divide 64 devices"):
+    rule({"data": -1, "fsdp": 3}, 64)
+
+
+def test_batch_rules_fit_small_batches_and_name_the_minimum():
+  per_host = {"data": 16, "fsdp": 4, "model": 1}
+  assert sharding.batch_axes(per_host, 256, _HOSTS) == ("data", "fsdp")
+  assert sharding.batch_axes(per_host, 64, _HOSTS) == ("data", "fsdp")
+  # The fine-tuning batches (32 or 16 bags): one or two bags per host, over `data` only.
+  assert sharding.batch_axes(per_host, 32, _HOSTS) == ("data",)
+  assert sharding.batch_axes(per_host, 16, _HOSTS) == ("data",)
+  with pytest.raises(ValueError, match="minimum batch is 16"):
+    sharding.batch_axes(per_host, 8, _HOSTS)
+  with pytest.raises(ValueError, match="minimum batch is 16"):
+    sharding.batch_axes(per_host, 24, _HOSTS)
+  # FSDP over all 64 devices (data=1) cannot take 16 bags from 16 processes: each process must
+  # feed its own rows, so `data` must reach every process.
+  with pytest.raises(ValueError, match="minimum batch is 16"):
+    sharding.batch_axes({"data": 1, "fsdp": 64, "model": 1}, 16, _HOSTS)
+  assert sharding.batch_axes({"data": 1, "fsdp": 64, "model": 1}, 64, _HOSTS) == BATCH
+
+
+BATCH = ("data", "fsdp")
+
+
+@pytest.mark.parametrize("name,arg", [("mvit_b_finetune", "ukbb"), ("mvit_b_finetune", "kaggle"),
+                                      ("mvit_b_pretrain", None)])
+def test_real_configs_fit_64_devices_on_16_hosts(name, arg):
+  config = sweep_testlib.load_config(name, arg)
+  sizes = sharding.resolve_mesh_shape(config.mesh.to_dict(), 64, ici_devices=_PER_HOST)
+  assert sizes == {"data": 16, "fsdp": 4, "model": 1}
+  for batch in (config.batch_size, config.eval_batch_size):
+    assert sharding.batch_axes(sizes, batch, _HOSTS)
+
+
+def test_hybrid_mesh_puts_data_over_slices():
+  # 4 slices of 8 devices (2 hosts each): data=8 spans them, 2 grid rows per slice.
+  devices = [types.SimpleNamespace(id=i, slice_index=i // 8, process_index=i // 4,
+                                   platform="gpu", device_kind="fake") for i in range(32)]
+  assert sharding.num_slices(devices) == 4 and sharding.ici_devices(devices) == 4
+  sizes = sharding.resolve_mesh_shape({"data": -1, "fsdp": 0, "model": 2}, 32,
+                                      ici_devices=sharding.ici_devices(devices))
+  assert sizes == {"data": 8, "fsdp": 2, "model": 2}
+  grid = sharding.hybrid_device_grid(devices, sizes)
+  assert grid.shape == (8, 2, 2)
+  slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+  assert (slice_of == np.arange(8)[:, None, None] // 2).all()  # 2 data rows per slice (DCN)
+  host_of = np.vectorize(lambda d: d.process_index)(grid)
+  assert (host_of == np.arange(8)[:, None, None]).all()  # fsdp x model on one host
+  with pytest.raises(ValueError, match="data=2 must be a multiple of the 4 slices"):
+    sharding.hybrid_device_grid(devices, {"data": 2, "fsdp": 8, "model": 2})
+  assert sharding.ici_devices(jax.devices()) == 8  # one process: its devices
 
 
 def test_clip_loss_on_eight_devices_equals_one_device():
@@ -160,3 +236,42 @@ def test_dual_encoder_loss_and_grads_match_one_device_under_data_and_fsdp_shardi
     # float32 sums in another order; some gradients (e.g. of key biases) are exactly 0 + noise.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_bags_fewer_than_devices_train_like_one_device():
+  # 2 bags of 4 cines on 8 devices (data=2 x fsdp=4): the bags split over `data` only and the
+  # encoder's 8 cines over all 8 devices (the activation constraint); same loss and gradients.
+  config = sweep_testlib.finetune_config("unused")
+  config.mode = "transfer"  # gradients through the encoder too
+  config.data.image_size, config.data.num_frames, config.data.max_instances = 16, 4, 4
+  config.model.video_overrides = TINY_VIDEO
+  model = registry.lvef_model(config, 50.0)
+  rng = np.random.default_rng(2)
+  batch = {"video": rng.integers(0, 256, (2, 4, 4, 16, 16), dtype=np.uint8),
+           "mask": np.array([[True] * 4, [True, True, False, False]]),
+           "lvef": np.array([40.0, 65.0], np.float32)}
+  abstract = jax.eval_shape(registry.lvef_init_fn(model, config), _key())
+  params = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype),
+                        nn.meta.unbox(abstract))
+
+  def loss_and_grads(p, b):
+    def loss_fn(q):
+      pred, _ = model.apply({"params": q}, b["video"], b["mask"])
+      return losses.huber_loss(pred, b["lvef"], delta=1.0)
+
+    return jax.value_and_grad(loss_fn)(p)
+
+  ref_loss, ref_grads = jax.jit(loss_and_grads)(jax.device_put(params, jax.devices()[0]), batch)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  assert sharding.batch_sharding(mesh, 2).spec == P(("data",))
+  shardings = sharding.logical_shardings(abstract, mesh)
+  sharded_batch = sharding.shard_batch(batch, mesh)
+  assert [s.data.shape[0] for s in sharded_batch["video"].addressable_shards] == [1] * 8
+  step = jax.jit(loss_and_grads, in_shardings=(shardings, sharding.batch_sharding(mesh, 2)),
+                 out_shardings=(None, shardings))
+  with sharding.mesh_rules(mesh):
+    loss, grads = step(jax.device_put(params, shardings), sharded_batch)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
+                                                       atol=1e-5 * scale), grads, ref_grads)

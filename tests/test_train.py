@@ -98,7 +98,8 @@ def test_pretrain_resume_after_sigterm_and_crash_is_exact(data_dir, vocab, unbro
 
   # 1. SIGTERM arrives during step 3: the run saves step 3 and returns cleanly.
   _at_step(monkeypatch, 3, _sigterm)
-  assert pretrain.train_and_evaluate(config, workdir)["step"] == 3
+  stopped = pretrain.train_and_evaluate(config, workdir)
+  assert stopped["step"] == 3 and stopped["preempted"]  # tools/train.py exits 75: requeue
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
 
   # 2. Resumed, it crashes hard during step 5 (before the step-6 save): step 4 is on disk.
@@ -187,9 +188,11 @@ def test_cached_feature_finetune_resumes_exactly_and_matches_the_full_model(
   # SIGTERM during step 5: step 5 is saved; the resumed run rebuilds the bank and finishes.
   broken = str(tmp_path / "broken")
   _at_step(monkeypatch, 5, _sigterm)
-  assert finetune.train_and_evaluate(config, broken)["step"] == 5
+  stopped = finetune.train_and_evaluate(config, broken)
+  assert stopped["step"] == 5 and stopped["preempted"]
   monkeypatch.setattr(common, "check_finite", _REAL_CHECK_FINITE)
-  assert finetune.train_and_evaluate(config, broken)["step"] == 8
+  finished = finetune.train_and_evaluate(config, broken)
+  assert finished["step"] == 8 and "preempted" not in finished
   assert _losses(broken) == _losses(unbroken) and sorted(_losses(unbroken)) == list(range(1, 9))
 
   # The encoder stayed frozen, and the head trained on cached features is the same function as
@@ -233,3 +236,134 @@ def test_feature_cache_refuses_a_trainable_encoder(data_dir, tmp_path):
   config.mode, config.feature_cache.passes = "transfer", 2
   with pytest.raises(ValueError, match="frozen encoder"):
     finetune.train_and_evaluate(config, str(tmp_path))
+
+
+class _CountingIterator:
+  """An iterator over 0, 1, 2, ... whose state is the next value (as grain's `get_state`)."""
+
+  def __init__(self):
+    self.next_value = 0
+
+  def __next__(self):
+    self.next_value += 1
+    return {"x": np.array([self.next_value - 1])}
+
+  def get_state(self):
+    return {"next": self.next_value}
+
+
+def test_device_prefetch_runs_ahead_but_checkpoints_the_first_unused_batch():
+  source, put = _CountingIterator(), []
+  batches = common.DevicePrefetch(source, lambda b: put.append(int(b["x"][0])) or b, size=3,
+                                  state_of=source)
+  assert int(next(batches)["x"][0]) == 0
+  assert put == [0, 1, 2]  # two batches already on their way to the devices
+  assert int(next(batches)["x"][0]) == 1 and put == [0, 1, 2, 3]
+  # Two batches used: a resume must start at batch 2, though the source is at 4.
+  assert source.next_value == 4
+  assert json.loads(batches.get_state()) == {"next": 2}
+  position = batches.position()  # what a checkpoint saves: fixed, however far the loop goes on
+  next(batches)
+  assert json.loads(position.get_state()) == {"next": 2}
+  assert json.loads(batches.get_state()) == {"next": 3}
+  finite = common.DevicePrefetch(iter([{"x": np.zeros(1)}] * 2), lambda b: b, size=3)
+  assert len(list(finite)) == 2
+  with pytest.raises(ValueError, match="no input iterator state"):
+    finite.get_state()
+
+
+def test_pending_metrics_fetch_checks_every_step_in_order(tmp_path):
+  pending = common.PendingMetrics(str(tmp_path))
+  for step, loss in ((1, 1.0), (2, 0.5)):
+    pending.add(step, {"loss": jax.numpy.asarray(loss), "mae": jax.numpy.asarray(2 * loss)})
+  assert pending.fetch(last_good=None) == {"loss": 0.5, "mae": 1.0}
+  assert pending.fetch(last_good=None) == {}  # nothing left
+  for step, loss in ((3, np.nan), (4, 0.25), (5, np.inf)):
+    pending.add(step, {"loss": jax.numpy.asarray(loss)})
+  with pytest.raises(common.NonFiniteLossError,
+                     match=r"at step 3.*last good checkpoint \(step 2\)"):
+    pending.fetch(last_good=2)
+
+
+def test_preemption_uses_jax_sync_point_and_no_handler_on_several_processes(monkeypatch):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  asked = []
+  monkeypatch.setattr(common.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: asked.append(step) or step == 7)
+  before = signal.getsignal(signal.SIGTERM)
+  preemption = common.Preemption()
+  assert signal.getsignal(signal.SIGTERM) is before  # JAX's notifier is left in place
+  assert [preemption.requested(s) for s in (5, 6, 7)] == [False, False, True]
+  assert asked == [5, 6, 7]
+  preemption.restore()
+
+
+def test_preemption_on_one_process_is_the_signal_handler():
+  preemption = common.Preemption()
+  try:
+    assert not preemption.requested(1)
+    _sigterm()
+    assert preemption.requested(2)
+  finally:
+    preemption.restore()
+
+
+def _counting_dataset():
+  import grain  # pylint: disable=g-import-not-at-top
+  return grain.MapDataset.range(100).batch(2).to_iter_dataset()
+
+
+def test_resume_on_another_process_count_restores_state_and_rederives_the_input(tmp_path,
+                                                                                 caplog):
+  config = finetune_config("unused")
+  config.checkpoint.async_save = False
+  state = common.TrainState(step=jax.numpy.asarray(3, jax.numpy.int32),
+                            params={"w": jax.numpy.arange(4.0)}, opt_state=())
+  data_iter = iter(_counting_dataset())
+  for _ in range(3):
+    next(data_iter)
+  ckpt, _ = common.resume(str(tmp_path), config, state, data_iter)
+  ckpt.save(3, state, data_iter, force=True)
+  ckpt.close()
+  data = tmp_path / "checkpoints" / "3" / "data"
+  assert "process_0-of-1.json" in os.listdir(data)
+  # The same process count: the input position comes back exactly (here: batch 3).
+  fresh = iter(_counting_dataset())
+  blank = state.replace(step=jax.numpy.asarray(0, jax.numpy.int32),
+                        params={"w": jax.numpy.zeros(4)})
+  ckpt, restored = common.resume(str(tmp_path), config, blank, fresh)
+  ckpt.close()
+  assert int(restored.step) == 3 and list(next(fresh)) == [6, 7]
+  # Written by a 2-process run: no position for this process count. The state is restored and
+  # the position re-derived from the step (3 batches of this process's share), with a warning.
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+  fresh = iter(_counting_dataset())
+  ckpt, restored = common.resume(str(tmp_path), config, blank, fresh)
+  ckpt.close()
+  np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
+  assert int(restored.step) == 3 and list(next(fresh)) == [6, 7]
+  assert "another process count" in caplog.text
+
+
+def test_runs_keep_a_persistent_compilation_cache_in_their_folder(tmp_path):
+  session_cache = jax.config.jax_compilation_cache_dir  # conftest's, for the whole session
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  try:
+    assert common.use_compilation_cache(str(tmp_path / "a")) == session_cache  # configured: kept
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cache = common.use_compilation_cache(str(tmp_path / "run"))
+    assert cache == str(tmp_path / "run" / "xla_cache")
+    jax.jit(lambda x: x * 3 + 1)(np.arange(5.0)).block_until_ready()
+    assert os.listdir(cache)  # the compiled program was written there
+  finally:
+    jax.config.update("jax_compilation_cache_dir", session_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+    common.jax_compilation_cache.reset_cache()
+
+
+def test_exit_status_asks_for_a_requeue_only_after_a_preemption_stop():
+  assert common.exit_status({"step": 6}) == 0
+  assert common.exit_status({"step": 3, "preempted": True}) == common.RESUME_EXIT_CODE == 75

@@ -7,6 +7,8 @@ r"""Pre-train or fine-tune, driven by an ml_collections config (the trainers' pr
 Multi-host: `--distributed=auto` joins the processes of a TPU pod or a SLURM job through
 `jax.distributed.initialize()` (cluster detection); `--coordinator_address`, `--num_processes` and
 `--process_id` set it by hand. Every process runs the same command on shared storage.
+A run stopped by a preemption notice (SIGTERM) saves a checkpoint and exits with status 75
+(`common.RESUME_EXIT_CODE`); the launch scripts requeue it, and the same command resumes it.
 
 Fine-tuning on a dataset with a `calib` split then calibrates the best checkpoint's prediction
 intervals on it (split conformal, as tools/calibrate.py; `--calibrate=false` skips it).
@@ -22,6 +24,7 @@ from cmr_jax.eval import conformal
 from cmr_jax import inference
 from cmr_jax import intervals
 from cmr_jax import logs
+from cmr_jax.train import common
 from cmr_jax.train import distributed
 from cmr_jax.train import finetune
 from cmr_jax.train import pretrain
@@ -43,7 +46,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 TRAINERS = {"pretrain": pretrain.train_and_evaluate, "finetune": finetune.train_and_evaluate}
 
 
-def main() -> None:
+def main() -> int | None:
   ids = _LOCAL_DEVICE_IDS.value
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, None if ids is None else [int(i) for i in ids])
@@ -52,6 +55,8 @@ def main() -> None:
                jax.devices()[0].device_kind)
   result = TRAINERS[_MODE.value](_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", result)
+  if status := common.exit_status(result):  # saved on a preemption notice: to be requeued
+    return status
   data_dir = _CONFIG.value.data.dir
   if (_MODE.value == "finetune" and _CALIBRATE.value
       and intervals.CALIB_SPLIT in records.read_dataset_info(data_dir)["splits"]):

@@ -12,6 +12,8 @@ converts to float and copies grey to 3 channels):
     [B, L] (absent without a tokenizer), study_index int32 [B], valid bool [B]
   fine-tuning: video uint8 [B, K, T, H, W], mask bool [B, K], view int32 [B, K] (VIEW_CODES,
     -1 at padding), lvef float32 [B], study_index int32 [B], valid bool [B]
+Every process's share of a split is equally long (`_shard_indices`: at train a shorter share
+repeats its own first study, so finite passes give every process equally many batches).
 At eval every study of the shard appears exactly once: the index list is padded to whole
 batches (and to the same number of batches on every process) with padding rows that have
 valid=False, study_index=-1, zero pixels, lvef=0, text mask 0 (ids [PAD]). At eval, studies
@@ -308,12 +310,21 @@ def _select(meta: list[dict[str, Any]], *, need_labels: bool, need_report: bool,
 
 def _shard_indices(keep: list[int], *, train: bool, batch_size: int, shard_index: int,
                    shard_count: int) -> tuple[int, ...]:
-  """This process's disjoint share; at eval padded to whole, equally many batches per process."""
+  """This process's disjoint share, equally long on every process.
+
+  Every process must run equally many batches of a finite pass (one gather or one train step per
+  global batch: a process with one batch fewer would leave the others waiting forever), so every
+  share has ceil(N / P) entries. At train a shorter share repeats its own first studies (each
+  process still sees only its own studies; at most one study per process is seen twice per
+  epoch); at eval it is padded with PAD_INDEX slots (valid=False rows) to whole batches.
+  """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   mine = keep[shard_index::shard_count]
-  if not train:
-    per_shard = math.ceil(len(keep) / shard_count)
+  per_shard = math.ceil(len(keep) / shard_count)
+  if train and mine:
+    mine = mine + mine[:per_shard - len(mine)]
+  elif not train:
     padded = math.ceil(per_shard / batch_size) * batch_size
     mine = mine + [PAD_INDEX] * (padded - len(mine))
   if not mine:

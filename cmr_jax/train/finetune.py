@@ -12,7 +12,8 @@ without improvement (counted from the step in best.json: a resumed run stops whe
 one does, and a run that stopped early stays stopped). The loop trains on one of two feeds:
 augmented bags streamed through the whole model (`StreamingBags`), or, with a frozen encoder and
 `feature_cache.passes > 0`, the encoder's features of that many augmented passes computed once
-(`feature_cache.CachedFeatures`).
+(`feature_cache.CachedFeatures`). As in pre-training, the next batches are copied to the devices
+ahead and metrics are fetched (and the loss checked) only to log, validate or save.
 """
 
 from __future__ import annotations
@@ -156,7 +157,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs or resumes fine-tuning in `workdir`; returns final and best validation metrics."""
   config = runs.with_init_input_norm(config)  # input normalised as the init's weights expect
   runs.save_config(config, workdir)
+  common.use_compilation_cache(workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
+  sharding.check_batches(mesh, batch_size=config.batch_size,
+                         eval_batch_size=config.eval_batch_size)
   d = config.data
   runs.save_preprocess(records.read_dataset_info(d.dir)["preprocess"], workdir)
   train_source = records.open_split(d.dir, d.train_split)
@@ -205,8 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       feed = feature_cache.CachedFeatures(model, state.params, train_ds, val_source, config, mesh,
                                           passes, n_bags=len(_labelled_lvef(
                                               d.dir, d.train_split, d.label_fraction)))
+    batch_sh = sharding.batch_sharding(mesh, config.batch_size)
     train_step = jax.jit(make_train_step(feed.forward, tx, config.huber_delta),
-                         in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
+                         in_shardings=(state_shardings, batch_sh, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
   writer = metric_writer.MetricWriter(workdir, total_steps=config.total_steps,
                                     enabled=jax.process_index() == 0, name="finetune")
@@ -214,23 +219,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(state.step)
   last_good = ckpt.latest_step()
   final: dict[str, Any] = {}
+  pending = common.PendingMetrics(ckpt.directory)
+  batches = common.DevicePrefetch((feed.batch(s) for s in range(step, config.total_steps)),
+                                  lambda b: sharding.shard_batch(b, mesh),
+                                  size=config.get("prefetch_batches", common.PREFETCH_BATCHES),
+                                  state_of=data_iter)
   t0 = time.time()
   try:
     while step < config.total_steps:
       with sharding.mesh_rules(mesh):
-        state, out = train_step(state, sharding.shard_batch(feed.batch(step), mesh), base_key)
+        state, out = train_step(state, next(batches), base_key)
       step += 1
-      common.check_finite(step, float(out["loss"]), ckpt.directory, last_good)
-      if step % config.log_every == 0 or step == config.total_steps:
-        scalars = {k: float(v) for k, v in out.items()}
+      pending.add(step, out)  # fetched (and the losses checked) only when needed below
+      last = step == config.total_steps
+      if step % config.log_every == 0 or last:
+        scalars = pending.fetch(last_good)
         scalars.update(lr=float(schedule(step - 1)),
                        bags_per_s=(config.log_every * config.batch_size
                                    / max(time.time() - t0, 1e-9)))
         writer.write(step, scalars)
         final.update(scalars)
         t0 = time.time()
-      stop = preemption.requested()
-      if step % config.eval_every == 0 or step == config.total_steps:
+      stop = preempted = preemption.requested(step)
+      if step % config.eval_every == 0 or last:
+        pending.fetch(last_good)
         with sharding.mesh_rules(mesh):
           p = feed.validate(state.params)
         labelled = ~np.isnan(p["lvef"])
@@ -246,10 +258,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info("early stop at step %d: no val MAE improvement in %d evaluations "
                        "(best %.3f)", step, config.patience, best_mae)
           stop = True
-      if step % config.checkpoint.every == 0 or step == config.total_steps or stop:
-        ckpt.save(step, state, data_iter, force=True)
+      if step % config.checkpoint.every == 0 or last or stop:
+        pending.fetch(last_good)
+        ckpt.save(step, state, None if data_iter is None else batches.position(), force=True)
         last_good = step
       if stop:
+        if preempted:
+          logging.warning("stopped at step %d on request; checkpoint saved in %s", step,
+                          ckpt.directory)
+          final["preempted"] = True
         break
   finally:
     ckpt.close()

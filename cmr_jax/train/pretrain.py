@@ -3,12 +3,16 @@
 `train_and_evaluate(config, workdir)` runs (or resumes) a pre-training run: a jitted, sharded train
 step (AdamW, warm-up + cosine, clipping, optional bf16), metrics to absl logging / JSONL /
 TensorBoard, a periodic zero-shot retrieval evaluation (video -> report recall@k on held-out
-studies), orbax checkpoints with the grain iterator state (exact resume), a clean stop on SIGTERM,
-and a stop with a clear message on a non-finite loss.
+studies), orbax checkpoints with the grain iterator state (exact resume), a clean stop on SIGTERM
+(JAX's preemption sync point on several processes), and a stop with a clear message on a
+non-finite loss. The loop never waits on the device between logs: the next batches are copied to
+the devices ahead (`common.DevicePrefetch`) and metrics are fetched (and the loss checked) only
+to log, evaluate or save (`common.PendingMetrics`).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -171,7 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = runs.with_input_norm(config, converted.weights_input_norm(video_init),
                                   f"config.init.video={video_init!r}")
   runs.save_config(config, workdir)
+  common.use_compilation_cache(workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
+  sharding.check_batches(mesh, batch_size=config.batch_size,
+                         eval_batch_size=config.eval_batch_size)
   train_source = records.open_split(config.data.dir, config.data.train_split)
   two_clips = config.model.two_clips
   tok = None if two_clips else get_tokenizer(config, workdir, train_source)
@@ -199,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.batch_size, dict(mesh.shape))
 
   base_key = jax.random.key(config.seed + 1)
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh = sharding.batch_sharding(mesh, config.batch_size)
   with sharding.mesh_rules(mesh):
     train_step = jax.jit(make_train_step(model, tx, two_clips,
                                          config.get("loss", {}).get("variance_weight", 0.0)),
@@ -214,34 +221,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(state.step)
   last_good = ckpt.latest_step()
   final: dict[str, Any] = {}
+  pending = common.PendingMetrics(ckpt.directory)
+  batches = common.DevicePrefetch(itertools.islice(data_iter, config.total_steps - step),
+                                  lambda b: sharding.shard_batch(b, mesh),
+                                  size=config.get("prefetch_batches", common.PREFETCH_BATCHES),
+                                  state_of=data_iter)
   t_clips, t0 = 0, time.time()
   try:
     while step < config.total_steps:
       with sharding.mesh_rules(mesh):
-        state, out = train_step(state, sharding.shard_batch(next(data_iter), mesh), base_key)
+        state, out = train_step(state, next(batches), base_key)
       step += 1
       t_clips += config.batch_size
-      loss = float(out["loss"])
-      common.check_finite(step, loss, ckpt.directory, last_good)
-      if step % config.log_every == 0 or step == config.total_steps:
+      pending.add(step, out)  # fetched (and the losses checked) only when needed below
+      last = step == config.total_steps
+      if step % config.log_every == 0 or last:
+        scalars = pending.fetch(last_good)
         elapsed = time.time() - t0
-        scalars = {k: float(v) for k, v in out.items()}
         scalars.update(lr=float(schedule(step - 1)), clips_per_s=t_clips / max(elapsed, 1e-9))
         writer.write(step, scalars)
         final.update(scalars)
         t_clips, t0 = 0, time.time()
-      if eval_source is not None and (step % config.eval_every == 0 or step == config.total_steps):
+      if eval_source is not None and (step % config.eval_every == 0 or last):
+        pending.fetch(last_good)
         with sharding.mesh_rules(mesh):
           recall = zero_shot_eval(embed_fn, state.params, eval_source, config, tok, mesh)
         writer.write(step, {f"zero_shot_{k}": v for k, v in recall.items()})
         final.update({f"zero_shot_{k}": v for k, v in recall.items()})
-      stop = preemption.requested()
-      if step % config.checkpoint.every == 0 or step == config.total_steps or stop:
-        ckpt.save(step, state, data_iter, force=True)
+      stop = preemption.requested(step)
+      if step % config.checkpoint.every == 0 or last or stop:
+        pending.fetch(last_good)
+        ckpt.save(step, state, batches.position(), force=True)
         last_good = step
       if stop:
         logging.warning("stopped at step %d on request; checkpoint saved in %s", step,
                         ckpt.directory)
+        final["preempted"] = True
         break
   finally:
     ckpt.close()
