@@ -32,6 +32,7 @@ from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax.convert import converted
 from cmr_jax.data import tokenizer as tokenizer_lib
 from cmr_jax.models import registry
+from cmr_jax.models import stacking
 
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
@@ -154,6 +155,20 @@ def shape_mismatch(want: Any, got: Any) -> str:
   return "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
 
 
+def in_block_layout(params: Any, abstract: Any, what: str) -> Any:
+  """`params` with the MViT blocks stacked or per-block as in `abstract`, so that a checkpoint of
+  a run scanned otherwise (`MViTConfig.scan_blocks`) fits.
+
+  Raises:
+    ValueError: naming `what`, when a scanned run's blocks cannot be stacked (one is missing, or
+      they differ).
+  """
+  try:
+    return stacking.match_blocks(params, abstract)
+  except ValueError as e:
+    raise ValueError(f"{what} ({e})") from None
+
+
 def check_fit(abstract: Any, params: Any, what: str) -> None:
   """Raises ValueError naming `what` when `params` do not have the shapes of `abstract`."""
   want = jax.tree.map(lambda x: tuple(x.shape), abstract)
@@ -176,9 +191,11 @@ def restore_finetuned(workdir: str, *,
   config = load_config(workdir)
   _, params = restore_params(workdir, which=which)
   model = registry.lvef_model(config, mean=0.0)
-  check_fit(registry.abstract_params(registry.lvef_init_fn(model, config)), params,
-            f"the checkpoint in {os.path.join(workdir, which)} does not match the run's "
-            "config.json")
+  abstract = registry.abstract_params(registry.lvef_init_fn(model, config))
+  what = (f"the checkpoint in {os.path.join(workdir, which)} does not match the run's "
+          "config.json")
+  params = in_block_layout(params, abstract, what)
+  check_fit(abstract, params, what)
   return config, params
 
 
@@ -296,8 +313,9 @@ def encoder_init(init: str, abstract_params: Any) -> dict[str, Any] | None:
   for name in registry.ENCODER_PARAMS:
     if name not in params:
       raise ValueError(f"{where} has no {name!r} parameters (has {sorted(params)})")
-    check_fit(abstract_params[name], params[name],
-              f"the {name} parameters in {where} do not match config.model")
+    what = f"the {name} parameters in {where} do not match config.model"
+    params[name] = in_block_layout(params[name], abstract_params[name], what)
+    check_fit(abstract_params[name], params[name], what)
     out[name] = params[name]
   logging.info("encoder initialised from %s (step %d)", workdir, step_)
   return out

@@ -54,6 +54,7 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("kv", None),  # per-head channels (pooling kernels, per-head norms)
     ("positions", None),
     ("norm", None),  # LayerNorm scales and biases
+    ("layers", None),  # the stacked axis of a scanned run of blocks (`MViTConfig.scan_blocks`)
 )
 
 

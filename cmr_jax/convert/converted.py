@@ -172,7 +172,10 @@ def convert_file(src: str, *, layout: str = "auto", video_config: MViTConfig | N
     base = video_config or registry.video_config(DEFAULT_VIDEO_CONFIG)
     out.video_config = dataclasses.replace(base, **mvit.input_size(renamed, base),
                                            input_norm=LAYOUT_INPUT_NORMS[layout])
-    modules[mvit.VIDEO_ENCODER] = (MViT(out.video_config), (_video_example(out.video_config),))
+    # Converted parameters keep the per-block layout (`cmr_jax.models.stacking`), whatever the
+    # model's `scan_blocks`: `load_groups` stacks them for a scanned model.
+    modules[mvit.VIDEO_ENCODER] = (MViT(dataclasses.replace(out.video_config, scan_blocks=False)),
+                                   (_video_example(out.video_config),))
   if mvit.TEXT_ENCODER in groups:
     folder = src if os.path.isdir(src) else None
     if folder and os.path.isfile(os.path.join(folder, bert.HF_CONFIG_FILE)):

@@ -6,7 +6,9 @@ known and deliberately unused (a Kinetics classifier, a buffer), or to None for 
 know. `convert` applies a renamer and compares the result with the model's parameter shapes:
 parameters the file lacks are *missing*, source tensors with no place in the model *unexpected*,
 and tensors whose converted shape differs from the model's *mismatched*; `ConversionReport.check`
-raises a `ConversionError` listing them by name unless each kind is allowed.
+raises a `ConversionError` listing them by name unless each kind is allowed. A target with
+scanned block runs (`blocks_{first}_{last}`, `cmr_jax.models.stacking`) is matched block by block
+and its runs stacked; the report names the per-block paths.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import flax
 import numpy as np
+
+from cmr_jax.models import stacking
 
 PATH_SEP = "/"
 MAX_LISTED = 25  # names listed per kind of problem in an error message
@@ -142,6 +146,11 @@ def convert(state: Mapping[str, np.ndarray], renamer: Renamer, target: Mapping[s
   Raises:
     ConversionError: two source tensors map onto one parameter.
   """
+  tree = unflatten(target)
+  if stacking.has_runs(tree):
+    out, report = convert(state, renamer, flatten(stacking.unstack_blocks(tree)), source=source,
+                          layout=layout)
+    return _stacked_like(out, tree), report
   report = ConversionReport(source=source, layout=layout)
   groups = {path.split(PATH_SEP)[0] for path in target}
   out: dict[str, np.ndarray] = {}
@@ -172,3 +181,13 @@ def convert(state: Mapping[str, np.ndarray], renamer: Renamer, target: Mapping[s
   report.converted = sorted(out)
   report.missing = sorted(set(target) - set(origin))
   return out, report
+
+
+def _stacked_like(flat: dict[str, np.ndarray], like: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Converted per-block `flat` with the runs of the target tree `like` stacked. Where a run
+  cannot be stacked (a block's tensor missing: the report says which), every run is left out."""
+  try:
+    return flatten(stacking.stack_blocks(unflatten(flat), like))
+  except ValueError:
+    paths = flatten(like)
+    return {path: value for path, value in flat.items() if path in paths}

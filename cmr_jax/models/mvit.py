@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmr_jax.models import layers
+from cmr_jax.models import stacking
 
 Dtype = layers.Dtype
 Triple = tuple[int, int, int]
@@ -67,6 +68,7 @@ RGB_CHANNELS = 3
 LAYER_NORM_EPS = 1e-6
 KINETICS_NORM = "kinetics"
 CMR_TRANSFORMER_NORM = "cmr_transformer"
+SCAN_AXIS = "layers"  # logical name of the stacked axis of a scanned run's parameters
 # PyTorch's default Conv3d initialisation: uniform with bound 1 / sqrt(fan_in).
 TORCH_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -245,6 +247,11 @@ class MViTConfig:
   # How uint8 input is normalised (`INPUT_NORMS`): as the weights were trained. Fine-tuning from
   # imported weights sets it from what their conversion recorded (`runs.with_init_input_norm`).
   input_norm: str = KINETICS_NORM
+  # Runs of consecutive blocks with one geometry (`block_runs`) are applied with `nn.scan`: one
+  # compiled body per run instead of one per block. Their parameters are stacked along a leading
+  # axis under `blocks_{first}_{last}` (`cmr_jax.models.stacking` converts to and from the
+  # per-block layout that pytorchvideo's names map onto); the arithmetic is unchanged.
+  scan_blocks: bool = False
 
   def __post_init__(self):
     input_norm(self.input_norm)
@@ -286,6 +293,18 @@ class MViTConfig:
                                 kv_stride=kv_stride, thw_in=thw, thw_out=thw_out))
       thw = thw_out
     return tuple(plan)
+
+  def block_runs(self) -> tuple[tuple[int, int], ...]:
+    """(first, last) block indices of the runs applied as one: with `scan_blocks`, maximal runs
+    of consecutive blocks of equal geometry; without, every block on its own."""
+    runs: list[tuple[int, int]] = []
+    plan = self.blocks()
+    for i, geometry in enumerate(plan):
+      if self.scan_blocks and runs and plan[runs[-1][0]] == geometry:
+        runs[-1] = (runs[-1][0], i)
+      else:
+        runs.append((i, i))
+    return tuple(runs)
 
 
 def _pool_tokens(x: jax.Array, thw: Triple, pool_fn) -> tuple[jax.Array, Triple]:
@@ -390,12 +409,20 @@ class MultiScaleBlock(_BlockModule):
   droppath_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    """Maps `x: [B, 1 + N_in, dim]` to [B, 1 + N_out, dim_out]."""
+  def __call__(self, x: jax.Array, deterministic: bool,
+               droppath_rate: jax.Array | None = None) -> jax.Array:
+    """Maps `x: [B, 1 + N_in, dim]` to [B, 1 + N_out, dim_out].
+
+    `droppath_rate`, a traced scalar, replaces the field of that name (in a scanned run, where
+    each block has its own rate).
+    """
     c, g = self.config, self.geometry
     kw = self.dtypes
     # Drop path: dropout of a whole sample's branch (mask broadcast over tokens and channels).
-    drop_path = nn.Dropout(self.droppath_rate, broadcast_dims=(1, 2))
+    if droppath_rate is None:
+      drop_path = nn.Dropout(self.droppath_rate, broadcast_dims=(1, 2))
+    else:
+      drop_path = functools.partial(_drop_path, self, droppath_rate)
     x = layers.constrain_tokens(x)
     attn = MultiScaleAttention(c, g, self.attention_impl, name="attn", **kw)(
                                    layers.layer_norm(LAYER_NORM_EPS, name="norm1", **kw)(x),
@@ -410,6 +437,35 @@ class MultiScaleBlock(_BlockModule):
     if g.dim != g.dim_out:
       x = layers.dense(g.dim_out, ("embed", "mlp"), name="proj", **kw)(x_norm)
     return x + drop_path(mlp, deterministic=deterministic)
+
+
+def _drop_path(module: nn.Module, rate: jax.Array, x: jax.Array, *,
+               deterministic: bool) -> jax.Array:
+  """`nn.Dropout(rate, broadcast_dims=(1, 2))` for a traced `rate`: each sample's `x: [B, N, C]`
+  is zeroed with probability `rate`, else scaled by 1 / (1 - rate)."""
+  if deterministic:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0], 1, 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+def _scanned_run(block: MultiScaleBlock, x: jax.Array, rates: np.ndarray,
+                 deterministic: bool) -> jax.Array:
+  """Applies `len(rates)` blocks of one geometry with `nn.scan`, their parameters stacked.
+
+  `rates` are the blocks' drop-path rates; all zero, the blocks run exactly as unscanned ones.
+  """
+  traced = bool(np.any(rates))
+
+  def body(module: MultiScaleBlock, carry: jax.Array, rate: jax.Array):
+    return module(carry, deterministic, rate if traced else None), None
+
+  scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=0, length=len(rates),
+                 metadata_params={nn.PARTITION_NAME: SCAN_AXIS})
+  x, _ = scan(block, x, jnp.asarray(rates, jnp.float32))
+  return x
 
 
 class SpatioTemporalClsPositionalEncoding(nn.Module):
@@ -512,8 +568,14 @@ class MViT(layers.Encoder):
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     block_cls = nn.remat(MultiScaleBlock, static_argnums=(2,)) if self.remat else MultiScaleBlock
     droppath = np.linspace(0.0, c.droppath_rate, c.depth)
-    for i, geometry in enumerate(c.blocks()):
-      x = block_cls(c, geometry, self.attention_impl, droppath_rate=float(droppath[i]),
-                    name=f"blocks_{i}", **kw)(x, deterministic)
+    plan = c.blocks()
+    for first, last in c.block_runs():
+      if first == last:
+        x = block_cls(c, plan[first], self.attention_impl, droppath_rate=float(droppath[first]),
+                      name=f"blocks_{first}", **kw)(x, deterministic)
+      else:
+        block = block_cls(c, plan[first], self.attention_impl,
+                          name=stacking.run_name(first, last), **kw)
+        x = _scanned_run(block, x, droppath[first:last + 1], deterministic)
     x = layers.layer_norm(LAYER_NORM_EPS, name="norm_embed", **kw)(x)
     return x[:, 0]
