@@ -115,6 +115,7 @@ class JaxStep:
     compile_s: seconds to lower and compile the step.
     step_flops, forward_flops: XLA's FLOPs of the step and of the forward (0 unless asked for).
     num_params: encoder parameters.
+    temp_bytes, state_bytes: XLA's memory analysis of the compiled step (see `largest_batch`).
   """
 
   def __init__(self, name: str, config: MViTConfig, video: np.ndarray, labels: np.ndarray,
@@ -137,6 +138,13 @@ class JaxStep:
                                                                 self.labels).compile()
     self.compile_s = time.perf_counter() - start
     self.step_flops = flops(self.compiled)
+    memory = self.compiled.memory_analysis()
+    # Device bytes of the step: temporaries (activations; ~ proportional to the batch) and the
+    # state, batch and outputs it holds at once (outputs donated into the state not counted).
+    self.temp_bytes = int(getattr(memory, "temp_size_in_bytes", 0) or 0)
+    self.state_bytes = int((getattr(memory, "argument_size_in_bytes", 0) or 0)
+                           + (getattr(memory, "output_size_in_bytes", 0) or 0)
+                           - (getattr(memory, "alias_size_in_bytes", 0) or 0))
     self.forward_flops = 0.0
     if forward_flops:
       forward = jax.jit(lambda p, v: self.model.apply({"params": p}, v, False))
@@ -155,6 +163,36 @@ class JaxStep:
   def __call__(self) -> None:
     self.state, loss = self.compiled(self.state, self.video, self.labels)
     loss.block_until_ready()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether an error from XLA or PyTorch says the device ran out of memory."""
+  text = f"{type(error).__name__} {error}".lower()
+  return any(s in text for s in ("resource_exhausted", "out of memory", "outofmemory"))
+
+
+def largest_batch(step: JaxStep, batch: int, limit_bytes: float, *, max_batch: int,
+                  multiple: int = 1, margin: float = 0.9) -> int:
+  """The largest batch whose step should fit in `limit_bytes` of device memory.
+
+  Extrapolates XLA's memory analysis of `step` (compiled at `batch`): its temporaries grow in
+  proportion to the batch, the state does not.
+
+  Args:
+    step: a step compiled at `batch`.
+    batch: its batch size.
+    limit_bytes: the device's memory for this process.
+    max_batch: upper bound of the answer.
+    multiple: round down to a multiple of this (when the answer is at least this).
+    margin: fraction of `limit_bytes` to plan for (allocator fragmentation, the input batch).
+
+  Returns:
+    A batch size, at least 1.
+  """
+  per_clip = max(step.temp_bytes / batch, 1.0)
+  fits = int((margin * limit_bytes - step.state_bytes) // per_clip)
+  fits = min(max(fits, 1), max_batch)
+  return fits - fits % multiple if fits >= multiple else fits
 
 
 class _Timeout(Exception):
