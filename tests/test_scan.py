@@ -79,8 +79,10 @@ def test_scanned_model_computes_what_the_unscanned_one_does():
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
-def test_scanned_drop_path_acts_per_block_only_in_training():
-  model = registry.video_encoder("mvit_tiny", **GEOMETRY, scan_blocks=True, droppath_rate=0.9)
+def test_scanned_drop_path_acts_only_in_training_and_remat_scans():
+  # With remat too: each scanned block rematerialised.
+  model = registry.video_encoder("mvit_tiny", **GEOMETRY, scan_blocks=True, droppath_rate=0.9,
+                                 remat=True)
   _, _, params, abstract = _models_and_params()
   stacked = stacking.match_blocks(params, abstract)
   video = _video()

@@ -30,6 +30,9 @@ or Conv `weight` becomes `kernel` (Linear [out, in] -> [in, out]; Conv3d [out, i
   norm_embed                                           -> norm_embed
   head.proj (the 400-class Kinetics head)              -> not part of the encoder
 
+With `MViTConfig.scan_blocks`, a run of identical blocks i..j is one group `blocks_{i}_{j}` whose
+leaves stack the blocks' along a leading axis (`cmr_jax.models.stacking` converts both ways).
+
 Checked once against pytorchvideo 0.1.5 with the same random weights copied this way (375 tensors,
 36,303,072 parameters; `pool_norm_eps=1e-5` to match that release): CLS features agree to 6e-6 at
 16x224x224 in float32.
