@@ -13,8 +13,9 @@ round trip, no pickle. Measured on a 2-core shared CPU for a 13-cine 16x112x112 
 msgpack encode 1.3 ms / decode 0.3 ms (zero-copy), against numpy .npz in memory 2.3 / 3.1 ms.
 Files are written directly with array_record and read through
 `grain.sources.ArrayRecordDataSource`: random-access reads of such records ran at ~550 records/s
-uncompressed, against ~16/s through a tensorflow-datasets builder read with `tfds.data_source`
-(which, without TensorFlow, also wrote only ~2 records/s). On phantom records (read + decode,
+uncompressed; a TFDS copy of the same records read through `tfds.data_source` was 2.7x (pixels
+as one bytes feature) to 8.5x (TFDS's tensor encoding) slower (`tools/bench_tfds.py`, README
+"Ingestion speed and TFDS"), so TFDS is not used. On phantom records (read + decode,
 busy machine) uncompressed gave 335/s, snappy 112/s at 0.63 of the size, zstd:1 84/s at 0.54:
 uncompressed is the default, `writer_options` trades read speed for disk. Riegeli's per-chunk
 hashes catch corrupted bytes on read; such errors are re-raised naming the split, record index,
