@@ -22,6 +22,7 @@ import flax
 from flax import struct
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -97,7 +98,7 @@ def resume(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
                                      max_to_keep=c.keep_last, keep_period=c.get("keep_period"),
                                      async_save=c.async_save)
-  latest = ckpt.latest_step()
+  latest = agreed_step(ckpt.latest_step())
   if latest is not None:
     same_hosts = data_iter is None or ckpt.has_data_state(latest)
     step, state = ckpt.restore(checkpoint_lib.abstract_like(state),
@@ -106,6 +107,21 @@ def resume(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
     if not same_hosts:
       rederive_data_position(data_iter, step)
   return ckpt, state
+
+
+def agreed_step(step: int | None) -> int | None:
+  """Process 0's view of the newest checkpoint step, on every process.
+
+  Each host lists the checkpoint folder itself, and on shared storage (gcsfuse, NFS) listings can
+  lag: hosts that disagree would restore different steps and then hang in the first collective.
+  """
+  if jax.process_count() == 1:
+    return step
+  agreed = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+  if agreed != (-1 if step is None else step):
+    logging.warning("this process saw checkpoint step %s, process 0 saw %s: using process 0's",
+                    step, agreed)
+  return None if agreed < 0 else agreed
 
 
 def rederive_data_position(data_iter: Any, step: int) -> None:
