@@ -226,7 +226,6 @@ def jackknife_se(preds: np.ndarray) -> float:
   return float(math.sqrt((n - 1) / n * np.sum((preds - preds.mean()) ** 2)))
 
 
-
 BAGS_PER_CALL = 4  # bags scored per Predictor call, in eval batches
 
 
@@ -404,7 +403,8 @@ RANK_BLOCK_ROWS = 2048  # query rows per similarity block: memory O(block x N), 
 
 
 def retrieval_ranks(emb_query: np.ndarray, emb_target: np.ndarray, *,
-                    block_rows: int = RANK_BLOCK_ROWS, across_processes: bool = False) -> np.ndarray:
+                    block_rows: int = RANK_BLOCK_ROWS,
+                    across_processes: bool = False) -> np.ndarray:
   """Rank (0 = best) of each query's own target (same row) among all targets, by dot product.
 
   The similarities are computed a block of query rows at a time (at 100k studies the full

@@ -43,10 +43,8 @@ CALIBRATION_JSON = "calibration.json"
 CALIB_SPLIT = splits.CALIB
 ABSOLUTE = "absolute"
 NORMALIZED = "normalized"
-METHODS: tuple[str, ...] = (NORMALIZED, ABSOLUTE)
 LEVELS: tuple[float, ...] = (0.9, 0.95)
 LVEF_RANGE_PERCENT = (0.0, 100.0)
-MIN_CALIBRATION_STUDIES = 19  # the fewest that give a finite 95% quantile
 
 
 def study_scale(val_rmse: float, loo_se: np.ndarray | float | None) -> np.ndarray:
@@ -68,7 +66,8 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
   return float(scores[k - 1]) if k <= scores.size else math.inf
 
 
-def _level_key(level: float) -> str:
+def level_key(level: float) -> str:
+  """The key of a level in `Calibration.quantiles` ("0.9", "0.95")."""
   return f"{level:g}"
 
 
@@ -115,6 +114,14 @@ class Calibration:
       return NORMALIZED
     return ABSOLUTE
 
+  def quantile(self, method: str, level: float) -> float:
+    """q of `method` at `level` (inf when the calibration set is too small for it).
+
+    Raises:
+      KeyError: for a level or method that was not calibrated.
+    """
+    return self.quantiles[method][level_key(level)]
+
   def bounds(self, pred: np.ndarray, level: float, method: str,
              loo_se: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(low [N], high [N]) at `level` for predictions [N], clipped to 0-100; `loo_se` [N] (NaN
@@ -123,7 +130,7 @@ class Calibration:
     Raises:
       KeyError: for a level or method that was not calibrated.
     """
-    q = self.quantiles[method][_level_key(level)]
+    q = self.quantile(method, level)
     pred = np.asarray(pred, np.float64)
     half = np.full(pred.shape, q) if method == ABSOLUTE else q * study_scale(self.val_rmse, loo_se)
     low, high = LVEF_RANGE_PERCENT
@@ -180,9 +187,9 @@ def calibrate(truth: np.ndarray, pred: np.ndarray, loo_se: np.ndarray | None, *,
   normalized = loo_se is not None and val_rmse is not None and math.isfinite(val_rmse)
   if normalized:
     scores[NORMALIZED] = residual / study_scale(val_rmse, loo_se)
-  quantiles = {m: {_level_key(lv): conformal_quantile(s, lv) for lv in levels}
+  quantiles = {m: {level_key(lv): conformal_quantile(s, lv) for lv in levels}
                for m, s in scores.items()}
-  widest = _level_key(max(levels))
+  widest = level_key(max(levels))
   scale = {ABSOLUTE: np.ones_like(residual)}
   if normalized:
     scale[NORMALIZED] = study_scale(val_rmse, loo_se)

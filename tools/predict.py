@@ -52,7 +52,8 @@ _LABELS = flags.DEFINE_string("labels", "", "Optional reference labels CSV for -
 _SALT = flags.DEFINE_string(
     "salt", "", f"Pseudonymisation salt (default: ${pseudonym.SALT_ENV_VAR}, else random).")
 _TTA = flags.DEFINE_integer(
-    "tta", conformal.DEFAULT_TTA, "Prediction passes averaged per study: the deterministic pass and N-1 seeded "
+    "tta", conformal.DEFAULT_TTA,
+    "Prediction passes averaged per study: the deterministic pass and N-1 seeded "
     "augmented clip samplings (measured on the demo's test split: MAE 11.62 with 1, 10.40 with "
     "4; tools/evaluate.py --tta).")
 _LOO = flags.DEFINE_bool("loo", True, "Leave-one-cine-out spread for the interval (costs one "

@@ -130,7 +130,7 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
   model_warnings = model.warnings()
   for w in model_warnings:
     logging.warning("%s", w.message)
-  rows = scoring.score(predictor, prepared, loo=loo, workdir=workdir, tta=tta, level=level)
+  rows = scoring.score(predictor, prepared, loo=loo, tta=tta, model=model)
   return {
       "model": {"workdir": workdir, "best": model.best, "preprocess": model.preprocess,
                 "max_instances": model.max_instances, "tta_passes": tta,

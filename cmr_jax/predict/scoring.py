@@ -99,7 +99,7 @@ class ModelInfo:
           f"loo={cal.loo}; this run predicts with tta={self.tta}, loo={self.loo}: their coverage "
           "may differ from the nominal"))
     method = cal.method_for(self.loo)
-    if math.isinf(cal.quantiles[method].get(f"{self.level:g}", math.inf)):
+    if math.isinf(cal.quantile(method, self.level)):
       out.append(quality.QualityWarning(
           "calibration_too_small", f"{cal.n} calibration studies cannot give a "
           f"{self.level:.0%} interval: intervals span {LVEF_RANGE_PERCENT[0]:g}-"
@@ -134,7 +134,7 @@ def model_info(predictor: inference.Predictor, workdir: str = "", *, tta: int = 
   stale = None
   if cal is not None and not cal.belongs_to(predictor.best):
     cal, stale = None, cal.step
-  if cal is not None and f"{level:g}" not in cal.quantiles[intervals.ABSOLUTE]:
+  if cal is not None and intervals.level_key(level) not in cal.quantiles[intervals.ABSOLUTE]:
     raise ValueError(f"{workdir} is calibrated at levels "
                      f"{sorted(cal.quantiles[intervals.ABSOLUTE])}, not {level:g}")
   return ModelInfo(workdir, predictor.best, dict(predictor.preprocess),
@@ -149,7 +149,7 @@ def interval(pred: float, model: ModelInfo,
   if cal is not None:
     method = cal.method_for(loo_se is not None)
     bounds = cal.interval(pred, model.level, method, loo_se)
-    q = cal.quantiles[method][f"{model.level:g}"]
+    q = cal.quantile(method, model.level)
     formula = (f"pred +/- {q:.3g} * sqrt(val_rmse^2 + loo_se^2)" if method == intervals.NORMALIZED
                else f"pred +/- {q:.3g}")
     return bounds, (f"split-conformal {model.level:.0%} ({method}, {cal.n} calibration studies): "
@@ -206,7 +206,7 @@ def make_row(item: inputs_lib.Prepared, out: dict[str, np.ndarray] | None,
 
 def score(predictor: inference.Predictor, prepared: Iterable[inputs_lib.Prepared], *,
           loo: bool = True, workdir: str = "", tta: int = 1,
-          level: float = DEFAULT_LEVEL) -> list[rows.Row]:
+          level: float = DEFAULT_LEVEL, model: ModelInfo | None = None) -> list[rows.Row]:
   """One row per prepared study, in order; studies are scored in groups of a few batches.
 
   Args:
@@ -217,7 +217,10 @@ def score(predictor: inference.Predictor, prepared: Iterable[inputs_lib.Prepared
     tta: prediction passes averaged per bag: the deterministic pass and tta - 1 samplings with
       the training augmentation (seeded, so a re-run gives the same numbers).
     level: the intervals' nominal coverage (one the run is calibrated at).
+    model: `model_info(predictor, workdir, tta=tta, loo=loo, level=level)` when the caller has
+      it already (made here otherwise).
   """
-  model = model_info(predictor, workdir, tta=tta, loo=loo, level=level)
+  if model is None:
+    model = model_info(predictor, workdir, tta=tta, loo=loo, level=level)
   return [make_row(item, out, model) for item, out in inference.bag_outputs(
       predictor, prepared, record_of=lambda item: item.record, loo=loo, tta=tta)]
