@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vocab(data_dir, tmp_path_factory):
-  """One vocabulary for every run (WordPiece training may break ties differently each time)."""
+  """One vocabulary file shared by every run of this module."""
   return sweep_testlib.train_vocab(data_dir, str(tmp_path_factory.mktemp("vocab")))
 
 

@@ -96,11 +96,11 @@ class TextTokenizer:
 def word_counts(texts: collections.abc.Iterable[str]) -> collections.Counter:
   """Words of the texts as the tokenizer sees them (BERT lower-casing, accent stripping and
   splitting on white space and punctuation) with their counts."""
-  normalizer = normalizers.BertNormalizer(lowercase=True)
-  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok = _bert_pipeline(models.WordPiece(unk_token=UNK))  # its normalizer and pre-tokenizer
   counts: collections.Counter = collections.Counter()
   for text in texts:
-    counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(
+        tok.normalizer.normalize_str(text)))
   return counts
 
 

@@ -90,9 +90,9 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   saved = os.path.join(workdir, runs.TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
   if config.text.vocab:
     return tokenizer_lib.load_tokenizer(config.text.vocab)
-  # WordPiece training breaks ties differently in every process: process 0 trains and saves the
-  # vocabulary (in the shared workdir) unless a resumed run has one, and every process, process 0
-  # included, loads that file once it is written.
+  # Process 0 learns and saves the vocabulary (in the shared workdir) unless a resumed run has
+  # one, and every process, process 0 included, loads that file once it is written: one file is
+  # the run's vocabulary, whatever version of the learner wrote it.
   if jax.process_index() == 0 and not os.path.exists(saved):
     n = min(len(train_source), _MAX_TOKENIZER_TEXTS)
     texts = [r for r in (train_source[i].report for i in range(n)) if r.strip()]
