@@ -128,7 +128,8 @@ def test_unknown_config_and_bad_input_raise():
     jax.eval_shape(text.init, jax.random.key(0), too_long, too_long)
 
 
-def test_depthwise_conv_and_max_pool_match_lax_reference():
+@pytest.mark.parametrize("looped", [False, True], ids=["unrolled", "looped"])
+def test_depthwise_conv_and_max_pool_match_lax_reference(looped):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 4, 7, 6, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
@@ -138,19 +139,50 @@ def test_depthwise_conv_and_max_pool_match_lax_reference():
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
                                         feature_group_count=5)
 
-  stride = (1, 2, 2)  # strided, so the backward's dilation is exercised
-  weights = jnp.asarray(rng.normal(size=reference(x, kernel, stride).shape), jnp.float32)
+  for stride in [(1, 2, 2), (2, 1, 3)]:  # strided, so the backward's dilation is exercised
+    weights = jnp.asarray(rng.normal(size=reference(x, kernel, stride).shape), jnp.float32)
 
-  def value_and_grads(conv):  # a loss that weighs every output differently
-    loss = lambda x, k: jnp.sum(conv(x, k, stride) * weights)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
+    def value_and_grads(conv):  # a loss that weighs every output differently
+      loss = lambda x, k: jnp.sum(conv(x, k, stride) * weights)
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
 
-  got, want = value_and_grads(mvit.depthwise_conv3d), value_and_grads(reference)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # loss, dx, dkernel
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
-  want = nn.max_pool(x, (1, 3, 3), (1, 2, 2), padding=[(0, 0), (1, 1), (1, 1)])
-  pool = jax.jit(mvit.max_pool3d, static_argnums=(1, 2))
-  np.testing.assert_array_equal(pool(x, (1, 3, 3), (1, 2, 2)), want)
+    got = value_and_grads(lambda x, k, s: mvit.depthwise_conv3d(x, k, s, looped))
+    want = value_and_grads(reference)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # loss, dx, dkernel
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  padding = [(0, 0), (1, 1), (1, 1)]
+  weights = jnp.asarray(rng.normal(size=(2, 4, 4, 3, 5)), jnp.float32)
+
+  def pooled_loss(pool):
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * weights)))
+
+  got = pooled_loss(lambda x: mvit.max_pool3d(x, (1, 3, 3), (1, 2, 2), looped))(x)
+  want = pooled_loss(lambda x: nn.max_pool(x, (1, 3, 3), (1, 2, 2), padding=padding))(x)
+  np.testing.assert_array_equal(got[0], want[0])  # the maxima exactly
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)  # no ties: the same gradient
+  # With ties the gradient goes to the first maximum of each window in (t, h, w) order, as in
+  # PyTorch's MaxPool3d: on a constant 4x4 image each 3x3 window (stride 2, padding 1) hands its
+  # gradient to its top-left pixel inside the image.
+  grad = jax.grad(lambda x: jnp.sum(mvit.max_pool3d(x, (1, 3, 3), (1, 2, 2), looped)))(
+      jnp.ones((1, 1, 4, 4, 1)))
+  np.testing.assert_array_equal(grad[0, 0, :, :, 0], [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0],
+                                                      [0, 0, 0, 0]])
+
+
+def test_pool_loop_setting_keeps_the_model_and_is_checked():
+  rng = np.random.default_rng(2)
+  video = _uint8(rng, (2, 4, 32, 32))
+  variables = {"params": _small_dual()[1]["video_encoder"]}
+  outs = []
+  for loop in ("unrolled", "looped"):
+    model = registry.video_encoder("mvit_tiny", pool_loop=loop, **SMALL_VIDEO)
+    loss = lambda p: jnp.sum(model.apply({"params": p}, video) ** 2)  # noqa: B023
+    outs.append(jax.jit(jax.value_and_grad(loss))(variables["params"]))
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # float sums in another order
+  assert mvit.looped_taps("auto") == (jax.default_backend() == "cpu")
+  with pytest.raises(ValueError, match="pool_loop 'sometimes' is not one of"):
+    registry.video_encoder("mvit_tiny", pool_loop="sometimes")
 
 
 def test_factorised_convolutions_match_lax_3d_convolutions():

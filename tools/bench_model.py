@@ -5,8 +5,12 @@ random labels -> AdamW, on a batch of random uint8 clips. Reported: compile time
 clips/s, FLOPs per clip from XLA's cost analysis of the compiled step and forward, achieved
 TFLOP/s and, in bfloat16 on a device of known peak, MFU.
 
---compare_scan compiles and times the step with the MViT's block runs scanned and unscanned
-(`MViTConfig.scan_blocks`) in the same run, alternating, and reports both and their ratios.
+--compare=SETTING,... also compiles and times the step built other ways, in the same run,
+alternating (each compile starts from cleared caches, and the persistent compilation cache is
+off), and reports each one's compile time (wall and CPU seconds) and step time with their ratios
+to the first setting. A SETTING is an MViT pooling-tap loop (`MViTConfig.pool_loop`: unrolled,
+looped, auto), optionally `+scan` (`MViTConfig.scan_blocks`): the issue-15 comparison is
+`--pool_loop=unrolled --compare=looped,looped+scan`.
 --peer times PyTorch's MViT on the same step in the same run, alternating with the JAX step, and
 reports the clips/s ratio; --threads gives both sides the same CPU thread count (PyTorch's
 intra-op threads; for XLA, the process's CPU affinity, which sizes its thread pool).
@@ -14,7 +18,8 @@ intra-op threads; for XLA, the process's CPU affinity, which sizes its thread po
 JSON, if compilation fails or exceeds --peer_compile_timeout_s); with --dtype=bfloat16 the peer
 runs under bfloat16 autocast.
 
-  python tools/bench_model.py --config=mvit_tiny --batch=8 --compare_scan
+  python tools/bench_model.py --config=mvit_b_16x4 --batch=2 --pool_loop=unrolled \
+      --compare=looped,looped+scan --steps=1  # compile time
   python tools/bench_model.py --config=mvit_b_16x4 --batch=2 --peer --threads=2   # CPU ratio
   python tools/bench_model.py --config=mvit_b_16x4 --batch=8 --dtype=bfloat16 --peer \
       --peer_compile  # GPU
@@ -25,12 +30,12 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 
 from cmr_jax import logs
 from cmr_jax.models import layers
+from cmr_jax.models import mvit
 from cmr_jax.models import registry
-from cmr_jax.models.mvit import MViTConfig
 from cmr_jax.train import speed
 
 _CONFIG = flags.DEFINE_string("config", "mvit_tiny",
@@ -44,10 +49,13 @@ _ATTENTION = flags.DEFINE_enum("attention", "einsum", list(layers.ATTENTION_IMPL
                                "attention implementation (cudnn: GPU, bfloat16)")
 _SCAN = flags.DEFINE_bool("scan_blocks", None,
                           "scan the MViT's runs of identical blocks (default: the config's)")
-_COMPARE_SCAN = flags.DEFINE_bool("compare_scan", False,
-                                  "also compile and time the other --scan_blocks setting")
+_POOL_LOOP = flags.DEFINE_enum("pool_loop", None, list(mvit.POOL_LOOPS),
+                               "how the MViT's pooling windows visit their taps (default: the "
+                               "config's)")
+_COMPARE = flags.DEFINE_list("compare", [], "other MViT step settings to compile and time in the "
+                             "same run: POOL_LOOP or POOL_LOOP+scan")
 _COMPILE_ROUNDS = flags.DEFINE_integer("compile_rounds", 2,
-                                       "compiles of each setting with --compare_scan, alternating")
+                                       "compiles of each setting with --compare, alternating")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per round")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "timing rounds (alternating between the steps)")
 _PEER = flags.DEFINE_bool("peer", False, "also time PyTorch's MViT on the same step")
@@ -58,12 +66,32 @@ _THREADS = flags.DEFINE_integer("threads", None,
                                 "CPU threads of both sides (default: every core this process has)")
 
 
-def _scan_settings(config) -> list[bool]:
-  """The scan settings to build, the reported one first."""
-  if not isinstance(config, MViTConfig):
-    return [False]
-  main = config.scan_blocks if _SCAN.value is None else _SCAN.value
-  return [main, not main] if _COMPARE_SCAN.value else [main]
+def _setting(text: str) -> tuple[str, bool]:
+  """"looped+scan" -> ("looped", True); "unrolled" -> ("unrolled", False)."""
+  loop, plus, scan = text.partition("+")
+  if loop not in mvit.POOL_LOOPS or (plus and scan != "scan"):
+    raise app.UsageError(f"--compare setting {text!r}: want one of {mvit.POOL_LOOPS}, "
+                         "optionally followed by +scan")
+  return loop, bool(plus)
+
+
+def _name(setting: tuple[str, bool]) -> str:
+  return setting[0] + ("+scan" if setting[1] else "")
+
+
+def _settings(config) -> list[tuple[str, bool]]:
+  """The (pool_loop, scan_blocks) settings to build, the reported one first."""
+  if not isinstance(config, mvit.MViTConfig):
+    if _COMPARE.value:
+      raise app.UsageError(f"--compare needs an MViT config, not {_CONFIG.value}")
+    return [(mvit.POOL_LOOPS[0], False)]
+  main = (config.pool_loop if _POOL_LOOP.value is None else _POOL_LOOP.value,
+          config.scan_blocks if _SCAN.value is None else _SCAN.value)
+  settings = [main]
+  for text in _COMPARE.value:
+    if _setting(text) not in settings:
+      settings.append(_setting(text))
+  return settings
 
 
 def main() -> None:
@@ -77,20 +105,24 @@ def main() -> None:
   logging.info("compiling %s at batch %d, %dx%dx%d, %s on %s", _CONFIG.value, batch,
                config.num_frames, config.image_size, config.image_size, _DTYPE.value,
                device.device_kind)
-  settings = _scan_settings(config)
-  options = {s: speed.JaxOptions(_DTYPE.value, _REMAT.value, _ATTENTION.value, s)
+  settings = _settings(config)
+  if len(settings) > 1:  # every compile from scratch
+    jax.config.update("jax_enable_compilation_cache", False)
+  options = {s: speed.JaxOptions(_DTYPE.value, _REMAT.value, _ATTENTION.value, s[1], s[0])
              for s in settings}
-  compile_s: dict[bool, list[float]] = {s: [] for s in settings}
-  steps: dict[bool, speed.JaxStep] = {}
+  compile_s: dict[tuple[str, bool], list[tuple[float, float]]] = {s: [] for s in settings}
+  steps: dict[tuple[str, bool], speed.JaxStep] = {}
   for r in range(_COMPILE_ROUNDS.value if len(settings) > 1 else 1):
     for s in settings:
+      jax.clear_caches()
       step = speed.JaxStep(_CONFIG.value, config, video, labels, options[s],
                            forward_flops=s == settings[0] and r == 0)
-      compile_s[s].append(step.compile_s)
-      logging.info("scan_blocks=%s: compiled in %.1f s", s, step.compile_s)
+      compile_s[s].append((step.compile_s, step.compile_cpu_s))
+      logging.info("%s: compiled in %.1f s (%.1f CPU s)", _name(s), step.compile_s,
+                   step.compile_cpu_s)
       steps.setdefault(s, step)
   jax_step = steps[settings[0]]
-  timers = {f"jax_scan_{s}": steps[s] for s in settings}
+  timers = {f"jax_{_name(s)}": steps[s] for s in settings}
   for fn in timers.values():
     fn()  # warm-up
   peer = None
@@ -101,15 +133,17 @@ def main() -> None:
     peer()  # warm-up
     timers["peer"] = peer
   medians = speed.alternate(timers, _STEPS.value, _ROUNDS.value)
-  step_s = medians[f"jax_scan_{settings[0]}"]
+  step_s = medians[f"jax_{_name(settings[0])}"]
   achieved = jax_step.step_flops / step_s / 1e12
   peak = speed.peak_bf16_tflops(device.device_kind) if _DTYPE.value == "bfloat16" else None
+  best = {s: (min(w for w, _ in compile_s[s]), min(c for _, c in compile_s[s])) for s in settings}
   result = {
       "config": _CONFIG.value, "device_kind": device.device_kind, "platform": device.platform,
       "batch": batch, "frames": config.num_frames, "size": config.image_size,
       "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": _ATTENTION.value,
-      "scan_blocks": settings[0], "jax_threads": jax_threads,
-      "encoder_params": jax_step.num_params, "compile_s": round(min(compile_s[settings[0]]), 2),
+      "pool_loop": settings[0][0], "scan_blocks": settings[0][1], "jax_threads": jax_threads,
+      "encoder_params": jax_step.num_params, "compile_s": round(best[settings[0]][0], 2),
+      "compile_cpu_s": round(best[settings[0]][1], 2),
       "step_s": round(step_s, 4), "clips_per_s": round(batch / step_s, 3),
       "fwd_gflops_per_clip": round(jax_step.forward_flops / batch / 1e9, 3),
       "step_gflops_per_clip": round(jax_step.step_flops / batch / 1e9, 3),
@@ -117,15 +151,20 @@ def main() -> None:
       "peak_bf16_tflops": peak, "mfu": round(achieved / peak, 4) if peak else None,
   }
   if len(settings) > 1:
-    off, on = (min(compile_s[s]) for s in (False, True))
-    result["scan_compare"] = {
-        **{f"scan_{s}": {"compile_s": [round(c, 2) for c in compile_s[s]],
-                         "step_s": round(medians[f"jax_scan_{s}"], 4)} for s in settings},
-        "compile_speedup": round(off / on, 3),
-        "step_s_scanned_over_unscanned": round(medians["jax_scan_True"]
-                                               / medians["jax_scan_False"], 3)}
-    print(f"compile: unscanned {off:.1f} s, scanned {on:.1f} s ({off / on:.2f}x faster); step "
-          f"scanned/unscanned {result['scan_compare']['step_s_scanned_over_unscanned']:.3f}")
+    first = settings[0]
+    result["compare"] = {_name(s): {
+        "compile_s": [round(w, 2) for w, _ in compile_s[s]],
+        "compile_cpu_s": [round(c, 2) for _, c in compile_s[s]],
+        "step_s": round(medians[f"jax_{_name(s)}"], 4),
+        "compile_speedup": round(best[first][0] / best[s][0], 3),
+        "compile_cpu_speedup": round(best[first][1] / best[s][1], 3),
+        "step_s_over_first": round(medians[f"jax_{_name(s)}"] / step_s, 3)} for s in settings}
+    for s in settings[1:]:
+      row = result["compare"][_name(s)]
+      print(f"compile {_name(first)} {best[first][0]:.1f} s ({best[first][1]:.1f} CPU s), "
+            f"{_name(s)} {best[s][0]:.1f} s ({best[s][1]:.1f} CPU s): {row['compile_speedup']:.2f}x "
+            f"faster ({row['compile_cpu_speedup']:.2f}x CPU); step {_name(s)}/{_name(first)} "
+            f"{row['step_s_over_first']:.3f}")
   if peer is not None:
     peer_s = medians["peer"]
     result["peer"] = {**peer.describe(), "step_s": round(peer_s, 4),

@@ -100,19 +100,22 @@ class _Classifier(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class JaxOptions:
-  """How the JAX step is built: compute dtype, remat, attention, scanned block runs."""
+  """How the JAX step is built: compute dtype, remat, attention, scanned block runs, and how the
+  MViT's pooling windows visit their taps (`mvit.POOL_LOOPS`)."""
 
   dtype: str = "float32"
   remat: bool = False
   attention: str = "einsum"
   scan_blocks: bool = False
+  pool_loop: str = "auto"
 
 
 class JaxStep:
   """A compiled AdamW step of a named JAX encoder + head on a fixed batch.
 
   Attributes:
-    compile_s: seconds to lower and compile the step.
+    compile_s: seconds to lower and compile the step; compile_cpu_s the CPU seconds this process
+      spent on it (all threads; less sensitive than wall time to other work on the machine).
     step_flops, forward_flops: XLA's FLOPs of the step and of the forward (0 unless asked for).
     num_params: encoder parameters.
     temp_bytes, state_bytes: XLA's memory analysis of the compiled step (see `largest_batch`).
@@ -122,7 +125,7 @@ class JaxStep:
                options: JaxOptions, *, forward_flops: bool = True):
     overrides = dict(num_frames=config.num_frames, image_size=config.image_size)
     if isinstance(config, MViTConfig):
-      overrides["scan_blocks"] = options.scan_blocks
+      overrides.update(scan_blocks=options.scan_blocks, pool_loop=options.pool_loop)
     encoder = registry.video_encoder(name, dtype=options.dtype, remat=options.remat,
                                      attention_impl=options.attention, **overrides)
     self.model = _Classifier(encoder)
@@ -133,10 +136,11 @@ class JaxStep:
     self.num_params = sum(x.size for x in jax.tree.leaves(params["encoder"]))
     self.tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     self.state = (params, self.tx.init(params))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     self.compiled = jax.jit(self._step, donate_argnums=0).lower(self.state, self.video,
                                                                 self.labels).compile()
     self.compile_s = time.perf_counter() - start
+    self.compile_cpu_s = time.process_time() - start_cpu
     self.step_flops = flops(self.compiled)
     memory = self.compiled.memory_analysis()
     # Device bytes of the step: temporaries (activations; ~ proportional to the batch) and the
