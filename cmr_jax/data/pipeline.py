@@ -26,7 +26,10 @@ contrast (one lookup table per clip); for pre-training a random cardiac phase sh
 periodic). Eval: a centred crop of `eval_crop_fraction` of the stored side, first phase at frame
 0. Scale, shift and flip are separable matrix products (antialiased, ~1 ms per 16x112x112 clip);
 rotation needs a general warp (scipy.ndimage.affine_transform, ~20 ms per clip on a 2-core
-shared CPU), so it is off by default.
+shared CPU), so it is off by default. Pre-training reads a study's header and only the cines it
+uses where the split has per-cine shards (`records.StudySource.study_cines`); with
+`augment_on_device` its training batches hold the stored cines and their clip parameters, and
+the jitted step makes the clips (`device_augment`), the same draws as on the host.
 """
 
 from __future__ import annotations
