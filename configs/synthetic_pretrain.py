@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pixels (cmr_jax/data/device_augment.py), which moves every trained figure.
   c.data = dict(dir="runs/synthetic", train_split="archive", eval_split="archive_val",
                 image_size=32, num_frames=16, bag_size=6, worker_count=0,
-                augment_on_device=False, read_threads=2, prefetch_buffer_size=4)
+                augment_on_device=False, read_threads=2, prefetch_buffer_size=4,
+                eval_worker_count=0)
   c.model = dict(video=VIDEO, text=TEXT, embed_dim=128, dtype="float32", remat=False,
                  two_clips=False, video_overrides=VIDEO_OVERRIDES, text_overrides={},
                  init_temperature=0.2)

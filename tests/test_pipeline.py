@@ -244,6 +244,13 @@ def test_worker_processes_match_and_resume(source, tok, absl_flags_parsed):
   _assert_batches_equal(_take(resumed, 2), in_process[2:])
 
 
+def test_eval_pass_with_worker_processes_equals_the_in_process_pass(source, tok,
+                                                                    absl_flags_parsed):
+  # Finite, padded passes (config.data.eval_worker_count): same batches, same order.
+  _assert_batches_equal(list(_finetune(source, train=False, worker_count=2)),
+                        list(_finetune(source, train=False)))
+
+
 def test_clip_known_answers():
   rng = np.random.default_rng(0)
   frames = rng.integers(0, 256, (8, 20, 20), dtype=np.uint8)
