@@ -42,6 +42,14 @@ def _gather(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def eval_input_options(data: ml_collections.ConfigDict) -> dict[str, int]:
+  """Worker processes, read threads and prefetch of evaluation passes (config.data's
+  eval_worker_count, read_threads, prefetch_buffer_size; configs without them: 0, 2, 4)."""
+  return {"worker_count": data.get("eval_worker_count", 0),
+          "read_threads": data.get("read_threads", 2),
+          "prefetch_buffer_size": data.get("prefetch_buffer_size", 4)}
+
+
 def eval_dataset(source, config: ml_collections.ConfigDict, tta_sample: int = 0):
   """One pass over every study of `source` in this process's shard: deterministic (0), or
   seeded by `tta_sample` > 0 with the training augmentation."""
@@ -51,7 +59,7 @@ def eval_dataset(source, config: ml_collections.ConfigDict, tta_sample: int = 0)
       batch_size=sharding.per_process_batch(config.eval_batch_size),
       max_instances=d.max_instances, seed=tta_sample, train=False,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      eval_augment=tta_sample > 0)
+      eval_augment=tta_sample > 0, **eval_input_options(d))
 
 
 def make_predict_fn(model):
@@ -389,7 +397,8 @@ def embed_split(embed_fn, params, source, config, tok,
       batch_size=sharding.per_process_batch(config.eval_batch_size), tokenizer=tok,
       max_text_len=config.text.max_len, seed=0, train=False,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      two_clips=config.model.two_clips, max_sentences=config.text.max_sentences)
+      two_clips=config.model.two_clips, max_sentences=config.text.max_sentences,
+      **eval_input_options(d))
   video, paired = [], []
   for batch in sharding.global_batches(iter(ds), mesh):
     a, b = embed_fn(params, batch)

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.feature_cache = dict(passes=0)
   c.data = dict(dir=f"/path/to/{name}_records", train_split="train", eval_split="val",
                 image_size=224, num_frames=16, max_instances=s["max_instances"],
-                label_fraction=1.0, worker_count=8)
+                label_fraction=1.0, worker_count=8, eval_worker_count=8)
   # head "paper": the reference implementation's head (cmr_jax/models/heads.py).
   c.model = dict(video="mvit_b_16x4", embed_dim=512, head="paper", dtype="bfloat16", remat=True,
                  video_overrides={})

@@ -32,8 +32,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The pre-training archive: studies of subjects that fine-tuning and scoring never use (the
   # paper pre-trained on institutional archives and fine-tuned on UK Biobank). bag_size None:
   # clips drawn from every cine of a study.
+  # The host reads one cine per clip and hands it over as stored; the jitted step makes the
+  # clip (augment_on_device; README "Input pipeline throughput" gives the host cores it saves).
   c.data = dict(dir="/path/to/archive_records", train_split="train", eval_split="val",
-                image_size=224, num_frames=16, bag_size=None, worker_count=8)
+                image_size=224, num_frames=16, bag_size=None, worker_count=8,
+                augment_on_device=True, read_threads=8, prefetch_buffer_size=16,
+                eval_worker_count=8)
   c.model = dict(video="mvit_b_16x4", text="bert_base", embed_dim=512, dtype="bfloat16",
                  remat=True, two_clips=False, video_overrides={},
                  # The paper's text tower: PubMedBERT's pooled [CLS]; CLIP's temperature start.

@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = _load("synthetic_pretrain", "smoke")
   c.data.image_size, c.data.num_frames = IMAGE_SIZE, NUM_FRAMES
   c.data.train_split, c.data.eval_split = "train", "val"  # its data have no archive split
+  c.data.augment_on_device = True  # clips made in the sharded step: 2 processes equal 1 too
   c.model.video = "mvit_tiny"  # the multi-host path of the real-size encoder family
   c.model.video_overrides = dict(VIDEO_OVERRIDES)
   c.model.embed_dim = 32

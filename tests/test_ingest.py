@@ -36,6 +36,12 @@ def _all_records(output: str) -> dict[str, types.StudyRecord]:
   for split in records.read_dataset_info(output)["splits"]:
     source = records.open_split(output, split)
     out.update((r.study_id, r) for r in (source[i] for i in range(len(source))))
+    assert source.has_cine_shards  # the parts' per-cine shards, listed in the catalogue
+    for i in range(len(source)):
+      study = source.study_cines(i)
+      assert study.record.study_id == source.metadata[i]["study_id"]
+      for k in range(study.record.num_cines):
+        np.testing.assert_array_equal(study.cine(k), out[study.record.study_id].frames[k])
   return out
 
 

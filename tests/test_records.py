@@ -82,9 +82,12 @@ def test_build_skips_bad_items_and_duplicates_and_reads_back(tmp_path):
   expected_lvef = conftest.fake_study(0, 0).lvef
   assert info["label_stats"]["train"]["lvef"] == {"n": 1, "mean": expected_lvef, "sd": None}
   assert info["skipped"] == summary.skipped and info["duplicates"] == summary.duplicates
+  assert info["splits"]["train"]["cine_files"] == [
+      "train.cines.array_record-00000-of-00002", "train.cines.array_record-00001-of-00002"]
   assert sorted(os.listdir(tmp_path)) == sorted(
       [records.DATASET_INFO, "train.index.json", "external.index.json"]
-      + info["splits"]["train"]["files"] + info["splits"]["external"]["files"])
+      + [f for split in ("train", "external") for key in ("files", "cine_files")
+         for f in info["splits"][split][key]])
 
   train = records.open_split(str(tmp_path), "train")
   assert len(train) == 2
@@ -126,7 +129,35 @@ def test_rebuild_replaces_previous_dataset(tmp_path):
   records.build_dataset(items, str(tmp_path), cfg=CFG, split_fn=_split_by_name, num_shards=2)
   records.build_dataset(items[:2], str(tmp_path), cfg=CFG, split_fn=lambda r: "test")
   assert sorted(os.listdir(tmp_path)) == sorted(
-      [records.DATASET_INFO, "test.index.json", "test.array_record-00000-of-00001"])
+      [records.DATASET_INFO, "test.index.json", "test.array_record-00000-of-00001",
+       "test.cines.array_record-00000-of-00001"])
+
+
+def test_study_cines_reads_single_cines_equal_to_the_whole_record(tmp_path):
+  with_cines, without = tmp_path / "with", tmp_path / "without"
+  records.build_dataset(_items(), str(with_cines), cfg=CFG, split_fn=_split_by_name,
+                        num_shards=2)
+  records.build_dataset(_items(), str(without), cfg=CFG, split_fn=_split_by_name, num_shards=2,
+                        cine_shards=False)
+  assert "cine_files" not in records.read_dataset_info(str(without))["splits"]["train"]
+  for split in ("train", "external"):
+    fast, whole = (records.open_split(str(d), split) for d in (with_cines, without))
+    assert fast.has_cine_shards and not whole.has_cine_shards
+    for i in range(len(fast)):
+      record = whole[i]
+      for study in (fast.study_cines(i), whole.study_cines(i)):
+        assert study.record.num_cines == record.num_cines
+        assert study.record.report == record.report and study.record.views == record.views
+        for k in range(record.num_cines):
+          np.testing.assert_array_equal(study.cine(k), record.frames[k])
+  path = with_cines / "train.cines.array_record-00000-of-00002"  # study 0 of train only
+  data = bytearray(path.read_bytes())
+  data[20000:40000] = bytes(b ^ 0xFF for b in data[20000:40000])  # its cines (8 KB each)
+  path.write_bytes(bytes(data))
+  study = records.open_split(str(with_cines), "train").study_cines(0)
+  with pytest.raises(records.CorruptRecordError, match=r"cine \d+ of study 0 of split train"):
+    for k in range(study.record.num_cines):
+      study.cine(k)
 
 
 def test_corrupt_bytes_name_the_record_and_file(tmp_path):

@@ -43,6 +43,7 @@ def vocab(data_dir, tmp_path_factory):
 def pretrain_config(data_dir: str, vocab: str):
   c = sweep_testlib.pretrain_config(data_dir, vocab)
   c.loss.variance_weight = 0.5  # the resume tests cover the variance floor's path too
+  c.data.augment_on_device = True  # and clips made in the jitted step
   return c
 
 

@@ -13,8 +13,9 @@ Phases, each written to --out as soon as it ends (a run cut short keeps what it 
      bfloat16 autocast; eager if compilation fails, with the reason) at the best JAX batch (halved
      on out-of-memory), and the JAX/peer clips/s ratio.
   3. input: the pre-training input pipeline (grain, --workers processes) on a temporary set of
-     phantom studies at the model's clip size: clips/s of this host against what the best step
-     consumes per host (the ratio should exceed 1).
+     phantom studies at the model's clip size, handing stored cines to the step as
+     mvit_b_pretrain does (augment_on_device; also timed with clips made on the host): clips/s
+     of this host against what the best step consumes per host (the ratio should exceed 1).
 Phases 1 and 2 run in child processes of this program, so that JAX and PyTorch never hold the
 accelerator's memory at once. A phase that would start after --budget_s is skipped and says so.
 """
@@ -172,17 +173,22 @@ def input_phase(s: dict[str, Any], config, consumed_clips_per_s: float) -> dict[
                           num_workers=min(s["workers"], 4))
     source = records.open_split(data_dir, "train")
     tok = tokenizer.train_tokenizer([source[i].report for i in range(len(source))], 512)
-    dataset = pipeline.pretrain_dataset(
-        source, tokenizer=tok, max_text_len=64, worker_count=s["workers"], seed=0,
-        image_size=config.image_size, num_frames=config.num_frames, batch_size=s["input_batch"])
-    it = iter(dataset)
-    next(it)  # worker start-up
-    start = time.perf_counter()
-    for _ in range(s["input_batches"]):
-      next(it)
-    clips = s["input_batches"] * s["input_batch"] / (time.perf_counter() - start)
+    rates = {}
+    for on_device in (True, False):  # mvit_b_pretrain's path (clips made in the step), the host's
+      dataset = pipeline.pretrain_dataset(
+          source, tokenizer=tok, max_text_len=64, worker_count=s["workers"], seed=0,
+          image_size=config.image_size, num_frames=config.num_frames,
+          batch_size=s["input_batch"], augment_on_device=on_device)
+      it = iter(dataset)
+      next(it)  # worker start-up
+      start = time.perf_counter()
+      for _ in range(s["input_batches"]):
+        next(it)
+      rates[on_device] = s["input_batches"] * s["input_batch"] / (time.perf_counter() - start)
+  clips = rates[True]
   return {"workers": s["workers"], "studies": s["studies"], "batch": s["input_batch"],
-          "clips_per_s_per_host": round(clips, 2),
+          "augment_on_device": True, "clips_per_s_per_host": round(clips, 2),
+          "host_augment_clips_per_s_per_host": round(rates[False], 2),
           "step_clips_per_s_per_host": round(consumed_clips_per_s, 3),
           "input_over_consumption": round(clips / consumed_clips_per_s, 3)}
 

@@ -26,7 +26,10 @@ contrast (one lookup table per clip); for pre-training a random cardiac phase sh
 periodic). Eval: a centred crop of `eval_crop_fraction` of the stored side, first phase at frame
 0. Scale, shift and flip are separable matrix products (antialiased, ~1 ms per 16x112x112 clip);
 rotation needs a general warp (scipy.ndimage.affine_transform, ~20 ms per clip on a 2-core
-shared CPU), so it is off by default.
+shared CPU), so it is off by default. Pre-training reads a study's header and only the cines it
+uses where the split has per-cine shards (`records.StudySource.study_cines`); with
+`augment_on_device` its training batches hold the stored cines and their clip parameters, and
+the jitted step makes the clips (`device_augment`), the same draws as on the host.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import grain
 import numpy as np
 import scipy.ndimage
 
+from cmr_jax.data import device_augment
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.data import splits
@@ -149,6 +153,36 @@ def _intensity_lut(clip: np.ndarray, gamma: float, contrast: float) -> np.ndarra
 
 
 @dataclasses.dataclass(frozen=True)
+class ClipParams:
+  """One clip's transform: what `ClipMaker.draw` draws (or the eval crop, without intensity).
+
+  Attributes:
+    phase: first output phase, as a fraction of the cycle.
+    side: crop side in stored pixels.
+    center: crop centre (row, column) in stored pixels.
+    flip: left-right flip.
+    angle: rotation in radians.
+    gamma: intensity gamma; None: no intensity table (eval).
+    contrast: contrast factor about the clip mean (with gamma).
+  """
+
+  phase: float
+  side: float
+  center: tuple[float, float]
+  flip: bool
+  angle: float
+  gamma: float | None = None
+  contrast: float = 1.0
+
+  def vector(self) -> np.ndarray:
+    """float32 [device_augment.NUM_PARAMS], in `device_augment.PARAM_NAMES` order."""
+    if self.angle != 0.0 or self.gamma is None:
+      raise ValueError("the device transform takes train clips without rotation only")
+    return np.array([self.phase, self.side, *self.center, float(self.flip), self.gamma,
+                     self.contrast], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
 class ClipMaker:
   """Turns one stored cine into a model clip, randomly at train, deterministically at eval."""
 
@@ -158,59 +192,79 @@ class ClipMaker:
 
   def __call__(self, frames: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """frames: uint8 [T0, S, S] -> uint8 [num_frames, image_size, image_size]."""
-    stored_frames, stored, _ = frames.shape
+    return self.render(frames, self.draw(frames.shape[-1], rng))
+
+  def draw(self, stored: int, rng: np.random.Generator | None) -> ClipParams:
+    """A clip's parameters for a stored side: random with rng, else the eval crop."""
     aug = self.augment
     mid = (stored - 1) / 2.0
-    phase, flip, angle = 0.0, False, 0.0
-    side = aug.eval_crop_fraction * stored
-    center = (mid, mid)
-    if rng is not None:
-      side = rng.uniform(*aug.scale_range) * stored
-      center = tuple(mid + rng.uniform(-aug.max_shift, aug.max_shift, 2) * stored)
-      flip = bool(rng.random() < aug.flip_prob)
-      angle = math.radians(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
-      phase = rng.random() if aug.random_phase else 0.0
-    identity = (stored_frames == self.num_frames and phase == 0.0 and stored == self.image_size
-                and side == stored and not flip and angle == 0.0)
+    if rng is None:
+      return ClipParams(0.0, aug.eval_crop_fraction * stored, (mid, mid), False, 0.0)
+    side = rng.uniform(*aug.scale_range) * stored
+    center = tuple(mid + rng.uniform(-aug.max_shift, aug.max_shift, 2) * stored)
+    flip = bool(rng.random() < aug.flip_prob)
+    angle = math.radians(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
+    phase = rng.random() if aug.random_phase else 0.0
+    gamma = math.exp(rng.uniform(*np.log(aug.gamma_range)))
+    return ClipParams(phase, side, center, flip, angle, gamma, rng.uniform(*aug.contrast_range))
+
+  def render(self, frames: np.ndarray, p: ClipParams) -> np.ndarray:
+    """The clip of frames uint8 [T0, S, S] under p, on the host."""
+    stored_frames, stored, _ = frames.shape
+    identity = (stored_frames == self.num_frames and p.phase == 0.0 and stored == self.image_size
+                and p.side == stored and not p.flip and p.angle == 0.0)
     if identity:
       clip = np.asarray(frames)
     else:
-      weights = preprocess.cycle_matrix(stored_frames, self.num_frames, phase=phase)
+      weights = preprocess.cycle_matrix(stored_frames, self.num_frames, phase=p.phase)
       x = preprocess.apply_along_first(weights, frames.astype(np.float32))  # [T, S, S]
-      if angle == 0.0:
+      if p.angle == 0.0:
         x = preprocess.resample_frames(
-            x, *_crop_matrices(stored, self.image_size, side, center, flip))
+            x, *_crop_matrices(stored, self.image_size, p.side, p.center, p.flip))
       else:
-        x = _rotated_crop(x, self.image_size, side, center, flip, angle)
+        x = _rotated_crop(x, self.image_size, p.side, p.center, p.flip, p.angle)
       clip = np.rint(np.clip(x, 0.0, 255.0)).astype(np.uint8)
-    if rng is not None:
-      gamma = math.exp(rng.uniform(*np.log(aug.gamma_range)))
-      clip = _intensity_lut(clip, gamma, rng.uniform(*aug.contrast_range))[clip]
+    if p.gamma is not None:
+      clip = _intensity_lut(clip, p.gamma, p.contrast)[clip]
     return clip
 
 
 @dataclasses.dataclass(frozen=True)
 class _IndexedSource:
-  """Studies at `indices` of a source (PAD_INDEX: a padding slot): (index, record or None)."""
+  """Studies at `indices` of a source (PAD_INDEX: a padding slot): (index, record or None);
+  with `cines`, (index, `records.StudyCines` or None), read a cine at a time where the source
+  has per-cine shards (`records.StudySource.study_cines`)."""
 
   source: Source
   indices: tuple[int, ...]
+  cines: bool = False
 
   def __len__(self) -> int:
     return len(self.indices)
 
-  def __getitem__(self, i: int) -> tuple[int, types.StudyRecord | None]:
+  def __getitem__(self, i: int) -> tuple[int, Any]:
     index = self.indices[i]
-    return index, (None if index == PAD_INDEX else self.source[index])
+    if index == PAD_INDEX:
+      return index, None
+    if not self.cines:
+      return index, self.source[index]
+    if hasattr(self.source, "study_cines"):
+      return index, self.source.study_cines(index)
+    record = self.source[index]
+    return index, records.StudyCines(record, lambda k: record.frames[k])
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainExample:
-  """(index, record) -> pre-training example: one random cine (two with two_clips) + report.
+  """(index, `records.StudyCines`) -> pre-training example: one random cine (two with
+  two_clips) + report.
 
   The cine is drawn from the study's fine-tuning bag (`bag_indices` with `bag_size`) when
   `bag_size` is set, else from all its cines. Without a tokenizer (the video-video variant) the
-  example has no text fields.
+  example has no text fields. With `augment_on_device` a training example holds the stored cine,
+  uint8 [T0, S, S], and its clip parameters, float32 [device_augment.NUM_PARAMS] in
+  "video_augment" ("video2_augment"): the training step makes the clip
+  (`device_augment.augment_batch`); the random draws are those of the host transform.
   """
 
   clips: ClipMaker
@@ -219,13 +273,16 @@ class PretrainExample:
   max_sentences: int | None
   two_clips: bool
   bag_size: int | None = None
+  augment_on_device: bool = False
 
-  def __call__(self, element: tuple[int, types.StudyRecord | None],
+  def __call__(self, element: tuple[int, records.StudyCines | None],
                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    index, record = element
+    index, study = element
+    record = None if study is None else study.record
     count = 2 if self.two_clips else 1
     shape = (self.clips.num_frames, self.clips.image_size, self.clips.image_size)
     example = {"study_index": np.int32(index), "valid": np.bool_(record is not None)}
+    names = ["video", "video2"][:count]
     if record is None:
       videos = [np.zeros(shape, np.uint8)] * count
     else:
@@ -236,10 +293,15 @@ class PretrainExample:
       else:  # fixed: the first cines in bag order (4CH first when present)
         order = bag_indices(record.views, record.slice_index, record.num_cines)
         picks = [order[k % len(order)] for k in range(count)]
-      videos = [self.clips(record.frames[i], rng) for i in picks]
-    example["video"] = videos[0]
-    if self.two_clips:
-      example["video2"] = videos[1]
+      cines = [study.cine(int(i)) for i in picks]
+      params = [self.clips.draw(cine.shape[-1], rng) for cine in cines]
+      if self.augment_on_device and rng is not None:
+        for name, cine, p in zip(names, cines, params):
+          example[name + device_augment.AUGMENT_SUFFIX] = p.vector()
+        videos = cines
+      else:
+        videos = [self.clips.render(cine, p) for cine, p in zip(cines, params)]
+    example.update(zip(names, videos))
     if self.tokenizer is not None:
       if record is None:
         ids = np.full((1, self.max_text_len), self.tokenizer.pad_id, np.int32)
@@ -335,8 +397,8 @@ def _shard_indices(keep: list[int], *, train: bool, batch_size: int, shard_index
 def _dataset(source: Source, indices: tuple[int, ...], example_fn: Any, *, batch_size: int,
              seed: int, train: bool, num_epochs: int | None, worker_count: int,
              read_threads: int, prefetch_buffer_size: int,
-             eval_augment: bool = False) -> grain.IterDataset:
-  ds = grain.MapDataset.source(_IndexedSource(source, indices)).seed(seed)
+             eval_augment: bool = False, cines: bool = False) -> grain.IterDataset:
+  ds = grain.MapDataset.source(_IndexedSource(source, indices, cines)).seed(seed)
   if train:
     ds = ds.shuffle().repeat(num_epochs).random_map(example_fn)
   elif eval_augment:
@@ -358,7 +420,8 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
                      two_clips: bool = False, max_sentences: int | None = None,
                      bag_size: int | None = None,
                      augment: AugmentConfig = AugmentConfig(), read_threads: int = 2,
-                     prefetch_buffer_size: int = 4) -> grain.IterDataset:
+                     prefetch_buffer_size: int = 4,
+                     augment_on_device: bool = False) -> grain.IterDataset:
   """Video-report pairs for contrastive pre-training (studies with a report).
 
   Args:
@@ -385,10 +448,17 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
     augment: augmentation settings.
     read_threads: threads per process applying the per-study transform.
     prefetch_buffer_size: examples read ahead per process.
+    augment_on_device: at train, batches hold the stored cines, uint8 [B, T0, S, S], and their
+      clip parameters ("video_augment", float32 [B, device_augment.NUM_PARAMS]; likewise
+      video2): `device_augment.augment_batch` in the training step makes the clips (the same
+      random draws as the host transform). Not with rotation.
 
   Returns:
     An IterDataset of batches (see the module docstring).
   """
+  if augment_on_device and augment.max_rotation_deg > 0:
+    raise ValueError("augment_on_device does not rotate: set max_rotation_deg=0 or augment on "
+                     "the host (augment_on_device=False)")
   if tokenizer is None and not two_clips:
     raise ValueError("pre-training needs a tokenizer (video-text) or two_clips=True (video-video)")
   what = f"pre-training {'train' if train else 'eval'} data"
@@ -397,11 +467,11 @@ def pretrain_dataset(source: Source, *, image_size: int, num_frames: int, batch_
   indices = _shard_indices(keep, train=train, batch_size=batch_size, shard_index=shard_index,
                            shard_count=shard_count)
   example = PretrainExample(ClipMaker(image_size, num_frames, augment), tokenizer, max_text_len,
-                            max_sentences, two_clips, bag_size)
+                            max_sentences, two_clips, bag_size, augment_on_device)
   return _dataset(source, indices, example, batch_size=batch_size,
                   seed=_shard_seed(seed, shard_index), train=train, num_epochs=num_epochs,
                   worker_count=worker_count, read_threads=read_threads,
-                  prefetch_buffer_size=prefetch_buffer_size)
+                  prefetch_buffer_size=prefetch_buffer_size, cines=True)
 
 
 def finetune_dataset(source: Source, *, image_size: int, num_frames: int, batch_size: int,

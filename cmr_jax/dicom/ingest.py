@@ -247,6 +247,7 @@ class Shard:
   split: str
   path: str  # relative to the dataset folder
   index: list[dict]  # `records.record_metadata` of its records, in file order
+  cine_path: str | None = None  # its per-cine shard (`records.CINE_SHARD_PATTERN`), if written
 
 
 def write_catalogue(output: str, shards: Sequence[Shard], cfg: preprocess.PreprocessConfig, *,
@@ -281,6 +282,8 @@ def write_catalogue(output: str, shards: Sequence[Shard], cfg: preprocess.Prepro
         "sites": dict(sorted(collections.Counter(m["site"] for m in index).items())),
         "subjects": len({m["subject_id"] for m in index}),
         "labelled": sum(m["lvef"] is not None for m in index)}
+    if all(s.cine_path for s in by_split[split]):  # pre-training reads single cines
+      splits_info[split]["cine_files"] = [s.cine_path for s in by_split[split]]
     label_stats[split] = records.label_stats(index)
     for m in index:
       if m["checksum"] in first_of_checksum:
@@ -313,8 +316,10 @@ def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.Prepr
     for split, split_info in info["splits"].items():
       metadata = records.load_index(part, split)
       starts = np.cumsum([0] + split_info["shard_lengths"])
-      shards += [Shard(split, os.path.join(rel, name), metadata[starts[i]:starts[i + 1]])
-                 for i, name in enumerate(split_info["files"])]
+      cine_files = split_info.get("cine_files", [None] * len(split_info["files"]))
+      shards += [Shard(split, os.path.join(rel, name), metadata[starts[i]:starts[i + 1]],
+                       cine and os.path.join(rel, cine))
+                 for i, (name, cine) in enumerate(zip(split_info["files"], cine_files))]
   return write_catalogue(
       output, shards, cfg, num_items=num_items, skipped=skipped, skipped_cines=skipped_cines,
       duplicates=duplicates, extra={"parts": [PART_NAME.format(index=i) for i in part_indices],

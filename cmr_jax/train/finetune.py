@@ -172,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch_size=sharding.per_process_batch(config.batch_size), max_instances=d.max_instances,
       seed=config.seed, train=True, shard_index=jax.process_index(),
       shard_count=jax.process_count(), worker_count=d.worker_count,
-      label_fraction=d.label_fraction, num_epochs=passes or None)
+      label_fraction=d.label_fraction, num_epochs=passes or None,
+      read_threads=d.get("read_threads", 2), prefetch_buffer_size=d.get("prefetch_buffer_size", 4))
   val_source = records.open_split(d.dir, d.eval_split)
   # With cached features the batches are a function of the step (feature_cache.batch_at) and
   # no iterator state is checkpointed; the feed is built from the (restored) frozen encoder.

@@ -12,10 +12,11 @@ to log, evaluate or save (`common.PendingMetrics`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from cmr_jax.convert import converted
+from cmr_jax.data import device_augment
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
@@ -108,8 +110,12 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return tokenizer_lib.load_tokenizer(saved)
 
 
-def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
+def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0,
+                    augment: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None):
   """(state, batch, base_key) -> (state, metrics): one InfoNCE step over the global batch.
+
+  `augment` (e.g. `device_augment.augment_batch`) first turns the batch's stored cines and clip
+  parameters into clips, on the devices (config.data.augment_on_device).
 
   `spread_a`, `spread_b` (`losses.variance_floor`'s spread of each tower's embeddings across the
   batch: about 1 when spread, 0 when collapsed) are always reported; variance_weight > 0 adds the
@@ -119,6 +125,8 @@ def make_train_step(model, tx, two_clips: bool, variance_weight: float = 0.0):
 
   def train_step(state: common.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
     rng = common.step_key(base_key, state.step)
+    if augment is not None:
+      batch = augment(batch)
 
     def loss_fn(params):
       emb_a, emb_b, log_scale = model.apply({"params": params},
@@ -185,13 +193,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = registry.pretrain_model(config, None if tok is None else tok.vocab_size)
 
   d = config.data
+  # Configs written before this field make their clips on the host, as their runs did.
+  on_device = d.get("augment_on_device", False)
   batch = sharding.per_process_batch(config.batch_size)
   train_ds = pipeline.pretrain_dataset(
       train_source, image_size=d.image_size, num_frames=d.num_frames, batch_size=batch,
       tokenizer=tok, max_text_len=config.text.max_len, seed=config.seed, train=True,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       worker_count=d.worker_count, two_clips=two_clips, max_sentences=config.text.max_sentences,
-      bag_size=d.get("bag_size"))
+      bag_size=d.get("bag_size"), read_threads=d.get("read_threads", 2),
+      prefetch_buffer_size=d.get("prefetch_buffer_size", 4), augment_on_device=on_device)
   data_iter = iter(train_ds)
 
   init_params = registry.pretrain_init_fn(model, config)
@@ -208,8 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   base_key = jax.random.key(config.seed + 1)
   batch_sh = sharding.batch_sharding(mesh, config.batch_size)
   with sharding.mesh_rules(mesh):
+    augment = (functools.partial(device_augment.augment_batch, image_size=d.image_size,
+                                 num_frames=d.num_frames) if on_device else None)
     train_step = jax.jit(make_train_step(model, tx, two_clips,
-                                         config.get("loss", {}).get("variance_weight", 0.0)),
+                                         config.get("loss", {}).get("variance_weight", 0.0),
+                                         augment),
                          in_shardings=(state_shardings, batch_sh, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     embed_fn = jax.jit(inference.make_embed_fn(model, two_clips))
