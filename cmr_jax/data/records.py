@@ -20,6 +20,11 @@ busy machine) uncompressed gave 335/s, snappy 112/s at 0.63 of the size, zstd:1 
 uncompressed is the default, `writer_options` trades read speed for disk. Riegeli's per-chunk
 hashes catch corrupted bytes on read; such errors are re-raised naming the split, record index,
 shard file and position.
+
+A dataset folder may be a gs:// (s3://) URL: dataset_info.json and the indices are read from it
+directly, but array_record reads local files only, so `StudySource` stages the shards of a split
+it opens into this host's cache folder (`files.local_copy`, $CMR_JAX_CACHE_DIR). Building writes
+a local folder (copy it to the bucket afterwards).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import collections
 import collections.abc
 import concurrent.futures
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -42,6 +46,7 @@ from flax import serialization
 import grain
 import numpy as np
 
+from cmr_jax import files
 from cmr_jax.data import building
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
@@ -232,8 +237,7 @@ class _SplitWriter:
 
 
 def _write_json(path: str, value: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(value, f, indent=1, allow_nan=False)
+  files.write_json(path, value, indent=1, allow_nan=False)
 
 
 def label_stats(index: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,6 +288,9 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
   """
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+  if files.is_url(out_dir):
+    raise ValueError(f"{out_dir}: datasets are built in a local folder; copy it to the bucket "
+                     "afterwards (e.g. gcloud storage cp -r)")
   build_items = as_build_items(items)
   os.makedirs(out_dir, exist_ok=True)
   staging = os.path.join(out_dir, f".incomplete-{os.getpid()}")
@@ -358,18 +365,16 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
 
 
 def read_dataset_info(data_dir: str) -> dict[str, Any]:
-  """Reads `dataset_info.json` of a dataset directory."""
-  path = os.path.join(data_dir, DATASET_INFO)
-  if not os.path.exists(path):
+  """Reads `dataset_info.json` of a dataset directory (a local folder or a URL)."""
+  path = files.join(data_dir, DATASET_INFO)
+  if not files.exists(path):
     raise FileNotFoundError(f"{path} not found: {data_dir} is not a built dataset")
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def load_index(data_dir: str, split: str) -> list[dict[str, Any]]:
   """Reads the per-record metadata of a split, in read order."""
-  with open(os.path.join(data_dir, split + INDEX_SUFFIX)) as f:
-    return json.load(f)
+  return files.read_json(files.join(data_dir, split + INDEX_SUFFIX))
 
 
 class StudySource(grain.sources.RandomAccessDataSource):
@@ -385,9 +390,10 @@ class StudySource(grain.sources.RandomAccessDataSource):
       raise KeyError(f"split {split!r} not in {data_dir}; it has {sorted(info['splits'])}")
     split_info = info["splits"][split]
     self._split = split
-    self._paths = [os.path.join(data_dir, f) for f in split_info["files"]]
+    self._paths = [files.join(data_dir, f) for f in split_info["files"]]
     self._starts = np.cumsum([0] + split_info["shard_lengths"])  # [num_shards + 1]
-    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    # array_record opens local files only: shards at a URL are staged on this host first.
+    self._source = grain.sources.ArrayRecordDataSource([files.local_copy(p) for p in self._paths])
     self.metadata = load_index(data_dir, split)
     if not len(self._source) == len(self.metadata) == self._starts[-1]:
       raise ValueError(f"split {split} of {data_dir}: shards hold {len(self._source)} records, "
