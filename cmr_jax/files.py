@@ -176,6 +176,16 @@ def copy(src: str, dst: str) -> None:
     shutil.copyfileobj(fin, fout, _COPY_CHUNK)
 
 
+def copy_tree(src: str, dst: str) -> None:
+  """Copies the files under the local folder `src` to the folder (or URL) `dst`."""
+  for folder, _, names in os.walk(src):
+    rel = os.path.relpath(folder, src)
+    target = dst if rel == "." else join(dst, *rel.split(os.sep))
+    makedirs(target)
+    for name in names:
+      copy(os.path.join(folder, name), join(target, name))
+
+
 def cache_dir() -> str:
   """This host's folder for staged remote files: $CMR_JAX_CACHE_DIR or ~/.cache/cmr_jax/shards."""
   return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "cmr_jax",
