@@ -7,12 +7,13 @@ abstract target (`jax.ShapeDtypeStruct(..., sharding=...)`) so a run resumes on 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from cmr_jax import files
 
 STATE = "state"
 DATA = "data"
@@ -31,11 +32,15 @@ def _register_array_handler() -> None:
 
 
 class Checkpointer:
-  """Saves/restores `{state, data iterator}` under `directory` (local or shared storage)."""
+  """Saves/restores `{state, data iterator}` under `directory`: a local or shared folder, or a
+  gs:// (s3://) URL, which orbax writes directly (tensorstore for arrays, etils.epath for the
+  rest)."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, keep_period: int | None = None,
                async_save: bool = True, best_metric: str | None = None, best_mode: str = "min"):
-    directory = os.path.abspath(directory) if "://" not in directory else directory
+    directory = files.abspath(directory)
+    if files.is_url(directory):
+      files.makedirs(directory)  # also checks the scheme and its package, in one line
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, keep_period=keep_period, create=True,
         enable_async_checkpointing=async_save,
@@ -57,7 +62,7 @@ class Checkpointer:
     """Whether checkpoint `step` holds this process's input position for this process count
     (False when a run of another host count wrote it)."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    return os.path.exists(os.path.join(self.directory, str(step), DATA, name))
+    return files.exists(files.join(self.directory, str(step), DATA, name))
 
   def save(self, step: int, state: Any, data_iter: grain.DatasetIterator | None = None, *,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
@@ -101,7 +106,7 @@ def restore_on_this_host(path: str) -> Any:
   with another device count (a GPU-trained model on a laptop); the metadata gives the shapes.
   """
   checkpointer = ocp.StandardCheckpointer()
-  path = os.path.abspath(path) if "://" not in path else path
+  path = files.abspath(path)
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
                         checkpointer.metadata(path).item_metadata)

@@ -29,14 +29,13 @@ the guarantee (at most the sum of the two methods' miss rates; in practice far l
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from cmr_jax import files
 from cmr_jax.data import splits
 
 CALIBRATION_JSON = "calibration.json"
@@ -230,11 +229,8 @@ def coverage(cal: Calibration, truth: np.ndarray, pred: np.ndarray,
 
 def write(cal: Calibration, workdir: str) -> str:
   """Writes `{workdir}/calibration.json` atomically; returns its path."""
-  path = os.path.join(workdir, CALIBRATION_JSON)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(cal.to_dict(), f, indent=1)
-  os.replace(tmp, path)
+  path = files.join(workdir, CALIBRATION_JSON)
+  files.write_json(path, cal.to_dict(), indent=1)
   return path
 
 
@@ -244,11 +240,10 @@ def read(workdir: str) -> Calibration | None:
   Raises:
     ValueError: naming the file when it cannot be parsed.
   """
-  path = os.path.join(workdir, CALIBRATION_JSON)
-  if not os.path.isfile(path):
+  path = files.join(workdir, CALIBRATION_JSON)
+  if not files.isfile(path):
     return None
   try:
-    with open(path) as f:
-      return Calibration.from_dict(json.load(f))
+    return Calibration.from_dict(files.read_json(path))
   except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise ValueError(f"{path} is not a calibration file ({type(e).__name__}: {e})") from None

@@ -19,8 +19,6 @@ here (restore by step or best, and the one check that checkpoint parameters fit 
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Any
 
 from absl import logging
@@ -29,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from cmr_jax import checkpoint as checkpoint_lib
+from cmr_jax import files
 from cmr_jax.convert import converted
 from cmr_jax.data import tokenizer as tokenizer_lib
 from cmr_jax.models import registry
@@ -50,56 +49,51 @@ IMPORTED_PARAMS = {"kinetics": ("video_encoder",), "cmr_transformer": registry.E
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the run's config as JSON (process 0 only) so evaluators can rebuild the model."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    files.makedirs(workdir)
+    files.write_text(files.join(workdir, CONFIG_JSON), config.to_json_best_effort(indent=1))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved with `save_config`."""
-  path = os.path.join(workdir, CONFIG_JSON)
-  if not os.path.exists(path):
+  path = files.join(workdir, CONFIG_JSON)
+  if not files.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a cmr-jax run directory")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(files.read_json(path))
 
 
 def write_best(workdir: str, step: int, mae: float, residual: np.ndarray) -> None:
   """Records the best step with its validation errors (prediction intervals come from them)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, BEST_JSON), "w") as f:
-      json.dump({"step": step, "val_mae": mae, "val_n": int(residual.size),
-                 "val_bias": float(np.mean(residual)),
-                 "val_rmse": float(np.sqrt(np.mean(residual ** 2))),
-                 "val_residual_sd": float(np.std(residual, ddof=1)) if residual.size > 1 else None},
-                f, indent=1)
+    files.write_json(
+        files.join(workdir, BEST_JSON),
+        {"step": step, "val_mae": mae, "val_n": int(residual.size),
+         "val_bias": float(np.mean(residual)), "val_rmse": float(np.sqrt(np.mean(residual ** 2))),
+         "val_residual_sd": float(np.std(residual, ddof=1)) if residual.size > 1 else None},
+        indent=1)
 
 
 def read_best(workdir: str) -> dict[str, Any] | None:
   """The best-checkpoint summary of a fine-tuning run (step, validation errors), or None."""
-  path = os.path.join(workdir, BEST_JSON)
-  if not os.path.exists(path):
+  path = files.join(workdir, BEST_JSON)
+  if not files.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def save_preprocess(preprocess: dict[str, Any], workdir: str) -> None:
   """Keeps the training data's preprocessing (a `PreprocessConfig` mapping) with the run."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, PREPROCESS_JSON), "w") as f:
-      json.dump(preprocess, f, indent=1)
+    files.write_json(files.join(workdir, PREPROCESS_JSON), preprocess, indent=1)
 
 
 def read_preprocess(workdir: str) -> dict[str, Any]:
   """The preprocessing config (a `PreprocessConfig.from_dict` mapping) a run was trained with."""
-  with open(os.path.join(workdir, PREPROCESS_JSON)) as f:
-    return json.load(f)
+  return files.read_json(files.join(workdir, PREPROCESS_JSON))
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The vocabulary a pre-training run tokenised with: config.text.vocab or its own."""
-  return config.text.vocab or os.path.join(workdir, TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
+  return config.text.vocab or files.join(workdir, TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
 
 
 def checkpoint_steps(workdir: str, which: str = CHECKPOINT_DIR) -> list[int]:
@@ -108,8 +102,8 @@ def checkpoint_steps(workdir: str, which: str = CHECKPOINT_DIR) -> list[int]:
   Raises:
     FileNotFoundError: when `workdir/which` does not exist.
   """
-  directory = os.path.join(workdir, which)
-  if not os.path.isdir(directory):
+  directory = files.join(workdir, which)
+  if not files.isdir(directory):
     raise FileNotFoundError(f"{directory} not found: {workdir} is not a run directory with "
                             f"{which}/ (or has not saved a checkpoint yet)")
   ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
@@ -136,12 +130,12 @@ def restore_params(workdir: str, *, which: str = CHECKPOINT_DIR,
   """
   steps = checkpoint_steps(workdir, which)
   if not steps:
-    raise FileNotFoundError(f"no finished checkpoint in {os.path.join(workdir, which)}")
+    raise FileNotFoundError(f"no finished checkpoint in {files.join(workdir, which)}")
   step = steps[-1] if step is None else step
   if step not in steps:
-    raise FileNotFoundError(f"no checkpoint of step {step} in {os.path.join(workdir, which)}; "
+    raise FileNotFoundError(f"no checkpoint of step {step} in {files.join(workdir, which)}; "
                             f"it keeps steps {steps}")
-  path = os.path.join(workdir, which, str(step), checkpoint_lib.STATE)
+  path = files.join(workdir, which, str(step), checkpoint_lib.STATE)
   return step, checkpoint_lib.restore_on_this_host(path)["params"]
 
 
@@ -192,11 +186,18 @@ def restore_finetuned(workdir: str, *,
   _, params = restore_params(workdir, which=which)
   model = registry.lvef_model(config, mean=0.0)
   abstract = registry.abstract_params(registry.lvef_init_fn(model, config))
-  what = (f"the checkpoint in {os.path.join(workdir, which)} does not match the run's "
+  what = (f"the checkpoint in {files.join(workdir, which)} does not match the run's "
           "config.json")
   params = in_block_layout(params, abstract, what)
   check_fit(abstract, params, what)
   return config, params
+
+
+def pretrain_init(rest: str) -> tuple[str, int | None]:
+  """(workdir, step or None) of the WORKDIR[:STEP] of a `pretrain:` init; WORKDIR may be a URL
+  (gs://bucket/run:6)."""
+  head, sep, tail = rest.rpartition(":")
+  return (head, int(tail)) if sep and tail.isdigit() else (rest, None)
 
 
 def init_input_norm(init: str) -> str | None:
@@ -211,8 +212,8 @@ def init_input_norm(init: str) -> str | None:
   kind, _, rest = init.partition(":")
   if kind in IMPORTED_PARAMS and rest:
     return converted.weights_input_norm(rest)
-  workdir = rest.partition(":")[0]
-  if kind == "pretrain" and os.path.isfile(os.path.join(workdir, CONFIG_JSON)):
+  workdir = pretrain_init(rest)[0]
+  if kind == "pretrain" and files.isfile(files.join(workdir, CONFIG_JSON)):
     m = load_config(workdir).model
     return getattr(registry.video_config(m.video, **dict(m.get("video_overrides", {}))),
                    "input_norm", None)
@@ -303,12 +304,12 @@ def encoder_init(init: str, abstract_params: Any) -> dict[str, Any] | None:
   if kind != "pretrain" or not rest:
     raise ValueError(f"unknown init {init!r}; expected 'random', 'pretrain:WORKDIR[:STEP]', "
                      "'kinetics:PATH' or 'cmr_transformer:PATH'")
-  workdir, _, step = rest.partition(":")
+  workdir, step = pretrain_init(rest)
   try:
-    step_, params = restore_params(workdir, step=int(step) if step else None)
+    step_, params = restore_params(workdir, step=step)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"no pre-training checkpoint for init {init!r}: {e}") from e
-  where = os.path.join(workdir, CHECKPOINT_DIR, str(step_))
+  where = files.join(workdir, CHECKPOINT_DIR, str(step_))
   out = {}
   for name in registry.ENCODER_PARAMS:
     if name not in params:

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Runs cmr-jax on a Cloud TPU VM slice (e.g. a v4-32: 4 workers x 4 chips). Every worker runs the
 # same `python tools/train.py --distributed=auto ...`; JAX finds the other workers from the TPU
-# metadata. The data and the run directory live on a Cloud Storage bucket that every worker
-# mounts with Cloud Storage FUSE at the same path (the trainers write metrics, configs and the
-# tokenizer with ordinary file I/O, so WORKDIR must be such a mounted path, not a gs:// URL).
+# metadata. The run directory is a gs:// URL (WORKDIR=gs://BUCKET/runs/NAME): the trainers and
+# orbax write it directly, no mount needed. The data may be a gs:// URL too (each worker then
+# stages the shards it reads to its local disk, README "Run and data folders on Cloud Storage"),
+# or, for an archive larger than a worker's disk, a path on a Cloud Storage FUSE mount of
+# gs://BUCKET at MOUNT (set BUCKET only then); WORKDIR may also be an absolute path on such a
+# shared mount.
 #
 # Usage: launch/tpu_pod.sh COMMAND [ARG...]
 #   create     create the slice (ACCELERATOR_TYPE, RUNTIME_VERSION) at once
 #   queue      request the slice as a queued resource (QR_NAME; SPOT=1 for Spot capacity): it is
 #              created when capacity is free; `supervise` does this itself
 #   setup      copy this checkout's HEAD to every worker, install Python PYTHON_VERSION, cmr_jax
-#              and jax[tpu] in a venv there, and mount gs://BUCKET at MOUNT
+#              and jax[tpu] in a venv there, and (when BUCKET is set) mount gs://BUCKET at MOUNT
 #   run MODE CONFIG WORKDIR [FLAG...]
 #              start `tools/train.py --mode=MODE --config=CONFIG --workdir=WORKDIR FLAG...` on
 #              every worker in the background; each worker logs to WORKDIR/logs/HOSTNAME.log
+#              (for a gs:// WORKDIR: to ~/cmr-jax-logs/HOSTNAME.log on the worker)
 #   supervise MODE CONFIG WORKDIR [FLAG...]
 #              run to the end through preemptions: (re)queue the slice until it is ACTIVE, set it
 #              up, `run`, and wait; when the trainers stop on a preemption notice (exit 75) or
@@ -30,15 +34,17 @@
 # SPOT, MAX_RESTARTS, POLL_S, BUCKET, MOUNT, PYTHON_VERSION, JAX_VERSION.
 #
 # Example (an on-demand v4-32 created at once):
-#   export TPU_NAME=cmr-v4-32 ZONE=us-central2-b BUCKET=my-cmr-bucket
+#   export TPU_NAME=cmr-v4-32 ZONE=us-central2-b
 #   launch/tpu_pod.sh create && launch/tpu_pod.sh setup
-#   launch/tpu_pod.sh run pretrain configs/mvit_b_pretrain.py /mnt/cmr/runs/mvit_b_pretrain \
-#       --config.data.dir=/mnt/cmr/data/ukbb --config.text.vocab=/mnt/cmr/pubmedbert/vocab.txt
+#   launch/tpu_pod.sh run pretrain configs/mvit_b_pretrain.py gs://my-cmr-bucket/runs/mvit_b_pretrain \
+#       --config.data.dir=gs://my-cmr-bucket/data/ukbb \
+#       --config.text.vocab=gs://my-cmr-bucket/pubmedbert/vocab.txt
 # Example (a Spot v5p-64 through queued resources, restarted after every preemption):
 #   export TPU_NAME=cmr-v5p-64 ZONE=us-east5-a ACCELERATOR_TYPE=v5p-64 SPOT=1 BUCKET=my-cmr-bucket
+#   (data read through a FUSE mount: BUCKET=my-cmr-bucket, data at /mnt/cmr/data/ukbb)
 #   launch/tpu_pod.sh supervise pretrain configs/mvit_b_pretrain.py \
-#       /mnt/cmr/runs/mvit_b_pretrain --config.data.dir=/mnt/cmr/data/ukbb \
-#       --config.text.vocab=/mnt/cmr/pubmedbert/vocab.txt
+#       gs://my-cmr-bucket/runs/mvit_b_pretrain --config.data.dir=/mnt/cmr/data/ukbb \
+#       --config.text.vocab=gs://my-cmr-bucket/pubmedbert/vocab.txt
 
 set -euo pipefail
 
@@ -51,7 +57,8 @@ QR_NAME="${QR_NAME:-${TPU_NAME}-qr}"
 SPOT="${SPOT:-0}"  # 1: Spot capacity (cheaper, preemptible) for queued resources
 MAX_RESTARTS="${MAX_RESTARTS:-50}"
 POLL_S="${POLL_S:-60}"
-BUCKET="${BUCKET:-}"  # bucket name without gs://; empty: MOUNT is already shared (e.g. NFS)
+BUCKET="${BUCKET:-}"  # bucket to mount at MOUNT (name without gs://); empty: no mount (gs://
+# paths need none; or MOUNT is already shared, e.g. NFS)
 MOUNT="${MOUNT:-/mnt/cmr}"
 PYTHON_VERSION="${PYTHON_VERSION:-3.11}"  # the project needs >= 3.11; TPU VM images have 3.10
 JAX_VERSION="${JAX_VERSION:-}"  # e.g. 0.10.2; empty: the newest jax[tpu]
@@ -239,21 +246,25 @@ run() {
     pretrain | finetune) ;;
     *) echo "unknown MODE '${mode}': expected pretrain or finetune" >&2; usage ;;
   esac
-  if [[ "${workdir}" != /* ]]; then
-    echo "WORKDIR must be an absolute path on the shared mount (e.g. ${MOUNT}/runs/NAME)" >&2
+  local args logs
+  if [[ "${workdir}" == gs://* ]]; then
+    logs="~/cmr-jax-logs"  # object storage cannot be appended to: each worker logs locally
+  elif [[ "${workdir}" == /* ]]; then
+    logs="$(printf '%q' "${workdir}/logs")"
+  else
+    echo "WORKDIR must be a gs:// URL or an absolute path on a shared mount" \
+      "(e.g. gs://BUCKET/runs/NAME or ${MOUNT}/runs/NAME)" >&2
     exit 2
   fi
-  local args logs
   args="$(printf '%q ' --distributed=auto --mode="${mode}" --config="${config}" \
     --workdir="${workdir}" "$@")"
-  logs="$(printf '%q' "${workdir}/logs")"
   # nohup and full redirection: the trainers outlive this ssh session. A wrapper shell records
   # the trainer's pid (what `stop` signals) and, when it ends, its exit status (`status`).
   on_all_workers "set -e; cd ~/${REMOTE_SRC}; mkdir -p ${logs}; rm -f ~/${REMOTE_EXIT}; \
     nohup bash -c '~/${REMOTE_VENV}/bin/python tools/train.py ${args} \
       & echo \$! > ~/${REMOTE_PID}; wait \$!; echo \$? > ~/${REMOTE_EXIT}' \
       >> ${logs}/\$(hostname).log 2>&1 < /dev/null &"
-  echo "started on every worker of ${TPU_NAME}; logs in ${workdir}/logs/"
+  echo "started on every worker of ${TPU_NAME}; logs in ${logs}/ on each worker"
 }
 
 status() {

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cmr_jax import checkpoint as checkpoint_lib
+from cmr_jax import files
 from cmr_jax.convert import bert
 from cmr_jax.convert import mapping
 from cmr_jax.convert import mvit
@@ -217,8 +218,8 @@ def convert_file(src: str, *, layout: str = "auto", video_config: MViTConfig | N
 def _folder_vocab(folder: str | None) -> str | None:
   if folder is None:
     return None
-  path = os.path.join(folder, tokenizer_lib.VOCAB_FILE)
-  return path if os.path.isfile(path) else None
+  path = files.join(folder, tokenizer_lib.VOCAB_FILE)
+  return path if files.isfile(path) else None
 
 
 def _check_vocab(path: str, vocab_size: int) -> None:
@@ -280,16 +281,15 @@ def save_converted(out_dir: str, converted: Converted, *, overwrite: bool = Fals
 
 def is_converted(path: str) -> bool:
   """Whether `path` is a converted folder."""
-  return os.path.isfile(os.path.join(path, INFO_FILE))
+  return files.isfile(files.join(path, INFO_FILE))
 
 
 def load_converted(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(parameters {group: tree of numpy arrays}, conversion.json) of a converted folder."""
   if not is_converted(path):
     raise FileNotFoundError(f"{path} is not a converted weights folder (no {INFO_FILE})")
-  with open(os.path.join(path, INFO_FILE)) as f:
-    info = json.load(f)
-  params = checkpoint_lib.restore_on_this_host(os.path.join(os.path.abspath(path), PARAMS_DIR))
+  info = files.read_json(files.join(path, INFO_FILE))
+  params = checkpoint_lib.restore_on_this_host(files.join(files.abspath(path), PARAMS_DIR))
   return jax.tree.map(np.asarray, params), info
 
 
@@ -309,8 +309,7 @@ def weights_input_norm(path: str) -> str | None:
       `torch_io.load_state_dict`) or an unknown layout.
   """
   if is_converted(path):
-    with open(os.path.join(path, INFO_FILE)) as f:
-      info = json.load(f)
+    info = files.read_json(files.join(path, INFO_FILE))
     if "input_norm" in info:
       return info["input_norm"]
     return LAYOUT_INPUT_NORMS.get(info["layout"]) if mvit.VIDEO_ENCODER in info["groups"] else None

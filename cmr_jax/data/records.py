@@ -32,6 +32,11 @@ Pre-training uses one cine of a study's ~13: reading the whole record (~10 MB at
 (the pixels are stored twice; `cine_shards=False` leaves them out) and `StudySource.study_cines`
 reads a study's header and then only the cines asked for. Datasets without them (older builds,
 ingest catalogues, the Beam runner) are read whole, as before.
+
+A dataset folder may be a gs:// (s3://) URL: dataset_info.json and the indices are read from it
+directly, but array_record reads local files only, so `StudySource` stages the shards of a split
+it opens into this host's cache folder (`files.local_copy`, $CMR_JAX_CACHE_DIR). Building writes
+a local folder (copy it to the bucket afterwards).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import collections
 import collections.abc
 import concurrent.futures
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -54,6 +58,7 @@ from flax import serialization
 import grain
 import numpy as np
 
+from cmr_jax import files
 from cmr_jax.data import building
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
@@ -287,8 +292,7 @@ class _SplitWriter:
 
 
 def _write_json(path: str, value: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(value, f, indent=1, allow_nan=False)
+  files.write_json(path, value, indent=1, allow_nan=False)
 
 
 def label_stats(index: list[dict[str, Any]]) -> dict[str, Any]:
@@ -341,6 +345,9 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
   """
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+  if files.is_url(out_dir):
+    raise ValueError(f"{out_dir}: datasets are built in a local folder; copy it to the bucket "
+                     "afterwards (e.g. gcloud storage cp -r)")
   build_items = as_build_items(items)
   os.makedirs(out_dir, exist_ok=True)
   staging = os.path.join(out_dir, f".incomplete-{os.getpid()}")
@@ -416,18 +423,16 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
 
 
 def read_dataset_info(data_dir: str) -> dict[str, Any]:
-  """Reads `dataset_info.json` of a dataset directory."""
-  path = os.path.join(data_dir, DATASET_INFO)
-  if not os.path.exists(path):
+  """Reads `dataset_info.json` of a dataset directory (a local folder or a URL)."""
+  path = files.join(data_dir, DATASET_INFO)
+  if not files.exists(path):
     raise FileNotFoundError(f"{path} not found: {data_dir} is not a built dataset")
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def load_index(data_dir: str, split: str) -> list[dict[str, Any]]:
   """Reads the per-record metadata of a split, in read order."""
-  with open(os.path.join(data_dir, split + INDEX_SUFFIX)) as f:
-    return json.load(f)
+  return files.read_json(files.join(data_dir, split + INDEX_SUFFIX))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,17 +464,19 @@ class StudySource(grain.sources.RandomAccessDataSource):
       raise KeyError(f"split {split!r} not in {data_dir}; it has {sorted(info['splits'])}")
     split_info = info["splits"][split]
     self._split = split
-    self._paths = [os.path.join(data_dir, f) for f in split_info["files"]]
+    self._paths = [files.join(data_dir, f) for f in split_info["files"]]
     self._starts = np.cumsum([0] + split_info["shard_lengths"])  # [num_shards + 1]
-    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    # array_record opens local files only: shards at a URL are staged on this host first.
+    self._source = grain.sources.ArrayRecordDataSource([files.local_copy(p) for p in self._paths])
     self.metadata = load_index(data_dir, split)
     if not len(self._source) == len(self.metadata) == self._starts[-1]:
       raise ValueError(f"split {split} of {data_dir}: shards hold {len(self._source)} records, "
                        f"the index {len(self.metadata)}, dataset_info {self._starts[-1]}")
-    self._cine_paths = [os.path.join(data_dir, f) for f in split_info.get("cine_files", [])]
+    self._cine_paths = [files.join(data_dir, f) for f in split_info.get("cine_files", [])]
     self._cines = None
     if self._cine_paths:
-      self._cines = grain.sources.ArrayRecordDataSource(self._cine_paths)
+      self._cines = grain.sources.ArrayRecordDataSource(
+          [files.local_copy(p) for p in self._cine_paths])
       # The header of study i, then its cines: study i's header is record _headers[i].
       self._headers = np.cumsum([0] + [1 + len(m["views"]) for m in self.metadata])
       if len(self._cines) != self._headers[-1]:

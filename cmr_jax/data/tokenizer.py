@@ -12,12 +12,15 @@ import collections.abc
 import heapq
 import os
 import re
+import tempfile
 
 import numpy as np
 import tokenizers
 from tokenizers import models
 from tokenizers import normalizers
 from tokenizers import pre_tokenizers
+
+from cmr_jax import files
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -87,10 +90,16 @@ class TextTokenizer:
     return ids, mask
 
   def save(self, out_dir: str) -> str:
-    """Writes `vocab.txt` to out_dir; returns its path."""
-    os.makedirs(out_dir, exist_ok=True)
-    self._tok.model.save(out_dir)
-    return os.path.join(out_dir, VOCAB_FILE)
+    """Writes `vocab.txt` to out_dir (a folder or a gs:// URL); returns its path."""
+    if not files.is_url(out_dir):
+      os.makedirs(out_dir, exist_ok=True)
+      self._tok.model.save(out_dir)
+      return os.path.join(out_dir, VOCAB_FILE)
+    with tempfile.TemporaryDirectory() as tmp:
+      self._tok.model.save(tmp)
+      path = files.join(out_dir, VOCAB_FILE)
+      files.copy(os.path.join(tmp, VOCAB_FILE), path)
+    return path
 
 
 def word_counts(texts: collections.abc.Iterable[str]) -> collections.Counter:
@@ -186,6 +195,11 @@ def train_tokenizer(texts: collections.abc.Iterable[str], vocab_size: int,
 
 def load_tokenizer(vocab_txt_path: str) -> TextTokenizer:
   """Loads a BERT-style lower-case vocab.txt (ours or e.g. PubMedBERT's uncased vocabulary)."""
-  if not os.path.isfile(vocab_txt_path):
+  if not files.isfile(vocab_txt_path):
     raise FileNotFoundError(f"vocabulary file {vocab_txt_path} not found")
-  return TextTokenizer(_bert_pipeline(models.WordPiece.from_file(vocab_txt_path, unk_token=UNK)))
+  if not files.is_url(vocab_txt_path):
+    return TextTokenizer(_bert_pipeline(models.WordPiece.from_file(vocab_txt_path, unk_token=UNK)))
+  with tempfile.TemporaryDirectory() as tmp:  # the tokenizers library reads local files only
+    local = os.path.join(tmp, VOCAB_FILE)
+    files.copy(vocab_txt_path, local)
+    return TextTokenizer(_bert_pipeline(models.WordPiece.from_file(local, unk_token=UNK)))

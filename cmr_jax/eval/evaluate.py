@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,7 @@ from cmr_jax.eval import metrics
 from cmr_jax.eval import plots
 from cmr_jax.eval import repeatability
 from cmr_jax.eval import report
+from cmr_jax import files
 from cmr_jax import inference
 from cmr_jax import intervals as intervals_lib
 from cmr_jax import runs
@@ -287,7 +289,7 @@ def evaluate(workdir: str, data_dir: str, splits: Sequence[str], out: str, *,
     workdir: the fine-tuning run.
     data_dir: a built dataset with the run's preprocessing.
     splits: split names (each gets a section of the report).
-    out: output folder (created).
+    out: output folder (created); a URL gets the files written locally, then uploaded.
     which: "best" (the best validation checkpoint) or "checkpoints" (the latest).
     options: evaluation settings.
 
@@ -304,16 +306,22 @@ def evaluate(workdir: str, data_dir: str, splits: Sequence[str], out: str, *,
   splits = list(dict.fromkeys(splits))
   if not splits:
     raise ValueError("no split to evaluate")
-  if not os.path.isdir(workdir):
+  if not files.isdir(workdir):
     raise FileNotFoundError(f"run directory {workdir} not found")
+  if files.is_url(out):  # plots and thumbnails are drawn to local files: write all, then upload
+    with tempfile.TemporaryDirectory() as local:
+      result = evaluate(workdir, data_dir, splits, local, which=which, options=options)
+      if jax.process_index() == 0:
+        files.copy_tree(local, out)
+      return result
   for split in splits:  # fail before loading the model
     open_eval_split(data_dir, split)
   predictor = inference.Predictor(workdir, which=which)
   records.check_preprocess(data_dir, preprocess.PreprocessConfig.from_dict(
       predictor.preprocess))
   result: dict[str, Any] = {
-      "workdir": os.path.abspath(workdir), "checkpoint": which,
-      "step": runs.latest_step(workdir, which), "data_dir": os.path.abspath(data_dir),
+      "workdir": files.abspath(workdir), "checkpoint": which,
+      "step": runs.latest_step(workdir, which), "data_dir": files.abspath(data_dir),
       "options": dataclasses.asdict(options),
       "bootstrap": f"subject-level percentile bootstrap, {options.n_boot} replicates, "
                    f"{100 * metrics.CI_LEVEL:g}% intervals",

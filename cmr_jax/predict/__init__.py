@@ -28,6 +28,7 @@ from typing import Any
 
 from absl import logging
 
+from cmr_jax import files
 from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.dicom import files as dicom_files
@@ -74,7 +75,7 @@ def check_arguments(*, inputs: Sequence[str] = (), data_dir: str = "", split: st
   if labels and not os.path.isfile(labels):
     raise ValueError(f"--labels {dicom_files.printable(labels)} is not a file")
   if data_dir:
-    if not os.path.isfile(os.path.join(data_dir, records.DATASET_INFO)):
+    if not files.isfile(files.join(data_dir, records.DATASET_INFO)):
       raise ValueError(f"--data_dir {data_dir} is not a dataset (no {records.DATASET_INFO}): "
                        "give the --output folder of tools/ingest.py")
     available = sorted(records.read_dataset_info(data_dir)["splits"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from cmr_jax import checkpoint as checkpoint_lib
+from cmr_jax import files
 from cmr_jax import runs
 from cmr_jax import sharding
 from cmr_jax.train import optim
@@ -95,7 +95,7 @@ def resume(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
   step (`rederive_data_position`), with a warning.
   """
   c = config.checkpoint
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
+  ckpt = checkpoint_lib.Checkpointer(files.join(workdir, runs.CHECKPOINT_DIR),
                                      max_to_keep=c.keep_last, keep_period=c.get("keep_period"),
                                      async_save=c.async_save)
   latest = agreed_step(ckpt.latest_step())
@@ -167,7 +167,7 @@ def use_compilation_cache(workdir: str) -> str:
   configured = jax.config.jax_compilation_cache_dir
   if configured:
     return configured
-  path = os.path.join(workdir, XLA_CACHE_DIR)
+  path = files.join(workdir, XLA_CACHE_DIR)
   jax.config.update("jax_compilation_cache_dir", path)
   jax_compilation_cache.reset_cache()  # a cache checked before (with no directory) now uses `path`
   logging.info("persistent compilation cache: %s", path)

@@ -18,7 +18,6 @@ ahead and metrics are fetched (and the loss checked) only to log, validate or sa
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from cmr_jax import checkpoint as checkpoint_lib
+from cmr_jax import files
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import splits
@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       init_params, config, mesh, trainable_patterns=registry.TRAINABLE_BY_MODE[config.mode],
       overrides=runs.encoder_init(config.init, registry.abstract_params(init_params)))
   ckpt, state = common.resume(workdir, config, state, data_iter)
-  best = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.BEST_DIR), max_to_keep=1,
+  best = checkpoint_lib.Checkpointer(files.join(workdir, runs.BEST_DIR), max_to_keep=1,
                                      async_save=False, best_metric="val_mae", best_mode="min")
   best_mae, best_step = np.inf, 0  # the lowest validation MAE and its step (0: none yet)
   summary = runs.read_best(workdir) if best.best_step() is not None else None

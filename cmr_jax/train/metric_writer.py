@@ -1,17 +1,31 @@
-"""Metric logging: absl logging with rate and ETA, a metrics JSONL file and TensorBoard event files."""
+"""Metric logging: absl logging with rate and ETA, a metrics JSONL file and TensorBoard event files.
+
+In a URL workdir (gs://...) metrics.jsonl is one object, rewritten whole at most every
+`URL_FLUSH_SECS` and on close (object stores cannot append; a resumed run reads it back and goes
+on), and TensorBoard event files are written to a local temporary folder and copied to
+`{workdir}/tb` as often and on close: a crash loses at most the last `URL_FLUSH_SECS` of either.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import io
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 
 from absl import logging
 import numpy as np
 
+from cmr_jax import files
 from cmr_jax import runs
+
+# How often metrics.jsonl and TensorBoard events in a URL workdir are uploaded (TensorBoard's
+# flush_secs everywhere).
+URL_FLUSH_SECS = 30
 
 
 def _scalar(v) -> float:
@@ -33,13 +47,24 @@ class MetricWriter:
     self._step0 = None
     self._jsonl = None
     self._tb = None
+    self._tb_dir = self._tb_staging = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, runs.METRICS_JSONL), "a", encoding="utf-8")
+    files.makedirs(workdir)
+    self._path = files.join(workdir, runs.METRICS_JSONL)
+    self._url = files.is_url(workdir)
+    self._flushed = time.monotonic()
+    if self._url:  # rewritten whole: start from what an earlier (resumed) run wrote
+      self._jsonl = io.StringIO(files.read_text(self._path) if files.exists(self._path) else "")
+      self._jsonl.seek(0, io.SEEK_END)
+    else:
+      self._jsonl = open(self._path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, runs.TENSORBOARD_DIR), flush_secs=30)
+      self._tb_dir = files.join(workdir, runs.TENSORBOARD_DIR)
+      if self._url:
+        self._tb_staging = tempfile.mkdtemp(prefix="cmr_jax_tb_")
+      self._tb = SummaryWriter(self._tb_staging or self._tb_dir, flush_secs=URL_FLUSH_SECS)
 
   def write(self, step: int, scalars: Mapping[str, float], *, log: bool = True) -> None:
     """Records `scalars` at `step`; logs them with throughput and ETA when `log`."""
@@ -49,7 +74,7 @@ class MetricWriter:
     row = {"step": int(step), "time": now}
     row.update({k: _scalar(v) for k, v in scalars.items()})
     self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    self._flush(force=False)
     if self._tb is not None:
       for k, v in row.items():
         if k not in ("step", "time") and math.isfinite(v):
@@ -70,8 +95,26 @@ class MetricWriter:
     eta = max(0, self._total - step) / rate
     return f" | {rate:.2f} steps/s, ETA {eta / 60:.1f} min"
 
+  def _flush(self, force: bool) -> None:
+    if not self._url:
+      self._jsonl.flush()
+    elif force or time.monotonic() - self._flushed >= URL_FLUSH_SECS:
+      files.write_text(self._path, self._jsonl.getvalue(), encoding="utf-8")
+      if self._tb_staging is not None:
+        if self._tb is not None:
+          self._tb.flush()
+        for name in os.listdir(self._tb_staging):  # this run's event files, uploaded whole
+          files.copy(os.path.join(self._tb_staging, name), files.join(self._tb_dir, name))
+      self._flushed = time.monotonic()
+
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+    if self._jsonl is not None:
+      self._flush(force=True)  # in a URL workdir: the last metrics and event files uploaded
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb_staging is not None:
+      shutil.rmtree(self._tb_staging)
+      self._tb_staging = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import time
 from typing import Any, Callable
 
@@ -30,6 +29,7 @@ from cmr_jax.data import device_augment
 from cmr_jax.data import pipeline
 from cmr_jax.data import records
 from cmr_jax.data import tokenizer as tokenizer_lib
+from cmr_jax import files
 from cmr_jax import inference
 from cmr_jax import losses
 from cmr_jax.models import registry
@@ -89,20 +89,20 @@ def trainable_patterns(params: Any, frozen: Any) -> tuple[str, ...]:
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                   train_source: records.StudySource) -> tokenizer_lib.TextTokenizer:
   """The run's tokenizer: a given vocab.txt, the one saved in workdir, or trained on train reports."""
-  saved = os.path.join(workdir, runs.TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
+  saved = files.join(workdir, runs.TOKENIZER_DIR, tokenizer_lib.VOCAB_FILE)
   if config.text.vocab:
     return tokenizer_lib.load_tokenizer(config.text.vocab)
   # Process 0 learns and saves the vocabulary (in the shared workdir) unless a resumed run has
   # one, and every process, process 0 included, loads that file once it is written: one file is
   # the run's vocabulary, whatever version of the learner wrote it.
-  if jax.process_index() == 0 and not os.path.exists(saved):
+  if jax.process_index() == 0 and not files.exists(saved):
     n = min(len(train_source), _MAX_TOKENIZER_TEXTS)
     texts = [r for r in (train_source[i].report for i in range(n)) if r.strip()]
     if not texts:
       raise ValueError(f"no report text in the train split of {config.data.dir}: video-text "
                        "pre-training needs reports (or set config.model.two_clips=True)")
     tok = tokenizer_lib.train_tokenizer(texts, config.text.vocab_size)
-    tok.save(os.path.dirname(saved))
+    tok.save(files.dirname(saved))
     logging.info("trained a %d-token WordPiece vocabulary on %d reports", tok.vocab_size,
                  len(texts))
   if jax.process_count() > 1:
