@@ -2,6 +2,7 @@
 rescans, speed, and no identifier in any output."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from cmr_jax.dicom import parse
 from cmr_jax.dicom import pseudonym
 from cmr_jax.testing import dicom_writer
 
+import conftest
 import dicom_testlib
 
 SALT = "test-salt-0123456789"
@@ -37,6 +39,7 @@ def _all_records(output: str) -> dict[str, types.StudyRecord]:
     source = records.open_split(output, split)
     out.update((r.study_id, r) for r in (source[i] for i in range(len(source))))
     assert source.has_cine_shards  # the parts' per-cine shards, listed in the catalogue
+    assert source.layout == records.LAYOUT_CINES  # the pixels stored there only
     for i in range(len(source)):
       study = source.study_cines(i)
       assert study.record.study_id == source.metadata[i]["study_id"]
@@ -225,3 +228,26 @@ def test_no_identifier_reaches_records_manifest_info_or_logs(tmp_path):
       assert secret.lower().encode() not in text, (secret, where)
   with open(tmp_path / "private_paths.csv") as f:  # the data owner's key does hold paths
     assert "DOE_JANE_2015" in f.read()
+
+
+def test_catalogue_of_parts_built_before_and_after_pixels_were_stored_once(tmp_path):
+  cfg = preprocess.PreprocessConfig(size=32, spacing_mm=4.0, num_frames=8)
+  output = str(tmp_path)
+  for index, options in enumerate([dict(pixels_twice=True), {}, dict(cine_shards=False)]):
+    items = [(f"s{index}-{i}", functools.partial(conftest.fake_study, index, i, num_sax=3,
+                                                 matrix=40, num_frames=10)) for i in range(2)]
+    records.build_dataset(items, ingest.outputs.part_dir(output, index), cfg=cfg,
+                          split_fn=lambda r: "train", **options)
+  parts = [records.open_split(ingest.outputs.part_dir(output, i), "train") for i in range(2)]
+  assert [p.layout for p in parts] == [records.LAYOUT_WHOLE, records.LAYOUT_CINES]
+  ingest._merge_parts(output, [0, 1], cfg, {})  # both have per-cine shards: read from them
+  merged = records.open_split(output, "train")
+  assert merged.layout == records.LAYOUT_CINES and len(merged) == 4
+  expected = [part[i] for part in parts for i in range(len(part))]
+  for i, record in enumerate(expected):
+    assert merged[i].study_id == record.study_id and merged[i].report == record.report
+    np.testing.assert_array_equal(merged[i].frames, record.frames)
+  ingest._merge_parts(output, [0, 2], cfg, {})  # whole records only: read whole
+  assert records.open_split(output, "train").layout == records.LAYOUT_WHOLE
+  with pytest.raises(ValueError, match="cannot join .*part-00001.*rebuild with --overwrite"):
+    ingest._merge_parts(output, [1, 2], cfg, {})

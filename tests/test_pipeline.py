@@ -292,16 +292,19 @@ def test_intensity_lut():
   assert darker[128] == round(255 * (128 / 255) ** 2) and darker[255] == 255
 
 
-def test_corrupt_record_error_reaches_the_caller(tmp_path, source):
+@pytest.mark.parametrize("cine_shards,shard,message", [
+    (False, "test.array_record-00000-of-00001", r"record 0 of split test "),
+    (True, "test.cines.array_record-00000-of-00001", r"study 0.* of split test ")])
+def test_corrupt_record_error_reaches_the_caller(tmp_path, source, cine_shards, shard, message):
   study = functools.partial(conftest.fake_study, 2, num_sax=3, matrix=40, num_frames=10)
   records.build_dataset([(f"c{i}", functools.partial(study, i)) for i in range(2)],
-                        str(tmp_path), cfg=CFG, split_fn=lambda r: "test")
-  path = tmp_path / "test.array_record-00000-of-00001"
+                        str(tmp_path), cfg=CFG, split_fn=lambda r: "test",
+                        cine_shards=cine_shards)  # the pixels in the study or the cine shards
+  path = tmp_path / shard
   data = bytearray(path.read_bytes())
   data[1000] ^= 0xFF
   path.write_bytes(bytes(data))
-  with pytest.raises(records.CorruptRecordError,
-                     match=r"record 0 of split test .*test.array_record-00000-of-00001"):
+  with pytest.raises(records.CorruptRecordError, match=message + r".*" + shard.replace(".", r"\.")):
     list(_finetune(records.open_split(str(tmp_path), "test"), train=False))
 
 

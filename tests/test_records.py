@@ -1,10 +1,13 @@
 """Records: exact round trip, building (skips, duplicates, workers), corrupt bytes, splits."""
 
 import collections
+import dataclasses
 import functools
+import json
 import math
 import os
 
+import grain
 import numpy as np
 import pytest
 
@@ -84,6 +87,7 @@ def test_build_skips_bad_items_and_duplicates_and_reads_back(tmp_path):
   assert info["skipped"] == summary.skipped and info["duplicates"] == summary.duplicates
   assert info["splits"]["train"]["cine_files"] == [
       "train.cines.array_record-00000-of-00002", "train.cines.array_record-00001-of-00002"]
+  assert info["splits"]["train"]["layout"] == records.LAYOUT_CINES
   assert sorted(os.listdir(tmp_path)) == sorted(
       [records.DATASET_INFO, "train.index.json", "external.index.json"]
       + [f for split in ("train", "external") for key in ("files", "cine_files")
@@ -154,14 +158,81 @@ def test_study_cines_reads_single_cines_equal_to_the_whole_record(tmp_path):
   data = bytearray(path.read_bytes())
   data[20000:40000] = bytes(b ^ 0xFF for b in data[20000:40000])  # its cines (8 KB each)
   path.write_bytes(bytes(data))
-  study = records.open_split(str(with_cines), "train").study_cines(0)
+  source = records.open_split(str(with_cines), "train")
+  study = source.study_cines(0)
   with pytest.raises(records.CorruptRecordError, match=r"cine \d+ of study 0 of split train"):
     for k in range(study.record.num_cines):
       study.cine(k)
+  with pytest.raises(records.CorruptRecordError, match=r"cine \d+ of study 0 of split train"):
+    source[0]  # the whole record is assembled from the same cines
+  source[1]  # the other study of that shard is intact
+
+
+def _drop_layout(data_dir):
+  """dataset_info.json as written before layouts were recorded."""
+  info = records.read_dataset_info(str(data_dir))
+  for split_info in info["splits"].values():
+    del split_info["layout"]
+  (data_dir / records.DATASET_INFO).write_text(json.dumps(info))
+
+
+def test_pixels_stored_once_read_back_as_the_whole_records(tmp_path):
+  once, twice, whole = tmp_path / "once", tmp_path / "twice", tmp_path / "whole"
+  build = functools.partial(records.build_dataset, _items(), cfg=CFG, split_fn=_split_by_name,
+                            num_shards=2)
+  build(str(once))
+  build(str(twice), pixels_twice=True)  # the layout before: whole records + per-cine copies
+  build(str(whole), cine_shards=False)
+  layouts = {d.name: records.read_dataset_info(str(d))["splits"]["train"]["layout"]
+             for d in (once, twice, whole)}
+  assert layouts == {"once": "cines", "twice": "whole", "whole": "whole"}
+  for name in os.listdir(once):  # the per-cine shards are the same bytes; study shards lighter
+    if ".cines." in name:
+      assert (once / name).read_bytes() == (twice / name).read_bytes(), name
+    elif ".array_record-" in name:
+      headers, wholes = (grain.sources.ArrayRecordDataSource([str(d / name)])
+                         for d in (once, twice))
+      assert len(headers) == len(wholes) == 1
+      header = records.deserialize_record(headers[0])
+      assert header.frames.shape == (records.deserialize_record(wholes[0]).num_cines, 0, 0, 0)
+      assert len(headers[0]) * 10 < len(wholes[0]), name
+  _drop_layout(twice)  # as datasets built before this change are
+  _drop_layout(whole)
+  for split in ("train", "external"):
+    sources = [records.open_split(str(d), split) for d in (once, twice, whole)]
+    assert [s.layout for s in sources] == ["cines", "whole", "whole"]
+    assert len(sources[0]) == len(sources[1]) == len(sources[2]) == 2
+    for i in range(len(sources[0])):
+      new, old, old_whole = (s[i] for s in sources)
+      _assert_records_equal(new, old)
+      _assert_records_equal(new, old_whole)
+      assert not new.frames.flags.writeable  # like a decoded record's
+      for s in sources:  # and the single-cine reads agree with them
+        study = s.study_cines(i)
+        _assert_records_equal(dataclasses.replace(study.record, frames=new.frames), new)
+        for k in range(new.num_cines):
+          np.testing.assert_array_equal(study.cine(k), new.frames[k])
+
+
+def test_unknown_layout_is_refused_naming_the_file(tmp_path):
+  records.build_dataset(_items()[:2], str(tmp_path), cfg=CFG, split_fn=lambda r: "train")
+  info = records.read_dataset_info(str(tmp_path))
+  info["splits"]["train"]["layout"] = "pixels-on-the-moon"
+  (tmp_path / records.DATASET_INFO).write_text(json.dumps(info))
+  with pytest.raises(ValueError, match=r"dataset_info.json: split 'train' has layout "
+                                       r"'pixels-on-the-moon', unknown to this reader") as e:
+    records.open_split(str(tmp_path), "train")
+  assert "\n" not in str(e.value)
+  info["splits"]["train"]["layout"] = "cines"
+  del info["splits"]["train"]["cine_files"]
+  (tmp_path / records.DATASET_INFO).write_text(json.dumps(info))
+  with pytest.raises(ValueError, match="has layout 'cines' but no cine_files"):
+    records.open_split(str(tmp_path), "train")
 
 
 def test_corrupt_bytes_name_the_record_and_file(tmp_path):
-  records.build_dataset(_items()[:2], str(tmp_path), cfg=CFG, split_fn=lambda r: "train")
+  records.build_dataset(_items()[:2], str(tmp_path), cfg=CFG, split_fn=lambda r: "train",
+                        cine_shards=False)  # whole records: the pixels in the study shard
   path = tmp_path / "train.array_record-00000-of-00001"
   data = bytearray(path.read_bytes())
   data[1000] ^= 0xFF  # inside the first record's pixels (its chunk starts at byte 64)
@@ -174,7 +245,8 @@ def test_corrupt_bytes_name_the_record_and_file(tmp_path):
 
 
 def test_non_record_bytes_name_the_record_and_file(tmp_path):
-  records.build_dataset(_items()[:1], str(tmp_path), cfg=CFG, split_fn=lambda r: "train")
+  records.build_dataset(_items()[:1], str(tmp_path), cfg=CFG, split_fn=lambda r: "train",
+                        cine_shards=False)
   path = str(tmp_path / "train.array_record-00000-of-00001")
   writer = records.array_record_module.ArrayRecordWriter(path, records.DEFAULT_WRITER_OPTIONS)
   writer.write(b"\x93\x01\x02\x03")  # valid msgpack, not a record

@@ -1,7 +1,9 @@
 """Study records on disk: serialisation, sharded ArrayRecord datasets, parallel building.
 
 Layout of a dataset directory:
-  {split}.array_record-{i:05d}-of-{n:05d}   ArrayRecord shards (group_size:1: random access)
+  {split}.array_record-{i:05d}-of-{n:05d}   ArrayRecord shards (group_size:1: random access),
+                                            one record per study: the whole record, or only its
+                                            header when the split's layout is "cines" (below)
   {split}.index.json                        light per-record metadata in read order (ids, site,
                                             visit, labels, views): lets the input pipelines
                                             filter and subset without decoding pixels
@@ -12,7 +14,8 @@ Layout of a dataset directory:
                                             pixels (frames [N, 0, 0, 0]) then its N cines, one
                                             record each, so a reader touches only the cines it uses
   dataset_info.json                         preprocess config, counts per split and site, label
-                                            statistics, skipped items with reasons, duplicates
+                                            statistics, skipped items with reasons, duplicates,
+                                            each split's "layout" (`LAYOUTS`)
 
 Each record is a msgpack map (`flax.serialization`) of numpy arrays, strings and floats: exact
 round trip, no pickle. Measured on a 2-core shared CPU for a 13-cine 16x112x112 study (2.6 MB):
@@ -28,10 +31,16 @@ hashes catch corrupted bytes on read; such errors are re-raised naming the split
 shard file and position.
 
 Pre-training uses one cine of a study's ~13: reading the whole record (~10 MB at 224 px) cost
-~5 CPU ms unloaded (15 busy) per clip, so `build_dataset` also writes the per-cine shards above
-(the pixels are stored twice; `cine_shards=False` leaves them out) and `StudySource.study_cines`
-reads a study's header and then only the cines asked for. Datasets without them (older builds,
-ingest catalogues, the Beam runner) are read whole, as before.
+~5 CPU ms unloaded (15 busy) per clip, so `build_dataset` writes the per-cine shards above and
+`StudySource.study_cines` reads a study's header and then only the cines asked for. The pixels
+are stored once, there (layout "cines"): the study shards hold the headers only, and
+`StudySource[i]` assembles the whole record from the header and all its cines, equal to the
+stored whole record. On the 224 px phantom set of tools/bench_input.py (40 studies of 14 cines,
+16x224x224, 11.2 MB a record) a split took 430.8 MB instead of 861.3 MB, and a whole study read
+in 3.2 CPU ms instead of 4.4 (shared 2-core CPU under load ~4.9, no GPU; header + one cine 0.23
+ms either way). `cine_shards=False` writes whole records only (layout "whole", 430.6 MB there);
+`pixels_twice=True` writes both, as builds did before. Datasets of layout "whole" (older builds,
+recorded without a layout; the Beam runner) are read from their whole records, as before.
 
 A dataset folder may be a gs:// (s3://) URL: dataset_info.json and the indices are read from it
 directly, but array_record reads local files only, so `StudySource` stages the shards of a split
@@ -45,7 +54,6 @@ import collections
 import collections.abc
 import concurrent.futures
 import dataclasses
-import math
 import multiprocessing
 import os
 import shutil
@@ -54,17 +62,17 @@ from typing import Any, Callable
 
 from absl import logging
 from array_record.python import array_record_module
-from flax import serialization
 import grain
 import numpy as np
 
 from cmr_jax import files
 from cmr_jax.data import building
+from cmr_jax.data import codec
 from cmr_jax.data import preprocess
 from cmr_jax.data import types
 
 BUILDER_VERSION = "1.0.0"
-RECORD_FORMAT = 1
+RECORD_FORMAT = codec.RECORD_FORMAT
 DATASET_INFO = "dataset_info.json"
 INDEX_SUFFIX = ".index.json"
 SHARD_PATTERN = "{split}.array_record-{index:05d}-of-{count:05d}"
@@ -72,86 +80,22 @@ CINE_SHARD_PATTERN = "{split}.cines.array_record-{index:05d}-of-{count:05d}"
 # One record per chunk: random access without decoding neighbours. Uncompressed reads ~4x faster
 # than zstd here; pass e.g. "group_size:1,zstd:1" to trade read speed for disk.
 DEFAULT_WRITER_OPTIONS = "group_size:1,uncompressed"
+# A split's "layout" in dataset_info.json: where its pixels are. "whole": the study shards hold
+# whole records (per-cine shards, if listed, hold a copy; the only layout before 2026-12, so an
+# absent field means it). "cines": the study shards hold the headers only, the pixels are in the
+# per-cine shards alone.
+LAYOUT_WHOLE = "whole"
+LAYOUT_CINES = "cines"
+LAYOUTS = (LAYOUT_WHOLE, LAYOUT_CINES)
 # Work queued per worker process: bounds memory while keeping the workers busy.
 _IN_FLIGHT_PER_WORKER = 4
 
-_ARRAY_FIELDS = ("frames", "slice_index", "slice_position_mm", "source_spacing_mm")
-_ARRAY_DTYPES = {"frames": np.uint8, "slice_index": np.int32, "slice_position_mm": np.float32,
-                 "source_spacing_mm": np.float32}
-
-
-class CorruptRecordError(ValueError):
-  """A stored record could not be read or decoded."""
-
-
-def serialize_record(record: types.StudyRecord) -> bytes:
-  """Encodes a record as msgpack bytes (exact round trip with `deserialize_record`)."""
-  fields = dataclasses.asdict(record)
-  for name in _ARRAY_FIELDS:
-    fields[name] = np.ascontiguousarray(fields[name], dtype=_ARRAY_DTYPES[name])
-  fields["views"] = list(record.views)
-  fields["record_format"] = RECORD_FORMAT
-  return serialization.msgpack_serialize(fields)
-
-
-def deserialize_record(data: bytes) -> types.StudyRecord:
-  """Decodes `serialize_record` bytes; arrays are read-only views of `data`.
-
-  Raises:
-    CorruptRecordError: when the bytes are not a record of this format.
-  """
-  try:
-    fields = serialization.msgpack_restore(data)
-  except Exception as e:  # msgpack raises several unrelated types on garbage
-    raise CorruptRecordError(f"not a msgpack study record ({type(e).__name__}: {e})") from e
-  if not isinstance(fields, dict) or fields.pop("record_format", None) != RECORD_FORMAT:
-    raise CorruptRecordError(f"not a study record of format {RECORD_FORMAT}")
-  fields["views"] = list(fields["views"])
-  try:
-    return types.StudyRecord(**fields)
-  except TypeError as e:
-    raise CorruptRecordError(f"study record fields do not match: {e}") from e
-
-
-def serialize_cine_records(record: types.StudyRecord) -> list[bytes]:
-  """A study as its per-cine shard records: the header (the record with frames [N, 0, 0, 0]),
-  then each cine's uint8 [T, S, S] frames (msgpack)."""
-  frames = np.ascontiguousarray(record.frames, dtype=np.uint8)
-  header = dataclasses.replace(record, frames=np.zeros((len(frames), 0, 0, 0), np.uint8))
-  return [serialize_record(header)] + [serialization.msgpack_serialize({"frames": cine})
-                                       for cine in frames]
-
-
-def deserialize_cine(data: bytes) -> np.ndarray:
-  """Decodes one cine record of `serialize_cine_records`: uint8 [T, S, S], a read-only view.
-
-  Raises:
-    CorruptRecordError: when the bytes are not a cine record.
-  """
-  try:
-    frames = serialization.msgpack_restore(data)["frames"]
-  except Exception as e:  # msgpack raises several unrelated types on garbage
-    raise CorruptRecordError(f"not a cine record ({type(e).__name__}: {e})") from e
-  if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 3):
-    raise CorruptRecordError("not a cine record (uint8 [T, S, S] frames)")
-  return frames
-
-
-def record_metadata(record: types.StudyRecord) -> dict[str, Any]:
-  """The light per-record metadata kept in `{split}.index.json` (pseudonyms only)."""
-  return {
-      "study_id": record.study_id,
-      "subject_id": record.subject_id,
-      "site": record.site,
-      "visit": record.visit,
-      "lvef": None if math.isnan(record.lvef) else record.lvef,
-      "edv": None if math.isnan(record.edv) else record.edv,
-      "esv": None if math.isnan(record.esv) else record.esv,
-      "has_report": bool(record.report.strip()),
-      "views": list(record.views),
-      "slice_index": [int(i) for i in record.slice_index],
-      "checksum": record.checksum,
-  }
+CorruptRecordError = codec.CorruptRecordError
+serialize_record = codec.serialize_record
+deserialize_record = codec.deserialize_record
+serialize_cine_records = codec.serialize_cine_records
+deserialize_cine = codec.deserialize_cine
+record_metadata = codec.record_metadata
 
 
 BuildItem = building.BuildItem
@@ -243,8 +187,9 @@ class _SplitWriter:
   """Round-robin writer of one split's shards and their metadata, in a staging directory."""
 
   def __init__(self, directory: str, split: str, num_shards: int, options: str,
-               cine_shards: bool):
+               cine_shards: bool, layout: str):
     self.split = split
+    self.layout = layout
     self.paths = [os.path.join(directory, SHARD_PATTERN.format(split=split, index=i,
                                                                count=num_shards))
                   for i in range(num_shards)]
@@ -259,12 +204,15 @@ class _SplitWriter:
     shard = sum(len(m) for m in self.metadata) % len(self.paths)
     if self._writers[shard] is None:
       self._writers[shard] = array_record_module.ArrayRecordWriter(self.paths[shard], self._options)
-    self._writers[shard].write(serialize_record(record))
-    if self._cine_paths:
+    cine_records = serialize_cine_records(record) if self._cine_paths else []
+    # The "cines" layout keeps the header only here: its pixels are stored once, in the cine shard.
+    self._writers[shard].write(cine_records[0] if self.layout == LAYOUT_CINES
+                               else serialize_record(record))
+    if cine_records:
       if self._cine_writers[shard] is None:
         self._cine_writers[shard] = array_record_module.ArrayRecordWriter(self._cine_paths[shard],
                                                                           self._options)
-      for data in serialize_cine_records(record):
+      for data in cine_records:
         self._cine_writers[shard].write(data)
     self.metadata[shard].append(record_metadata(record))
 
@@ -285,7 +233,7 @@ class _SplitWriter:
     index = [m for shard in used for m in self.metadata[shard]]  # read order
     _write_json(os.path.join(out_dir, self.split + INDEX_SUFFIX), index)
     info = {"files": files, "shard_lengths": [len(self.metadata[s]) for s in used],
-            "num_records": len(index)}
+            "num_records": len(index), "layout": self.layout}
     if cine_files:
       info["cine_files"] = cine_files
     return info, index
@@ -318,7 +266,8 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
                   split_fn: Callable[[types.StudyRecord], str],
                   num_shards: int = 1, num_workers: int = 0,
                   writer_options: str = DEFAULT_WRITER_OPTIONS,
-                  log_every_s: float = 10.0, cine_shards: bool = True) -> BuildSummary:
+                  log_every_s: float = 10.0, cine_shards: bool = True,
+                  pixels_twice: bool = False) -> BuildSummary:
   """Preprocesses studies in parallel and writes sharded ArrayRecord splits.
 
   Workers load and preprocess items (in item order, so the output is deterministic); this
@@ -337,8 +286,11 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
     num_workers: worker processes; 0 builds in this process.
     writer_options: ArrayRecord writer options; keep group_size:1 for random access.
     log_every_s: seconds between progress log lines.
-    cine_shards: also write the per-cine shards (module docstring): pre-training then reads
-      one cine per clip instead of the whole study, for twice the disk.
+    cine_shards: write the per-cine shards (module docstring): pre-training then reads one cine
+      per clip instead of the whole study. The pixels go there only (layout "cines"; the study
+      shards hold the headers); False writes whole records only (layout "whole").
+    pixels_twice: with cine_shards, also keep the whole records in the study shards (layout
+      "whole", the pixels stored twice: how datasets were built before 2026-12).
 
   Returns:
     The summary; dataset_info.json holds the same plus per-split details.
@@ -349,6 +301,7 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
     raise ValueError(f"{out_dir}: datasets are built in a local folder; copy it to the bucket "
                      "afterwards (e.g. gcloud storage cp -r)")
   build_items = as_build_items(items)
+  layout = LAYOUT_CINES if cine_shards and not pixels_twice else LAYOUT_WHOLE
   os.makedirs(out_dir, exist_ok=True)
   staging = os.path.join(out_dir, f".incomplete-{os.getpid()}")
   os.makedirs(staging, exist_ok=True)
@@ -380,7 +333,7 @@ def build_dataset(items: collections.abc.Iterable[Any], out_dir: str, *,
         first_of_checksum[record.checksum] = record.study_id
         if split not in writers:
           writers[split] = _SplitWriter(staging, split, num_shards, writer_options,
-                                        cine_shards)
+                                        cine_shards, layout)
         writers[split].write(record)
     now = time.monotonic()
     if now - last_log >= log_every_s or done == total:
@@ -430,6 +383,22 @@ def read_dataset_info(data_dir: str) -> dict[str, Any]:
   return files.read_json(path)
 
 
+def split_layout(data_dir: str, split: str, split_info: dict[str, Any]) -> str:
+  """A split's layout (`LAYOUTS`; "whole" when not recorded).
+
+  Raises:
+    ValueError: an unknown layout, or "cines" without per-cine shards, naming dataset_info.json.
+  """
+  layout = split_info.get("layout", LAYOUT_WHOLE)
+  where = files.join(data_dir, DATASET_INFO)
+  if layout not in LAYOUTS:
+    raise ValueError(f"{where}: split {split!r} has layout {layout!r}, unknown to this reader "
+                     f"(it reads {', '.join(LAYOUTS)}): update cmr_jax")
+  if layout == LAYOUT_CINES and not split_info.get("cine_files"):
+    raise ValueError(f"{where}: split {split!r} has layout {layout!r} but no cine_files")
+  return layout
+
+
 def load_index(data_dir: str, split: str) -> list[dict[str, Any]]:
   """Reads the per-record metadata of a split, in read order."""
   return files.read_json(files.join(data_dir, split + INDEX_SUFFIX))
@@ -464,6 +433,7 @@ class StudySource(grain.sources.RandomAccessDataSource):
       raise KeyError(f"split {split!r} not in {data_dir}; it has {sorted(info['splits'])}")
     split_info = info["splits"][split]
     self._split = split
+    self._layout = split_layout(data_dir, split, split_info)
     self._paths = [files.join(data_dir, f) for f in split_info["files"]]
     self._starts = np.cumsum([0] + split_info["shard_lengths"])  # [num_shards + 1]
     # array_record opens local files only: shards at a URL are staged on this host first.
@@ -495,6 +465,9 @@ class StudySource(grain.sources.RandomAccessDataSource):
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"record {index} out of range for split {self._split} of {len(self)}")
+    if self._layout == LAYOUT_CINES:  # the header and every cine, from the per-cine shards
+      study = self.study_cines(index)
+      return codec.assemble(study.record, [study.cine(i) for i in range(study.record.num_cines)])
     try:
       data = self._source[index]
     except Exception as e:  # array_record raises RuntimeError on hash mismatches and truncation
@@ -503,6 +476,11 @@ class StudySource(grain.sources.RandomAccessDataSource):
       return deserialize_record(data)
     except CorruptRecordError as e:
       raise CorruptRecordError(f"{self._where(index)}: {e}") from e
+
+  @property
+  def layout(self) -> str:
+    """Where the split's pixels are (`LAYOUTS`)."""
+    return self._layout
 
   @property
   def has_cine_shards(self) -> bool:

@@ -248,6 +248,7 @@ class Shard:
   path: str  # relative to the dataset folder
   index: list[dict]  # `records.record_metadata` of its records, in file order
   cine_path: str | None = None  # its per-cine shard (`records.CINE_SHARD_PATTERN`), if written
+  layout: str = records.LAYOUT_WHOLE  # `records.LAYOUTS`: "cines" when its pixels are there only
 
 
 def write_catalogue(output: str, shards: Sequence[Shard], cfg: preprocess.PreprocessConfig, *,
@@ -282,8 +283,15 @@ def write_catalogue(output: str, shards: Sequence[Shard], cfg: preprocess.Prepro
         "sites": dict(sorted(collections.Counter(m["site"] for m in index).items())),
         "subjects": len({m["subject_id"] for m in index}),
         "labelled": sum(m["lvef"] is not None for m in index)}
-    if all(s.cine_path for s in by_split[split]):  # pre-training reads single cines
+    has_cines = all(s.cine_path for s in by_split[split])
+    if has_cines:  # pre-training reads single cines
       splits_info[split]["cine_files"] = [s.cine_path for s in by_split[split]]
+    # Shards of either layout with per-cine shards read the same from those: "cines" then.
+    cines_only = [s.path for s in by_split[split] if s.layout == records.LAYOUT_CINES]
+    if cines_only and not has_cines:
+      raise ValueError(f"split {split}: shards without per-cine shards cannot join {cines_only[0]}"
+                       ", whose pixels are in its per-cine shard only: rebuild with --overwrite")
+    splits_info[split]["layout"] = records.LAYOUT_CINES if cines_only else records.LAYOUT_WHOLE
     label_stats[split] = records.label_stats(index)
     for m in index:
       if m["checksum"] in first_of_checksum:
@@ -317,8 +325,9 @@ def _merge_parts(output: str, part_indices: Sequence[int], cfg: preprocess.Prepr
       metadata = records.load_index(part, split)
       starts = np.cumsum([0] + split_info["shard_lengths"])
       cine_files = split_info.get("cine_files", [None] * len(split_info["files"]))
+      layout = records.split_layout(part, split, split_info)
       shards += [Shard(split, os.path.join(rel, name), metadata[starts[i]:starts[i + 1]],
-                       cine and os.path.join(rel, cine))
+                       cine and os.path.join(rel, cine), layout)
                  for i, (name, cine) in enumerate(zip(split_info["files"], cine_files))]
   return write_catalogue(
       output, shards, cfg, num_items=num_items, skipped=skipped, skipped_cines=skipped_cines,
