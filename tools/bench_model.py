@@ -12,7 +12,9 @@ to the first setting. A SETTING is an MViT pooling-tap loop (`MViTConfig.pool_lo
 looped, auto), optionally `+scan` (`MViTConfig.scan_blocks`): the issue-15 comparison is
 `--pool_loop=unrolled --compare=looped,looped+scan`.
 --peer times PyTorch's MViT on the same step in the same run, alternating with the JAX step, and
-reports the clips/s ratio; --threads gives both sides the same CPU thread count (PyTorch's
+reports the clips/s ratio; the peer runs in a child process of its own (`speed.PeerProcess`), so
+that each framework steps alone (--nopeer_process: in this process, where the two share threads
+and heap and the JAX step ran 1.4x slower on the 2-core CPU); --threads gives both sides the same CPU thread count (PyTorch's
 intra-op threads; for XLA, the process's CPU affinity, which sizes its thread pool).
 --peer_compile runs the peer `torch.compile`d (falling back to eager mode, with the reason in the
 JSON, if compilation fails or exceeds --peer_compile_timeout_s); with --dtype=bfloat16 the peer
@@ -58,10 +60,16 @@ _COMPILE_ROUNDS = flags.DEFINE_integer("compile_rounds", 2,
                                        "compiles of each setting with --compare, alternating")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per round")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "timing rounds (alternating between the steps)")
+_ROUND_WARMUP = flags.DEFINE_integer("round_warmup", 1,
+                                     "untimed calls that open each step's turn in a round (a "
+                                     "step right after another program's is not steady)")
 _PEER = flags.DEFINE_bool("peer", False, "also time PyTorch's MViT on the same step")
 _PEER_COMPILE = flags.DEFINE_bool("peer_compile", False, "torch.compile the peer")
 _PEER_COMPILE_TIMEOUT = flags.DEFINE_float("peer_compile_timeout_s", 900.0,
                                            "give up torch.compile after this long")
+_PEER_PROCESS = flags.DEFINE_bool("peer_process", True,
+                                  "run the peer in a child process of its own (each framework "
+                                  "alone while it steps); --nopeer_process: in this process")
 _THREADS = flags.DEFINE_integer("threads", None,
                                 "CPU threads of both sides (default: every core this process has)")
 
@@ -127,12 +135,14 @@ def main() -> None:
     fn()  # warm-up
   peer = None
   if _PEER.value:
-    peer = speed.TorchStep(config, video, labels, threads=_THREADS.value,
-                           bfloat16=_DTYPE.value == "bfloat16", compile_model=_PEER_COMPILE.value,
-                           compile_timeout_s=_PEER_COMPILE_TIMEOUT.value)
+    peer_options = dict(threads=_THREADS.value, bfloat16=_DTYPE.value == "bfloat16",
+                        compile_model=_PEER_COMPILE.value,
+                        compile_timeout_s=_PEER_COMPILE_TIMEOUT.value)
+    peer_class = speed.PeerProcess if _PEER_PROCESS.value else speed.TorchStep
+    peer = peer_class(config, video, labels, **peer_options)
     peer()  # warm-up
     timers["peer"] = peer
-  medians = speed.alternate(timers, _STEPS.value, _ROUNDS.value)
+  medians = speed.alternate(timers, _STEPS.value, _ROUNDS.value, _ROUND_WARMUP.value)
   step_s = medians[f"jax_{_name(settings[0])}"]
   achieved = jax_step.step_flops / step_s / 1e12
   peak = speed.peak_bf16_tflops(device.device_kind) if _DTYPE.value == "bfloat16" else None
@@ -171,9 +181,11 @@ def main() -> None:
                       "clips_per_s": round(batch / peer_s, 3)}
     result["jax_over_peer_clips_per_s"] = round(peer_s / step_s, 3)
     print(f"jax {step_s:.3f} s/step, peer {peer_s:.3f} s/step: jax/peer clips/s = "
-          f"{peer_s / step_s:.3f}x ({jax_threads} XLA cores, {peer.torch.get_num_threads()} "
+          f"{peer_s / step_s:.3f}x ({jax_threads} XLA cores, {peer.describe()['threads']} "
           "torch threads)")
   print(json.dumps(result))
+  if isinstance(peer, speed.PeerProcess):
+    peer.close()
 
 
 if __name__ == "__main__":

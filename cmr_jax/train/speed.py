@@ -296,7 +296,73 @@ class TorchStep:
             "threads": self.torch.get_num_threads(), "autocast_bf16": self.autocast,
             "torch_compile": self.compiled,
             "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
-            "compile_error": self.compile_error}
+            "compile_error": self.compile_error, "process": "same"}
+
+
+class PeerProcess:
+  """A `TorchStep` in a child process of its own, called like one.
+
+  Timing the peer in the benchmark's own process makes the two frameworks share one allocator and
+  their thread pools: on the 2-core CPU that slowed the JAX step from 5.1 to 7.0-7.6 s per step
+  (MViT-B, batch 2; PyTorch's OpenMP threads spinning and the shared heap), which is not the
+  peer's doing nor ours. Here each side runs alone while the other waits; a call blocks until the
+  child's step is done (one pipe round trip, well under a millisecond, is in the time).
+
+  Attributes:
+    info: the child's `TorchStep.describe()`.
+  """
+
+  def __init__(self, config: MViTConfig, video: np.ndarray, labels: np.ndarray, **options: Any):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's JAX state
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=_serve_peer, args=(child, config, video, labels, options),
+                                    daemon=True)
+    self._process.start()
+    child.close()
+    self.info = self._ask("describe")
+
+  def _ask(self, command: str) -> Any:
+    self._conn.send(command)
+    try:
+      ok, value = self._conn.recv()
+    except EOFError as e:
+      raise RuntimeError(f"the PyTorch peer process died (exit code {self._process.exitcode})") from e
+    if not ok:
+      raise RuntimeError(f"the PyTorch peer process failed: {value}")
+    return value
+
+  def __call__(self) -> None:
+    self._ask("step")
+
+  def describe(self) -> dict[str, Any]:
+    return {**self.info, "process": "child"}
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      self._conn.send("close")
+      self._process.join(timeout=30)
+    self._conn.close()
+
+
+def _serve_peer(conn: Any, config: MViTConfig, video: np.ndarray, labels: np.ndarray,
+                options: dict[str, Any]) -> None:
+  """The child of `PeerProcess`: builds the `TorchStep` (any error goes back to the parent), then
+  runs a step or describes it on each command until "close"."""
+  try:
+    step = TorchStep(config, video, labels, **options)
+  except Exception as e:  # pylint: disable=broad-except  (reported to the parent, which raises)
+    conn.send((False, f"{type(e).__name__}: {e}"))
+    return
+  while True:
+    command = conn.recv()
+    if command == "close":
+      return
+    try:
+      conn.send((True, step.describe() if command == "describe" else step()))
+    except Exception as e:  # pylint: disable=broad-except
+      conn.send((False, f"{type(e).__name__}: {e}"))
 
 
 def timed(fn: Callable[[], Any], steps: int) -> list[float]:
@@ -310,12 +376,19 @@ def timed(fn: Callable[[], Any], steps: int) -> list[float]:
 
 
 def alternate(steps: Mapping[str, Callable[[], Any]], steps_per_round: int,
-              rounds: int) -> dict[str, float]:
+              rounds: int, warmup: int = 0) -> dict[str, float]:
   """Median seconds per call of each step, timed round-robin (`steps_per_round` calls of each
-  per round) so that load on a shared machine falls on every step alike."""
+  per round) so that load on a shared machine falls on every step alike.
+
+  `warmup` untimed calls open each step's turn in every round: a step's first call after another
+  program's ran is not its steady state (on the 2-core CPU the MViT-B JAX step after a PyTorch
+  step took 7.3 s against 5.3-5.6 s, its kernel-side CPU time 7.2 against 3.0 s, re-faulting
+  the memory the other had used), and training runs its steps back to back.
+  """
   times: dict[str, list[float]] = {name: [] for name in steps}
   for r in range(rounds):
     for name, fn in steps.items():
+      timed(fn, warmup)
       times[name] += timed(fn, steps_per_round)
     logging.info("round %d/%d: %s", r + 1, rounds,
                  ", ".join(f"{n} {statistics.median(t):.3f} s/step" for n, t in times.items()))
