@@ -177,7 +177,7 @@ def main() -> None:
             f"{row['step_s_over_first']:.3f}")
   if peer is not None:
     peer_s = medians["peer"]
-    result["peer"] = {**peer.describe(), "step_s": round(peer_s, 4),
+    result["peer"] = {"own_process": False, **peer.describe(), "step_s": round(peer_s, 4),
                       "clips_per_s": round(batch / peer_s, 3)}
     result["jax_over_peer_clips_per_s"] = round(peer_s / step_s, 3)
     print(f"jax {step_s:.3f} s/step, peer {peer_s:.3f} s/step: jax/peer clips/s = "

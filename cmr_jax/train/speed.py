@@ -296,7 +296,7 @@ class TorchStep:
             "threads": self.torch.get_num_threads(), "autocast_bf16": self.autocast,
             "torch_compile": self.compiled,
             "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
-            "compile_error": self.compile_error, "process": "same"}
+            "compile_error": self.compile_error}
 
 
 class PeerProcess:
@@ -337,7 +337,7 @@ class PeerProcess:
     self._ask("step")
 
   def describe(self) -> dict[str, Any]:
-    return {**self.info, "process": "child"}
+    return {**self.info, "own_process": True}
 
   def close(self) -> None:
     if self._process.is_alive():
