@@ -14,11 +14,12 @@ __version__ = "0.1.0"
 DEFAULT_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
-def _default_xla_flags() -> None:
-  flags = _os.environ.get("XLA_FLAGS", "")
-  extra = [f for f in DEFAULT_XLA_FLAGS if f.split("=")[0] not in flags]
+def add_xla_flags(flags: tuple[str, ...] | list[str]) -> None:
+  """Appends each `--name=value` of `flags` to XLA_FLAGS unless XLA_FLAGS already names it."""
+  current = _os.environ.get("XLA_FLAGS", "")
+  extra = [f for f in flags if f.split("=")[0] not in current]
   if extra:
-    _os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    _os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-_default_xla_flags()
+add_xla_flags(DEFAULT_XLA_FLAGS)

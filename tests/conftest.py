@@ -9,12 +9,11 @@ from absl import flags
 import numpy as np
 import pytest
 
+import cmr_jax
 from cmr_jax.data import types  # imports no jax
 
 # Sharding tests need several devices; on CPU, XLA fakes them. Must be set before jax initialises.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
+cmr_jax.add_xla_flags(["--xla_force_host_platform_device_count=8"])
 # Tests build the same small models many times (fresh jit closures per run): a persistent
 # compilation cache for the session turns every repeat compile into a cache read.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cmr_jax_xla_cache_"))

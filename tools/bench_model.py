@@ -14,8 +14,9 @@ looped, auto), optionally `+scan` (`MViTConfig.scan_blocks`): the issue-15 compa
 --peer times PyTorch's MViT on the same step in the same run, alternating with the JAX step, and
 reports the clips/s ratio; the peer runs in a child process of its own (`speed.PeerProcess`), so
 that each framework steps alone (--nopeer_process: in this process, where the two share threads
-and heap and the JAX step ran 1.4x slower on the 2-core CPU); --threads gives both sides the same CPU thread count (PyTorch's
-intra-op threads; for XLA, the process's CPU affinity, which sizes its thread pool).
+and heap and the JAX step ran 1.4x slower on the 2-core CPU); --threads gives both sides the same
+CPU thread count (PyTorch's intra-op threads; for XLA, the process's CPU affinity, which sizes its
+thread pool).
 --peer_compile runs the peer `torch.compile`d (falling back to eager mode, with the reason in the
 JSON, if compilation fails or exceeds --peer_compile_timeout_s); with --dtype=bfloat16 the peer
 runs under bfloat16 autocast.
