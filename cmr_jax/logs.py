@@ -3,7 +3,9 @@ are its own, ending in `logs.run(main)`; library modules define no flags.
 
 `run` parses the absl flags (grain's worker processes need them parsed), refuses positional
 arguments unless the program takes them, keeps absl INFO for our messages while quieting chatty
-libraries, and calls `main()` (or `main(arguments)`), whose return value is the exit status.
+libraries, applies the CPU runtime settings (`cpu_runtime.configure`: synchronous dispatch and a
+heap that keeps its pages, where JAX computes on the CPU), and calls `main()` (or
+`main(arguments)`), whose return value is the exit status.
 """
 
 from collections.abc import Callable
@@ -11,6 +13,8 @@ import logging as py_logging
 
 from absl import app
 from absl import logging
+
+from cmr_jax import cpu_runtime
 
 # Library modules whose INFO lines (per-array checkpoint chatter) drown the training log.
 _QUIET_PATH_PARTS = ("/orbax/", "/jax/_src/", "/grain/")
@@ -41,6 +45,7 @@ def run(main: Callable[..., int | None], *, positional: bool = False) -> None:
     if len(argv) > 1 and not positional:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup()
+    cpu_runtime.configure()
     return main(argv[1:]) if positional else main()
 
   app.run(_main)

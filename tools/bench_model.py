@@ -16,7 +16,8 @@ reports the clips/s ratio; the peer runs in a child process of its own (`speed.P
 that each framework steps alone (--nopeer_process: in this process, where the two share threads
 and heap and the JAX step ran 1.4x slower on the 2-core CPU); --threads gives both sides the same
 CPU thread count (PyTorch's intra-op threads; for XLA, the process's CPU affinity, which sizes its
-thread pool).
+thread pool). The peer's glibc heap gets the settings ours has (`cpu_runtime`: on the CPU our
+programs keep their heap pages) unless --peer_heap=default.
 --peer_compile runs the peer `torch.compile`d (falling back to eager mode, with the reason in the
 JSON, if compilation fails or exceeds --peer_compile_timeout_s); with --dtype=bfloat16 the peer
 runs under bfloat16 autocast.
@@ -35,6 +36,7 @@ import json
 import jax
 from absl import app, flags, logging
 
+from cmr_jax import cpu_runtime
 from cmr_jax import logs
 from cmr_jax.models import layers
 from cmr_jax.models import mvit
@@ -71,6 +73,9 @@ _PEER_COMPILE_TIMEOUT = flags.DEFINE_float("peer_compile_timeout_s", 900.0,
 _PEER_PROCESS = flags.DEFINE_bool("peer_process", True,
                                   "run the peer in a child process of its own (each framework "
                                   "alone while it steps); --nopeer_process: in this process")
+_PEER_HEAP = flags.DEFINE_enum("peer_heap", "same", ["same", "default"],
+                                "the peer process's glibc heap: the same settings as ours "
+                                "(cpu_runtime.keep_heap_pages where applied) or glibc's defaults")
 _THREADS = flags.DEFINE_integer("threads", None,
                                 "CPU threads of both sides (default: every core this process has)")
 
@@ -139,8 +144,11 @@ def main() -> None:
     peer_options = dict(threads=_THREADS.value, bfloat16=_DTYPE.value == "bfloat16",
                         compile_model=_PEER_COMPILE.value,
                         compile_timeout_s=_PEER_COMPILE_TIMEOUT.value)
-    peer_class = speed.PeerProcess if _PEER_PROCESS.value else speed.TorchStep
-    peer = peer_class(config, video, labels, **peer_options)
+    if _PEER_PROCESS.value:
+      same = _PEER_HEAP.value == "same" and cpu_runtime.state().get("heap", False)
+      peer = speed.PeerProcess(config, video, labels, keep_heap_pages=same, **peer_options)
+    else:  # one process, one heap
+      peer = speed.TorchStep(config, video, labels, **peer_options)
     peer()  # warm-up
     timers["peer"] = peer
   medians = speed.alternate(timers, _STEPS.value, _ROUNDS.value, _ROUND_WARMUP.value)
@@ -160,6 +168,7 @@ def main() -> None:
       "step_gflops_per_clip": round(jax_step.step_flops / batch / 1e9, 3),
       "achieved_tflops": round(achieved, 4),
       "peak_bf16_tflops": peak, "mfu": round(achieved / peak, 4) if peak else None,
+      "cpu_runtime": cpu_runtime.state(),
   }
   if len(settings) > 1:
     first = settings[0]

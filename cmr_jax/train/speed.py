@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cmr_jax import cpu_runtime
 from cmr_jax.convert import mvit as convert_mvit
 from cmr_jax.models import registry
 from cmr_jax.models.mvit import KINETICS_MEAN, KINETICS_STD, UINT8_MAX, MViTConfig
@@ -308,16 +309,22 @@ class PeerProcess:
   peer's doing nor ours. Here each side runs alone while the other waits; a call blocks until the
   child's step is done (one pipe round trip, well under a millisecond, is in the time).
 
+  With `keep_heap_pages` the child sets glibc's heap as `cpu_runtime.keep_heap_pages` does (the
+  JAX side's setting in our programs), so that both sides step on the same heap settings; without,
+  the child keeps glibc's defaults.
+
   Attributes:
     info: the child's `TorchStep.describe()`.
   """
 
-  def __init__(self, config: MViTConfig, video: np.ndarray, labels: np.ndarray, **options: Any):
+  def __init__(self, config: MViTConfig, video: np.ndarray, labels: np.ndarray, *,
+               keep_heap_pages: bool = False, **options: Any):
     import multiprocessing  # pylint: disable=g-import-not-at-top
 
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's JAX state
     self._conn, child = context.Pipe()
-    self._process = context.Process(target=_serve_peer, args=(child, config, video, labels, options),
+    self._process = context.Process(target=_serve_peer,
+                                    args=(child, config, video, labels, options, keep_heap_pages),
                                     daemon=True)
     self._process.start()
     child.close()
@@ -347,9 +354,10 @@ class PeerProcess:
 
 
 def _serve_peer(conn: Any, config: MViTConfig, video: np.ndarray, labels: np.ndarray,
-                options: dict[str, Any]) -> None:
-  """The child of `PeerProcess`: builds the `TorchStep` (any error goes back to the parent), then
-  runs a step or describes it on each command until "close"."""
+                options: dict[str, Any], keep_heap_pages: bool = False) -> None:
+  """The child of `PeerProcess`: sets the heap, builds the `TorchStep` (any error goes back to the
+  parent), then runs a step or describes it on each command until "close"."""
+  heap = cpu_runtime.keep_heap_pages() if keep_heap_pages else False
   try:
     step = TorchStep(config, video, labels, **options)
   except Exception as e:  # pylint: disable=broad-except  (reported to the parent, which raises)
@@ -360,7 +368,8 @@ def _serve_peer(conn: Any, config: MViTConfig, video: np.ndarray, labels: np.nda
     if command == "close":
       return
     try:
-      conn.send((True, step.describe() if command == "describe" else step()))
+      conn.send((True, {**step.describe(), "heap_keeps_pages": heap} if command == "describe"
+                    else step()))
     except Exception as e:  # pylint: disable=broad-except
       conn.send((False, f"{type(e).__name__}: {e}"))
 
