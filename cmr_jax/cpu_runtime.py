@@ -13,13 +13,13 @@ same memory in again: ~7.4 million minor page faults and a third of the step's C
 - glibc `mallopt(M_MMAP_MAX, 0)` (no block is served by its own mmap) and `mallopt(M_TRIM_THRESHOLD,
   -1)` (the heap top is never handed back): the pages of one step's buffers serve the next step.
 The resident memory stays at its peak (it does anyway within a step); the values are bit for bit
-the same (`tests/test_cpu_runtime.py`). Each setting alone left the faults; `M_ARENA_MAX=1` with
+the same (`tests/test_speed.py`). Each setting alone left the faults; `M_ARENA_MAX=1` with
 the heap settings also removed them but slowed XLA's compile by ~1.2x (its threads then share one
 heap lock).
 
 Only where JAX will compute on the CPU (`cpu_only`): with an accelerator plugin installed (or
-`JAX_PLATFORMS` naming another platform) nothing is changed. `CMR_JAX_CPU_RUNTIME=default` turns both
-off (jax reads `jax_cpu_enable_async_dispatch` from no environment variable).
+`JAX_PLATFORMS` naming another platform) nothing is changed. `CMR_JAX_CPU_RUNTIME=default` turns
+both off (jax reads `jax_cpu_enable_async_dispatch` from no environment variable).
 """
 
 from __future__ import annotations

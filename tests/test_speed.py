@@ -3,6 +3,7 @@ own, round-robin timing with a warm-up per turn, and the XLA flags cmr_jax sets 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,22 @@ def test_cpu_scheduler_flag_changes_no_value():
     assert out.returncode == 0, out.stderr[-2000:]
     digests.append(out.stdout.strip().splitlines()[-1])
   assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+def test_cpu_runtime_changes_no_value():
+  """Two AdamW steps of the tiny MViT give the same bits with and without `cpu_runtime`'s
+  synchronous dispatch and heap settings."""
+  script = ("import json\nfrom cmr_jax import cpu_runtime\n"
+            "print(json.dumps(cpu_runtime.configure()))\n" + STEP_DIGEST)
+  runs = {}
+  for setting in ("tuned", "default"):
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false", "JAX_PLATFORMS": "cpu",
+           "CMR_JAX_CPU_RUNTIME": setting}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    state, digest = out.stdout.strip().splitlines()[-2:]
+    runs[setting] = (json.loads(state), digest)
+  assert runs["tuned"][0] == {"heap": True, "sync_dispatch": True}
+  assert runs["default"][0] == {"heap": False, "sync_dispatch": False}
+  assert len(runs["tuned"][1]) == 64 and runs["tuned"][1] == runs["default"][1]
