@@ -80,22 +80,19 @@ def keep_heap_pages() -> bool:
   return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
-def _backends_started() -> bool:
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  return bool(getattr(xla_bridge, "_backends", {}))
-
-
 def configure() -> dict[str, bool]:
   """Applies the settings of the module docstring once per process, where they apply; returns
   (and logs) what is in effect: {"heap": ..., "sync_dispatch": ...}."""
   if _applied:
     return dict(_applied)
   import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
 
-  tuned = setting() == "tuned" and cpu_only()
+  chosen = setting()
+  tuned = chosen == "tuned" and cpu_only()
   heap = keep_heap_pages() if tuned else False
   if tuned:
-    if _backends_started():  # the CPU client reads the setting when it is made
+    if xla_bridge.backends_are_initialized():  # the CPU client reads the setting when it is made
       logging.warning("JAX's backends started before cpu_runtime.configure(): dispatch stays "
                       "asynchronous")
     else:
@@ -103,7 +100,7 @@ def configure() -> dict[str, bool]:
   sync = not jax.config.values["jax_cpu_enable_async_dispatch"]
   _applied.update(heap=heap, sync_dispatch=sync)
   logging.info("CPU runtime: heap keeps its pages %s, synchronous dispatch %s (%s=%s)", heap, sync,
-               ENV, setting())
+               ENV, chosen)
   return dict(_applied)
 
 

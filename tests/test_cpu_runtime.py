@@ -18,8 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # With glibc's defaults the block is mmap'd and unmapped on free, so the second write faults every
 # page again; with the heap keeping its pages it reuses them. Then one program run as ours are.
 FAULTS = r"""
-import ctypes, json, resource, sys
-from absl import app
+import ctypes, json, resource
 from cmr_jax import cpu_runtime, logs
 
 def faults_of_second_block():

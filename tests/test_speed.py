@@ -99,19 +99,24 @@ print(digest.hexdigest())
 """
 
 
+def _step_digest(script: str, **env: str) -> list[str]:
+  """The output lines of `script` (STEP_DIGEST, maybe with a prefix) run in a fresh process with
+  the persistent compilation cache off and `env` over this process's environment."""
+  environ = {**{k: v for k, v in os.environ.items() if k not in env},
+             "JAX_ENABLE_COMPILATION_CACHE": "false", **env}
+  out = subprocess.run([sys.executable, "-c", script], env=environ, cwd=REPO,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out.stdout.strip().splitlines()
+
+
 def test_cpu_scheduler_flag_changes_no_value():
   """Two AdamW steps of the tiny MViT give the same bits with XLA's concurrency-optimised CPU
   scheduler on (XLA's default) and off (cmr_jax's default), and the installed jaxlib accepts
   the flag (an unknown XLA flag aborts every program)."""
   (flag,) = cmr_jax.DEFAULT_XLA_FLAGS
-  digests = []
-  for setting in (flag, flag.split("=")[0] + "=true"):
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": setting,
-           "JAX_ENABLE_COMPILATION_CACHE": "false"}
-    out = subprocess.run([sys.executable, "-c", STEP_DIGEST], env=env, cwd=REPO,
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    digests.append(out.stdout.strip().splitlines()[-1])
+  digests = [_step_digest(STEP_DIGEST, XLA_FLAGS=setting)[-1]
+             for setting in (flag, flag.split("=")[0] + "=true")]
   assert len(digests[0]) == 64 and digests[0] == digests[1]
 
 
@@ -122,12 +127,7 @@ def test_cpu_runtime_changes_no_value():
             "print(json.dumps(cpu_runtime.configure()))\n" + STEP_DIGEST)
   runs = {}
   for setting in ("tuned", "default"):
-    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false", "JAX_PLATFORMS": "cpu",
-           "CMR_JAX_CPU_RUNTIME": setting}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    state, digest = out.stdout.strip().splitlines()[-2:]
+    state, digest = _step_digest(script, JAX_PLATFORMS="cpu", CMR_JAX_CPU_RUNTIME=setting)[-2:]
     runs[setting] = (json.loads(state), digest)
   assert runs["tuned"][0] == {"heap": True, "sync_dispatch": True}
   assert runs["default"][0] == {"heap": False, "sync_dispatch": False}
