@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import conftest
+from cmr_jax import inference
 from cmr_jax.data import device_augment
 from cmr_jax.data import pipeline
 from cmr_jax.data import preprocess
@@ -221,6 +222,39 @@ def test_determinism_and_augmentation_varies(source):
   _assert_batches_equal(a, _take(iter(_finetune(source, seed=3)), 3))
   b = _take(iter(_finetune(source, seed=4)), 3)
   assert any((x["video"] != y["video"]).any() for x, y in zip(a, b))
+
+
+def _tta_clips(source, seed=1, eval_augment=True, **kwargs):
+  """{study_id: the clips of its bag} in a test-time augmentation pass with `seed`."""
+  out = {}
+  for b in _finetune(source, train=False, eval_augment=eval_augment, seed=seed, **kwargs):
+    for row in np.flatnonzero(b["valid"]):
+      out[source[int(b["study_index"][row])].study_id] = b["video"][row][b["mask"][row]]
+  return out
+
+
+def test_test_time_augmentation_follows_each_cine_not_its_place(source):
+  """A test-time augmentation pass samples a study alike wherever it sits in the split and with
+  any number of processes, and each cine alike in a bag without one of the others; another pass
+  samples anew."""
+  whole = _tta_clips(source)
+  reversed_split = inference.BagSource([(source[i], None) for i in reversed(range(NUM_STUDIES))])
+  sharded = {}
+  for i in range(3):
+    sharded.update(_tta_clips(source, shard_index=i, shard_count=3))
+  for other in (_tta_clips(reversed_split), sharded):
+    assert other.keys() == whole.keys()
+    for study, clips in whole.items():
+      np.testing.assert_array_equal(other[study], clips)
+  record = source[0]
+  full = whole[record.study_id]
+  subsets = inference.leave_one_out_cines(record.views, record.slice_index, K)
+  assert len(subsets) == len(full)
+  for left_out, cines in enumerate(subsets):
+    (clips,) = _tta_clips(inference.BagSource([(record, cines)])).values()
+    np.testing.assert_array_equal(clips, np.delete(full, left_out, axis=0))
+  for other in (_tta_clips(source, seed=2), _tta_clips(source, eval_augment=False)):
+    assert all((other[s] != whole[s]).any() for s in whole)
 
 
 def test_iterator_resume_is_exact(source, tok):

@@ -209,6 +209,14 @@ def test_split_scores_match_the_runs_validation_errors(predictor, data_dir, run_
   np.testing.assert_allclose([r["lvef"] for r in tta["studies"]], np.mean(passes, axis=0),
                              rtol=1e-5)
   assert tta["model"]["tta_passes"] == 2
+  # A study's numbers (its bag and leave-one-cine-out bags, two passes) do not depend on which
+  # studies are scored with it or where: the augmented draws follow its cines.
+  studies = [source[i] for i in range(len(source))]
+  together = {r.study_id: out["pred"] for r, out in inference.bag_outputs(predictor, studies,
+                                                                          tta=2)}
+  for record in studies[::-2]:
+    ((_, alone),) = inference.bag_outputs(predictor, [record], tta=2)
+    np.testing.assert_allclose(alone["pred"], together[record.study_id], rtol=1e-5)
 
 
 @pytest.mark.parametrize("views, k", [

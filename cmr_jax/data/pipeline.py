@@ -35,6 +35,7 @@ the jitted step makes the clips (`device_augment`), the same draws as on the hos
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, Protocol
 
@@ -312,12 +313,25 @@ class PretrainExample:
     return example
 
 
+def cine_rng(seed: int, frames: np.ndarray) -> np.random.Generator:
+  """The test-time augmentation draws of one stored cine in pass `seed`: keyed by the cine's
+  pixels, so a cine is sampled alike wherever its study sits in a split, with any number of
+  processes, and in every bag that holds it (the full bag and its leave-one-cine-out bags)."""
+  key = hashlib.blake2b(np.ascontiguousarray(frames).tobytes(), digest_size=16).digest()
+  return np.random.default_rng([seed, int.from_bytes(key, "little")])
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneExample:
-  """(index, record) -> fine-tuning bag of up to K cines with mask, view codes and LVEF."""
+  """(index, record) -> fine-tuning bag of up to K cines with mask, view codes and LVEF.
+
+  `tta_seed`: sample each cine with the augmentation from `cine_rng(tta_seed, cine)` (a
+  test-time augmentation pass), not from the rng the pipeline passes.
+  """
 
   clips: ClipMaker
   max_instances: int
+  tta_seed: int | None = None
 
   def __call__(self, element: tuple[int, types.StudyRecord | None],
                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -329,7 +343,9 @@ class FinetuneExample:
     lvef = 0.0
     if record is not None:
       for slot, i in enumerate(bag_indices(record.views, record.slice_index, k)):
-        video[slot] = self.clips(record.frames[i], rng)
+        cine = record.frames[i]
+        video[slot] = self.clips(cine, rng if self.tta_seed is None
+                                 else cine_rng(self.tta_seed, cine))
         mask[slot] = True
         view[slot] = types.VIEW_CODES[record.views[i]]
       lvef = record.lvef
@@ -397,13 +413,11 @@ def _shard_indices(keep: list[int], *, train: bool, batch_size: int, shard_index
 def _dataset(source: Source, indices: tuple[int, ...], example_fn: Any, *, batch_size: int,
              seed: int, train: bool, num_epochs: int | None, worker_count: int,
              read_threads: int, prefetch_buffer_size: int,
-             eval_augment: bool = False, cines: bool = False) -> grain.IterDataset:
+             cines: bool = False) -> grain.IterDataset:
   ds = grain.MapDataset.source(_IndexedSource(source, indices, cines)).seed(seed)
   if train:
     ds = ds.shuffle().repeat(num_epochs).random_map(example_fn)
-  elif eval_augment:
-    ds = ds.repeat(num_epochs or 1).random_map(example_fn)
-  else:
+  else:  # test-time augmentation draws its own keyed rngs (`FinetuneExample.tta_seed`)
     ds = ds.repeat(num_epochs or 1).map(example_fn)
   ds = ds.batch(batch_size, drop_remainder=train)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
@@ -502,8 +516,10 @@ def finetune_dataset(source: Source, *, image_size: int, num_frames: int, batch_
     read_threads: threads per process applying the per-study transform.
     prefetch_buffer_size: examples read ahead per process.
     eval_augment: with train=False, sample every clip with the train-time augmentation
-      `augment`, seeded by `seed` and the study's place in the shard (test-time augmentation:
-      one pass per seed); the order and padding stay those of the deterministic pass.
+      `augment`, seeded by `seed` and the stored cine's pixels (`cine_rng`: test-time
+      augmentation, one pass per seed): a study gets the same clips wherever it sits in the
+      split and however many processes read it; the order and padding stay those of the
+      deterministic pass.
 
   Returns:
     An IterDataset of batches (see the module docstring).
@@ -516,8 +532,9 @@ def finetune_dataset(source: Source, *, image_size: int, num_frames: int, batch_
                  label_fraction=label_fraction, what=what)
   indices = _shard_indices(keep, train=train, batch_size=batch_size, shard_index=shard_index,
                            shard_count=shard_count)
-  example = FinetuneExample(ClipMaker(image_size, num_frames, augment), max_instances)
+  example = FinetuneExample(ClipMaker(image_size, num_frames, augment), max_instances,
+                            tta_seed=seed if eval_augment and not train else None)
   return _dataset(source, indices, example, batch_size=batch_size,
                   seed=_shard_seed(seed, shard_index), train=train, num_epochs=num_epochs,
                   worker_count=worker_count, read_threads=read_threads,
-                  prefetch_buffer_size=prefetch_buffer_size, eval_augment=eval_augment)
+                  prefetch_buffer_size=prefetch_buffer_size)
