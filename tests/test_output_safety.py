@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from cmr_jax import predict
 from cmr_jax.data import records
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
@@ -194,6 +195,17 @@ def test_prediction_files_are_written_atomically(tmp_path):
                        (".", "ending in")):
     with pytest.raises(ValueError, match=problem):
       predict_output.check_writable(str(tmp_path / bad))
+  # --links: a .csv of its own, readable by its owner only, for DICOM inputs only.
+  links = [{"study": "stu-1", "input": "/in", "location": "site/a"}]
+  predict_output.write_links(links, str(tmp_path / "links.csv"))
+  assert (tmp_path / "links.csv").read_text() == "study,input,location\nstu-1,/in,site/a\n"
+  assert os.stat(tmp_path / "links.csv").st_mode & 0o777 == 0o600
+  for kwargs, problem in ((dict(links_path=str(tmp_path / "links.json")), "--links .* ending in"),
+                          (dict(links_path=str(path), output_path=str(path)), "is the --output"),
+                          (dict(links_path=str(tmp_path / "l.csv"), data_dir=str(tmp_path),
+                                inputs=()), "not with --data_dir")):
+    with pytest.raises(ValueError, match=problem):
+      predict.check_arguments(**{"inputs": [str(tmp_path)], **kwargs})
 
 
 @pytest.mark.parametrize("case", [

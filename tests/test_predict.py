@@ -146,13 +146,19 @@ def test_outputs_and_cli_logs_hold_no_identifier(result, inputs, run_dir, tmp_pa
   env.pop("XLA_FLAGS", None)  # one device here, eight where the model was trained
   cli = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "predict.py"), f"--model={run_dir}",
-       f"--output={tmp_path / 'cli.csv'}", "--alsologtostderr", *paths],
+       f"--output={tmp_path / 'cli.csv'}", f"--links={tmp_path / 'links.csv'}",
+       "--alsologtostderr", *paths],
       capture_output=True, text=True, env=env, timeout=300, check=False)
   assert cli.returncode == 0, cli.stderr[-3000:]
   assert "2 of 4 studies predicted, 2 failed" in cli.stdout
   with open(tmp_path / "cli.csv") as f:
     cli_rows = list(csv.DictReader(f))
   assert [r["input"] for r in cli_rows] == paths
+  with open(tmp_path / "links.csv") as f:  # the predicted studies' folders (no row for failures)
+    links = list(csv.DictReader(f))
+  assert [(r["study"], r["input"]) for r in links] == [(r["study"], r["input"])
+                                                      for r in cli_rows[:2]]
+  assert all(r["location"] and not os.path.isabs(r["location"]) for r in links)
   # A random per-run salt: other pseudonyms, the same predictions. The tolerance: another process
   # reads and resamples the DICOM with float differences of ~1e-4 in the encoder's features, and
   # the paper's head at (near) initialisation (x100 output, PyTorch-default init) turns them into
@@ -169,11 +175,37 @@ def test_outputs_and_cli_logs_hold_no_identifier(result, inputs, run_dir, tmp_pa
     for parsed in parse.read_files(files):
       if parsed.dataset is not None:
         secrets.update({parsed.study_uid, parsed.sop_uid, parsed.series.key})
-  texts = {name: (tmp_path / name).read_text() for name in ("rows.json", "rows.csv", "cli.csv")}
+  texts = {name: (tmp_path / name).read_text()
+           for name in ("rows.json", "rows.csv", "cli.csv", "links.csv")}
   texts.update(stdout=cli.stdout, stderr=cli.stderr)
   for where, text in texts.items():
     for secret in secrets:
       assert secret.lower() not in text.lower(), (secret, where)
+
+
+def test_links_tell_apart_the_studies_of_one_folder(predictor, inputs, result, run_dir,
+                                                   tmp_path):
+  """One input holding two studies: two rows with that input, and `links` names the folder of
+  each row's study (the same study as when it is given alone: same pseudonym, same number)."""
+  paths, _ = inputs
+  multi = tmp_path / "multi"
+  shutil.copytree(paths[0], multi / "site_a" / "case_1")
+  shutil.copytree(os.path.join(os.path.dirname(paths[1]), "export", "study_b"),
+                  multi / "site_b" / "study_b")
+  links = []
+  out = predict.predict(predictor, inputs=[str(multi)], salt=SALT, workdir=run_dir, links=links)
+  rows = out["studies"]
+  assert len(rows) == 2 and {r["input"] for r in rows} == {str(multi)}
+  assert all(any(w["code"] == "several_studies" and "--links" in w["message"]
+                 for w in r["warnings"]) for r in rows)
+  where = {link["study"]: link["location"] for link in links}
+  assert set(where) == {r["study"] for r in rows} and all(link["input"] == str(multi)
+                                                           for link in links)
+  alone = {r["study"]: r for r in result["studies"][:2]}
+  assert sorted(where[s].split(os.sep)[:2] for s in alone) == [["site_a", "case_1"],
+                                                                ["site_b", "study_b"]]
+  for row in rows:
+    assert row["lvef"] == pytest.approx(alone[row["study"]]["lvef"], abs=1e-4)
 
 
 def test_cli_fails_only_when_nothing_is_predicted(inputs, run_dir, tmp_path):

@@ -42,6 +42,11 @@ RANDOM_SALT_BYTES = 16
 _MODEL = flags.DEFINE_string("model", None, "Fine-tuning run folder (its best checkpoint).",
                              required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output file: .csv or .json.", required=True)
+_LINKS = flags.DEFINE_string(
+    "links", "", "Also write this .csv: per study, its pseudonym, input and the folder below the "
+    "input that holds its files, to match rows to studies where one input holds several. Folder "
+    "names may name patients: a re-identification key, readable by you only; keep it apart "
+    "from the results.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Score an ingested dataset instead of inputs.")
 _SPLIT = flags.DEFINE_string("split", "test", "The --data_dir split to score.")
 _LAYOUT = flags.DEFINE_enum("layout", layouts.GENERIC, layouts.LAYOUTS,
@@ -78,7 +83,8 @@ def main(inputs: list[str]) -> int:
     if not 0.0 < _LEVEL.value < 1.0:
       raise ValueError(f"--level must be in (0, 1), got {_LEVEL.value}")
     predict.check_arguments(inputs=inputs, data_dir=_DATA_DIR.value, split=_SPLIT.value,
-                            labels=_LABELS.value, output_path=_OUTPUT.value)
+                            labels=_LABELS.value, output_path=_OUTPUT.value,
+                            links_path=_LINKS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   salt = _SALT.value or os.environ.get(pseudonym.SALT_ENV_VAR, "")
@@ -107,15 +113,22 @@ def main(inputs: list[str]) -> int:
     logging.info("model %s: step %d, validation MAE %.2f, RMSE %.2f (%d studies)", _MODEL.value,
                  predictor.best["step"], predictor.best["val_mae"], predictor.best["val_rmse"],
                  predictor.best["val_n"])
+  links: list[dict[str, str]] | None = [] if _LINKS.value else None
   result = predict.predict(predictor, inputs=inputs, data_dir=_DATA_DIR.value,
                            split=_SPLIT.value, salt=salt, layout=_LAYOUT.value,
                            labels=_LABELS.value, loo=_LOO.value, workdir=_MODEL.value,
-                           tta=_TTA.value, limits=limits, level=_LEVEL.value)
+                           tta=_TTA.value, limits=limits, level=_LEVEL.value,
+                           links=links)
   output.write(result, _OUTPUT.value)
+  if _LINKS.value:
+    output.write_links(links, _LINKS.value)
   summary = result["summary"]
   print(output.table(result["studies"]))
   print(f"{summary['predicted']} of {summary['rows']} studies predicted, {summary['failed']} "
         f"failed; written to {_OUTPUT.value}")
+  if _LINKS.value:
+    print(f"the folder of each of {len(links)} studies written to {_LINKS.value} (a "
+          "re-identification key: keep it apart from the results)")
   if "mae" in summary:
     print(f"against {summary['labelled']} reference labels: MAE {summary['mae']:.2f}, RMSE "
           f"{summary['rmse']:.2f}, bias {summary['bias']:+.2f}")

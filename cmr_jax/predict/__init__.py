@@ -15,7 +15,9 @@ read gets a row with the reason and the others carry on. The modules:
 - `output`: the summary, JSON and CSV files, the terminal table.
 
 Privacy: rows and logs carry the input paths the user gave, pseudonyms (HMAC under the given
-salt, or a random per-run salt) and scrubbed series names; never DICOM identifiers.
+salt, or a random per-run salt) and scrubbed series names; never DICOM identifiers. Only when
+asked (`links`, tools/predict.py --links) does it also name the folder below an input that holds
+each study (folder names may name patients): in a file of its own, readable by its owner.
 """
 
 from __future__ import annotations
@@ -55,19 +57,33 @@ def _progress(groups: Iterable[list[inputs_lib.Prepared]], total: int,
       last = now
 
 
+def _noting_links(prepared: Iterable[inputs_lib.Prepared],
+                  links: list[dict[str, str]]) -> Iterator[inputs_lib.Prepared]:
+  for item in prepared:
+    if item.study and item.location:
+      links.append({"study": item.study, "input": item.input, "location": item.location})
+    yield item
+
+
 def check_arguments(*, inputs: Sequence[str] = (), data_dir: str = "", split: str = "test",
-                    labels: str = "", output_path: str = "") -> None:
+                    labels: str = "", output_path: str = "", links_path: str = "") -> None:
   """What tools/predict.py refuses before loading a model or predicting anything.
 
   Raises:
     ValueError (one line): neither or both of inputs and data_dir, an input or labels CSV that
-      does not exist, a data_dir that is not a dataset or lacks the split, an output path that
-      cannot be written (`output.check_writable`).
+      does not exist, a data_dir that is not a dataset or lacks the split, an output or links
+      path that cannot be written (`output.check_writable`), links with a data_dir.
   """
   if bool(inputs) == bool(data_dir):
     raise ValueError("give study folders/zips as arguments, or --data_dir (not both)")
   if output_path:
     output.check_writable(output_path)
+  if links_path:
+    if data_dir:
+      raise ValueError("--links names the folders of DICOM inputs: not with --data_dir")
+    if output_path and os.path.abspath(links_path) == os.path.abspath(output_path):
+      raise ValueError(f"--links {links_path} is the --output file")
+    output.check_writable(links_path, (".csv",), "--links")
   missing = [p for p in inputs if not os.path.lexists(p)]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -88,7 +104,8 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
             split: str = "test", salt: str = "", layout: str = layouts.GENERIC,
             labels: str = "", loo: bool = True, workdir: str = "", tta: int = 1,
             limits: dicom_files.ReadLimits = dicom_files.ReadLimits(),
-            level: float = scoring.DEFAULT_LEVEL) -> dict[str, Any]:
+            level: float = scoring.DEFAULT_LEVEL,
+            links: list[dict[str, str]] | None = None) -> dict[str, Any]:
   """Predicts LVEF for DICOM inputs or for the records of a dataset split.
 
   Args:
@@ -104,6 +121,8 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
     tta: prediction passes averaged per bag (see `scoring.score`).
     level: the intervals' nominal coverage (see `scoring`).
     limits: what one DICOM file may claim or hold (`dicom_files.ReadLimits`).
+    links: a list to extend with {"study", "input", "location"} per study of the DICOM inputs:
+      the folder below its input that holds its files (`output.write_links`); not in the result.
 
   Returns:
     {"model": ..., "interval_method": ..., "warnings": [...], "studies": [rows], "summary": ...},
@@ -131,6 +150,8 @@ def predict(predictor: inference.Predictor, *, inputs: Sequence[str] = (), data_
   model_warnings = model.warnings()
   for w in model_warnings:
     logging.warning("%s", w.message)
+  if links is not None:
+    prepared = _noting_links(prepared, links)
   rows = scoring.score(predictor, prepared, loo=loo, tta=tta, model=model)
   return {
       "model": {"workdir": workdir, "best": model.best, "preprocess": model.preprocess,

@@ -37,6 +37,9 @@ class Prepared:
 
   input: str  # the input path (or dataset split) as given (`files.printable`)
   study: str = ""  # the study's pseudonym
+  # Where below `input` the study's files lie (their common folder, "." for the input itself):
+  # only for tools/predict.py --links, never in rows or logs (folder names may name patients).
+  location: str = ""
   record: types.StudyRecord | None = None
   warnings: list[quality.QualityWarning] = dataclasses.field(default_factory=list)
   error: str = ""
@@ -61,13 +64,21 @@ def _error_text(e: Exception) -> str:
   return f"unexpected {type(e).__name__} (a bug: please report it with the log)"
 
 
+def _location(root: str, spec: layouts.StudySpec) -> str:
+  """The folder below `root` (zips as `<zip>/<folder>`) that holds all of a study's files."""
+  folders = [os.path.dirname(f.relative(root)) for f in spec.files]
+  common = os.path.commonpath(folders) if folders and all(folders) else ""
+  return dicom_files.printable(common or ".")
+
+
 def _prepare_spec(path: str, root: str, spec: layouts.StudySpec,
                   cfg: preprocess.PreprocessConfig, salt: str,
                   common: list[quality.QualityWarning],
                   limits: dicom_files.ReadLimits) -> Prepared:
   """Reads, checks and preprocesses one study discovered below `root`; never raises."""
   study_id, _ = ingest.study_pseudonyms(spec, salt)
-  out = Prepared(dicom_files.printable(path), study_id, warnings=list(common))
+  out = Prepared(dicom_files.printable(path), study_id, warnings=list(common),
+                 location=_location(root, spec))
   loaded = ingest.load_study(spec, salt=salt, root=root, min_frames=cfg.min_frames,
                              limits=limits)
   if loaded.study is None:
@@ -135,7 +146,8 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
         f"{_files(sum(orphans.values()))} below the input in no study ({_counts(orphans)})"))
   if len(discovery.specs) > 1:
     common.append(quality.QualityWarning(
-        "several_studies", f"the input holds {len(discovery.specs)} studies (one row each)"))
+        "several_studies", f"the input holds {len(discovery.specs)} studies (one row each; "
+        "tools/predict.py --links=FILE lists the folder each came from)"))
   return [_prepare_spec(path, root, spec, cfg, salt, common, limits) for spec in discovery.specs]
 
 

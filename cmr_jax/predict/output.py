@@ -16,6 +16,7 @@ import numpy as np
 from cmr_jax.predict import rows as rows_lib
 
 OUTPUT_FORMATS = (".json", ".csv")
+LINK_COLUMNS = ("study", "input", "location")
 CSV_COLUMNS = ("input", "study", "lvef", "interval_low", "interval_high", "lvef_below_40",
                "interval_includes_40", "loo_se", "views", "warnings", "error", "lvef_reference",
                "interval_method")
@@ -57,21 +58,22 @@ def _csv_row(row: dict[str, Any]) -> dict[str, str]:
       "interval_method": row["interval_method"]}
 
 
-def check_writable(path: str) -> None:
-  """Raises ValueError unless `write` can write `path`: a .json or .csv name, in an existing
-  writable folder, not an existing folder or read-only file. Check before predicting."""
+def check_writable(path: str, formats: tuple[str, ...] = OUTPUT_FORMATS,
+                   what: str = "output") -> None:
+  """Raises ValueError unless `write` can write `path`: a name ending in one of `formats`, in an
+  existing writable folder, not an existing folder or read-only file. Check before predicting."""
   ext = os.path.splitext(path)[1].lower()
-  if ext not in OUTPUT_FORMATS:
-    raise ValueError(f"output {path}: expected a name ending in {' or '.join(OUTPUT_FORMATS)}")
+  if ext not in formats:
+    raise ValueError(f"{what} {path}: expected a name ending in {' or '.join(formats)}")
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
-    raise ValueError(f"output {path}: the folder {folder} does not exist")
+    raise ValueError(f"{what} {path}: the folder {folder} does not exist")
   if not os.access(folder, os.W_OK | os.X_OK):
-    raise ValueError(f"output {path}: the folder {folder} is not writable")
+    raise ValueError(f"{what} {path}: the folder {folder} is not writable")
   if os.path.isdir(path):
-    raise ValueError(f"output {path} is a folder")
+    raise ValueError(f"{what} {path} is a folder")
   if os.path.exists(path) and not os.access(path, os.W_OK):
-    raise ValueError(f"output {path} exists and is not writable")
+    raise ValueError(f"{what} {path} exists and is not writable")
 
 
 def write(result: dict[str, Any], path: str) -> None:
@@ -81,17 +83,36 @@ def write(result: dict[str, Any], path: str) -> None:
   earlier file at `path` as it was and no temporary file behind.
   """
   check_writable(path)
-  ext = os.path.splitext(path)[1].lower()
+  if os.path.splitext(path)[1].lower() == ".json":
+    _write_atomic(path, lambda f: json.dump(result, f, indent=1, allow_nan=False))
+  else:
+    _write_atomic(path, lambda f: _write_csv(f, CSV_COLUMNS,
+                                             (_csv_row(r) for r in result["studies"])))
+
+
+def write_links(links: list[dict[str, str]], path: str) -> None:
+  """Writes `predict`'s links (study pseudonym, input, location: the folder below the input
+  holding the study's files) as CSV, readable by the owner only (folder names may name
+  patients: a re-identification key, kept apart from the results). Atomic as `write`."""
+  check_writable(path, (".csv",), "--links")
+  _write_atomic(path, lambda f: _write_csv(f, LINK_COLUMNS, links), mode=0o600)
+
+
+def _write_csv(f, columns: tuple[str, ...], rows) -> None:
+  writer = csv.DictWriter(f, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+
+
+def _write_atomic(path: str, write_to, mode: int = 0o666) -> None:
+  """`write_to(file)` into a temporary file in the folder of `path`, renamed over `path`: a
+  failure leaves an earlier file at `path` as it was and no temporary file behind."""
   tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                      f".{os.path.basename(path)}.{os.getpid()}.tmp")
   try:
-    with open(tmp, "w", newline="") as f:
-      if ext == ".json":
-        json.dump(result, f, indent=1, allow_nan=False)
-      else:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(_csv_row(r) for r in result["studies"])
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w",
+                   newline="") as f:
+      write_to(f)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
