@@ -37,12 +37,12 @@ class Prepared:
 
   input: str  # the input path (or dataset split) as given (`files.printable`)
   study: str = ""  # the study's pseudonym
-  # Where below `input` the study's files lie (their common folder, "." for the input itself):
-  # only for tools/predict.py --links, never in rows or logs (folder names may name patients).
-  location: str = ""
   record: types.StudyRecord | None = None
   warnings: list[quality.QualityWarning] = dataclasses.field(default_factory=list)
   error: str = ""
+  # Where below `input` the study's files lie (their common folder, "." for the input itself):
+  # only for tools/predict.py --links, never in rows or logs (folder names may name patients).
+  location: str = ""
 
 
 def _files(n: int) -> str:
