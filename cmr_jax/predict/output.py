@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cmr_jax import files
 from cmr_jax.predict import rows as rows_lib
 
 OUTPUT_FORMATS = (".json", ".csv")
@@ -79,15 +81,15 @@ def check_writable(path: str, formats: tuple[str, ...] = OUTPUT_FORMATS,
 def write(result: dict[str, Any], path: str) -> None:
   """Writes a `predict` result as JSON (everything) or CSV (one line per row), by extension.
 
-  Atomic: a temporary file in the same folder is renamed over `path`, so a failure leaves an
-  earlier file at `path` as it was and no temporary file behind.
+  Atomic (`files.write_text`): a failure leaves an earlier file at `path` as it was and no
+  temporary file behind.
   """
   check_writable(path)
   if os.path.splitext(path)[1].lower() == ".json":
-    _write_atomic(path, lambda f: json.dump(result, f, indent=1, allow_nan=False))
+    text = json.dumps(result, indent=1, allow_nan=False)
   else:
-    _write_atomic(path, lambda f: _write_csv(f, CSV_COLUMNS,
-                                             (_csv_row(r) for r in result["studies"])))
+    text = _csv_text(CSV_COLUMNS, (_csv_row(r) for r in result["studies"]))
+  files.write_text(path, text, newline="")
 
 
 def write_links(links: list[dict[str, str]], path: str) -> None:
@@ -95,29 +97,16 @@ def write_links(links: list[dict[str, str]], path: str) -> None:
   holding the study's files) as CSV, readable by the owner only (folder names may name
   patients: a re-identification key, kept apart from the results). Atomic as `write`."""
   check_writable(path, (".csv",), "--links")
-  _write_atomic(path, lambda f: _write_csv(f, LINK_COLUMNS, links), mode=0o600)
+  files.write_text(path, _csv_text(LINK_COLUMNS, links), newline="",
+                   opener=lambda name, flags: os.open(name, flags, 0o600))
 
 
-def _write_csv(f, columns: tuple[str, ...], rows) -> None:
-  writer = csv.DictWriter(f, fieldnames=columns)
+def _csv_text(columns: tuple[str, ...], rows) -> str:
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
   writer.writeheader()
   writer.writerows(rows)
-
-
-def _write_atomic(path: str, write_to, mode: int = 0o666) -> None:
-  """`write_to(file)` into a temporary file in the folder of `path`, renamed over `path`: a
-  failure leaves an earlier file at `path` as it was and no temporary file behind."""
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                     f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w",
-                   newline="") as f:
-      write_to(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  return text.getvalue()
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
