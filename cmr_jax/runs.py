@@ -29,6 +29,7 @@ import numpy as np
 from cmr_jax import checkpoint as checkpoint_lib
 from cmr_jax import files
 from cmr_jax.convert import converted
+from cmr_jax.data import preprocess as preprocess_lib
 from cmr_jax.data import tokenizer as tokenizer_lib
 from cmr_jax.models import registry
 from cmr_jax.models import stacking
@@ -88,7 +89,7 @@ def save_preprocess(preprocess: dict[str, Any], workdir: str) -> None:
 
 def read_preprocess(workdir: str) -> dict[str, Any]:
   """The preprocessing config (a `PreprocessConfig.from_dict` mapping) a run was trained with."""
-  return files.read_json(files.join(workdir, PREPROCESS_JSON))
+  return preprocess_lib.with_legacy_defaults(files.read_json(files.join(workdir, PREPROCESS_JSON)))
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:

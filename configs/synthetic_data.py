@@ -33,7 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       matrix=112,  # rendered matrix
   )
   # Stored form: 64 px at 2.75 mm (176 mm field of view about the heart), 16 frames per cycle.
-  config.preprocess = dict(size=64, spacing_mm=2.75, num_frames=16)
+  # orientation: each cine rotated in its plane to one anatomical layout (long-axis views apex
+  # down, short-axis slices anterior up), as tools/ingest.py stores DICOM by default.
+  config.preprocess = dict(size=64, spacing_mm=2.75, num_frames=16, orientation="anatomical")
   config.num_shards = 4
   config.num_workers = 2
   config.num_previews = 4

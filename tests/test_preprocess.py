@@ -163,3 +163,165 @@ def test_config_from_dict_round_trip():
     preprocess.PreprocessConfig.from_dict({"sise": 3})
   with pytest.raises(ValueError, match="center"):
     preprocess.PreprocessConfig(center="heart")
+  with pytest.raises(ValueError, match="orientation"):
+    preprocess.PreprocessConfig(orientation="radiological")
+
+
+# --- Anatomical in-plane layout -------------------------------------------------------------
+
+_SPACING = 1.5
+_SHAPE = 96  # square cines, 144 mm
+
+
+def _unit(v) -> np.ndarray:
+  v = np.asarray(v, np.float64)
+  return v / np.linalg.norm(v)
+
+
+def _plane_cine(view: str, normal: np.ndarray, intensity, *, angle_deg: float = 0.0,
+                mirror: bool = False, reference: np.ndarray = types.ANTERIOR_LPS,
+                centre: np.ndarray = np.zeros(3), slice_index: int = -1) -> types.Cine:
+  """A 12-frame cine of the plane through `centre` normal to `normal`, rendered from
+  `intensity(points [T?, ..., 3], frame) -> values`, with the scanner's row direction turned by
+  `angle_deg` in plane (and the column direction reversed when `mirror`)."""
+  normal = _unit(normal)
+  up = _unit(reference - (reference @ normal) * normal)
+  base_row = np.cross(normal, up)  # any in-plane basis; the angle turns it
+  angle = math.radians(angle_deg)
+  col_dir = math.cos(angle) * base_row + math.sin(angle) * up  # increasing column index
+  row_dir = np.cross(normal, col_dir)  # increasing row index: col x row = normal
+  if mirror:
+    row_dir = -row_dir
+  half = (_SHAPE - 1) / 2.0
+  position = centre - half * _SPACING * (col_dir + row_dir)
+  index = np.arange(_SHAPE) * _SPACING
+  points = (position + index[:, None, None] * row_dir + index[None, :, None] * col_dir)
+  frames = np.stack([intensity(points, t) for t in range(12)]).astype(np.float32)
+  return types.Cine(frames=frames, pixel_spacing=(_SPACING, _SPACING), view=view,
+                    slice_index=slice_index, image_position=position,
+                    image_orientation=np.concatenate([col_dir, row_dir]),
+                    slice_position_mm=float(centre @ normal))
+
+
+def _disk(points: np.ndarray, where: np.ndarray, radius_mm: float) -> np.ndarray:
+  return (np.linalg.norm(points - where, axis=-1) < radius_mm).astype(np.float64)
+
+
+def _short_axis_scene(normal: np.ndarray):
+  """A beating disk at the origin, a static marker 35 mm anterior of it and a dimmer one 35 mm to
+  its side (both in the plane), on a dim background."""
+  anterior = _unit(types.ANTERIOR_LPS - (types.ANTERIOR_LPS @ normal) * normal)
+  left = _unit(np.cross(anterior, normal))
+  def intensity(points, t):
+    radius = 14.0 - 5.0 * math.sin(math.pi * t / 12.0)
+    return (100.0 + 500.0 * _disk(points, np.zeros(3), radius)
+            + 400.0 * _disk(points, 35.0 * anterior, 9.0) + 300.0 * _disk(points, 35.0 * left, 6.0))
+  return intensity, anterior, left
+
+
+ORIENT_CFG = preprocess.PreprocessConfig(size=48, spacing_mm=2.5, num_frames=12, center="image")
+
+
+@pytest.mark.parametrize("angle_deg,mirror", [(90.0, False), (37.0, False), (200.0, False),
+                                              (63.0, True)])
+def test_anatomical_layout_undoes_the_scanners_in_plane_rotation(angle_deg, mirror):
+  normal = types.APEX_DIRECTION_LPS
+  intensity, _, _ = _short_axis_scene(normal)
+  upright = _plane_cine(types.SAX, normal, intensity, slice_index=0)
+  turned = _plane_cine(types.SAX, normal, intensity, angle_deg=angle_deg, mirror=mirror,
+                       slice_index=0)
+  want = preprocess.preprocess_cine(upright, ORIENT_CFG).astype(np.float64)
+  got = preprocess.preprocess_cine(turned, ORIENT_CFG).astype(np.float64)
+  if mirror:  # a rotation never mirrors: the mirrored scan comes out mirrored left-right
+    got = got[:, :, ::-1]
+  # The same picture up to resampling at other positions (edges move by a fraction of a pixel).
+  assert np.abs(got - want).mean() < 1.5  # measured 0-0.94 grey levels
+  scanner = dataclasses.replace(ORIENT_CFG, orientation="scanner")
+  as_scanned = preprocess.preprocess_cine(turned, scanner).astype(np.float64)
+  assert np.abs((as_scanned[:, :, ::-1] if mirror else as_scanned) - want).mean() > 5.0  # 7-10
+
+
+def _band_centroid(image: np.ndarray, lo: int, hi: int, min_radius_px: float) -> np.ndarray:
+  """Centroid of the pixels within [lo, hi] grey levels, away from the image centre."""
+  rows, cols = np.indices(image.shape)
+  middle = (image.shape[0] - 1) / 2.0
+  far = np.hypot(rows - middle, cols - middle) > min_radius_px
+  return _centroid((image >= lo) & (image <= hi) & far)
+
+
+def test_short_axis_slices_come_out_anterior_up():
+  normal = _unit([0.6, -0.5, -0.62])
+  intensity, _, _ = _short_axis_scene(normal)
+  middle = (ORIENT_CFG.size - 1) / 2.0
+  for angle, mirror in ((128.0, False), (-70.0, True)):
+    out = preprocess.preprocess_cine(_plane_cine(types.SAX, normal, intensity, angle_deg=angle,
+                                                 mirror=mirror, slice_index=0), ORIENT_CFG)
+    # Grey levels: background 0, beating disk 255, anterior marker ~204, left marker ~153.
+    anterior = _band_centroid(out[0], 185, 225, 9.0)
+    assert anterior[0] < middle - 11 and abs(anterior[1] - middle) < 2, (angle, anterior)
+    left = _band_centroid(out[0], 135, 170, 9.0)
+    assert abs(left[0] - middle) < 3.5 and abs(left[1] - middle) > 11, (angle, left)
+
+
+def test_long_axis_views_come_out_apex_down_along_the_stack_axis():
+  # A long axis 30 degrees off the typical one: the stack's normal, not the typical axis, decides.
+  axis = _unit([0.2, -0.35, -0.92])
+  apex_marker = 40.0 * axis
+  base_marker = -30.0 * axis
+  def intensity(points, t):
+    radius = 14.0 - 5.0 * math.sin(math.pi * t / 12.0)
+    return (100.0 + 500.0 * _disk(points, np.zeros(3), radius)
+            + 400.0 * _disk(points, apex_marker, 8.0) + 250.0 * _disk(points, base_marker, 8.0))
+  sax = [_plane_cine(types.SAX, -axis if k % 2 else axis, intensity, centre=(k * 10.0 - 20.0) * axis,
+                     angle_deg=11.0 * k, slice_index=k) for k in range(5)]  # normals either sign
+  across = _unit(np.cross(axis, [1.0, 0.0, 0.0]))
+  lax_normal = np.cross(axis, across)
+  for angle in (0.0, 75.0, 180.0, 290.0):
+    lax = _plane_cine(types.LAX_4CH, lax_normal, intensity, angle_deg=angle, reference=axis)
+    study = types.Study(study_id="s", subject_id="p", site="t", cines=sax + [lax], lvef=50.0,
+                        edv=100.0, esv=50.0, report="")
+    record = preprocess.preprocess_study(study, ORIENT_CFG)
+    out = record.frames[record.views.index(types.LAX_4CH)][0]
+    middle = (ORIENT_CFG.size - 1) / 2.0
+    apex = _band_centroid(out, 185, 225, 9.0)  # grey levels ~204 and ~127
+    base = _band_centroid(out, 110, 145, 9.0)
+    assert apex[0] > middle + 10 and abs(apex[1] - middle) < 3, (angle, apex)
+    assert base[0] < middle - 6 and abs(base[1] - middle) < 3, (angle, base)
+
+
+def test_anatomical_layout_of_an_upright_scan_is_the_scanner_layout():
+  normal = types.APEX_DIRECTION_LPS
+  intensity, _, _ = _short_axis_scene(normal)
+  upright = _plane_cine(types.SAX, normal, intensity, slice_index=0)
+  motion = dataclasses.replace(ORIENT_CFG, center="motion", spacing_mm=2.1)
+  for cfg in (ORIENT_CFG, motion):
+    anatomical = preprocess.preprocess_cine(upright, cfg).astype(np.int16)
+    scanner = preprocess.preprocess_cine(
+        upright, dataclasses.replace(cfg, orientation="scanner")).astype(np.int16)
+    assert np.abs(anatomical - scanner).max() <= 1
+
+
+def test_cines_without_geometry_keep_the_scanner_layout():
+  rng = np.random.default_rng(3)
+  cine = conftest.disk_cine(rng, view=types.LAX_2CH, shape=(60, 70), spacing=(1.5, 1.5),
+                            center_rc=(20.0, 40.0), radius_mm=8.0)
+  assert cine.image_orientation is None
+  np.testing.assert_array_equal(
+      preprocess.preprocess_cine(cine, ORIENT_CFG),
+      preprocess.preprocess_cine(cine, dataclasses.replace(ORIENT_CFG, orientation="scanner")))
+
+
+def test_stored_configs_from_before_orientation_read_as_scanner_layout(tmp_path):
+  from cmr_jax import runs
+  from cmr_jax.data import records
+  old = {k: v for k, v in preprocess.PreprocessConfig(size=64).to_dict().items()
+         if k != "orientation"}
+  (tmp_path / records.DATASET_INFO).write_text(__import__("json").dumps({"preprocess": old}))
+  assert records.read_dataset_info(str(tmp_path))["preprocess"]["orientation"] == "scanner"
+  records.check_preprocess(str(tmp_path), preprocess.PreprocessConfig(size=64,
+                                                                      orientation="scanner"))
+  with pytest.raises(ValueError, match="orientation: scanner vs model anatomical"):
+    records.check_preprocess(str(tmp_path), preprocess.PreprocessConfig(size=64))
+  (tmp_path / runs.PREPROCESS_JSON).write_text(__import__("json").dumps(old))
+  assert preprocess.PreprocessConfig.from_dict(
+      runs.read_preprocess(str(tmp_path))).orientation == "scanner"

@@ -51,6 +51,10 @@ _SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards per split within a part.
 _SIZE = flags.DEFINE_integer("size", _DEFAULTS.size, "Stored square side in pixels.")
 _SPACING = flags.DEFINE_float("spacing_mm", _DEFAULTS.spacing_mm, "Stored mm per pixel.")
 _FRAMES = flags.DEFINE_integer("frames", _DEFAULTS.num_frames, "Stored frames per cycle.")
+_ORIENTATION = flags.DEFINE_enum(
+    "orientation", _DEFAULTS.orientation, preprocess.ORIENTATIONS,
+    "Stored in-plane layout: anatomical (long-axis views apex down, short-axis slices anterior "
+    "up, from the DICOM plane geometry) or scanner (rows and columns as acquired).")
 _PATH_KEY = flags.DEFINE_string(
     "path_key", "", "Optional private CSV (outside --output) mapping file pseudonyms to paths.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild instead of resuming.")
@@ -110,7 +114,7 @@ def main() -> None:
   if salt == pseudonym.DEMO_SALT:
     logging.warning("using the public demo salt: pseudonyms are NOT protected (demo data only)")
   cfg = dataclasses.replace(_DEFAULTS, size=_SIZE.value, spacing_mm=_SPACING.value,
-                            num_frames=_FRAMES.value)
+                            num_frames=_FRAMES.value, orientation=_ORIENTATION.value)
   try:
     limits = dicom_files.ReadLimits(
         max_file_bytes=_MAX_FILE_BYTES.value, max_frame_pixels=_MAX_FRAME_PIXELS.value,

@@ -12,6 +12,16 @@ that it also low-pass filters (the same weights as `jax.image.scale_and_translat
 method="linear", antialias=True)`). Resampling, anti-aliasing, cropping and zero padding are then
 two banded matrix products, applied as sparse products (see `apply_along_first`).
 
+With `orientation="anatomical"` (the default) every cine with plane geometry is resampled in its own
+plane about its crop centre along anatomical axes instead of the scanner's rows and columns: a
+rotation, never a mirror image, that puts the left-ventricular long axis pointing down (apex at the
+bottom) in long-axis views and the patient's anterior up in short-axis slices. Scanners, vendors
+and planners lay the same view out at any in-plane angle; the model then sees one layout (the
+mirror ambiguity that is left is what training's left-right flips cover). The long axis is the
+short-axis stack's normal, base to apex, else the typical `types.APEX_DIRECTION_LPS`. The
+weights are the separable ones below evaluated at the rotated sample positions, so an image
+already in that layout comes out as with `orientation="scanner"`.
+
 The heart is found as the centre of the temporal-variation map (where things move at the cardiac
 frequency): the first temporal harmonic's magnitude, smoothed, taking the weighted centroid of
 the moving blob around its peak. A flat map (nothing moves more than elsewhere) falls back to the
@@ -36,6 +46,13 @@ import scipy.sparse
 from cmr_jax.data import types
 
 CENTER_MODES = ("motion", "image")
+ORIENTATIONS = ("anatomical", "scanner")
+# Stored configs (dataset_info.json, a run's preprocess.json) from before `orientation` existed
+# were made in the scanner's layout.
+LEGACY_DEFAULTS = {"orientation": "scanner"}
+# A cine plane closer than this (sine of the angle) to perpendicular to the reference direction
+# falls back to the next reference (long-axis views: the long axis, then anterior).
+_MIN_IN_PLANE = 0.3
 STACK_NAME = f"the {types.SAX} stack"  # how `preprocess_study` names the stack in messages
 # Percentile estimates use about this many pixels of a cine at most (a regular grid per frame).
 _MAX_PERCENTILE_SAMPLES = 1 << 20
@@ -63,6 +80,9 @@ class PreprocessConfig:
       where the map exceeds median + motion_blob_level * (peak - median).
     min_motion_contrast: the smoothed motion map's peak must exceed its median by this factor
       for the motion centre to be trusted.
+    orientation: "anatomical" (each cine rotated in its plane: long-axis views apex down,
+      short-axis slices anterior up; see the module docstring) or "scanner" (the scanner's rows
+      and columns). Cines without plane geometry keep the scanner's layout.
   """
 
   size: int = 112
@@ -76,11 +96,15 @@ class PreprocessConfig:
   motion_sigma_mm: float = 15.0
   motion_blob_level: float = 0.3
   min_motion_contrast: float = 2.0
+  orientation: str = "anatomical"
 
   def __post_init__(self):
     if self.center not in CENTER_MODES:
       raise ValueError(
           f"PreprocessConfig.center must be one of {CENTER_MODES}, got {self.center!r}")
+    if self.orientation not in ORIENTATIONS:
+      raise ValueError(f"PreprocessConfig.orientation must be one of {ORIENTATIONS}, got "
+                       f"{self.orientation!r}")
     if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
       raise ValueError(
           "PreprocessConfig needs 0 <= low_percentile < high_percentile <= 100, got "
@@ -110,6 +134,15 @@ class PreprocessConfig:
   def to_dict(self) -> dict[str, Any]:
     """Returns the fields as a JSON-friendly dict (inverse of `from_dict`)."""
     return dataclasses.asdict(self)
+
+
+def with_legacy_defaults(stored: collections.abc.Mapping[str, Any]) -> dict[str, Any]:
+  """A stored preprocessing mapping with the fields it predates set as it was made.
+
+  Datasets and runs written before a field existed were made the old way (`LEGACY_DEFAULTS`),
+  not with today's default: read them through this before `PreprocessConfig.from_dict`.
+  """
+  return {**LEGACY_DEFAULTS, **stored}
 
 
 def cine_name(cine: types.Cine) -> str:
@@ -323,12 +356,124 @@ def _image_center(cine: types.Cine) -> tuple[float, float]:
 
 
 def _crop(phases: np.ndarray, pixel_spacing: tuple[float, float], center: tuple[float, float],
-          cfg: PreprocessConfig) -> np.ndarray:
-  """Resamples [T, H, W] to cfg.spacing_mm and crops/pads a cfg.size square about `center`."""
+          cfg: PreprocessConfig, axes: np.ndarray | None = None) -> np.ndarray:
+  """Resamples [T, H, W] to cfg.spacing_mm and crops/pads a cfg.size square about `center`.
+
+  `axes`: None for the input's own rows and columns, else [2, 2]: the output's row and column
+  steps as (input row, input column) unit-length directions in mm (`_display_axes`).
+  """
+  if axes is not None:
+    return _rotated_crop(phases, pixel_spacing, center, cfg, axes)
   mats = [centered_resample_matrix(phases.shape[axis + 1], cfg.size,
                                    float(spacing) / cfg.spacing_mm, mid)
           for axis, (spacing, mid) in enumerate(zip(pixel_spacing, center))]
   return resample_frames(phases, *mats)  # [T, S, S]
+
+
+def _axis_taps(position: np.ndarray, n_in: int, width: float) -> tuple[np.ndarray, np.ndarray]:
+  """`resample_matrix`'s weights along one axis at arbitrary sample positions, as taps.
+
+  Args:
+    position: [P] input indices sampled.
+    n_in: input length.
+    width: triangle half-width in input pixels (>= 1).
+
+  Returns:
+    (indices int64 [P, 2K], weights float64 [P, 2K]): the input pixels within `width` of each
+    sample (clipped into the image where their weight is 0) and their normalised weights.
+  """
+  k = int(math.ceil(width))
+  index = np.floor(position).astype(np.int64)[:, None] + np.arange(1 - k, k + 1)[None, :]
+  weights = np.maximum(0.0, 1.0 - np.abs(index - position[:, None]) / width)
+  weights *= (index >= 0) & (index < n_in)
+  total = weights.sum(axis=1, keepdims=True)
+  weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+  weights *= ((position >= -_EDGE) & (position <= n_in - 1 + _EDGE))[:, None]
+  return np.clip(index, 0, n_in - 1), weights
+
+
+def _rotated_crop(phases: np.ndarray, pixel_spacing: tuple[float, float],
+                  center: tuple[float, float], cfg: PreprocessConfig,
+                  axes: np.ndarray) -> np.ndarray:
+  """`_crop` along rotated axes: the separable antialiased weights at rotated positions.
+
+  Output pixel (i, j) samples the input at `center + (i - c) * s * axes[0] / spacing + (j - c) *
+  s * axes[1] / spacing` (c the output centre, s the stored spacing), weighted by the product of
+  each input axis's triangle kernel (`resample_matrix`'s widths and normalisation): for axes
+  along the input's own, the same weights as the separable crop.
+  """
+  num, rows, cols = phases.shape
+  spacing = np.asarray(pixel_spacing, np.float64)
+  offsets = (np.arange(cfg.size) - (cfg.size - 1) / 2.0) * cfg.spacing_mm  # [S] mm
+  steps = np.asarray(axes, np.float64) / spacing[None, :]  # [2 (out axis), 2 (in axis)] pixels/mm
+  position = [center[a] + offsets[:, None] * steps[0, a] + offsets[None, :] * steps[1, a]
+              for a in range(2)]  # input (row, col) index of every output pixel, [S, S] each
+  taps = [_axis_taps(position[a].reshape(-1), (rows, cols)[a],
+                     max(1.0, cfg.spacing_mm / float(spacing[a]))) for a in range(2)]
+  (row_index, row_weight), (col_index, col_weight) = taps
+  index = (row_index[:, :, None] * cols + col_index[:, None, :]).reshape(len(row_index), -1)
+  weight = (row_weight[:, :, None] * col_weight[:, None, :]).reshape(len(row_index), -1)
+  used = weight.any(axis=0)  # taps no output pixel weighs (a kernel narrower than the window)
+  index, weight = index[:, used], weight[:, used].astype(np.float32)
+  gathered = phases.reshape(num, rows * cols)[:, index]  # [T, P, taps]
+  return np.einsum("tpk,pk->tp", gathered, weight).reshape(num, cfg.size, cfg.size)
+
+
+def _plane_normal(cine: types.Cine) -> np.ndarray:
+  orientation = np.asarray(cine.image_orientation, np.float64)
+  normal = np.cross(orientation[:3], orientation[3:])
+  return normal / np.linalg.norm(normal)
+
+
+def long_axis_direction(cines: collections.abc.Sequence[types.Cine]) -> np.ndarray:
+  """The study's LV long axis, base to apex, in patient coordinates (LPS, unit length).
+
+  The normal of the short-axis stack (cines with geometry), pointing from the first slice
+  (base, `slice_index` order) to the last; a single slice's normal points along the typical
+  axis `types.APEX_DIRECTION_LPS`, which is also the answer without a stack.
+  """
+  sax = sorted((c for c in cines if c.view == types.SAX and _has_geometry(c)),
+               key=lambda c: c.slice_index)
+  if not sax:
+    return types.APEX_DIRECTION_LPS.copy()
+  normal = _plane_normal(sax[len(sax) // 2])
+  along = float((np.asarray(sax[-1].image_position, np.float64)
+                 - np.asarray(sax[0].image_position, np.float64)) @ normal)
+  if len(sax) < 2 or abs(along) < 1e-3:
+    along = float(normal @ types.APEX_DIRECTION_LPS)
+  return normal if along >= 0 else -normal
+
+
+def _display_axes(cine: types.Cine, apex: np.ndarray) -> np.ndarray | None:
+  """The anatomical layout of a cine (`PreprocessConfig.orientation`) as `_crop`'s `axes`.
+
+  Down is the long axis towards the apex (long-axis views) or posterior (short-axis slices,
+  anterior up; also long-axis views whose plane is nearly perpendicular to the long axis),
+  projected onto the plane; right completes a rotation of the input's own axes. None without
+  plane geometry or when neither direction lies near the plane.
+  """
+  if not _has_geometry(cine):
+    return None
+  orientation = np.asarray(cine.image_orientation, np.float64)
+  in_col, in_row = orientation[:3], orientation[3:]  # directions of increasing column, row index
+  if min(np.linalg.norm(in_col), np.linalg.norm(in_row)) < 1e-6:
+    return None
+  in_col, in_row = in_col / np.linalg.norm(in_col), in_row / np.linalg.norm(in_row)
+  normal = np.cross(in_col, in_row)
+  if np.linalg.norm(normal) < 1e-6:
+    return None
+  normal /= np.linalg.norm(normal)
+  wanted = [-types.ANTERIOR_LPS]
+  if cine.view in types.LONG_AXIS_VIEWS:
+    wanted.insert(0, apex)
+  for target in wanted:
+    down = target - (target @ normal) * normal
+    if np.linalg.norm(down) >= _MIN_IN_PLANE:
+      down /= np.linalg.norm(down)
+      right = np.cross(down, normal)
+      # In the input's (row, column) pixel directions.
+      return np.array([[down @ in_row, down @ in_col], [right @ in_row, right @ in_col]])
+  return None
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -353,7 +498,9 @@ def preprocess_cine(cine: types.Cine, cfg: PreprocessConfig,
   phases = _normalized_phases(cine, cfg)
   if center is None:
     center, _ = _choose_center(phases, cine, cfg)
-  return _to_uint8(_crop(phases, cine.pixel_spacing, center, cfg))
+  axes = (_display_axes(cine, long_axis_direction([cine])) if cfg.orientation == "anatomical"
+          else None)
+  return _to_uint8(_crop(phases, cine.pixel_spacing, center, cfg, axes))
 
 
 def _choose_center(phases: np.ndarray, cine: types.Cine,
@@ -485,8 +632,17 @@ def preprocess_study(study: types.Study, cfg: PreprocessConfig,
       fallbacks += [cine_name(cine)] if fallback else []
   if image_centred is not None:
     image_centred.extend(fallbacks)
-  frames = np.stack([_to_uint8(_crop(p, c.pixel_spacing, center, cfg))
-                     for c, p, center in zip(usable, phases, centers)])  # [N, T, S, S]
+  if cfg.orientation == "anatomical":
+    apex = long_axis_direction(usable)
+    axes = [_display_axes(c, apex) for c in usable]
+    unoriented = [cine_name(c) for c, a in zip(usable, axes) if a is None]
+    if unoriented:
+      logging.warning("study %s: %s kept the scanner's layout (no plane geometry)",
+                      study.study_id, ", ".join(unoriented))
+  else:
+    axes = [None] * len(usable)
+  frames = np.stack([_to_uint8(_crop(p, c.pixel_spacing, center, cfg, a))
+                     for c, p, center, a in zip(usable, phases, centers, axes)])  # [N, T, S, S]
   return types.StudyRecord(
       study_id=study.study_id,
       subject_id=study.subject_id,

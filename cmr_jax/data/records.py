@@ -380,7 +380,10 @@ def read_dataset_info(data_dir: str) -> dict[str, Any]:
   path = files.join(data_dir, DATASET_INFO)
   if not files.exists(path):
     raise FileNotFoundError(f"{path} not found: {data_dir} is not a built dataset")
-  return files.read_json(path)
+  info = files.read_json(path)
+  if isinstance(info.get("preprocess"), dict):
+    info["preprocess"] = preprocess.with_legacy_defaults(info["preprocess"])
+  return info
 
 
 def split_layout(data_dir: str, split: str, split_info: dict[str, Any]) -> str:

@@ -20,6 +20,10 @@ LAX_4CH = "4CH"
 VIEWS: tuple[str, ...] = (SAX, LAX_2CH, LAX_3CH, LAX_4CH)
 LONG_AXIS_VIEWS: tuple[str, ...] = (LAX_2CH, LAX_3CH, LAX_4CH)
 VIEW_CODES: dict[str, int] = {v: i for i, v in enumerate(VIEWS)}
+# The typical long axis of the heart (base to apex) in DICOM patient coordinates (x left,
+# y posterior, z superior): left, anterior, inferior.
+APEX_DIRECTION_LPS = np.array([1.0, -1.0, -1.0]) / math.sqrt(3.0)
+ANTERIOR_LPS = np.array([0.0, -1.0, 0.0])
 
 
 @dataclasses.dataclass

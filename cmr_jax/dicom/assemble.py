@@ -65,9 +65,7 @@ LAX_MIN_ANGLE_DEG = 60.0  # a plane this far from the SAX planes is a long-axis 
 ANATOMY_LAX_MIN_ANGLE_DEG = 50.0
 MIN_GEOMETRIC_SAX_SLICES = 3  # unnamed parallel cines at this many positions form a SAX stack
 DUPLICATE_POSITION_MM = 2.0  # SAX slices closer than this along the normal are one position
-# The typical long axis of the heart (base to apex) in DICOM patient coordinates (x left,
-# y posterior, z superior): left, anterior, inferior.
-APEX_DIRECTION_LPS = np.array([1.0, -1.0, -1.0]) / math.sqrt(3.0)
+APEX_DIRECTION_LPS = types.APEX_DIRECTION_LPS  # the typical long axis, base to apex
 APEX_MIN_COS = 0.3
 
 

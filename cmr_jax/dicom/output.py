@@ -166,7 +166,7 @@ def read_parts(output: str, cfg: preprocess.PreprocessConfig, salt: str,
       continue
     with open(os.path.join(parts_dir, name)) as f:
       done = json.load(f)
-    if done["preprocess"] != cfg.to_dict():
+    if preprocess.with_legacy_defaults(done["preprocess"]) != cfg.to_dict():
       raise UsageProblem(
           f"{shown} holds records made with another preprocessing config ({done['preprocess']})"
           "; use a new --output, the same config, or --overwrite")
