@@ -13,14 +13,8 @@ method="linear", antialias=True)`). Resampling, anti-aliasing, cropping and zero
 two banded matrix products, applied as sparse products (see `apply_along_first`).
 
 With `orientation="anatomical"` (the default) every cine with plane geometry is resampled in its own
-plane about its crop centre along anatomical axes instead of the scanner's rows and columns: a
-rotation, never a mirror image, that puts the left-ventricular long axis pointing down (apex at the
-bottom) in long-axis views and the patient's anterior up in short-axis slices. Scanners, vendors
-and planners lay the same view out at any in-plane angle; the model then sees one layout (the
-mirror ambiguity that is left is what training's left-right flips cover). The long axis is the
-short-axis stack's normal, base to apex, else the typical `types.APEX_DIRECTION_LPS`. The
-weights are the separable ones below evaluated at the rotated sample positions, so an image
-already in that layout comes out as with `orientation="scanner"`.
+plane along anatomical axes (long-axis views apex down, short-axis slices anterior up): see
+`orientation`.
 
 The heart is found as the centre of the temporal-variation map (where things move at the cardiac
 frequency): the first temporal harmonic's magnitude, smoothed, taking the weighted centroid of
@@ -43,6 +37,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 
+from cmr_jax.data import orientation
 from cmr_jax.data import types
 
 CENTER_MODES = ("motion", "image")
@@ -50,14 +45,11 @@ ORIENTATIONS = ("anatomical", "scanner")
 # Stored configs (dataset_info.json, a run's preprocess.json) from before `orientation` existed
 # were made in the scanner's layout.
 LEGACY_DEFAULTS = {"orientation": "scanner"}
-# A cine plane closer than this (sine of the angle) to perpendicular to the reference direction
-# falls back to the next reference (long-axis views: the long axis, then anterior).
-_MIN_IN_PLANE = 0.3
 STACK_NAME = f"the {types.SAX} stack"  # how `preprocess_study` names the stack in messages
 # Percentile estimates use about this many pixels of a cine at most (a regular grid per frame).
 _MAX_PERCENTILE_SAMPLES = 1 << 20
 # Sample positions further than this (in input pixels) outside the image get no weight.
-_EDGE = 0.5
+_EDGE = orientation.EDGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,121 +351,15 @@ def _crop(phases: np.ndarray, pixel_spacing: tuple[float, float], center: tuple[
           cfg: PreprocessConfig, axes: np.ndarray | None = None) -> np.ndarray:
   """Resamples [T, H, W] to cfg.spacing_mm and crops/pads a cfg.size square about `center`.
 
-  `axes`: None for the input's own rows and columns, else [2, 2]: the output's row and column
-  steps as (input row, input column) unit-length directions in mm (`_display_axes`).
+  `axes`: None for the input's own rows and columns, else the anatomical layout's
+  (`orientation.display_axes`).
   """
   if axes is not None:
-    return _rotated_crop(phases, pixel_spacing, center, cfg, axes)
+    return orientation.rotated_crop(phases, pixel_spacing, center, cfg.size, cfg.spacing_mm, axes)
   mats = [centered_resample_matrix(phases.shape[axis + 1], cfg.size,
                                    float(spacing) / cfg.spacing_mm, mid)
           for axis, (spacing, mid) in enumerate(zip(pixel_spacing, center))]
   return resample_frames(phases, *mats)  # [T, S, S]
-
-
-def _axis_taps(position: np.ndarray, n_in: int, width: float) -> tuple[np.ndarray, np.ndarray]:
-  """`resample_matrix`'s weights along one axis at arbitrary sample positions, as taps.
-
-  Args:
-    position: [P] input indices sampled.
-    n_in: input length.
-    width: triangle half-width in input pixels (>= 1).
-
-  Returns:
-    (indices int64 [P, 2K], weights float64 [P, 2K]): the input pixels within `width` of each
-    sample (clipped into the image where their weight is 0) and their normalised weights.
-  """
-  k = int(math.ceil(width))
-  index = np.floor(position).astype(np.int64)[:, None] + np.arange(1 - k, k + 1)[None, :]
-  weights = np.maximum(0.0, 1.0 - np.abs(index - position[:, None]) / width)
-  weights *= (index >= 0) & (index < n_in)
-  total = weights.sum(axis=1, keepdims=True)
-  weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-  weights *= ((position >= -_EDGE) & (position <= n_in - 1 + _EDGE))[:, None]
-  return np.clip(index, 0, n_in - 1), weights
-
-
-def _rotated_crop(phases: np.ndarray, pixel_spacing: tuple[float, float],
-                  center: tuple[float, float], cfg: PreprocessConfig,
-                  axes: np.ndarray) -> np.ndarray:
-  """`_crop` along rotated axes: the separable antialiased weights at rotated positions.
-
-  Output pixel (i, j) samples the input at `center + (i - c) * s * axes[0] / spacing + (j - c) *
-  s * axes[1] / spacing` (c the output centre, s the stored spacing), weighted by the product of
-  each input axis's triangle kernel (`resample_matrix`'s widths and normalisation): for axes
-  along the input's own, the same weights as the separable crop.
-  """
-  num, rows, cols = phases.shape
-  spacing = np.asarray(pixel_spacing, np.float64)
-  offsets = (np.arange(cfg.size) - (cfg.size - 1) / 2.0) * cfg.spacing_mm  # [S] mm
-  steps = np.asarray(axes, np.float64) / spacing[None, :]  # [2 (out axis), 2 (in axis)] pixels/mm
-  position = [center[a] + offsets[:, None] * steps[0, a] + offsets[None, :] * steps[1, a]
-              for a in range(2)]  # input (row, col) index of every output pixel, [S, S] each
-  taps = [_axis_taps(position[a].reshape(-1), (rows, cols)[a],
-                     max(1.0, cfg.spacing_mm / float(spacing[a]))) for a in range(2)]
-  (row_index, row_weight), (col_index, col_weight) = taps
-  index = (row_index[:, :, None] * cols + col_index[:, None, :]).reshape(len(row_index), -1)
-  weight = (row_weight[:, :, None] * col_weight[:, None, :]).reshape(len(row_index), -1)
-  used = weight.any(axis=0)  # taps no output pixel weighs (a kernel narrower than the window)
-  index, weight = index[:, used], weight[:, used].astype(np.float32)
-  gathered = phases.reshape(num, rows * cols)[:, index]  # [T, P, taps]
-  return np.einsum("tpk,pk->tp", gathered, weight).reshape(num, cfg.size, cfg.size)
-
-
-def _plane_normal(cine: types.Cine) -> np.ndarray:
-  orientation = np.asarray(cine.image_orientation, np.float64)
-  normal = np.cross(orientation[:3], orientation[3:])
-  return normal / np.linalg.norm(normal)
-
-
-def long_axis_direction(cines: collections.abc.Sequence[types.Cine]) -> np.ndarray:
-  """The study's LV long axis, base to apex, in patient coordinates (LPS, unit length).
-
-  The normal of the short-axis stack (cines with geometry), pointing from the first slice
-  (base, `slice_index` order) to the last; a single slice's normal points along the typical
-  axis `types.APEX_DIRECTION_LPS`, which is also the answer without a stack.
-  """
-  sax = sorted((c for c in cines if c.view == types.SAX and _has_geometry(c)),
-               key=lambda c: c.slice_index)
-  if not sax:
-    return types.APEX_DIRECTION_LPS.copy()
-  normal = _plane_normal(sax[len(sax) // 2])
-  along = float((np.asarray(sax[-1].image_position, np.float64)
-                 - np.asarray(sax[0].image_position, np.float64)) @ normal)
-  if len(sax) < 2 or abs(along) < 1e-3:
-    along = float(normal @ types.APEX_DIRECTION_LPS)
-  return normal if along >= 0 else -normal
-
-
-def _display_axes(cine: types.Cine, apex: np.ndarray) -> np.ndarray | None:
-  """The anatomical layout of a cine (`PreprocessConfig.orientation`) as `_crop`'s `axes`.
-
-  Down is the long axis towards the apex (long-axis views) or posterior (short-axis slices,
-  anterior up; also long-axis views whose plane is nearly perpendicular to the long axis),
-  projected onto the plane; right completes a rotation of the input's own axes. None without
-  plane geometry or when neither direction lies near the plane.
-  """
-  if not _has_geometry(cine):
-    return None
-  orientation = np.asarray(cine.image_orientation, np.float64)
-  in_col, in_row = orientation[:3], orientation[3:]  # directions of increasing column, row index
-  if min(np.linalg.norm(in_col), np.linalg.norm(in_row)) < 1e-6:
-    return None
-  in_col, in_row = in_col / np.linalg.norm(in_col), in_row / np.linalg.norm(in_row)
-  normal = np.cross(in_col, in_row)
-  if np.linalg.norm(normal) < 1e-6:
-    return None
-  normal /= np.linalg.norm(normal)
-  wanted = [-types.ANTERIOR_LPS]
-  if cine.view in types.LONG_AXIS_VIEWS:
-    wanted.insert(0, apex)
-  for target in wanted:
-    down = target - (target @ normal) * normal
-    if np.linalg.norm(down) >= _MIN_IN_PLANE:
-      down /= np.linalg.norm(down)
-      right = np.cross(down, normal)
-      # In the input's (row, column) pixel directions.
-      return np.array([[down @ in_row, down @ in_col], [right @ in_row, right @ in_col]])
-  return None
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -498,8 +384,8 @@ def preprocess_cine(cine: types.Cine, cfg: PreprocessConfig,
   phases = _normalized_phases(cine, cfg)
   if center is None:
     center, _ = _choose_center(phases, cine, cfg)
-  axes = (_display_axes(cine, long_axis_direction([cine])) if cfg.orientation == "anatomical"
-          else None)
+  axes = (orientation.display_axes(cine, orientation.long_axis_direction([cine]))
+          if cfg.orientation == "anatomical" else None)
   return _to_uint8(_crop(phases, cine.pixel_spacing, center, cfg, axes))
 
 
@@ -510,12 +396,6 @@ def _choose_center(phases: np.ndarray, cine: types.Cine,
     found = motion_center(phases, cine.pixel_spacing, cfg)
     return (found, False) if found is not None else (_image_center(cine), True)
   return _image_center(cine), False
-
-
-def _has_geometry(cine: types.Cine) -> bool:
-  return (cine.image_position is not None and cine.image_orientation is not None
-          and np.all(np.isfinite(cine.image_position))
-          and np.all(np.isfinite(cine.image_orientation)))
 
 
 def _axes(cine: types.Cine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -565,7 +445,7 @@ def shared_stack_centers(cines: list[types.Cine], phases: list[np.ndarray],
   voters = [(c, f) for c, f in zip(cines, found) if f is not None]
   if not voters:
     return image_centers, True
-  if all(_has_geometry(c) for c in cines):
+  if all(orientation.has_geometry(c) for c in cines):
     point = np.median(np.stack([_to_patient(c, f) for c, f in voters]), axis=0)
     return [_from_patient(c, point) for c in cines], False
   offsets_mm = np.median(np.array([
@@ -633,8 +513,8 @@ def preprocess_study(study: types.Study, cfg: PreprocessConfig,
   if image_centred is not None:
     image_centred.extend(fallbacks)
   if cfg.orientation == "anatomical":
-    apex = long_axis_direction(usable)
-    axes = [_display_axes(c, apex) for c in usable]
+    apex = orientation.long_axis_direction(usable)
+    axes = [orientation.display_axes(c, apex) for c in usable]
     unoriented = [cine_name(c) for c, a in zip(usable, axes) if a is None]
     if unoriented:
       logging.warning("study %s: %s kept the scanner's layout (no plane geometry)",
