@@ -73,7 +73,7 @@ class PreprocessConfig:
     min_motion_contrast: the smoothed motion map's peak must exceed its median by this factor
       for the motion centre to be trusted.
     orientation: "anatomical" (each cine rotated in its plane: long-axis views apex down,
-      short-axis slices anterior up; see the module docstring) or "scanner" (the scanner's rows
+      short-axis slices anterior up; module `orientation`) or "scanner" (the scanner's rows
       and columns). Cines without plane geometry keep the scanner's layout.
   """
 
@@ -400,11 +400,11 @@ def _choose_center(phases: np.ndarray, cine: types.Cine,
 
 def _axes(cine: types.Cine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Patient-space origin and per-index steps (mm) along rows and columns of a cine."""
-  orientation = np.asarray(cine.image_orientation, dtype=np.float64)
+  cosines = np.asarray(cine.image_orientation, dtype=np.float64)
   row_spacing, col_spacing = (float(s) for s in cine.pixel_spacing)
   # DICOM: the first triplet is the direction of increasing column index, the second of rows.
-  step_col = orientation[:3] * col_spacing
-  step_row = orientation[3:] * row_spacing
+  step_col = cosines[:3] * col_spacing
+  step_row = cosines[3:] * row_spacing
   return np.asarray(cine.image_position, dtype=np.float64), step_row, step_col
 
 
