@@ -93,8 +93,9 @@ def test_rwma_territory_moves_less():
   assert motion(angle) < 0.7 * motion(angle + math.pi)
 
 
-def test_band_shortcut_paints_like_full_evaluation():
-  heart = _heart(rwma=True)
+@pytest.mark.parametrize("atrial_follow", [1.0, 0.3])
+def test_band_shortcut_paints_like_full_evaluation(atrial_follow):
+  heart = dataclasses.replace(_heart(rwma=True), atrial_follow=atrial_follow)
   model = heart_geometry.model_of(heart)
   lo = np.min([layer.box_lo for layer in model.layers], axis=0) - 5.0
   hi = np.max([layer.box_hi for layer in model.layers], axis=0) + 5.0
@@ -106,6 +107,29 @@ def test_band_shortcut_paints_like_full_evaluation():
   scanner.paint(model.layers, points, banded, signals, 2.0, states, model.extremes)
   assert np.ptp(full) > 0.5
   np.testing.assert_allclose(banded, full, atol=1e-5)
+
+
+def test_atria_left_behind_by_the_descending_base():
+  heart = simulator.subject_heart(SEED, 1)
+  inside_at = {}
+  for follow in (1.0, 0.0):
+    model = heart_geometry.model_of(dataclasses.replace(heart, atrial_follow=follow))
+    la = next(layer for layer in model.layers if layer.name == "la")
+    ed, es = (float(model.extremes.zb[k, 0]) for k in range(2))
+    assert ed - es > 3.0  # the base descends
+    # On the LA's axis: just above the end-systolic and the end-diastolic base planes.
+    x, y = -0.1 * model.r_ed, -0.25 * model.r_ed
+    points = model.points(np.array([x, x]), np.array([y, y]), np.array([es + 1.0, ed + 1.0]))
+    inside_at[follow] = la.distance(model.extremes, points) < 0  # [ED/ES, point]
+  # At end-diastole the two agree; at end-systole an atrium on the base plane fills the space
+  # the base left, one left behind does not (tissue fills it), and both still sit above the ED
+  # base plane.
+  np.testing.assert_array_equal(inside_at[1.0][0], inside_at[0.0][0])
+  assert inside_at[1.0][1].tolist() == [True, True]
+  assert inside_at[0.0][1].tolist() == [False, True]
+  # The default, and what sample_heart draws last (every other parameter as before it).
+  assert heart_params.Heart.__dataclass_fields__["atrial_follow"].default == 1.0
+  assert 0.0 <= heart.atrial_follow <= 1.0
 
 
 def test_myocardial_volume_conserved():

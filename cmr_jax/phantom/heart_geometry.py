@@ -222,15 +222,20 @@ class HeartModel(heart_params.HeartCycle):
 
   def _atrium(self, centre_xy: tuple[float, float], radius: float,
               scale_of: Callable[[State], np.ndarray]) -> Callable[[State, Points], np.ndarray]:
-    """Distance function of an atrium: an ellipsoid on the base plane, growing in systole."""
+    """Distance function of an atrium: an ellipsoid on its floor, growing in systole.
+
+    The floor is the base plane, or between it and its end-diastolic height (`atrial_follow`).
+    """
     cx, cy = centre_xy
+    zb_ed, stay = self._base_range[0], 1.0 - self.heart.atrial_follow
 
     def distance(st: State, p: Points) -> np.ndarray:
       r = radius * scale_of(st)
       az = ATRIAL_ELONGATION * r
-      d = ellipsoid_distance(p.x - cx, p.y - cy, p.z - (st.zb + ATRIUM_CENTRE_HEIGHT * az), r,
+      floor = st.zb + stay * (zb_ed - st.zb)
+      d = ellipsoid_distance(p.x - cx, p.y - cy, p.z - (floor + ATRIUM_CENTRE_HEIGHT * az), r,
                              0.9 * r, az)
-      return np.maximum(d, st.zb - p.z)
+      return np.maximum(d, floor - p.z)
 
     return distance
 

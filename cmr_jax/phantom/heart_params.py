@@ -105,6 +105,10 @@ class Heart:
   early_filling_fraction: float  # share of the diastolic filling done by the E wave
   diastasis_fraction: float  # share filled during diastasis (the rest is the atrial kick)
   torso: Torso
+  # How far the atria follow the base as it descends in systole: 1 on the base plane (the LA
+  # joins the mitral annulus), 0 left at their end-diastolic place (tissue fills the gap: AV
+  # groove, valve apparatus, partial volume), so basal slices may lose their blood in systole.
+  atrial_follow: float = 1.0
 
 
 def _cavity_polynomial_moments(f: np.ndarray, h_apex: float, h_base: float
@@ -332,6 +336,8 @@ def sample_heart(rng: np.random.Generator) -> Heart:
           centre_right_mm=rng.uniform(15.0, 40.0), centre_posterior_mm=rng.uniform(15.0, 35.0),
           diaphragm_below_apex_mm=rng.uniform(0.0, 15.0), lung_scale=rng.uniform(0.9, 1.1),
           texture_seed=int(rng.integers(1 << 31))))
+  # Drawn last, so that every earlier draw (and so every other parameter) is as before.
+  heart = dataclasses.replace(heart, atrial_follow=float(rng.uniform(0.0, 1.0)))
   return _solve_es_state(heart, lvef)
 
 
