@@ -101,11 +101,21 @@ def rotated_crop(phases: np.ndarray, pixel_spacing: tuple[float, float],
   return np.ascontiguousarray(out.T).reshape(num, size, size)
 
 
-def _plane_normal(cine: types.Cine) -> np.ndarray | None:
-  orientation = np.asarray(cine.image_orientation, np.float64)
-  normal = np.cross(orientation[:3], orientation[3:])
-  length = np.linalg.norm(normal)
-  return normal / length if length > 1e-6 else None
+def _unit_axes(cine: types.Cine) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """(column direction, row direction, plane normal) of a cine, unit length, in patient
+  coordinates (the normal as `dicom.geometry.plane_normal`); None without usable geometry."""
+  if not has_geometry(cine):
+    return None
+  cosines = np.asarray(cine.image_orientation, np.float64)
+  in_col, in_row = cosines[:3], cosines[3:]  # directions of increasing column, row index
+  lengths = np.linalg.norm(in_col), np.linalg.norm(in_row)
+  if min(lengths) < 1e-6:
+    return None
+  in_col, in_row = in_col / lengths[0], in_row / lengths[1]
+  normal = np.cross(in_col, in_row)
+  if np.linalg.norm(normal) < 1e-6:
+    return None
+  return in_col, in_row, normal / np.linalg.norm(normal)
 
 
 def long_axis_direction(cines: collections.abc.Sequence[types.Cine]) -> np.ndarray:
@@ -115,13 +125,16 @@ def long_axis_direction(cines: collections.abc.Sequence[types.Cine]) -> np.ndarr
   (base, `slice_index` order) to the last; a single slice's normal points along the typical
   axis `types.APEX_DIRECTION_LPS`, which is also the answer without a stack.
   """
-  sax = sorted((c for c in cines if c.view == types.SAX and has_geometry(c)
-                and _plane_normal(c) is not None), key=lambda c: c.slice_index)
+  sax = []  # (slice index, position, normal)
+  for c in cines:
+    axes = _unit_axes(c) if c.view == types.SAX else None
+    if axes is not None:
+      sax.append((c.slice_index, np.asarray(c.image_position, np.float64), axes[2]))
   if not sax:
     return types.APEX_DIRECTION_LPS.copy()
-  normal = _plane_normal(sax[len(sax) // 2])
-  along = float((np.asarray(sax[-1].image_position, np.float64)
-                 - np.asarray(sax[0].image_position, np.float64)) @ normal)
+  sax.sort(key=lambda item: item[0])
+  normal = sax[len(sax) // 2][2]
+  along = float((sax[-1][1] - sax[0][1]) @ normal)
   if len(sax) < 2 or abs(along) < 1e-3:
     along = float(normal @ types.APEX_DIRECTION_LPS)
   return normal if along >= 0 else -normal
@@ -135,17 +148,10 @@ def display_axes(cine: types.Cine, apex: np.ndarray) -> np.ndarray | None:
   projected onto the plane; right completes a rotation of the input's own axes. None without
   plane geometry or when neither direction lies near the plane.
   """
-  if not has_geometry(cine):
+  axes = _unit_axes(cine)
+  if axes is None:
     return None
-  orientation = np.asarray(cine.image_orientation, np.float64)
-  in_col, in_row = orientation[:3], orientation[3:]  # directions of increasing column, row index
-  if min(np.linalg.norm(in_col), np.linalg.norm(in_row)) < 1e-6:
-    return None
-  in_col, in_row = in_col / np.linalg.norm(in_col), in_row / np.linalg.norm(in_row)
-  normal = np.cross(in_col, in_row)
-  if np.linalg.norm(normal) < 1e-6:
-    return None
-  normal /= np.linalg.norm(normal)
+  in_col, in_row, normal = axes
   wanted = [-types.ANTERIOR_LPS]
   if cine.view in types.LONG_AXIS_VIEWS:
     wanted.insert(0, apex)
