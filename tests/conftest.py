@@ -1,8 +1,10 @@
 """Shared test set-up. Runs before any test module imports jax."""
 
+import atexit
 import functools
 import math
 import os
+import shutil
 import tempfile
 
 from absl import flags
@@ -15,8 +17,13 @@ from cmr_jax.data import types  # imports no jax
 # Sharding tests need several devices; on CPU, XLA fakes them. Must be set before jax initialises.
 cmr_jax.add_xla_flags(["--xla_force_host_platform_device_count=8"])
 # Tests build the same small models many times (fresh jit closures per run): a persistent
-# compilation cache for the session turns every repeat compile into a cache read.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cmr_jax_xla_cache_"))
+# compilation cache for the session turns every repeat compile into a cache read. A directory made
+# here is removed when the process exits (each xdist worker makes its own): left behind, every run
+# of the suite would leave about 1.5 MB per process in the temp directory.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="cmr_jax_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # A fake study: a bright disk (the LV blood pool) that shrinks and grows over one cycle, inside a
