@@ -423,3 +423,28 @@ def test_calibrated_intervals_are_the_conformal_ones_of_the_same_predictions(
   stale = predict.predict(predictor, data_dir=data_dir, split="train", workdir=work, loo=False)
   assert "uncalibrated_intervals" in {w["code"] for w in stale["warnings"]}
   assert all(r["interval_method"].startswith("uncalibrated") for r in stale["studies"])
+
+
+def test_cines_without_plane_geometry_are_named_in_a_warning(tmp_path):
+  """Under the anatomical layout, cines that carry no ImagePositionPatient /
+  ImageOrientationPatient stay in the scanner's layout, and the prediction row says so."""
+  study = dicom_testlib.without_views(dicom_testlib.phantom_study(2, num_sax=3),
+                                      (types.LAX_2CH, types.LAX_3CH))
+  for name, drop in (("with", ()), ("without", ("ImagePositionPatient",
+                                                "ImageOrientationPatient"))):
+    dicom_writer.write_study(study, str(tmp_path / name), identity=dicom_writer.fake_identity(2),
+                             options=dicom_writer.WriteOptions(drop_tags=drop))
+  anatomical = preprocess.PreprocessConfig(size=32, spacing_mm=3.0, num_frames=8)
+  scanner = dataclasses.replace(anatomical, orientation="scanner")
+
+  def layout_warning(name, cfg):
+    (prepared,) = predict_inputs.prepare_input(str(tmp_path / name), cfg, salt=SALT)
+    assert prepared.error == "" and prepared.record is not None
+    return [w.message for w in prepared.warnings if w.code == "scanner_layout"]
+
+  (message,) = layout_warning("without", anatomical)
+  assert message.startswith("no usable plane geometry (ImagePositionPatient / "
+                            "ImageOrientationPatient) in ")
+  assert " in 3 SAX, 4CH: kept as the scanner stored them" in message, message
+  assert layout_warning("with", anatomical) == []
+  assert layout_warning("without", scanner) == []  # nothing was to be turned

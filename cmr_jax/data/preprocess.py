@@ -461,7 +461,8 @@ def _view_order(cine: types.Cine) -> tuple[int, int]:
 
 def preprocess_study(study: types.Study, cfg: PreprocessConfig,
                      skipped: list[str] | None = None,
-                     image_centred: list[str] | None = None) -> types.StudyRecord:
+                     image_centred: list[str] | None = None,
+                     unoriented: list[str] | None = None) -> types.StudyRecord:
   """Preprocesses every usable cine of a study into one record.
 
   Cines are stored SAX first (base to apex by slice_index), then 2CH, 3CH, 4CH. SAX slices share
@@ -475,6 +476,8 @@ def preprocess_study(study: types.Study, cfg: PreprocessConfig,
     image_centred: optional list collecting what was cropped about the image centre because no
       cardiac motion was found (`cfg.center == "motion"` only): `STACK_NAME` for the SAX stack,
       else the cine's name (`cine_name`).
+    unoriented: optional list collecting the view of each cine kept in the scanner's row/column
+      layout under `orientation="anatomical"` (no usable plane geometry).
 
   Returns:
     The record; `checksum` is the sha256 of its uint8 pixel bytes.
@@ -515,10 +518,12 @@ def preprocess_study(study: types.Study, cfg: PreprocessConfig,
   if cfg.orientation == "anatomical":
     apex = orientation.long_axis_direction(usable)
     axes = [orientation.display_axes(c, apex) for c in usable]
-    unoriented = [cine_name(c) for c, a in zip(usable, axes) if a is None]
-    if unoriented:
+    kept = [cine_name(c) for c, a in zip(usable, axes) if a is None]
+    if kept:
       logging.warning("study %s: %s kept the scanner's layout (no plane geometry)",
-                      study.study_id, ", ".join(unoriented))
+                      study.study_id, ", ".join(kept))
+      if unoriented is not None:
+        unoriented.extend(c.view for c, a in zip(usable, axes) if a is None)
   else:
     axes = [None] * len(usable)
   frames = np.stack([_to_uint8(_crop(p, c.pixel_spacing, center, cfg, a))

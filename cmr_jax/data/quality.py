@@ -1,13 +1,15 @@
 """Quality warnings of a study: what makes a prediction from it less trustworthy.
 
 Checks of a study (`source_warnings`: frames per cycle, trigger times, heart rate; they need the
-DICOM, records do not keep them), of what the preprocessing did (`crop_warnings`), and of a
-preprocessed record (`record_warnings`: views, short-axis slices, acquired pixel size). Used by
-prediction (`cmr_jax.predict`) and by the evaluator's largest errors (`cmr_jax.eval`).
+DICOM, records do not keep them), of what the preprocessing did (`crop_warnings`,
+`layout_warnings`), and of a preprocessed record (`record_warnings`: views, short-axis slices,
+acquired pixel size). Used by prediction (`cmr_jax.predict`) and by the evaluator's largest
+errors (`cmr_jax.eval`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -46,6 +48,20 @@ def crop_warnings(image_centred: Sequence[str]) -> list[QualityWarning]:
   return [QualityWarning(
       "crop_not_centred_on_motion", "no cardiac motion found in " + ", ".join(image_centred) +
       ": cropped about the image centre (the heart may be off-centre or cut)")]
+
+
+def layout_warnings(unoriented: Sequence[str]) -> list[QualityWarning]:
+  """A warning counting the cines (by view) that `preprocess.preprocess_study` left in the
+  scanner's layout."""
+  if not unoriented:
+    return []
+  counts = collections.Counter(unoriented)
+  what = ", ".join(f"{counts[v]} {v}" if v == types.SAX else v
+                   for v in types.VIEWS if v in counts)
+  return [QualityWarning(
+      "scanner_layout", f"no usable plane geometry (ImagePositionPatient / "
+      f"ImageOrientationPatient) in {what}: kept as the scanner stored them, not turned to the "
+      "anatomical layout the model was trained on")]
 
 
 def source_warnings(study: types.Study) -> list[QualityWarning]:

@@ -92,11 +92,12 @@ def _prepare_spec(path: str, root: str, spec: layouts.StudySpec,
   out.warnings += [quality.QualityWarning("views_from_anatomy", note) for note in loaded.notes]
   left_out: list[str] = []
   image_centred: list[str] = []
+  unoriented: list[str] = []
   try:
     record = preprocess.preprocess_study(loaded.study, cfg, skipped=left_out,
-                                         image_centred=image_centred)
+                                         image_centred=image_centred, unoriented=unoriented)
     out.warnings += (quality.source_warnings(loaded.study)
-                     + quality.crop_warnings(image_centred))
+                     + quality.crop_warnings(image_centred) + quality.layout_warnings(unoriented))
   # One study's failure must not stop the others.
   except Exception as e:  # pylint: disable=broad-except
     out.error = _error_text(e)
