@@ -518,12 +518,12 @@ def preprocess_study(study: types.Study, cfg: PreprocessConfig,
   if cfg.orientation == "anatomical":
     apex = orientation.long_axis_direction(usable)
     axes = [orientation.display_axes(c, apex) for c in usable]
-    kept = [cine_name(c) for c, a in zip(usable, axes) if a is None]
+    kept = [c for c, a in zip(usable, axes) if a is None]
     if kept:
       logging.warning("study %s: %s kept the scanner's layout (no plane geometry)",
-                      study.study_id, ", ".join(kept))
+                      study.study_id, ", ".join(cine_name(c) for c in kept))
       if unoriented is not None:
-        unoriented.extend(c.view for c, a in zip(usable, axes) if a is None)
+        unoriented.extend(c.view for c in kept)
   else:
     axes = [None] * len(usable)
   frames = np.stack([_to_uint8(_crop(p, c.pixel_spacing, center, cfg, a))

@@ -59,7 +59,7 @@ def layout_warnings(unoriented: Sequence[str]) -> list[QualityWarning]:
   what = ", ".join(f"{counts[v]} {v}" if v == types.SAX else v
                    for v in types.VIEWS if v in counts)
   return [QualityWarning(
-      "scanner_layout", f"no usable plane geometry (ImagePositionPatient / "
+      "scanner_layout", "no usable plane geometry (ImagePositionPatient / "
       f"ImageOrientationPatient) in {what}: kept as the scanner stored them, not turned to the "
       "anatomical layout the model was trained on")]
 
