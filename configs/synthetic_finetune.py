@@ -13,7 +13,8 @@ import ml_collections
 
 # Must match the pre-training run's encoder (configs/synthetic_pretrain.py).
 VIDEO = "r2plus1d_tiny"
-VIDEO_OVERRIDES = {"image_size": 48}
+IMAGE_SIZE = 48  # clip side the encoder sees (data.image_size and the encoder's image_size)
+VIDEO_OVERRIDES = {"image_size": IMAGE_SIZE}
 # The variants: overrides of the default config (dotted keys). `transfer`: every layer trains,
 # end to end on the augmented bags (no feature cache), a budget of the same wall-clock class as
 # pre-training plus the frozen arm's fine-tuning on the 2-core CPU.
@@ -35,8 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.init = "random"  # or "pretrain:WORKDIR[:STEP]"
   c.mode = "finetune"  # linear | finetune | transfer
-  c.data = dict(dir="runs/synthetic", train_split="train", eval_split="val", image_size=48,
-                num_frames=16, max_instances=6, label_fraction=1.0, worker_count=0,
+  c.data = dict(dir="runs/synthetic", train_split="train", eval_split="val",
+                image_size=IMAGE_SIZE, num_frames=16, max_instances=6, label_fraction=1.0, worker_count=0,
                 eval_worker_count=0)
   c.model = dict(video=VIDEO, embed_dim=128, head="paper", dtype="float32", remat=False,
                  video_overrides=VIDEO_OVERRIDES)

@@ -13,7 +13,8 @@ import ml_collections
 # encoder and a bag-of-words text encoder; the real-size config is configs/mvit_b_pretrain.py
 # (MViT-B and BERT-base).
 VIDEO = "r2plus1d_tiny"
-VIDEO_OVERRIDES = {"image_size": 48}
+IMAGE_SIZE = 48  # clip side the encoder sees (data.image_size and the encoder's image_size)
+VIDEO_OVERRIDES = {"image_size": IMAGE_SIZE}
 TEXT = "bow_tiny"
 # The variants: overrides of the default config (dotted keys).
 SMOKE = {"batch_size": 4, "eval_batch_size": 4, "total_steps": 6, "log_every": 1,
@@ -34,14 +35,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   # Stored 64 px at 2.75 mm; the demo's encoder sees 16 frames at 48 px (crops resized), so a
   # 2-core CPU pre-trains it in minutes (at 32 px, in half the time, the SAX slices' cavity was
-  # ~10 px across and read worse: README, "Encoders, heads and pre-training"). Pre-training reads the archive only (subjects never
-  # fine-tuned on or scored); its validation slice gives the zero-shot retrieval check. Clips
-  # come from each study's fine-tuning bag of 6 (long-axis views and every second SAX slice).
+  # ~10 px across and read worse: README, "Encoders, heads and pre-training"). Pre-training
+  # reads the archive only (subjects never fine-tuned on or scored); its validation slice gives
+  # the zero-shot retrieval check. Clips come from each study's fine-tuning bag of 6 (long-axis
+  # views and every second SAX slice).
   # Train clips are made on the host here (augment_on_device=False): the README's demo figures
   # were measured so, and a device clip differs from the host's by a grey level in ~0.1% of
   # pixels (cmr_jax/data/device_augment.py), which moves every trained figure.
   c.data = dict(dir="runs/synthetic", train_split="archive", eval_split="archive_val",
-                image_size=48, num_frames=16, bag_size=6, worker_count=0,
+                image_size=IMAGE_SIZE, num_frames=16, bag_size=6, worker_count=0,
                 augment_on_device=False, read_threads=2, prefetch_buffer_size=4,
                 eval_worker_count=0)
   c.model = dict(video=VIDEO, text=TEXT, embed_dim=128, dtype="float32", remat=False,
