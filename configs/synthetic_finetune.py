@@ -37,8 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init = "random"  # or "pretrain:WORKDIR[:STEP]"
   c.mode = "finetune"  # linear | finetune | transfer
   c.data = dict(dir="runs/synthetic", train_split="train", eval_split="val",
-                image_size=IMAGE_SIZE, num_frames=16, max_instances=6, label_fraction=1.0, worker_count=0,
-                eval_worker_count=0)
+                image_size=IMAGE_SIZE, num_frames=16, max_instances=6, label_fraction=1.0,
+                worker_count=0, eval_worker_count=0)
   c.model = dict(video=VIDEO, embed_dim=128, head="paper", dtype="float32", remat=False,
                  video_overrides=VIDEO_OVERRIDES)
   c.mesh = dict(data=-1, fsdp=1, model=1)
