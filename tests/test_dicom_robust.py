@@ -492,3 +492,35 @@ def test_patient_position_and_oblique_planes_keep_views_and_sax_order(study, pos
   for original, read in zip(turned, assembled.cines):
     np.testing.assert_allclose(read.image_position, original.image_position, atol=1e-3)
     assert _close(read.frames, original.frames)
+
+
+@pytest.mark.parametrize("misnamed", [types.SAX, types.LAX_2CH])
+def test_one_series_named_sax_does_not_overrule_the_stacks_geometry(study, tmp_path, misnamed):
+  """Unnamed series (a vendor's `cine_trufi_retro`) with one of them named like a short-axis view:
+  a real SAX slice (the other, unnamed, slices of the stack must join it) or a long-axis plane
+  misnamed (the stack found from geometry must win, the misnamed plane judged by its geometry).
+  Before, the one named cine was the whole stack: the other slices were dropped, or for the
+  misnamed long-axis plane the real stack was taken for long-axis views."""
+  items = _items(study, style="unnamed", view_folders=False)
+  cines = _cines_of(study, items)
+  number = min(int(ds.SeriesNumber) for (_, _, ds), c in zip(items, cines) if c.view == misnamed)
+  for _, _, ds in items:
+    if int(ds.SeriesNumber) == number:
+      ds.SeriesDescription = ds.ProtocolName = "cine_sa"
+  assembled = _assemble(items)
+  assert [c.view for c in assembled.cines] == [c.view for c in study.cines]
+  assert not assembled.skipped_reasons
+  for original, read in zip(study.cines, assembled.cines):
+    np.testing.assert_allclose(read.image_position, original.image_position, atol=1e-3)
+  if misnamed == types.SAX:
+    assert assembled.conflicts == []
+  else:
+    (conflict,) = assembled.conflicts
+    assert conflict.startswith(f"series {number} is named as a short-axis view but its plane "
+                               "lies at ")
+    assert conflict.endswith("degrees to the short-axis stack of 3 parallel cines: judged by its "
+                             "geometry instead")
+  prepared = _prepare(_write(items, tmp_path))
+  assert prepared.record.views == [c.view for c in study.cines]
+  assert ("view_name_conflict" in _codes(prepared)) == (misnamed != types.SAX)
+  assert not _codes(prepared) & {"files_skipped", "no_short_axis"}

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from cmr_jax import predict
+from cmr_jax.data import preprocess
 from cmr_jax.data import records
 from cmr_jax.dicom import ingest
 from cmr_jax.dicom import layouts
@@ -81,6 +82,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str)
   """A non-zero exit, no traceback, and the last line on stderr naming the problem."""
   assert result.returncode != 0, result.stdout[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "\nflags:\n" not in result.stderr, result.stderr[-3000:]  # no page of flag help
   last = result.stderr.strip().splitlines()[-1]
   assert all(f in last for f in fragments), last
 
@@ -214,13 +216,16 @@ def test_prediction_files_are_written_atomically(tmp_path):
     "predict_output_folder_missing", "predict_bad_extension", "predict_data_dir_not_a_dataset",
     "predict_missing_split", "predict_model_missing", "predict_missing_input",
     "predict_short_salt", "ingest_bad_fractions", "ingest_other_fractions", "predict_bad_level",
-    "predict_bad_limit", "calibrate_on_val"])
+    "predict_bad_limit", "calibrate_on_val", "ingest_like_model_missing",
+    "ingest_like_model_disagrees"])
 def test_user_errors_end_in_one_line(case, copy, tmp_path):
   images, records_dir = copy
   (tmp_path / "file").write_text("x")
   (tmp_path / "unrelated").mkdir()
   (tmp_path / "unrelated" / "notes.txt").write_text("x")
   (tmp_path / "study").mkdir()
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "preprocess.json").write_text(json.dumps(dicom_testlib.TINY_CFG.to_dict()))
   ingest_args = ["ingest.py", "--layout=generic", f"--input={images}"]
   predict_args = ["predict.py", f"--model={tmp_path}/no_run", f"--output={tmp_path}/rows.csv"]
   runs = {
@@ -262,6 +267,13 @@ def test_user_errors_end_in_one_line(case, copy, tmp_path):
       "predict_bad_level": (predict_args + ["--level=1.5", images], ["--level", "(0, 1)"]),
       "predict_bad_limit": (predict_args + ["--max_file_bytes=0", images],
                             ["--max_file_bytes", "positive integer"]),
+      "ingest_like_model_missing": (ingest_args + [f"--output={tmp_path}/out", f"--salt={SALT}",
+                                                   f"--like_model={tmp_path}/no_run"],
+                                    ["--like_model", "no_run/preprocess.json does not exist"]),
+      "ingest_like_model_disagrees": (ingest_args + [
+          f"--output={tmp_path}/out", f"--salt={SALT}", f"--like_model={tmp_path}/run",
+          f"--size={dicom_testlib.TINY_CFG.size + 16}"],
+          [f"--size={dicom_testlib.TINY_CFG.size + 16} disagrees with --like_model"]),
       "calibrate_on_val": (["calibrate.py", f"--workdir={tmp_path}/no_run",
                             f"--data_dir={records_dir}", "--split=val"],
                            ["--split val", "trained or chosen"]),
@@ -286,3 +298,20 @@ def test_fractions_choose_the_splits_and_a_resume_must_keep_them(archive, tmp_pa
   assert dicom_testlib.all_bytes_below(output) == before
   resumed = ingest.run_ingest(_options(images, output, fractions=(("calib", 1.0),)))
   assert (resumed.converted, resumed.resumed) == (0, len(INDICES))
+
+
+def test_ingest_like_a_model_stores_what_predict_needs(archive, tmp_path):
+  """`--like_model` takes every preprocessing field from the run's preprocess.json (not only the
+  ones with flags), so that predict accepts the dataset; the defaults would be refused."""
+  images, _ = archive
+  stored = {**dicom_testlib.TINY_CFG.to_dict(), "high_percentile": 99.0, "motion_sigma_mm": 9.0}
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "preprocess.json").write_text(json.dumps(stored))
+  output = str(tmp_path / "out")
+  result = _run("ingest.py", "--layout=generic", f"--input={images}", f"--output={output}",
+                f"--salt={SALT}", f"--like_model={tmp_path}/run")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert records.read_dataset_info(output)["preprocess"] == stored
+  records.check_preprocess(output, preprocess.PreprocessConfig.from_dict(stored))
+  with pytest.raises(ValueError, match=r"high_percentile: 99.0 vs model 99.5.*--like_model"):
+    records.check_preprocess(output, dicom_testlib.TINY_CFG)

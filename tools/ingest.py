@@ -12,6 +12,7 @@ HMAC-SHA256 pseudonyms under --salt (or $CMR_JAX_SALT). Predicting on one study:
 
 import dataclasses
 import json
+import os
 
 from absl import app
 from absl import flags
@@ -29,6 +30,7 @@ from cmr_jax import logs
 # processes, started with `spawn`, import this file's top-level modules again.
 
 _DEFAULTS = preprocess.PreprocessConfig()
+PREPROCESS_JSON = "preprocess.json"  # a run's preprocessing (`cmr_jax.runs.PREPROCESS_JSON`)
 _LIMITS = dicom_files.ReadLimits()
 _LAYOUT = flags.DEFINE_enum("layout", None, layouts.LAYOUTS, "Archive layout.", required=True)
 _INPUT = flags.DEFINE_string("input", None, "Input folder (or zip/file: generic).", required=True)
@@ -55,6 +57,11 @@ _ORIENTATION = flags.DEFINE_enum(
     "orientation", _DEFAULTS.orientation, preprocess.ORIENTATIONS,
     "Stored in-plane layout: anatomical (long-axis views apex down, short-axis slices anterior "
     "up, from the DICOM plane geometry) or scanner (rows and columns as acquired).")
+_LIKE_MODEL = flags.DEFINE_string(
+    "like_model", "",
+    "A fine-tuned run folder (e.g. runs/demo/model): store the records exactly as that model's "
+    "training data (its preprocess.json), so that tools/predict.py --data_dir can apply it. "
+    "--size/--spacing_mm/--frames/--orientation may not then say otherwise.")
 _PATH_KEY = flags.DEFINE_string(
     "path_key", "", "Optional private CSV (outside --output) mapping file pseudonyms to paths.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild instead of resuming.")
@@ -103,6 +110,35 @@ def parse_fractions(text: str) -> tuple[tuple[str, float], ...]:
   return fractions
 
 
+def stored_form() -> preprocess.PreprocessConfig:
+  """The records' preprocessing: --like_model's, or the defaults with the flags' values.
+
+  Raises:
+    ValueError: --like_model is not a run folder with a preprocess.json, or an explicit flag
+      disagrees with it.
+  """
+  flag_values = {"size": _SIZE, "spacing_mm": _SPACING, "num_frames": _FRAMES,
+                 "orientation": _ORIENTATION}
+  if not _LIKE_MODEL.value:
+    return dataclasses.replace(_DEFAULTS, **{k: f.value for k, f in flag_values.items()})
+  path = os.path.join(_LIKE_MODEL.value, PREPROCESS_JSON)
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+    cfg = preprocess.PreprocessConfig.from_dict(preprocess.with_legacy_defaults(stored))
+  except FileNotFoundError:
+    raise ValueError(f"--like_model: {path} does not exist (give a fine-tuned run folder, "
+                     "e.g. runs/demo/model)") from None
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise ValueError(f"--like_model: {path} cannot be read as a preprocessing config: "
+                     f"{e}") from None
+  for key, flag in flag_values.items():
+    if flag.present and flag.value != getattr(cfg, key):
+      raise ValueError(f"--{flag.name}={flag.value} disagrees with --like_model "
+                       f"({key} {getattr(cfg, key)} in {path}): drop one of them")
+  return cfg
+
+
 def main() -> None:
   # pylint: disable=import-outside-toplevel
   from cmr_jax.dicom import ingest
@@ -113,9 +149,8 @@ def main() -> None:
     raise app.UsageError(str(e)) from None
   if salt == pseudonym.DEMO_SALT:
     logging.warning("using the public demo salt: pseudonyms are NOT protected (demo data only)")
-  cfg = dataclasses.replace(_DEFAULTS, size=_SIZE.value, spacing_mm=_SPACING.value,
-                            num_frames=_FRAMES.value, orientation=_ORIENTATION.value)
   try:
+    cfg = stored_form()
     limits = dicom_files.ReadLimits(
         max_file_bytes=_MAX_FILE_BYTES.value, max_frame_pixels=_MAX_FRAME_PIXELS.value,
         max_frames_per_file=_MAX_FRAMES.value, max_pixel_bytes=_MAX_PIXEL_BYTES.value,

@@ -545,4 +545,5 @@ def check_preprocess(data_dir: str, cfg: preprocess.PreprocessConfig) -> None:
     raise ValueError(
         f"{data_dir} was preprocessed differently from the model's training data ("
         + ", ".join(f"{k}: {stored.get(k)} vs model {wanted.get(k)}" for k in diff)
-        + "): ingest the DICOM again with the model's settings, or predict from the DICOM")
+        + "): ingest the DICOM again with the model's settings (tools/ingest.py --like_model="
+        "<the model's run folder>), or predict from the DICOM")

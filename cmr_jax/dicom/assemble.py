@@ -19,7 +19,10 @@
    matrix sizes, orientations or pixel spacings, no pixel spacing, or fewer than
    `MIN_CINE_FRAMES` frames, are skipped.
 4. Views come from the series name (SeriesDescription, ProtocolName, then the folder name), see
-   `views.classify_name`; otherwise from geometry against the SAX stack (see
+   `views.classify_name`, and from geometry. The SAX stack is the largest cluster of parallel
+   planes among the cines named SAX and the unnamed ones (`_find_sax`): unnamed planes in it are
+   SAX slices, and a cine named SAX that lies outside it is named from its geometry instead, with
+   a note (the name and the plane disagree). Other unnamed planes are named against the stack (see
    `geometry.classify_lax_geometry`): a plane within `SAX_MAX_ANGLE_DEG` of the stack's planes is
    a SAX slice, one at least `LAX_MIN_ANGLE_DEG` from them a long-axis view. Without a SAX stack,
    unnamed planes at least `ANATOMY_LAX_MIN_ANGLE_DEG` from the plane normal to a typical heart's
@@ -104,6 +107,8 @@ class AssembledStudy:
   identifiers: tuple[str, ...]  # identifying values, for scrubbing free text only
   heart_rate_bpm: float
   notes: list[str] = dataclasses.field(default_factory=list)  # guesses made while assembling
+  # series names that the plane geometry contradicted (and overruled)
+  conflicts: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def skipped_reasons(self) -> collections.Counter:
@@ -300,11 +305,12 @@ def _assemble(files: Sequence[parse.ParsedFile], min_frames: int) -> AssembledSt
   series_frames, series_info, datasets = _collect_series(files, ledger)
   candidates = _cine_candidates(series_frames, series_info, ledger, min_frames)
   candidates = _decode(candidates, datasets, ledger)
-  sax_normal, sax = _sax_stack(_find_sax(candidates), ledger)
+  sax, conflicts = _find_sax(candidates)
+  sax_normal, sax = _sax_stack(sax, ledger)
   lax_named, lax_unknown, notes = _name_long_axis(candidates, sax_normal, ledger)
   lax = _latest_per_view(lax_named + lax_unknown, ledger)
   kept = sax + [lax[view] for view in types.LONG_AXIS_VIEWS if view in lax]
-  return _study_result(files, kept, datasets, ledger, notes)
+  return _study_result(files, kept, datasets, ledger, notes, conflicts)
 
 
 def _collect_series(files: Sequence[parse.ParsedFile], ledger: _Ledger
@@ -366,22 +372,52 @@ def _cine_candidates(series_frames: dict[str, list[parse.Frame]],
   return candidates
 
 
-def _find_sax(candidates: list[_Candidate]) -> list[_Candidate]:
-  """Stage 4: the cines named SAX; without any, the largest cluster of parallel unnamed planes
-  at `MIN_GEOMETRIC_SAX_SLICES` or more positions, which are then named SAX."""
-  sax = [c for c in candidates if c.view == types.SAX]
-  if not sax:  # no named SAX: a cluster of parallel unnamed planes at several positions
-    unnamed = [c for c in candidates if not c.view and c.normal is not None]
-    for c in unnamed:
-      parallel = [d for d in unnamed
-                  if geometry.angle_between_planes_deg(c.normal, d.normal) <= SAX_MAX_ANGLE_DEG]
-      positions = {round(float(np.dot(d.frames[0].position, c.normal)), 0) for d in parallel
-                   if d.frames[0].position is not None}
-      if len(positions) >= MIN_GEOMETRIC_SAX_SLICES and len(parallel) > len(sax):
-        sax = parallel
-    for c in sax:
-      c.view = types.SAX
-  return sax
+def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[str]]:
+  """Stage 4: the SAX slices, from names and geometry together.
+
+  The stack is the largest cluster of parallel planes (within `SAX_MAX_ANGLE_DEG` of one
+  another) among the cines named SAX and the unnamed ones: a cluster with named slices at
+  `MIN_GEOMETRIC_SAX_SLICES` or more positions first, then the one with the most positions
+  (an unnamed cluster needs that many), then the one with more named slices, then the more
+  recently acquired (a re-planned stack supersedes the first). Unnamed planes
+  in it are named SAX. A cine named SAX whose plane is not in that stack is a name that the
+  geometry contradicts: it is left for stage 5 to name from its geometry, with a note. Without
+  any plane geometry the named cines are the stack (ordered by SliceLocation).
+
+  Returns:
+    (the SAX cines, one message per series name that the geometry overruled).
+  """
+  named = [c for c in candidates if c.view == types.SAX]
+  pool = [c for c in candidates if c.view in (types.SAX, "") and c.normal is not None
+          and c.frames[0].position is not None]
+  best, best_key = [], None
+  for seed in pool:
+    cluster = [d for d in pool
+               if geometry.angle_between_planes_deg(seed.normal, d.normal) <= SAX_MAX_ANGLE_DEG]
+    positions = {round(float(np.dot(d.frames[0].position, seed.normal))) for d in cluster}
+    named_positions = {round(float(np.dot(d.frames[0].position, seed.normal))) for d in cluster
+                       if d.view == types.SAX}
+    if not named_positions and len(positions) < MIN_GEOMETRIC_SAX_SLICES:
+      continue
+    key = (len(named_positions) >= MIN_GEOMETRIC_SAX_SLICES, len(positions),
+           len(named_positions), max(d.recency for d in cluster))
+    if best_key is None or key > best_key:
+      best, best_key = cluster, key
+  if not best:  # no geometry to judge by: the names decide
+    return named, []
+  conflicts = []
+  overruled = [c for c in named if c not in best and c.normal is not None]
+  reference = np.mean([d.normal * np.sign(np.dot(d.normal, best[0].normal)) for d in best],
+                      axis=0)
+  for c in overruled:
+    angle = geometry.angle_between_planes_deg(c.normal, reference / np.linalg.norm(reference))
+    conflicts.append(f"series {c.series.number} is named as a short-axis view but its plane lies "
+                     f"at {angle:.0f} degrees to the short-axis stack of {len(best)} parallel "
+                     "cines: judged by its geometry instead")
+    c.view = ""
+  for c in best:
+    c.view = types.SAX
+  return best + [c for c in named if c.normal is None or c.frames[0].position is None], conflicts
 
 
 def _name_long_axis(candidates: list[_Candidate], sax_normal: np.ndarray | None,
@@ -442,7 +478,7 @@ def _latest_per_view(lax: list[_Candidate], ledger: _Ledger) -> dict[str, _Candi
 
 def _study_result(files: Sequence[parse.ParsedFile], kept: list[_Candidate],
                   datasets: dict[dicom_files.FileRef, Dataset], ledger: _Ledger,
-                  notes: list[str]) -> AssembledStudy:
+                  notes: list[str], conflicts: list[str]) -> AssembledStudy:
   """Stage 7: the kept cines as `types.Cine`s, every file's status, and the study's facts."""
   cines = [_to_cine(c, slice_index=i if c.view == types.SAX else -1) for i, c in enumerate(kept)]
   file_cine = {}
@@ -467,7 +503,8 @@ def _study_result(files: Sequence[parse.ParsedFile], kept: list[_Candidate],
       patient_id=common("patient_id")[0][0] if good else "",
       accession=common("accession")[0][0] if good else "",
       identifiers=parse.identifiers(datasets[pf.ref] for pf in good_per_series),
-      heart_rate_bpm=float(np.median(rates)) if rates else math.nan, notes=notes)
+      heart_rate_bpm=float(np.median(rates)) if rates else math.nan, notes=notes,
+      conflicts=conflicts)
 
 
 def _to_cine(c: _Candidate, *, slice_index: int) -> types.Cine:

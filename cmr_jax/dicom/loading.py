@@ -48,6 +48,7 @@ class LoadedStudy:
   rows: list[FileRow]
   reason: str = ""  # why `study` is None
   notes: list[str] = dataclasses.field(default_factory=list)  # guesses made (`AssembledStudy`)
+  conflicts: list[str] = dataclasses.field(default_factory=list)  # names overruled by geometry
 
 
 def study_pseudonyms(spec: layouts.StudySpec, salt: str) -> tuple[str, str]:
@@ -107,7 +108,10 @@ def load_study(spec: layouts.StudySpec, *, salt: str, root: str,
       heart_rate_bpm=assembled.heart_rate_bpm)
   for note in assembled.notes:
     logging.info("study %s: %s", study_id, note)
-  return LoadedStudy(study, rows, notes=list(assembled.notes))
+  for conflict in assembled.conflicts:
+    logging.warning("study %s: %s", study_id, conflict)
+  return LoadedStudy(study, rows, notes=list(assembled.notes),
+                     conflicts=list(assembled.conflicts))
 
 
 def _write_rows(path: str, rows: Sequence[FileRow]) -> None:

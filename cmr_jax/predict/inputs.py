@@ -90,6 +90,7 @@ def _prepare_spec(path: str, root: str, spec: layouts.StudySpec,
         "files_skipped", f"{sum(skipped.values())} of {_files(len(loaded.rows))} not used "
         f"({_counts(skipped)})"))
   out.warnings += [quality.QualityWarning("views_from_anatomy", note) for note in loaded.notes]
+  out.warnings += [quality.QualityWarning("view_name_conflict", text) for text in loaded.conflicts]
   left_out: list[str] = []
   image_centred: list[str] = []
   unoriented: list[str] = []
