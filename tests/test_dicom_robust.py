@@ -524,3 +524,17 @@ def test_one_series_named_sax_does_not_overrule_the_stacks_geometry(study, tmp_p
   assert prepared.record.views == [c.view for c in study.cines]
   assert ("view_name_conflict" in _codes(prepared)) == (misnamed != types.SAX)
   assert not _codes(prepared) & {"files_skipped", "no_short_axis"}
+
+
+def test_a_uk_biobank_participants_zips_predict_without_a_stray_file_warning(study, tmp_path):
+  """A participant's folder of UK Biobank zips read as any DICOM input: the zips' manifests
+  (manifest.cvs / manifest.csv, not DICOM) belong there and are not reported as stray files; a
+  non-DICOM file of another name still is."""
+  os.remove(dicom_writer.write_ukbb([study], str(tmp_path / "zips"), eids=[1000031]))  # labels
+  (prepared,) = predict_inputs.prepare_input(str(tmp_path / "zips"), CFG, salt=SALT)
+  assert not prepared.error and prepared.record.views == [c.view for c in study.cines]
+  assert not _codes(prepared) & {"files_outside_studies", "files_skipped", "several_studies"}
+  (tmp_path / "zips" / "notes.txt").write_text("not DICOM")
+  (prepared,) = predict_inputs.prepare_input(str(tmp_path / "zips"), CFG, salt=SALT)
+  (warning,) = [w for w in prepared.warnings if w.code == "files_outside_studies"]
+  assert warning.message.startswith("1 file below the input in no study")
