@@ -27,13 +27,17 @@ $(TORCH_STAMP): $(STAMP)
 # module fixtures are built once: most of the suite is single-threaded XLA compilation.
 TEST_WORKERS ?= 2
 
+# Programs run with jemalloc (else tcmalloc) as the C heap where one is installed (XLA compiles
+# faster; CMR_JAX_MALLOC=glibc for glibc's malloc): see launch/with_allocator.sh.
+RUN := launch/with_allocator.sh
+
 .PHONY: demo test install
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python tools/demo.py --workdir=runs/demo
+	$(RUN) $(VENV)/bin/python tools/demo.py --workdir=runs/demo
 
 test: $(TORCH_STAMP) $(BEAM_STAMP)
-	CMR_JAX_REQUIRE_TORCH=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
-	    tests --ignore=tests/test_beam_ingest.py
-	CMR_JAX_REQUIRE_BEAM=1 $(BEAM_VENV)/bin/python -m pytest -q tests/test_beam_ingest.py
+	CMR_JAX_REQUIRE_TORCH=1 $(RUN) $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) \
+	    --dist loadfile tests --ignore=tests/test_beam_ingest.py
+	CMR_JAX_REQUIRE_BEAM=1 $(RUN) $(BEAM_VENV)/bin/python -m pytest -q tests/test_beam_ingest.py

@@ -80,6 +80,27 @@ def keep_heap_pages() -> bool:
   return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
+ALLOCATORS = ("jemalloc", "tcmalloc")  # preloadable C heaps (launch/with_allocator.sh)
+
+
+def allocator(maps: str | None = None) -> str:
+  """The C heap of this process: "jemalloc" or "tcmalloc" when one is mapped (preloaded, e.g.
+  by launch/with_allocator.sh), else "glibc" (or "unknown" off Linux). `maps`: the text of
+  /proc/self/maps (read when None)."""
+  if maps is None:
+    try:
+      with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        maps = f.read()
+    except OSError:
+      return "unknown"
+  names = {os.path.basename(line.split()[-1]) for line in maps.splitlines()
+           if len(line.split()) >= 6}
+  for name in ALLOCATORS:
+    if any(n.startswith(f"lib{name}") for n in names):
+      return name
+  return "glibc" if platform.libc_ver()[0] == "glibc" else "unknown"
+
+
 def configure() -> dict[str, bool]:
   """Applies the settings of the module docstring once per process, where they apply; returns
   (and logs) what is in effect: {"heap": ..., "sync_dispatch": ...}."""
@@ -99,8 +120,8 @@ def configure() -> dict[str, bool]:
       jax.config.update("jax_cpu_enable_async_dispatch", False)
   sync = not jax.config.values["jax_cpu_enable_async_dispatch"]
   _applied.update(heap=heap, sync_dispatch=sync)
-  logging.info("CPU runtime: heap keeps its pages %s, synchronous dispatch %s (%s=%s)", heap, sync,
-               ENV, chosen)
+  logging.info("CPU runtime: heap keeps its pages %s, synchronous dispatch %s (%s=%s), C heap %s",
+               heap, sync, ENV, chosen, allocator())
   return dict(_applied)
 
 

@@ -44,5 +44,6 @@ fi
 
 mkdir -p "${WORKDIR}"
 # tee -i ignores the Ctrl-C meant for the trainer, so the log keeps the checkpoint message.
-"${PYTHON}" "${REPO}/tools/train.py" --mode="${MODE}" --config="${CONFIG}" --workdir="${WORKDIR}" "$@" \
+"${REPO}/launch/with_allocator.sh" "${PYTHON}" "${REPO}/tools/train.py" --mode="${MODE}" \
+  --config="${CONFIG}" --workdir="${WORKDIR}" "$@" \
   2>&1 | tee -i -a "${WORKDIR}/train.log"

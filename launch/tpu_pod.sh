@@ -215,6 +215,11 @@ fi
 uv="$(command -v uv || echo "${HOME}/.local/bin/uv")"
 "${uv}" venv --allow-existing --python "${python_version}" "${HOME}/${venv}"
 "${uv}" pip install --python "${HOME}/${venv}/bin/python" "${HOME}/${src}" "${jax_req}"
+# jemalloc for launch/with_allocator.sh (XLA compiles faster than on glibc's malloc); optional.
+if ! compgen -G "/usr/lib/*-linux-gnu/libjemalloc.so.2" > /dev/null; then
+  sudo apt-get install -y -q libjemalloc2 > /dev/null 2>&1 \
+    || echo "$(hostname): libjemalloc2 not installed: glibc's malloc"
+fi
 if [[ -n "${bucket}" ]]; then
   if ! command -v gcsfuse > /dev/null; then
     curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg \
@@ -261,7 +266,7 @@ run() {
   # nohup and full redirection: the trainers outlive this ssh session. A wrapper shell records
   # the trainer's pid (what `stop` signals) and, when it ends, its exit status (`status`).
   on_all_workers "set -e; cd ~/${REMOTE_SRC}; mkdir -p ${logs}; rm -f ~/${REMOTE_EXIT}; \
-    nohup bash -c '~/${REMOTE_VENV}/bin/python tools/train.py ${args} \
+    nohup bash -c 'launch/with_allocator.sh ~/${REMOTE_VENV}/bin/python tools/train.py ${args} \
       & echo \$! > ~/${REMOTE_PID}; wait \$!; echo \$? > ~/${REMOTE_EXIT}' \
       >> ${logs}/\$(hostname).log 2>&1 < /dev/null &"
   echo "started on every worker of ${TPU_NAME}; logs in ${logs}/ on each worker"

@@ -44,7 +44,9 @@ logs.run(main)
 
 
 def _run(script: str, **env: str) -> dict:
-  environ = {k: v for k, v in os.environ.items() if k not in (cpu_runtime.ENV, "JAX_PLATFORMS")}
+  # glibc's malloc, whatever heap this process runs on (make test preloads jemalloc where it can).
+  environ = {k: v for k, v in os.environ.items()
+             if k not in (cpu_runtime.ENV, "JAX_PLATFORMS", "LD_PRELOAD", "MALLOC_CONF")}
   environ.update(env)
   out = subprocess.run([sys.executable, "-c", script], env=environ, cwd=REPO, capture_output=True,
                        text=True, timeout=300)
@@ -95,3 +97,32 @@ print(json.dumps(cpu_runtime.configure()))
 def test_backend_started_first_keeps_asynchronous_dispatch():
   state = _run(LATE, JAX_PLATFORMS="cpu")
   assert state["sync_dispatch"] is False and state["heap"] is True
+
+
+MAPS_LINE = "7f00a000-7f00b000 r-xp 00000000 08:01 1234 {}\n"
+
+
+@pytest.mark.parametrize("libraries, expected", [
+    (["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libc.so.6"],
+     "jemalloc"),
+    (["/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib64/libc.so.6"], "tcmalloc"),
+    (["/usr/lib/x86_64-linux-gnu/libc.so.6", "[heap]"], "glibc"),
+])
+def test_allocator_is_read_from_the_mapped_libraries(libraries, expected):
+  maps = "7ffd0000-7ffd1000 rw-p 00000000 00:00 0\n" + "".join(MAPS_LINE.format(library)
+                                                              for library in libraries)
+  assert cpu_runtime.allocator(maps) == expected
+
+
+def test_allocator_wrapper_preloads_what_it_is_told_and_refuses_a_missing_library(tmp_path):
+  wrapper = os.path.join(REPO, "launch", "with_allocator.sh")
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+  script = "from cmr_jax import cpu_runtime; print(cpu_runtime.allocator())"
+  glibc = subprocess.run([wrapper, sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**env, "CMR_JAX_MALLOC": "glibc"}, cwd=REPO, check=True)
+  assert glibc.stdout.strip() == "glibc"
+  missing = subprocess.run([wrapper, "true"], capture_output=True, text=True, cwd=REPO,
+                           env={**env, "CMR_JAX_MALLOC": str(tmp_path / "libnope.so")})
+  assert missing.returncode == 2
+  assert missing.stderr.strip().endswith("libnope.so: no such file (auto, glibc or a library "
+                                         "path)")

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import cmr_jax
+from cmr_jax import cpu_runtime
 from cmr_jax.models import registry
 from cmr_jax.train import speed
 
@@ -132,3 +133,23 @@ def test_cpu_runtime_changes_no_value():
   assert runs["tuned"][0] == {"heap": True, "sync_dispatch": True}
   assert runs["default"][0] == {"heap": False, "sync_dispatch": False}
   assert len(runs["tuned"][1]) == 64 and runs["tuned"][1] == runs["default"][1]
+
+
+def test_preloaded_allocator_changes_no_value():
+  """Two AdamW steps of the tiny MViT give the same bits under the allocator that
+  launch/with_allocator.sh preloads (jemalloc or tcmalloc, as installed; CI installs jemalloc)
+  and under glibc's malloc."""
+  wrapper = os.path.join(REPO, "launch", "with_allocator.sh")
+  script = "from cmr_jax import cpu_runtime\nprint(cpu_runtime.allocator())\n" + STEP_DIGEST
+  environ = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+  runs = {}
+  for choice in ("auto", "glibc"):
+    out = subprocess.run([wrapper, sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, env={**environ, "JAX_ENABLE_COMPILATION_CACHE": "false",
+                                         "CMR_JAX_MALLOC": choice})
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs[choice] = out.stdout.strip().splitlines()[-2:]
+  if runs["auto"][0] == "glibc":
+    pytest.skip("neither jemalloc nor tcmalloc is installed (apt install libjemalloc2)")
+  assert runs["auto"][0] in cpu_runtime.ALLOCATORS and runs["glibc"][0] == "glibc"
+  assert len(runs["auto"][1]) == 64 and runs["auto"][1] == runs["glibc"][1]
