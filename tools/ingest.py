@@ -12,7 +12,6 @@ HMAC-SHA256 pseudonyms under --salt (or $CMR_JAX_SALT). Predicting on one study:
 
 import dataclasses
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -24,6 +23,7 @@ from cmr_jax.dicom import files as dicom_files
 from cmr_jax.dicom import layouts
 from cmr_jax.dicom import loading
 from cmr_jax.dicom import pseudonym
+from cmr_jax import files
 from cmr_jax import logs
 
 # `ingest` and `output` (ArrayRecord, flax, grain: ~3 s) are imported in main(): worker
@@ -121,10 +121,11 @@ def stored_form() -> preprocess.PreprocessConfig:
                  "orientation": _ORIENTATION}
   if not _LIKE_MODEL.value:
     return dataclasses.replace(_DEFAULTS, **{k: f.value for k, f in flag_values.items()})
-  path = os.path.join(_LIKE_MODEL.value, PREPROCESS_JSON)
+  path = files.join(_LIKE_MODEL.value, PREPROCESS_JSON)  # a local path or a gs:// URL
   try:
-    with open(path, encoding="utf-8") as f:
-      stored = json.load(f)
+    if not files.exists(path):
+      raise FileNotFoundError(path)
+    stored = files.read_json(path)
     cfg = preprocess.PreprocessConfig.from_dict(preprocess.with_legacy_defaults(stored))
   except FileNotFoundError:
     raise ValueError(f"--like_model: {path} does not exist (give a fine-tuned run folder, "

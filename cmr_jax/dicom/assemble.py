@@ -21,8 +21,8 @@
 4. Views come from the series name (SeriesDescription, ProtocolName, then the folder name), see
    `views.classify_name`, and from geometry. The SAX stack is the largest cluster of parallel
    planes among the cines named SAX and the unnamed ones (`_find_sax`): unnamed planes in it are
-   SAX slices, and a cine named SAX that lies outside it is named from its geometry instead, with
-   a note (the name and the plane disagree). Other unnamed planes are named against the stack (see
+   SAX slices, and a cine named SAX that lies outside it is named from its geometry instead (the
+   study's `conflicts` say so). Other unnamed planes are named against the stack (see
    `geometry.classify_lax_geometry`): a plane within `SAX_MAX_ANGLE_DEG` of the stack's planes is
    a SAX slice, one at least `LAX_MIN_ANGLE_DEG` from them a long-axis view. Without a SAX stack,
    unnamed planes at least `ANATOMY_LAX_MIN_ANGLE_DEG` from the plane normal to a typical heart's
@@ -379,10 +379,11 @@ def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[str]
   another) among the cines named SAX and the unnamed ones: a cluster with named slices at
   `MIN_GEOMETRIC_SAX_SLICES` or more positions first, then the one with the most positions
   (an unnamed cluster needs that many), then the one with more named slices, then the more
-  recently acquired (a re-planned stack supersedes the first). Unnamed planes
-  in it are named SAX. A cine named SAX whose plane is not in that stack is a name that the
-  geometry contradicts: it is left for stage 5 to name from its geometry, with a note. Without
-  any plane geometry the named cines are the stack (ordered by SliceLocation).
+  recently acquired (a re-planned stack supersedes the first). Unnamed planes in it are named
+  SAX. A cine named SAX whose plane is not in that stack is a name that the geometry
+  contradicts: it is left for stage 5 to name from its geometry, with a message (the study's
+  `conflicts`). Without any plane geometry the named cines are the stack (ordered by
+  SliceLocation).
 
   Returns:
     (the SAX cines, one message per series name that the geometry overruled).
@@ -406,7 +407,7 @@ def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[str]
   if not best:  # no geometry to judge by: the names decide
     return named, []
   conflicts = []
-  overruled = [c for c in named if c not in best and c.normal is not None]
+  overruled = [c for c in named if c not in best and c in pool]
   reference = np.mean([d.normal * np.sign(np.dot(d.normal, best[0].normal)) for d in best],
                       axis=0)
   for c in overruled:
