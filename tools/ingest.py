@@ -7,7 +7,9 @@ Writes records (ArrayRecord shards read by `cmr_jax.data.records.open_split`), d
 and manifest.csv (every input file: used, or skipped with the reason) under --output; reruns
 resume. Identifiers never reach the outputs or logs: studies, subjects and files are keyed
 HMAC-SHA256 pseudonyms under --salt (or $CMR_JAX_SALT). Predicting on one study: point
---layout=generic --input at its folder or zip. See `cmr_jax.dicom.ingest` for the details.
+--layout=generic --input at its folder or zip. To score the records with a trained model
+(tools/predict.py --data_dir), store them as its training data was: --like_model=RUN (e.g.
+runs/demo/model). See `cmr_jax.dicom.ingest` for the details.
 """
 
 import dataclasses
