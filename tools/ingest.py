@@ -32,7 +32,6 @@ from cmr_jax import logs
 # processes, started with `spawn`, import this file's top-level modules again.
 
 _DEFAULTS = preprocess.PreprocessConfig()
-PREPROCESS_JSON = "preprocess.json"  # a run's preprocessing (`cmr_jax.runs.PREPROCESS_JSON`)
 _LIMITS = dicom_files.ReadLimits()
 _LAYOUT = flags.DEFINE_enum("layout", None, layouts.LAYOUTS, "Archive layout.", required=True)
 _INPUT = flags.DEFINE_string("input", None, "Input folder (or zip/file: generic).", required=True)
@@ -123,12 +122,12 @@ def stored_form() -> preprocess.PreprocessConfig:
                  "orientation": _ORIENTATION}
   if not _LIKE_MODEL.value:
     return dataclasses.replace(_DEFAULTS, **{k: f.value for k, f in flag_values.items()})
-  path = files.join(_LIKE_MODEL.value, PREPROCESS_JSON)  # a local path or a gs:// URL
+  from cmr_jax import runs  # pylint: disable=import-outside-toplevel  (jax: not in workers)
+  path = files.join(_LIKE_MODEL.value, runs.PREPROCESS_JSON)  # a local path or a gs:// URL
   try:
     if not files.exists(path):
       raise FileNotFoundError(path)
-    stored = files.read_json(path)
-    cfg = preprocess.PreprocessConfig.from_dict(preprocess.with_legacy_defaults(stored))
+    cfg = preprocess.PreprocessConfig.from_dict(runs.read_preprocess(_LIKE_MODEL.value))
   except FileNotFoundError:
     raise ValueError(f"--like_model: {path} does not exist (give a fine-tuned run folder, "
                      "e.g. runs/demo/model)") from None

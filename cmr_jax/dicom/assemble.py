@@ -305,8 +305,12 @@ def _assemble(files: Sequence[parse.ParsedFile], min_frames: int) -> AssembledSt
   series_frames, series_info, datasets = _collect_series(files, ledger)
   candidates = _cine_candidates(series_frames, series_info, ledger, min_frames)
   candidates = _decode(candidates, datasets, ledger)
-  sax, conflicts = _find_sax(candidates)
+  sax, overruled = _find_sax(candidates)
   sax_normal, sax = _sax_stack(sax, ledger)
+  conflicts = [f"series {c.series.number} is named as a short-axis view but its plane lies at "
+               f"{geometry.angle_between_planes_deg(c.normal, sax_normal):.0f} degrees to the "
+               f"short-axis stack of {len(sax)} parallel cines: judged by its geometry instead"
+               for c in overruled]
   lax_named, lax_unknown, notes = _name_long_axis(candidates, sax_normal, ledger)
   lax = _latest_per_view(lax_named + lax_unknown, ledger)
   kept = sax + [lax[view] for view in types.LONG_AXIS_VIEWS if view in lax]
@@ -372,7 +376,7 @@ def _cine_candidates(series_frames: dict[str, list[parse.Frame]],
   return candidates
 
 
-def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[str]]:
+def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[_Candidate]]:
   """Stage 4: the SAX slices, from names and geometry together.
 
   The stack is the largest cluster of parallel planes (within `SAX_MAX_ANGLE_DEG` of one
@@ -381,12 +385,12 @@ def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[str]
   (an unnamed cluster needs that many), then the one with more named slices, then the more
   recently acquired (a re-planned stack supersedes the first). Unnamed planes in it are named
   SAX. A cine named SAX whose plane is not in that stack is a name that the geometry
-  contradicts: it is left for stage 5 to name from its geometry, with a message (the study's
-  `conflicts`). Without any plane geometry the named cines are the stack (ordered by
+  contradicts: it is left for stage 5 to name from its geometry, and `_assemble` says so in the
+  study's `conflicts`. Without any plane geometry the named cines are the stack (ordered by
   SliceLocation).
 
   Returns:
-    (the SAX cines, one message per series name that the geometry overruled).
+    (the SAX cines, the cines named SAX that the geometry overruled).
   """
   named = [c for c in candidates if c.view == types.SAX]
   pool = [c for c in candidates if c.view in (types.SAX, "") and c.normal is not None
@@ -395,9 +399,9 @@ def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[str]
   for seed in pool:
     cluster = [d for d in pool
                if geometry.angle_between_planes_deg(seed.normal, d.normal) <= SAX_MAX_ANGLE_DEG]
-    positions = {round(float(np.dot(d.frames[0].position, seed.normal))) for d in cluster}
-    named_positions = {round(float(np.dot(d.frames[0].position, seed.normal))) for d in cluster
-                       if d.view == types.SAX}
+    position = {id(d): round(float(np.dot(d.frames[0].position, seed.normal))) for d in cluster}
+    positions = set(position.values())
+    named_positions = {position[id(d)] for d in cluster if d.view == types.SAX}
     if not named_positions and len(positions) < MIN_GEOMETRIC_SAX_SLICES:
       continue
     key = (len(named_positions) >= MIN_GEOMETRIC_SAX_SLICES, len(positions),
@@ -406,19 +410,12 @@ def _find_sax(candidates: list[_Candidate]) -> tuple[list[_Candidate], list[str]
       best, best_key = cluster, key
   if not best:  # no geometry to judge by: the names decide
     return named, []
-  conflicts = []
   overruled = [c for c in named if c not in best and c in pool]
-  reference = np.mean([d.normal * np.sign(np.dot(d.normal, best[0].normal)) for d in best],
-                      axis=0)
   for c in overruled:
-    angle = geometry.angle_between_planes_deg(c.normal, reference / np.linalg.norm(reference))
-    conflicts.append(f"series {c.series.number} is named as a short-axis view but its plane lies "
-                     f"at {angle:.0f} degrees to the short-axis stack of {len(best)} parallel "
-                     "cines: judged by its geometry instead")
     c.view = ""
   for c in best:
     c.view = types.SAX
-  return best + [c for c in named if c.normal is None or c.frames[0].position is None], conflicts
+  return best + [c for c in named if c not in pool], overruled
 
 
 def _name_long_axis(candidates: list[_Candidate], sax_normal: np.ndarray | None,

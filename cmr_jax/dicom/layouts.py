@@ -230,6 +230,12 @@ def read_ukbb_labels(path: str) -> dict[tuple[str, int], tuple[float, float, flo
   return labels
 
 
+def is_ukbb_manifest(ref: dicom_files.FileRef) -> bool:
+  """Whether a file is a UK Biobank zip's manifest (a member named `UKBB_MANIFESTS`), which is
+  not DICOM and belongs beside the zip's images."""
+  return bool(ref.member) and os.path.basename(ref.member).lower() in UKBB_MANIFESTS
+
+
 def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB,
                   limits: dicom_files.ReadLimits = dicom_files.ReadLimits()) -> Discovery:
   """Studies of a folder of UK Biobank bulk zips: one per (eid, instance) with 20208/20209 zips
@@ -251,7 +257,7 @@ def discover_ukbb(root: str, *, labels_path: str = "", site: str = UKBB,
                    f"{' and '.join(UKBB_FIELDS)})") for r in members]
       continue
     for ref in members:
-      if os.path.basename(ref.member).lower() in UKBB_MANIFESTS:
+      if is_ukbb_manifest(ref):
         orphans.append((ref, "zip manifest (read for series descriptions)"))
         hints.update(_manifest_hints(ref, members, limits))
       else:

@@ -137,7 +137,7 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
   except Exception as e:  # pylint: disable=broad-except
     return [Prepared(shown, error=dicom_files.printable(f"input not readable ({_error_text(e)})"))]
   orphans = collections.Counter(reason for ref, reason in discovery.orphans
-                                if not _expected_non_dicom(ref))
+                                if not layouts.is_ukbb_manifest(ref))  # expected there
   if not discovery.specs:
     return [Prepared(shown, error="no DICOM study found (" + (_counts(orphans) or "no files")
                      + ")")]
@@ -152,11 +152,6 @@ def prepare_input(path: str, cfg: preprocess.PreprocessConfig, *, salt: str,
         "several_studies", f"the input holds {len(discovery.specs)} studies (one row each; "
         "tools/predict.py --links=FILE lists the folder each came from)"))
   return [_prepare_spec(path, root, spec, cfg, salt, common, limits) for spec in discovery.specs]
-
-
-def _expected_non_dicom(ref: dicom_files.FileRef) -> bool:
-  """A file that is known not to be DICOM and to belong with it: a UK Biobank zip's manifest."""
-  return bool(ref.member) and os.path.basename(ref.member).lower() in layouts.UKBB_MANIFESTS
 
 
 def prepare_split(data_dir: str, split: str,
